@@ -1,0 +1,1 @@
+"""gactor: a Garden-compatible Linux container server and its trio client."""

@@ -1,0 +1,117 @@
+"""Thin ctypes wrappers for the syscalls Python 3.11's ``os`` lacks.
+
+Each wrapper raises ``OSError`` with the real errno, like ``os`` does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+CAP_LAST_CAP = 40
+
+_SYS_PIVOT_ROOT = 155
+_SYS_CAPSET = 126
+
+
+def _check(result: int, what: str) -> int:
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {fstype or 'bind'} on {target}",
+    )
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    _check(_libc.syscall(_SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
+
+
+def prctl(option: int, arg2: int | bytes = 0, arg3: int = 0) -> int:
+    return _check(
+        _libc.prctl(option, arg2, ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0)),
+        "prctl",
+    )
+
+
+def set_process_name(name: str) -> None:
+    """What /proc/PID/status ``Name:`` shows (at most 15 bytes)."""
+    prctl(PR_SET_NAME, name.encode()[:15])
+
+
+def set_child_subreaper() -> None:
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def limit_capabilities(keep: frozenset[int]) -> None:
+    """Drop every capability outside ``keep`` from the bounding set, then set
+    effective, permitted and inheritable to ``keep`` (capset v3)."""
+    for cap in range(CAP_LAST_CAP + 1):
+        if cap not in keep:
+            try:
+                prctl(PR_CAPBSET_DROP, cap)
+            except OSError as err:
+                if err.errno != 22:  # EINVAL: the kernel does not know this cap
+                    raise
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    mask = 0
+    for cap in keep:
+        mask |= 1 << cap
+    lo, hi = mask & 0xFFFFFFFF, mask >> 32
+    header = struct.pack("Ii", 0x20080522, 0)
+    data = struct.pack("IIIIII", lo, lo, lo, hi, hi, hi)
+    hbuf = ctypes.create_string_buffer(header)
+    dbuf = ctypes.create_string_buffer(data)
+    _check(_libc.syscall(_SYS_CAPSET, hbuf, dbuf), "capset")

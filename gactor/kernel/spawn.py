@@ -1,0 +1,196 @@
+"""Starting a process inside a running container (the shim's ``runc exec``).
+
+The shim forks a helper that joins the container's cgroup and namespaces and
+forks the process itself; the helper exits at once so the process is reparented
+to the shim (a child subreaper), which reaps it and records its exit code. Every
+failure before ``execve`` is reported through a close-on-exec pipe, so the caller
+learns "started" or the exact error before the process runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import resource
+import struct
+import termios
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from . import linux as L
+from .container_init import CAP_SYS_ADMIN, DEFAULT_CAPS
+from .users import UserNotFound, find_executable, process_env, resolve_user
+
+RLIMITS = {
+    "as_": resource.RLIMIT_AS, "core": resource.RLIMIT_CORE, "cpu": resource.RLIMIT_CPU,
+    "data": resource.RLIMIT_DATA, "fsize": resource.RLIMIT_FSIZE, "locks": 10,  # RLIMIT_LOCKS: Linux has it, the resource module does not
+    "memlock": resource.RLIMIT_MEMLOCK, "msgqueue": resource.RLIMIT_MSGQUEUE,
+    "nice": resource.RLIMIT_NICE, "nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,
+    "rss": resource.RLIMIT_RSS, "rtprio": resource.RLIMIT_RTPRIO,
+    "sigpending": resource.RLIMIT_SIGPENDING, "stack": resource.RLIMIT_STACK,
+}
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031
+
+
+class SpawnError(Exception):
+    """The process could not be started; ``kind`` is a Garden error type name or ""."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Stdio:
+    """The shim's ends of a new process's stdio: pipes, or one pty master."""
+
+    stdin: int
+    stdout: int
+    stderr: int | None  # None when a tty merges stderr into stdout
+    child: tuple[int, int, int]
+
+    @property
+    def kept(self) -> list[int]:
+        return [fd for fd in (self.stdin, self.stdout, self.stderr) if fd is not None]
+
+
+def make_stdio(tty: dict[str, int] | None) -> Stdio:
+    if tty is not None:
+        master, slave = os.openpty()
+        set_window_size(master, tty.get("columns") or 80, tty.get("rows") or 24)
+        return Stdio(master, master, None, (slave, slave, slave))
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    for fd in (out_r, err_r):
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # a smaller pipe only costs throughput
+    return Stdio(in_w, out_r, err_r, (in_r, out_w, err_w))
+
+
+def set_window_size(fd: int, columns: int, rows: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+
+def spawn(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
+          spec: dict[str, Any], stdio: Stdio) -> int:
+    """Start ``spec`` in the container; return its host pid. Raises SpawnError."""
+    pid_r, pid_w = os.pipe()
+    err_r, err_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        try:
+            os.close(pid_r)
+            os.close(err_r)
+            _helper(ns_fds, cgroup_procs, privileged, spec, stdio, pid_w, err_w)
+        finally:
+            os._exit(2)
+    os.close(pid_w)
+    os.close(err_w)
+    for fd in set(stdio.child):
+        os.close(fd)
+    os.waitpid(helper, 0)
+    with os.fdopen(pid_r, "rb") as f:
+        raw_pid = f.read()
+    with os.fdopen(err_r, "rb") as f:
+        report = f.read()
+    if report:
+        err = msgpack.unpackb(report, raw=False)
+        raise SpawnError(err.get("type", ""), err.get("message", "spawn failed"))
+    if len(raw_pid) != 8:
+        raise SpawnError("", "spawn failed: the helper died before forking the process")
+    return int(struct.unpack("q", raw_pid)[0])
+
+
+def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
+            spec: dict[str, Any], stdio: Stdio, pid_w: int, err_w: int) -> None:
+    try:
+        for path in cgroup_procs:
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
+        # rlimits need the host's privilege to raise hard limits, so set them before joining.
+        for name, value in (spec.get("rlimits") or {}).items():
+            if value is not None:
+                resource.setrlimit(RLIMITS[name], (value, value))
+        for fd in ns_fds.values():
+            L.setns(fd)
+    except Exception as err:  # noqa: BLE001 - reported, then this forked helper exits
+        _report(err_w, "", f"joining container: {err}")
+        return
+    pid = os.fork()
+    if pid == 0:
+        os.close(pid_w)
+        try:
+            _exec(spec, privileged, stdio, err_w)
+        except SpawnError as err:
+            _report(err_w, err.kind, str(err))
+        except Exception:  # noqa: BLE001
+            _report(err_w, "", traceback.format_exc(limit=3))
+        finally:
+            os._exit(127)
+    os.write(pid_w, struct.pack("q", pid))
+
+
+def _report(fd: int, kind: str, message: str) -> None:
+    os.write(fd, msgpack.packb({"type": kind, "message": message}))
+
+
+def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, err_w: int) -> None:
+    """In the container's namespaces: become the user, wire stdio, exec. Never returns."""
+    user_spec = spec.get("user") or ""
+    try:
+        user = resolve_user(user_spec)
+    except UserNotFound as err:
+        raise SpawnError("", str(err)) from None
+    env = process_env(spec.get("image_env") or [], spec.get("container_env") or [],
+                      spec.get("env") or [], user, user_spec)
+    env_map = dict(item.partition("=")[::2] for item in env)
+    path = spec["path"]
+    exe = find_executable(path, env_map.get("PATH", ""))
+    if exe is None:
+        if "/" in path:
+            raise SpawnError("ExecutableNotFoundError", f'exec: "{path}": stat {path}: no such file or directory')
+        raise SpawnError("ExecutableNotFoundError", f'exec: "{path}": executable file not found in $PATH')
+    workdir = spec.get("dir") or user.home or "/"
+    _ensure_dir(workdir, user.uid, user.gid)
+
+    os.setsid()
+    in_fd, out_fd, err_fd = stdio.child
+    if stdio.stderr is None:
+        fcntl.ioctl(in_fd, termios.TIOCSCTTY, 0)
+    os.dup2(in_fd, 0)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+
+    if not privileged:
+        L.limit_capabilities(DEFAULT_CAPS)
+    elif user.uid != 0:
+        L.limit_capabilities(DEFAULT_CAPS | {CAP_SYS_ADMIN})
+    os.setgroups(list(user.groups))
+    os.setresgid(user.gid, user.gid, user.gid)
+    os.setresuid(user.uid, user.uid, user.uid)
+    os.chdir(workdir)
+    try:
+        os.execve(exe, [path, *spec.get("args", [])], env_map)
+    except OSError as err:
+        kind = "ExecutableNotFoundError" if err.errno in (errno.ENOENT, errno.ENOEXEC) else ""
+        raise SpawnError(kind, f'exec: "{path}": {os.strerror(err.errno or 0).lower()}') from None
+
+
+def _ensure_dir(path: str, uid: int, gid: int) -> None:
+    """Create ``path`` and missing parents, owned by the process user (Garden's default dir)."""
+    missing = []
+    current = path
+    while current and current != "/" and not os.path.isdir(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    for directory in reversed(missing):
+        os.mkdir(directory, 0o755)
+        os.chown(directory, uid, gid)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Install everything gactor needs on Debian 12, as root. Idempotent; quick when nothing is to do.
+#   env GACTOR_ROOTFS_DIR  where to build the default busybox rootfs (/var/lib/gactor/images/busybox)
+#   env PYTHON             interpreter for .venv (default: the first of python3, python3.13,
+#                          python3.12, python3.11, ~/.pyenv/shims/python3 that is >= 3.11.4)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOTFS_DIR=${GACTOR_ROOTFS_DIR:-/var/lib/gactor/images/busybox}
+VENV=.venv
+STAMP=$VENV/.gactor-install-stamp
+PACKAGES=(busybox-static nftables conntrack socat iperf3 e2fsprogs util-linux iproute2)
+
+step() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (gactor manages cgroups, namespaces and nftables)"
+
+# A Python >= 3.11.4: tarfile.data_filter is needed (Debian 12's /usr/bin/python3 is 3.11.2).
+py_ok() { "$1" -c 'import sys, tarfile; sys.exit(sys.version_info < (3, 11, 4) or not hasattr(tarfile, "data_filter"))' 2>/dev/null; }
+PY=
+for cand in ${PYTHON:-} python3 python3.13 python3.12 python3.11 "${HOME:-/root}/.pyenv/shims/python3"; do
+    if command -v "$cand" >/dev/null 2>&1 && py_ok "$cand"; then PY=$(command -v "$cand"); break; fi
+done
+[[ -n $PY ]] || die "no Python >= 3.11.4 found (tried \$PYTHON, python3, python3.1[123], ~/.pyenv/shims/python3); install one (e.g. pyenv install 3.11.7) or set PYTHON=/path/to/python3"
+# python3-venv is only needed when that interpreter has no ensurepip (Debian's split packaging).
+"$PY" -c 'import ensurepip, venv' 2>/dev/null || PACKAGES+=(python3-venv)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    step "apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+    step "Debian packages present"
+fi
+
+if [[ -x $VENV/bin/python ]] && py_ok "$VENV/bin/python"; then
+    step "venv $VENV present ($("$VENV/bin/python" -V))"
+else
+    step "create venv $VENV with $PY ($("$PY" -V))"
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+    rm -f "$STAMP"
+fi
+
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [[ -f $STAMP && $(cat "$STAMP") == "$want" ]]; then
+    step "python packages up to date"
+else
+    step "pip install -e '.[test]'"
+    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    echo "$want" >"$STAMP"
+fi
+
+step "$("$VENV/bin/python" -m gactor.kernel.busybox "$ROOTFS_DIR")"

@@ -1,0 +1,104 @@
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gactor.kernel.busybox import VERSION_FILE, build_rootfs
+
+BUSYBOX = Path("/bin/busybox")
+
+pytestmark = pytest.mark.skipif(
+    not BUSYBOX.is_file(), reason="/bin/busybox missing (apt-get install busybox-static)"
+)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path) -> Path:
+    return build_rootfs(tmp_path / "rootfs")
+
+
+def _chroot(root: Path, script: str) -> str:
+    out = subprocess.run(
+        ["chroot", str(root), "/bin/sh", "-c", script],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
+    return out.stdout
+
+
+def test_applets_exist(rootfs: Path) -> None:
+    assert (rootfs / "bin/busybox").is_file()
+    for applet in ("sh", "ls", "cat", "sleep", "adduser", "id", "nc", "stty"):
+        found = [
+            d for d in ("bin", "sbin", "usr/bin", "usr/sbin") if (rootfs / d / applet).exists()
+        ]
+        assert found, f"applet {applet} missing"
+    assert os.readlink(rootfs / "bin/sh") == "/bin/busybox"
+
+
+def test_passwd_and_group_parse(rootfs: Path) -> None:
+    users = {
+        f[0]: f for f in (ln.split(":") for ln in (rootfs / "etc/passwd").read_text().splitlines())
+    }
+    assert users["root"][2:4] == ["0", "0"]
+    assert users["root"][5:] == ["/root", "/bin/sh"]
+    assert users["nobody"][2] == "65534"
+    groups = {
+        f[0]: f for f in (ln.split(":") for ln in (rootfs / "etc/group").read_text().splitlines())
+    }
+    assert all(len(f) == 4 for f in groups.values())
+    assert groups["root"][2] == "0"
+    assert groups["tty"][2] == "5"
+    assert {"nogroup", "users"} <= groups.keys()
+    shadow = (rootfs / "etc/shadow").read_text().splitlines()
+    assert {ln.split(":")[0] for ln in shadow} == {"root", "nobody"}
+
+
+def test_directory_modes(rootfs: Path) -> None:
+    assert stat.S_IMODE((rootfs / "tmp").stat().st_mode) == 0o1777
+    assert stat.S_IMODE((rootfs / "root").stat().st_mode) == 0o700
+    for d in ("dev", "proc", "sys", "home", "etc", "var/tmp", "run", "usr/local/bin"):
+        assert (rootfs / d).is_dir()
+    assert "busybox" in (rootfs / "etc/os-release").read_text()
+
+
+def test_rebuild_is_noop(rootfs: Path) -> None:
+    before = (rootfs.stat().st_ino, (rootfs / VERSION_FILE).stat().st_ino)
+    assert build_rootfs(rootfs) == rootfs
+    assert (rootfs.stat().st_ino, (rootfs / VERSION_FILE).stat().st_ino) == before
+    assert not list(rootfs.parent.glob("rootfs.*"))
+
+
+def test_stale_version_is_rebuilt(rootfs: Path) -> None:
+    (rootfs / VERSION_FILE).write_text("stale\n")
+    (rootfs / "junk").write_text("x")
+    build_rootfs(rootfs)
+    assert not (rootfs / "junk").exists()
+    assert (rootfs / "bin/sh").is_symlink()
+    assert not list(rootfs.parent.glob("rootfs.*"))
+
+
+@needs_root
+def test_chroot_runs_shell(rootfs: Path) -> None:
+    assert _chroot(rootfs, "echo hi; id -u").split() == ["hi", "0"]
+
+
+@needs_root
+def test_adduser_in_chroot(rootfs: Path) -> None:
+    out = _chroot(
+        rootfs,
+        "adduser -D alice && addgroup -g 2000 devs && adduser -D -H -u 1500 -G devs bob"
+        " && addgroup alice devs && id alice && id bob && ls -ld /home/alice",
+    )
+    alice, bob, home = out.splitlines()
+    assert alice == "uid=1000(alice) gid=1000(alice) groups=1000(alice),2000(devs)"
+    assert bob == "uid=1500(bob) gid=2000(devs) groups=2000(devs)"
+    assert home.split()[2:4] == ["alice", "alice"]
+    assert not (rootfs / "home/bob").exists()
+    assert "alice:!:" in (rootfs / "etc/shadow").read_text()
