@@ -208,6 +208,19 @@ class ProcessSpec:
 
 
 @dataclass
+class StreamInSpec:
+    path: str = ""
+    user: str = ""
+    tar_stream: Any = None  # bytes or an async iterable of bytes
+
+
+@dataclass
+class StreamOutSpec:
+    path: str = ""
+    user: str = ""
+
+
+@dataclass
 class PortMapping:
     host_port: int = 0
     container_port: int = 0

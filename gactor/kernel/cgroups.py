@@ -28,8 +28,8 @@ from gactor.kernel.errors import CgroupError
 # cgroup v1 controllers a container joins. Named hierarchies (``name=systemd``) are
 # bookkeeping of the init system, not resource controllers, and are left alone.
 V1_CONTROLLERS = frozenset(
-    {"cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids",
-     "net_cls", "net_prio", "perf_event", "hugetlb", "rdma", "misc"}
+    "cpu cpuacct cpuset memory devices freezer blkio pids net_cls net_prio perf_event "
+    "hugetlb rdma misc".split()
 )
 # Controllers enabled for containers on cgroup v2, in the order they are written.
 V2_CONTROLLERS = ("memory", "cpu", "pids")
@@ -50,13 +50,14 @@ _POLL_INTERVAL = 0.01
 
 # Garden's ContainerMemoryStat keys: always present in memory_stat(), 0 when the
 # kernel has no such counter.
-GARDEN_MEMORY_KEYS = (
-    "active_anon", "active_file", "cache", "hierarchical_memory_limit", "inactive_anon",
-    "inactive_file", "mapped_file", "pgfault", "pgmajfault", "pgpgin", "pgpgout", "rss",
-    "total_active_anon", "total_active_file", "total_cache", "total_inactive_anon",
-    "total_inactive_file", "total_mapped_file", "total_pgfault", "total_pgmajfault",
-    "total_pgpgin", "total_pgpgout", "total_rss", "total_unevictable", "unevictable", "swap",
-    "hierarchical_memsw_limit", "total_swap", "anon", "file", "swapcached",
+GARDEN_MEMORY_KEYS = tuple(
+    """
+    active_anon active_file cache hierarchical_memory_limit inactive_anon inactive_file
+    mapped_file pgfault pgmajfault pgpgin pgpgout rss total_active_anon total_active_file
+    total_cache total_inactive_anon total_inactive_file total_mapped_file total_pgfault
+    total_pgmajfault total_pgpgin total_pgpgout total_rss total_unevictable unevictable swap
+    hierarchical_memsw_limit total_swap anon file swapcached
+    """.split()
 )
 
 
@@ -155,9 +156,7 @@ def wait_until_empty(procs_files: tuple[str, ...], timeout: float) -> bool:
     The kernel offers no wait on v1, and v2's cgroup.events is overkill for a teardown."""
     deadline = time.monotonic() + timeout
     while True:
-        if not any(
-            read_file("cgroup.pids", p).strip() for p in procs_files if exists(p)
-        ):
+        if not any(read_file("cgroup.pids", p).strip() for p in procs_files if exists(p)):
             return True
         if time.monotonic() >= deadline:
             return False

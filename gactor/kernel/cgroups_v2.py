@@ -96,7 +96,9 @@ class CgroupV2(cg.Cgroup):
         swap_max_path = self._knob("memory.swap.max")
         swap_max = cg.read_file(op, swap_max_path).strip() if cg.exists(swap_max_path) else "max"
         unlimited = limit == 0 or swap_max == "max"
-        stat["hierarchical_memsw_limit"] = cg.UNLIMITED_BYTES if unlimited else limit + int(swap_max)
+        stat["hierarchical_memsw_limit"] = (
+            cg.UNLIMITED_BYTES if unlimited else limit + int(swap_max)
+        )
         for key in cg.GARDEN_MEMORY_KEYS:
             stat.setdefault(key, 0)  # pgpgin/pgpgout have no v2 counterpart
         stat["total_usage_toward_limit"] = cg.total_usage_toward_limit_v2(raw)

@@ -175,7 +175,8 @@ class Shim:
         proc = Process(pid_id, pid, stdio, tty is not None)
         self.procs[pid_id] = proc
         self.by_pid[pid] = proc
-        self._reap(None)  # the process may already have exited and been reparented
+        # No reaping here: the SIGCHLD wakeup reaps on the next turn, so the exit
+        # event always follows this reply on the socket.
         return {"pid": pid}, stdio.kept
 
     def op_attach(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
@@ -207,7 +208,7 @@ class Shim:
         if proc.exit is not None and not proc.drained:
             proc.drained = True
             for fd in proc.stdio.kept:
-                if fd != proc.stdio.stdin or proc.stdin_open:
+                if fd != proc.stdio.stdin or proc.stdin_open or proc.tty:
                     os.close(fd)
             proc.stdin_open = False
         return {}, []

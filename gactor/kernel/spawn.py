@@ -56,7 +56,8 @@ class Stdio:
 
     @property
     def kept(self) -> list[int]:
-        return [fd for fd in (self.stdin, self.stdout, self.stderr) if fd is not None]
+        # A pty master is stdin and stdout at once: list each fd once.
+        return list(dict.fromkeys(fd for fd in (self.stdin, self.stdout, self.stderr) if fd is not None))
 
 
 def make_stdio(tty: dict[str, int] | None) -> Stdio:

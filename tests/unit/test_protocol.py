@@ -84,7 +84,12 @@ def test_call_and_reply_round_trip() -> None:
 
 @pytest.mark.parametrize(
     "error",
-    [ContainerNotFoundError("box"), ProcessNotFoundError("p-7"), ServiceUnavailableError("busy"), GardenError("x")],
+    [
+        ContainerNotFoundError("box"),
+        ProcessNotFoundError("p-7"),
+        ServiceUnavailableError("busy"),
+        GardenError("x"),
+    ],
 )
 def test_error_reply_round_trip_keeps_type_and_fields(error: GardenError) -> None:
     client, server = pair()
@@ -145,8 +150,16 @@ def test_wire_keys() -> None:
         "fd": 1,
         "data": b"x",
     }
-    assert msgpack.unpackb(client.send(Credit(3, 9)), raw=False) == {"t": "credit", "stream": 3, "bytes": 9}
-    assert msgpack.unpackb(server.send(Exit(3, 7)), raw=False) == {"t": "exit", "stream": 3, "code": 7}
+    assert msgpack.unpackb(client.send(Credit(3, 9)), raw=False) == {
+        "t": "credit",
+        "stream": 3,
+        "bytes": 9,
+    }
+    assert msgpack.unpackb(server.send(Exit(3, 7)), raw=False) == {
+        "t": "exit",
+        "stream": 3,
+        "code": 7,
+    }
 
 
 def test_detach_round_trip_and_in_flight_output_is_dropped() -> None:
@@ -230,7 +243,9 @@ def test_credit_over_the_limit() -> None:
     over = MAX_CREDIT - INITIAL_WINDOW + 1
     with pytest.raises(LocalProtocolError, match="over the 1073741824-byte limit"):
         client.send(Credit(3, over))
-    assert "over the 1073741824-byte limit" in violation(server, {"t": "credit", "stream": 3, "bytes": over})
+    assert "over the 1073741824-byte limit" in violation(
+        server, {"t": "credit", "stream": 3, "bytes": over}
+    )
 
 
 # ---- local refusals ------------------------------------------------------------------
@@ -266,15 +281,21 @@ def test_send_refuses_on_open_stream() -> None:
         client.send(Stdin(3, b"x" * (MAX_DATA_CHUNK + 1)))
     with pytest.raises(LocalProtocolError, match="field 'bytes' must be positive"):
         client.send(Credit(3, 0))
-    with pytest.raises(LocalProtocolError, match="frame of .* bytes exceeds the 4194304-byte limit"):
+    with pytest.raises(
+        LocalProtocolError, match="frame of .* bytes exceeds the 4194304-byte limit"
+    ):
         client.send(Call(2, "put", {"blob": b"x" * MAX_FRAME_BYTES}))
     with pytest.raises(LocalProtocolError, match="cannot encode 'call' frame"):
         client.send(Call(2, "put", {"what": object()}))
     client.send(StdinClose(3))
-    with pytest.raises(LocalProtocolError, match="'stdin' is not allowed on stream 3 once it is stdin closed"):
+    with pytest.raises(
+        LocalProtocolError, match="'stdin' is not allowed on stream 3 once it is stdin closed"
+    ):
         client.send(Stdin(3, b"x"))
     client.send(Detach(3))
-    with pytest.raises(LocalProtocolError, match="'credit' is not allowed on stream 3 once it is detached"):
+    with pytest.raises(
+        LocalProtocolError, match="'credit' is not allowed on stream 3 once it is detached"
+    ):
         client.send(Credit(3, 1))
     with pytest.raises(LocalProtocolError, match="stream 3 does not follow stream 3"):
         client.send(Call(5, "attach", {"stream": 3}))
@@ -310,17 +331,38 @@ def test_refused_send_changes_nothing() -> None:
         ({"t": "foo"}, "unknown frame type 'foo'"),
         ({"t": 7}, "unknown frame type 7"),
         ({"t": "call", "id": 1, "method": "ping"}, "'call' frame is missing field 'args'"),
-        ({"t": "call", "id": 1, "method": "ping", "args": {}, "x": 1}, "'call' frame has unknown field 'x'"),
-        ({"t": "call", "id": True, "method": "ping", "args": {}}, "field 'id' must be an integer, not bool"),
-        ({"t": "call", "id": 1.0, "method": "ping", "args": {}}, "field 'id' must be an integer, not float"),
-        ({"t": "call", "id": 1, "method": b"ping", "args": {}}, "field 'method' must be a string, not bytes"),
-        ({"t": "call", "id": 1, "method": "ping", "args": []}, "field 'args' must be a map, not list"),
-        ({"t": "call", "id": 1, "method": "run", "args": {"stream": False}}, "field 'args.stream' must be an integer"),
+        (
+            {"t": "call", "id": 1, "method": "ping", "args": {}, "x": 1},
+            "'call' frame has unknown field 'x'",
+        ),
+        (
+            {"t": "call", "id": True, "method": "ping", "args": {}},
+            "field 'id' must be an integer, not bool",
+        ),
+        (
+            {"t": "call", "id": 1.0, "method": "ping", "args": {}},
+            "field 'id' must be an integer, not float",
+        ),
+        (
+            {"t": "call", "id": 1, "method": b"ping", "args": {}},
+            "field 'method' must be a string, not bytes",
+        ),
+        (
+            {"t": "call", "id": 1, "method": "ping", "args": []},
+            "field 'args' must be a map, not list",
+        ),
+        (
+            {"t": "call", "id": 1, "method": "run", "args": {"stream": False}},
+            "field 'args.stream' must be an integer",
+        ),
         ({"t": "stdin", "stream": "3", "data": b""}, "field 'stream' must be an integer, not str"),
         ({"t": "stdin", "stream": 3, "data": "text"}, "field 'data' must be binary, not str"),
         ({"t": "stdin", "stream": 3, "data": b""}, "stream 3 is not open"),
         ({"t": "reply", "id": 1, "result": None}, "the client may not send 'reply' frames"),
-        ({"t": "output", "stream": 3, "fd": 1, "data": b""}, "the client may not send 'output' frames"),
+        (
+            {"t": "output", "stream": 3, "fd": 1, "data": b""},
+            "the client may not send 'output' frames",
+        ),
     ],
 )
 def test_server_sees_violation(frame: Any, message: str) -> None:
@@ -334,12 +376,24 @@ def test_server_sees_violation(frame: Any, message: str) -> None:
     [
         ({"t": "reply", "id": 5, "result": None}, "'reply' for unknown call id 5"),
         ({"t": "error", "id": 1, "error": "oops"}, "field 'error' must be a map, not str"),
-        ({"t": "output", "stream": 3, "fd": 0, "data": b""}, "field 'fd' must be 1 (stdout) or 2 (stderr), not 0"),
-        ({"t": "output", "stream": 3, "fd": True, "data": b""}, "field 'fd' must be an integer, not bool"),
-        ({"t": "output", "stream": 3, "fd": 1, "data": b"x" * (MAX_DATA_CHUNK + 1)}, "over the 1048576-byte chunk limit"),
+        (
+            {"t": "output", "stream": 3, "fd": 0, "data": b""},
+            "field 'fd' must be 1 (stdout) or 2 (stderr), not 0",
+        ),
+        (
+            {"t": "output", "stream": 3, "fd": True, "data": b""},
+            "field 'fd' must be an integer, not bool",
+        ),
+        (
+            {"t": "output", "stream": 3, "fd": 1, "data": b"x" * (MAX_DATA_CHUNK + 1)},
+            "over the 1048576-byte chunk limit",
+        ),
         ({"t": "output", "stream": 4, "fd": 1, "data": b""}, "stream 4 is not open"),
         ({"t": "exit", "stream": 3}, "'exit' frame must carry exactly one of 'code' and 'error'"),
-        ({"t": "exit", "stream": 3, "code": 0, "error": {"Type": ""}}, "exactly one of 'code' and 'error'"),
+        (
+            {"t": "exit", "stream": 3, "code": 0, "error": {"Type": ""}},
+            "exactly one of 'code' and 'error'",
+        ),
         ({"t": "exit", "stream": 3, "code": "0"}, "field 'code' must be an integer, not str"),
         ({"t": "credit", "stream": 3, "bytes": -1}, "field 'bytes' must be positive"),
         ({"t": "stdin_close", "stream": 3}, "the server may not send 'stdin_close' frames"),
@@ -367,7 +421,10 @@ def test_stdin_after_stdin_close_is_a_violation() -> None:
 def test_output_after_exit_is_a_violation() -> None:
     client, server = open_stream(3)
     deliver(server, client, Exit(3, 0))
-    assert violation(client, {"t": "output", "stream": 3, "fd": 1, "data": b"x"}) == "stream 3 is not open"
+    assert (
+        violation(client, {"t": "output", "stream": 3, "fd": 1, "data": b"x"})
+        == "stream 3 is not open"
+    )
 
 
 def test_duplicate_call_id_and_reused_stream_are_violations() -> None:

@@ -1,0 +1,287 @@
+"""The container actor: one per container, owning its cgroup, rootfs mount, depot
+directory, shim link and process actors.
+
+Creation happens inside ``run`` before ``task_status.started``: every kernel object
+is pushed onto one ExitStack the moment it exists, so a failure anywhere unwinds
+exactly what was made; on success the actor takes ownership (``pop_all``) and
+releases it all in ``destroy``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..errors import GardenError, ProcessNotFoundError
+from ..kernel import depot, rootfs
+from ..kernel.cgroups import Cgroup, CgroupDriver
+from ..types import ContainerInfo, ContainerSpec, CPULimits, MemoryLimits, ProcessSpec, to_wire
+from .process import ProcessActor
+from .shim_link import ShimGone, ShimLink
+from .spawner_client import SpawnerClient
+
+STOP_GRACE = 10.0
+DEVICE_ALLOW = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm",
+                "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm"]
+
+
+@dataclass
+class Environment:
+    """What every container actor shares: the depot, the cgroup driver, the spawner."""
+
+    depot: str
+    cgroups: CgroupDriver
+    spawner: SpawnerClient
+    image_store: str
+    cpu_quota_per_share: int = 0
+    # Percent of a CPU per share, Garden's default: cores * 100 / host memory in MiB.
+    entitlement_per_share: float = 0.0
+    image_locks: dict[str, trio.Lock] = field(default_factory=dict)
+    image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+class ContainerActor:
+    def __init__(self, env: Environment, spec: ContainerSpec, rootfs_path: str) -> None:
+        self.env = env
+        self.spec = spec
+        self.handle = spec.handle
+        self.dir = os.path.join(env.depot, depot.CONTAINERS, spec.handle)
+        self.rootfs_source = rootfs_path
+        self.properties = dict(spec.properties)
+        self.grace_time = spec.grace_time
+        self.state = "active"
+        self.events: list[str] = []
+        self.created_at = time.time()
+        self.processes: dict[str, ProcessActor] = {}
+        self._early_exits: dict[str, int] = {}
+        self._nursery: trio.Nursery | None = None
+        self._link: ShimLink | None = None
+        self._cgroup: Cgroup | None = None
+        self._owned = contextlib.ExitStack()
+        self._init_pid = 0
+        self._gone = trio.Event()
+        self.image_bytes = self.image_inodes = 0
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[ContainerActor] = trio.TASK_STATUS_IGNORED) -> None:
+        """Create the container, serve it until destroyed. Raises GardenError if creation fails."""
+        with contextlib.ExitStack() as undo:
+            try:
+                lower = await self._image()
+                cfg = await trio.to_thread.run_sync(self._prepare, lower, undo)
+                status = await self.env.spawner.start_shim(cfg)
+                self._init_pid = int(status["init"])
+                # A pidfd, not the pid: the shim's pid may be reused once it has exited.
+                shim_fd = os.pidfd_open(int(status["shim"]))
+                undo.callback(os.close, shim_fd)
+                undo.callback(_kill_quietly, shim_fd)
+                self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
+            except (OSError, ValueError) as err:
+                raise GardenError(f"creating container {self.handle}: {err}") from err
+            self._owned = undo.pop_all()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._link.run)
+            task_status.started(self)
+            await self._gone.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _image(self) -> str:
+        """The overlay's lower dir: the source itself, or (unprivileged) its uid-shifted copy."""
+        lower = self.rootfs_source
+        if not self.spec.privileged:
+            async with self.env.image_locks.setdefault(lower, trio.Lock()):
+                lower = await trio.to_thread.run_sync(rootfs.shifted_image, lower, self.env.image_store)
+        if lower not in self.env.image_sizes:
+            self.env.image_sizes[lower] = await trio.to_thread.run_sync(depot.disk_usage, lower)
+        self.image_bytes, self.image_inodes = self.env.image_sizes[lower]
+        return lower
+
+    def _prepare(self, lower: str, undo: contextlib.ExitStack) -> dict[str, Any]:
+        """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread)."""
+        os.makedirs(os.path.dirname(self.dir), mode=0o711, exist_ok=True)
+        os.mkdir(self.dir, 0o711)
+        undo.callback(depot.remove_tree, self.dir)
+        self.persist()
+        cgroup = self.env.cgroups.create(self.handle)
+        undo.callback(self._destroy_cgroup, cgroup)
+        self._cgroup = cgroup
+        cgroup.setup_devices(DEVICE_ALLOW)
+        self._apply_limits(cgroup)
+        merged = rootfs.mount_overlay(lower, self.dir, self.spec.privileged)
+        undo.callback(rootfs.unmount, merged)
+        hosts = os.path.join(self.dir, "hosts")
+        with open(hosts, "w") as f:
+            f.write(f"127.0.0.1 localhost\n::1 localhost ip6-localhost\n127.0.1.1 {self.hostname}\n")
+        return {
+            "dir": self.dir,
+            "rootfs": merged,
+            "hostname": self.hostname,
+            "privileged": self.spec.privileged,
+            "cgroup_procs": list(cgroup.procs_files),
+            "hosts_file": hosts,
+            "bind_mounts": [
+                {"src": bm.src_path, "dst": bm.dst_path, "ro": bm.mode == 0, "from_container": bm.origin == 1}
+                for bm in self.spec.bind_mounts
+            ],
+        }
+
+    def _apply_limits(self, cgroup: Cgroup) -> None:
+        limits = self.spec.limits
+        if limits.memory.limit_in_bytes:
+            cgroup.set_memory_limit(limits.memory.limit_in_bytes)
+        shares = limits.cpu.weight or limits.cpu.limit_in_shares
+        if shares:
+            cgroup.set_cpu_shares(shares)
+            if self.env.cpu_quota_per_share:
+                cgroup.set_cpu_quota(max(1000, shares * self.env.cpu_quota_per_share))
+        if limits.pid.max:
+            cgroup.set_pids_max(limits.pid.max)
+
+    @property
+    def hostname(self) -> str:
+        return self.handle[-49:]
+
+    @staticmethod
+    def _destroy_cgroup(cgroup: Cgroup) -> None:
+        cgroup.kill_all()
+        cgroup.destroy()
+
+    def persist(self) -> None:
+        """Write the container's state to the depot (atomically, durably)."""
+        depot.write_json(os.path.join(self.dir, "container.json"), {
+            "spec": to_wire(self.spec),
+            "rootfs": self.rootfs_source,
+            "properties": self.properties,
+            "grace_time": self.grace_time,
+            "state": self.state,
+            "events": self.events,
+            "created_at": self.created_at,
+        })
+
+    async def destroy(self) -> None:
+        """Kill everything and remove every trace. Safe to retry after a failure."""
+        if self._link is not None:
+            try:
+                with trio.move_on_after(10):
+                    await self._link.request("destroy")
+            except GardenError:
+                pass  # the shim is already gone; the cgroup kill below still ends everything
+        for proc in list(self.processes.values()):
+            proc.set_exit(137)
+        with trio.move_on_after(5):
+            for proc in list(self.processes.values()):
+                await proc.done.wait()
+        await trio.to_thread.run_sync(self._owned.close)
+        self._gone.set()
+
+    # ---- processes -------------------------------------------------------------
+
+    def _on_exit(self, process_id: str, code: int) -> None:
+        proc = self.processes.get(process_id)
+        if proc is None:
+            self._early_exits[process_id] = code
+        else:
+            proc.set_exit(code)
+
+    async def run_process(self, spec: ProcessSpec, process_id: str) -> ProcessActor:
+        if process_id in self.processes:
+            raise GardenError(f"process ID '{process_id}' already in use")
+        if not spec.path:
+            raise GardenError("invalid process spec: path must not be empty")
+        if spec.bind_mounts and not spec.image.uri:
+            raise GardenError("Running a process with bind mounts and no image provided is not allowed")
+        assert self._link is not None and self._nursery is not None
+        limits = {k: v for k, v in to_wire(spec.limits).items() if v is not None}
+        tty = None
+        if spec.tty is not None:
+            ws = spec.tty.window_size
+            tty = {"columns": ws.columns if ws else 0, "rows": ws.rows if ws else 0}
+        wire_spec = {
+            "path": spec.path, "args": spec.args, "env": spec.env, "dir": spec.dir, "user": spec.user,
+            "rlimits": limits, "container_env": self.spec.env,
+        }
+        reply, fds = await self._link.request("spawn", id=process_id, spec=wire_spec, tty=tty)
+        return await self._adopt(process_id, int(reply["pid"]), tty is not None, fds)
+
+    async def _adopt(self, process_id: str, pid: int, tty: bool, fds: list[int],
+                     exit_code: int | None = None, stdin_open: bool = True) -> ProcessActor:
+        assert self._link is not None and self._nursery is not None
+        proc = ProcessActor(process_id, pid, tty, fds, self._link, exit_code, stdin_open)
+        self.processes[process_id] = proc
+        if process_id in self._early_exits:
+            proc.set_exit(self._early_exits.pop(process_id))
+        await self._nursery.start(proc.run)
+        return proc
+
+    def process(self, process_id: str) -> ProcessActor:
+        proc = self.processes.get(process_id)
+        if proc is None:
+            raise ProcessNotFoundError(process_id)
+        return proc
+
+    async def stop(self, kill: bool) -> None:
+        """Garden's stop: TERM every process but init, KILL survivors after 10 s."""
+        assert self._cgroup is not None
+        cgroup = self._cgroup
+        deadline = trio.current_time() + (0 if kill else STOP_GRACE)
+        next_term = trio.current_time()
+        while True:
+            pids = [p for p in await trio.to_thread.run_sync(cgroup.pids) if p != self._init_pid]
+            if not pids:
+                break
+            now = trio.current_time()
+            if now >= deadline:
+                _signal_all(pids, signal.SIGKILL)
+            elif now >= next_term:
+                _signal_all(pids, signal.SIGTERM)  # again each second, for children forked meanwhile
+                next_term = now + 1
+            await trio.sleep(0.05)
+        self.state = "stopped"
+        await trio.to_thread.run_sync(self.persist)
+
+    # ---- reads -----------------------------------------------------------------
+
+    def info(self) -> ContainerInfo:
+        return ContainerInfo(
+            state=self.state,
+            events=list(self.events),
+            container_path=self.dir,
+            process_ids=[pid for pid, p in self.processes.items() if p.running],
+            properties=dict(self.properties),
+        )
+
+    def current_memory_limits(self) -> MemoryLimits:
+        assert self._cgroup is not None
+        return MemoryLimits(limit_in_bytes=self._cgroup.memory_limit())
+
+    def current_cpu_limits(self) -> CPULimits:
+        assert self._cgroup is not None
+        return CPULimits(limit_in_shares=self._cgroup.cpu_shares() if self.spec.limits.cpu.weight
+                         or self.spec.limits.cpu.limit_in_shares else 0)
+
+    @property
+    def cgroup(self) -> Cgroup:
+        assert self._cgroup is not None
+        return self._cgroup
+
+
+def _kill_quietly(pidfd: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+__all__ = ["ContainerActor", "Environment", "ShimGone"]

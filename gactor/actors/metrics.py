@@ -1,0 +1,49 @@
+"""Container metrics from the cgroup and the depot, read in a worker thread."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..kernel import depot
+from ..types import (
+    ContainerCPUStat,
+    ContainerDiskStat,
+    ContainerMemoryStat,
+    ContainerPidStat,
+    Metrics,
+)
+
+if TYPE_CHECKING:
+    from .container import ContainerActor
+
+_MEMORY_FIELDS = frozenset(ContainerMemoryStat.__dataclass_fields__)
+
+
+def _read(container: ContainerActor) -> Metrics:
+    cgroup = container.cgroup
+    stat = cgroup.memory_stat()
+    usage, user, system = cgroup.cpu_stat()
+    upper_bytes, upper_inodes = depot.disk_usage(os.path.join(container.dir, "upper"))
+    age = time.time() - container.created_at
+    shares = cgroup.cpu_shares()
+    return Metrics(
+        memory_stat=ContainerMemoryStat(**{k: v for k, v in stat.items() if k in _MEMORY_FIELDS}),
+        cpu_stat=ContainerCPUStat(usage=usage, user=user, system=system),
+        disk_stat=ContainerDiskStat(
+            total_bytes_used=upper_bytes + container.image_bytes,
+            total_inodes_used=upper_inodes + container.image_inodes,
+            exclusive_bytes_used=upper_bytes,
+            exclusive_inodes_used=upper_inodes,
+        ),
+        pid_stat=ContainerPidStat(current=cgroup.pids_current(), max=cgroup.pids_max()),
+        age=age,
+        cpu_entitlement=int(shares * container.env.entitlement_per_share / 100 * age * 1e9),
+    )
+
+
+async def collect(container: ContainerActor) -> Metrics:
+    return await trio.to_thread.run_sync(_read, container)

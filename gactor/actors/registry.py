@@ -1,0 +1,184 @@
+"""The registry actor: the one owner of the handle table, capacity and grace timers.
+
+Container actors run in the registry's nursery. Every container-scoped request
+goes through ``using(handle)``, which pauses that container's grace timer while
+it runs (Garden's "bomberman"); the countdown restarts in full when the last
+pause ends, and an expired timer destroys the container.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+import trio
+
+from ..errors import ContainerNotFoundError, GardenError
+from ..types import Capacity, ContainerSpec
+from .container import ContainerActor, Environment
+
+_BAD_HANDLE = re.compile(r"[/\x00]")
+MAX_HANDLE_BYTES = 200
+
+
+def check_name(kind: str, name: str) -> None:
+    """Handles and process ids become file names: refuse what cannot be one."""
+    if name in (".", "..") or _BAD_HANDLE.search(name) or len(name.encode()) > MAX_HANDLE_BYTES:
+        raise GardenError(f"invalid {kind} {name!r}: must not be '.' or '..', contain '/' or NUL, "
+                          f"or exceed {MAX_HANDLE_BYTES} bytes")
+
+
+class GraceTimer:
+    """Reaps a container after ``seconds`` without any request touching it (0 = never)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.pauses = 0
+        self.defused = False
+        self.scope = trio.CancelScope()
+        self._rearm()
+
+    def _rearm(self) -> None:
+        idle = self.pauses == 0 and self.seconds > 0
+        self.scope.deadline = trio.current_time() + self.seconds if idle else math.inf
+
+    def pause(self) -> None:
+        self.pauses += 1
+        self._rearm()
+
+    def unpause(self) -> None:
+        self.pauses -= 1
+        self._rearm()
+
+    def reset(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._rearm()
+
+    def defuse(self) -> None:
+        self.defused = True
+        self.scope.cancel()
+
+    async def expired(self) -> bool:
+        """Sleep until the countdown runs out (True) or the timer is defused (False)."""
+        with self.scope:
+            await trio.sleep_forever()
+        return not self.defused
+
+
+class Registry:
+    def __init__(self, env: Environment, default_rootfs: str, default_grace_time: float,
+                 max_containers: int) -> None:
+        self.env = env
+        self.default_rootfs = default_rootfs
+        self.default_grace_time = default_grace_time
+        self.max_containers = max_containers
+        self.containers: dict[str, ContainerActor] = {}
+        self._creating: set[str] = set()
+        self._destroying: set[str] = set()
+        self._timers: dict[str, GraceTimer] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[Registry] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    # ---- create / destroy ------------------------------------------------------
+
+    async def create(self, spec: ContainerSpec) -> ContainerActor:
+        assert self._nursery is not None
+        spec.handle = spec.handle or str(uuid.uuid4())
+        check_name("handle", spec.handle)
+        if spec.handle in self.containers or spec.handle in self._creating:
+            raise GardenError(f"Handle '{spec.handle}' already in use")
+        if spec.rootfs_path and spec.image.uri:
+            raise GardenError("Cannot provide both Image.URI and RootFSPath")
+        if self.max_containers and len(self.containers) + len(self._creating) >= self.max_containers:
+            raise GardenError("max containers reached")
+        source = spec.image.uri or spec.rootfs_path or self.default_rootfs
+        source = source.removeprefix("raw://")
+        if not source:
+            raise GardenError("no rootfs given and the server has no default rootfs")
+        if not os.path.isdir(source):
+            raise GardenError(f"rootfs {source!r} is not a directory (images are not supported yet)")
+        spec.grace_time = spec.grace_time or self.default_grace_time
+        self._creating.add(spec.handle)
+        try:
+            container = await self._nursery.start(ContainerActor(self.env, spec, source).run)
+        finally:
+            self._creating.discard(spec.handle)
+        self.containers[spec.handle] = container
+        timer = self._timers[spec.handle] = GraceTimer(spec.grace_time)
+        self._nursery.start_soon(self._reap_when_idle, spec.handle, timer)
+        return container
+
+    async def destroy(self, handle: str) -> None:
+        container = self.lookup(handle)
+        if handle in self._destroying:
+            raise GardenError("container already being destroyed")
+        self._destroying.add(handle)
+        try:
+            await container.destroy()
+            del self.containers[handle]
+            timer = self._timers.pop(handle, None)
+            if timer is not None:
+                timer.defuse()
+        finally:
+            self._destroying.discard(handle)
+
+    async def _reap_when_idle(self, handle: str, timer: GraceTimer) -> None:
+        if await timer.expired() and handle in self.containers and handle not in self._destroying:
+            with contextlib.suppress(GardenError):
+                await self.destroy(handle)
+
+    # ---- lookups -----------------------------------------------------------------
+
+    def lookup(self, handle: str) -> ContainerActor:
+        container = self.containers.get(handle)
+        if container is None:
+            raise ContainerNotFoundError(handle)
+        return container
+
+    @contextlib.asynccontextmanager
+    async def using(self, handle: str) -> AsyncIterator[ContainerActor]:
+        """The container, with its grace timer paused for the duration."""
+        container = self.lookup(handle)
+        timer = self._timers.get(handle)
+        if timer is not None:
+            timer.pause()
+        try:
+            yield container
+        finally:
+            if timer is not None:
+                timer.unpause()
+
+    def set_grace_time(self, handle: str, seconds: float) -> None:
+        container = self.lookup(handle)
+        container.grace_time = seconds
+        container.persist()
+        self._timers[handle].reset(seconds)
+
+    def list(self, properties: dict[str, str] | None) -> list[str]:
+        wanted = properties or {}
+        return [
+            handle for handle, c in self.containers.items()
+            if handle not in self._destroying
+            and all(c.properties.get(k, "") == v for k, v in wanted.items())
+        ]
+
+    def capacity(self, pool_containers: int) -> Capacity:
+        with open("/proc/meminfo") as f:
+            mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+        st = os.statvfs(self.env.depot)
+        limit = min(n for n in (self.max_containers or pool_containers, pool_containers) if n)
+        return Capacity(
+            memory_in_bytes=mem_kib * 1024,
+            disk_in_bytes=st.f_blocks * st.f_frsize,
+            schedulable_disk_in_bytes=st.f_bavail * st.f_frsize,
+            max_containers=limit,
+        )

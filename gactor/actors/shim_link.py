@@ -1,0 +1,119 @@
+"""The server's connection to one container's shim (see ``gactor.kernel.shim``).
+
+``ShimLink.request`` sends one op and returns its reply and any fds (the caller
+owns them). Exit events are handed to ``on_exit`` by the reader, which runs in
+the owning container actor's task via ``ShimLink.run``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+log = logging.getLogger("gactor.shim_link")
+
+from ..errors import (
+    ExecutableNotFoundError,
+    GardenError,
+    ProcessNotFoundError,
+    ServiceUnavailableError,
+)
+from ..kernel import shim_wire as wire
+
+
+class ShimGone(ServiceUnavailableError):
+    def __init__(self, handle: str) -> None:
+        super().__init__(f"container {handle}: its shim is gone")
+
+
+class ShimLink:
+    def __init__(self, handle: str, sock: trio.socket.SocketType, on_exit: Callable[[str, int], None]) -> None:
+        self.handle = handle
+        self._sock = sock
+        self._on_exit = on_exit
+        self._rids = itertools.count(1)
+        self._waiting: dict[int, trio.MemorySendChannel[tuple[dict[str, Any], list[int]]]] = {}
+        self._send_lock = trio.Lock()
+        self.closed = trio.Event()
+
+    @classmethod
+    async def connect(cls, handle: str, container_dir: str, on_exit: Callable[[str, int], None]) -> ShimLink:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        dir_fd = os.open(container_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            await sock.connect(wire.socket_path(dir_fd, "shim.sock"))
+        except OSError as err:
+            sock.close()
+            raise ShimGone(handle) from err
+        finally:
+            os.close(dir_fd)
+        return cls(handle, sock, on_exit)
+
+    async def run(self) -> None:
+        """Read replies and events until the shim hangs up; then fail every waiter."""
+        try:
+            while True:
+                data, anc, flags, _ = await self._sock.recvmsg(wire.MAX_MESSAGE, wire.ANCILLARY_SPACE)
+                if not data:
+                    return
+                msg, fds = wire.decode(data, anc, flags)
+                if "event" in msg:
+                    if msg["event"] == "exit":
+                        self._on_exit(msg["id"], int(msg["code"]))
+                    continue
+                waiter = self._waiting.pop(msg.get("rid"), None)
+                if waiter is None:
+                    for fd in fds:
+                        os.close(fd)
+                else:
+                    waiter.send_nowait((msg, fds))
+        except OSError:
+            return
+        except Exception:
+            log.exception("container %s: shim link failed", self.handle)
+        finally:
+            self.closed.set()
+            self._sock.close()
+            for waiter in self._waiting.values():
+                waiter.close()
+            self._waiting.clear()
+
+    async def request(self, op: str, **fields: Any) -> tuple[dict[str, Any], list[int]]:
+        """Send ``op``; return the reply and its fds. Raises the shim's error as GardenError."""
+        if self.closed.is_set():
+            raise ShimGone(self.handle)
+        rid = next(self._rids)
+        send, receive = trio.open_memory_channel[tuple[dict[str, Any], list[int]]](1)
+        self._waiting[rid] = send
+        buffers, anc = wire.encode({"op": op, "rid": rid, **fields})
+        try:
+            async with self._send_lock:
+                await self._sock.sendmsg(buffers, anc)
+            async with receive:
+                reply, fds = await receive.receive()
+        except (OSError, trio.EndOfChannel) as err:
+            raise ShimGone(self.handle) from err
+        finally:
+            self._waiting.pop(rid, None)
+        if "error" in reply:
+            err = reply["error"]
+            raise garden_error(err.get("type", ""), err.get("message", "shim error"))
+        return reply, fds
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def garden_error(kind: str, message: str) -> GardenError:
+    """The Garden error type the shim named, with its message."""
+    if kind == "ExecutableNotFoundError":
+        return ExecutableNotFoundError(message)
+    if kind == "ProcessNotFoundError":
+        return ProcessNotFoundError(message.removeprefix("unknown process: "))
+    return GardenError(message)

@@ -1,0 +1,413 @@
+"""The async (trio) client: ``async with gactor.connect(url) as client: ...``.
+
+One websocket connection carries every call and stream. A reader task turns
+frames into events: replies resolve waiting calls, output goes to the stream's
+ProcessIO sinks. Output credit is returned only after a sink has taken the data,
+so a slow sink slows the process down instead of growing memory. Connection loss
+fails every pending call and wait with ``ConnectionLostError``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from .errors import ConnectionLostError, ContainerNotFoundError, GardenError, error_from_wire
+from .transport import protocol as P
+from .types import (
+    BandwidthLimits,
+    Capacity,
+    ContainerInfo,
+    ContainerInfoEntry,
+    ContainerMetricsEntry,
+    ContainerSpec,
+    CPULimits,
+    DiskLimits,
+    MemoryLimits,
+    Metrics,
+    NetOutRule,
+    ProcessSpec,
+    Signal,
+    StreamInSpec,
+    StreamOutSpec,
+    TTYSpec,
+    from_wire,
+    to_wire,
+)
+
+CLOSE_TIMEOUT = 2.0
+
+
+class Sink(Protocol):
+    async def send_all(self, data: bytes) -> None: ...
+
+
+@dataclass
+class ProcessIO:
+    stdin: bytes | AsyncIterable[bytes] | None = None
+    stdout: Sink | None = None
+    stderr: Sink | None = None
+
+
+class _Call:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: GardenError | None = None
+
+
+class _Stream:
+    """Client side of a run/attach stream: output queue, credit for stdin, the exit."""
+
+    def __init__(self, io: ProcessIO) -> None:
+        self.io = io
+        self.output_send, self.output_receive = trio.open_memory_channel[tuple[int, bytes] | None](math.inf)
+        self.stdin_credit = trio.Event()
+        self.finished = trio.Event()
+        self.code: int | None = None
+        self.error: GardenError | None = None
+
+
+class Connection:
+    """Owns the websocket and the protocol state; tasks run in the connect() nursery."""
+
+    def __init__(self, ws: Any, nursery: trio.Nursery) -> None:
+        self.ws = ws
+        self.nursery = nursery
+        self.proto = P.Connection(P.Role.CLIENT)
+        self.calls: dict[int, _Call] = {}
+        self.streams: dict[int, _Stream] = {}
+        self._ids = itertools.count(1)
+        self._stream_ids = itertools.count(1)
+        self._send_lock = trio.Lock()
+        self.lost: GardenError | None = None
+
+    async def send(self, event: Any) -> None:
+        if self.lost is not None:
+            raise self.lost
+        try:
+            async with self._send_lock:
+                await self.ws.send_message(self.proto.send(event))
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as err:
+            raise self._lose(err) from None
+
+    def _lose(self, err: BaseException | None) -> GardenError:
+        if self.lost is None:
+            reason = getattr(getattr(err, "reason", None), "reason", None) or str(err or "closed")
+            self.lost = ConnectionLostError(f"connection to gactor server lost: {reason}")
+            for call in self.calls.values():
+                call.error = self.lost
+                call.done.set()
+            for stream in self.streams.values():
+                stream.error = self.lost
+                stream.output_send.close()
+                stream.stdin_credit.set()
+        return self.lost
+
+    async def read_forever(self) -> None:
+        try:
+            while True:
+                self.proto.receive_data(await self.ws.get_message())
+                while (event := self.proto.next_event()) is not None:
+                    self._dispatch(event)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as err:
+            self._lose(err)
+        except GardenError as err:
+            self._lose(err)
+
+    def _dispatch(self, event: Any) -> None:
+        if isinstance(event, P.ProtocolViolation):
+            raise GardenError(f"protocol violation by the server: {event.message}")
+        if isinstance(event, P.Reply | P.ErrorReply):
+            call = self.calls.pop(event.id, None)
+            if call is not None:
+                if isinstance(event, P.Reply):
+                    call.result = event.result
+                else:
+                    call.error = event.error
+                call.done.set()
+            return
+        stream = self.streams.get(event.stream)
+        if stream is None:
+            return
+        if isinstance(event, P.Output):
+            stream.output_send.send_nowait((event.fd, event.data))
+        elif isinstance(event, P.Exit):
+            stream.code, stream.error = event.code, event.error
+            stream.output_send.close()
+            self.streams.pop(event.stream, None)
+        elif isinstance(event, P.Credit):
+            stream.stdin_credit.set()
+
+    async def call(self, method: str, **args: Any) -> Any:
+        call_id = next(self._ids)
+        call = self.calls[call_id] = _Call()
+        try:
+            await self.send(P.Call(call_id, method, args))
+            await call.done.wait()
+        finally:
+            self.calls.pop(call_id, None)
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    async def open_process(self, method: str, io: ProcessIO, **args: Any) -> tuple[str, _Stream, int]:
+        stream_id = next(self._stream_ids)
+        stream = self.streams[stream_id] = _Stream(io)
+        try:
+            result = await self.call(method, stream=stream_id, stdin=io.stdin is not None,
+                                     stdout=io.stdout is not None, stderr=io.stderr is not None, **args)
+        except BaseException:
+            self.streams.pop(stream_id, None)
+            raise
+        self.nursery.start_soon(self._deliver, stream_id, stream)
+        if io.stdin is not None:
+            self.nursery.start_soon(self._feed_stdin, stream_id, stream, io.stdin)
+        return result["process_id"], stream, stream_id
+
+    async def _deliver(self, stream_id: int, stream: _Stream) -> None:
+        """Hand output to the sinks, returning credit only once a sink has taken it."""
+        try:
+            async for item in stream.output_receive:
+                if item is None:
+                    break
+                fd, data = item
+                sink = stream.io.stdout if fd == 1 else stream.io.stderr
+                if sink is not None:
+                    await sink.send_all(data)
+                if stream_id in self.streams and self.lost is None:
+                    try:
+                        await self.send(P.Credit(stream_id, len(data)))
+                    except (GardenError, P.LocalProtocolError):
+                        pass
+        finally:
+            stream.finished.set()
+
+    async def _feed_stdin(self, stream_id: int, stream: _Stream, stdin: bytes | AsyncIterable[bytes]) -> None:
+        try:
+            chunks = _chunks(stdin)
+            async for data in chunks:
+                view = memoryview(data)
+                while view:
+                    while (credit := self.proto.stdin_credit(stream_id)) <= 0:
+                        if stream_id not in self.streams or self.lost is not None:
+                            return
+                        stream.stdin_credit = trio.Event()
+                        await stream.stdin_credit.wait()
+                    n = min(credit, P.MAX_DATA_CHUNK)
+                    await self.send(P.Stdin(stream_id, bytes(view[:n])))
+                    view = view[n:]
+            if stream_id in self.streams:
+                await self.send(P.StdinClose(stream_id))
+        except (GardenError, P.LocalProtocolError):
+            pass  # the process ended or the connection went away; stdin no longer matters
+
+
+async def _chunks(stdin: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(stdin, bytes | bytearray | memoryview):
+        data = bytes(stdin)
+        for i in range(0, len(data), P.MAX_DATA_CHUNK):
+            yield data[i:i + P.MAX_DATA_CHUNK]
+        return
+    async for chunk in stdin:
+        if chunk:
+            yield bytes(chunk)
+
+
+class Process:
+    def __init__(self, container: Container, process_id: str, stream: _Stream) -> None:
+        self._container = container
+        self.id = process_id
+        self._stream = stream
+
+    async def wait(self) -> int:
+        """The exit code, once every byte of output has reached the sinks."""
+        await self._stream.finished.wait()
+        if self._stream.code is None:
+            raise self._stream.error or GardenError(f"process {self.id}: stream ended without an exit status")
+        return self._stream.code
+
+    async def signal(self, signal: Signal) -> None:
+        await self._container._call("signal", process_id=self.id, signal=int(signal))
+
+    async def set_tty(self, tty: TTYSpec) -> None:
+        await self._container._call("set_tty", process_id=self.id, tty=to_wire(tty))
+
+
+class Container:
+    def __init__(self, conn: Connection, handle: str) -> None:
+        self._conn = conn
+        self.handle = handle
+
+    def __repr__(self) -> str:
+        return f"Container({self.handle!r})"
+
+    async def _call(self, method: str, **args: Any) -> Any:
+        return await self._conn.call(method, handle=self.handle, **args)
+
+    async def stop(self, kill: bool = False) -> None:
+        await self._call("stop", kill=kill)
+
+    async def info(self) -> ContainerInfo:
+        return from_wire(ContainerInfo, await self._call("info"))
+
+    async def run(self, spec: ProcessSpec, io: ProcessIO | None = None) -> Process:
+        process_id, stream, _ = await self._conn.open_process("run", io or ProcessIO(), handle=self.handle,
+                                                              spec=to_wire(spec))
+        return Process(self, process_id, stream)
+
+    async def attach(self, process_id: str, io: ProcessIO | None = None) -> Process:
+        pid, stream, _ = await self._conn.open_process("attach", io or ProcessIO(), handle=self.handle,
+                                                       process_id=process_id)
+        return Process(self, pid, stream)
+
+    async def metrics(self) -> Metrics:
+        return from_wire(Metrics, await self._call("metrics"))
+
+    async def set_grace_time(self, seconds: float) -> None:
+        await self._call("set_grace_time", seconds=float(seconds))
+
+    async def properties(self) -> dict[str, str]:
+        return dict(await self._call("properties"))
+
+    async def property(self, name: str) -> str:
+        return str(await self._call("property", name=name))
+
+    async def set_property(self, name: str, value: str) -> None:
+        await self._call("set_property", name=name, value=value)
+
+    async def remove_property(self, name: str) -> None:
+        await self._call("remove_property", name=name)
+
+    async def limit_memory(self, limits: MemoryLimits) -> None:
+        await self._call("limit_memory", limits=to_wire(limits))
+
+    async def current_memory_limits(self) -> MemoryLimits:
+        return from_wire(MemoryLimits, await self._call("current_memory_limits"))
+
+    async def limit_cpu(self, limits: CPULimits) -> None:
+        await self._call("limit_cpu", limits=to_wire(limits))
+
+    async def current_cpu_limits(self) -> CPULimits:
+        return from_wire(CPULimits, await self._call("current_cpu_limits"))
+
+    async def limit_bandwidth(self, limits: BandwidthLimits) -> None:
+        await self._call("limit_bandwidth", limits=to_wire(limits))
+
+    async def current_bandwidth_limits(self) -> BandwidthLimits:
+        return from_wire(BandwidthLimits, await self._call("current_bandwidth_limits"))
+
+    async def current_disk_limits(self) -> DiskLimits:
+        return from_wire(DiskLimits, await self._call("current_disk_limits"))
+
+    async def net_in(self, host_port: int = 0, container_port: int = 0) -> tuple[int, int]:
+        result = await self._call("net_in", host_port=host_port, container_port=container_port)
+        return int(result[0]), int(result[1])
+
+    async def net_out(self, rule: NetOutRule) -> None:
+        await self._call("net_out", rule=to_wire(rule))
+
+    async def bulk_net_out(self, rules: list[NetOutRule]) -> None:
+        await self._call("bulk_net_out", rules=[to_wire(r) for r in rules])
+
+    async def stream_in(self, spec: StreamInSpec) -> None:
+        await self._call("stream_in", path=spec.path, user=spec.user)
+
+    async def stream_out(self, spec: StreamOutSpec) -> Any:
+        return await self._call("stream_out", path=spec.path, user=spec.user)
+
+
+class Client:
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def ping(self) -> None:
+        await self._conn.call("ping")
+
+    async def capacity(self) -> Capacity:
+        return from_wire(Capacity, await self._conn.call("capacity"))
+
+    async def create(self, spec: ContainerSpec | None = None) -> Container:
+        result = await self._conn.call("create", spec=to_wire(spec or ContainerSpec()))
+        return Container(self._conn, result["handle"])
+
+    async def destroy(self, handle: str) -> None:
+        await self._conn.call("destroy", handle=handle)
+
+    async def containers(self, properties: dict[str, str] | None = None) -> list[Container]:
+        handles = await self._conn.call("containers", properties=properties or {})
+        return [Container(self._conn, h) for h in handles]
+
+    async def lookup(self, handle: str) -> Container:
+        result = await self._conn.call("lookup", handle=handle)
+        return Container(self._conn, result["handle"])
+
+    async def bulk_info(self, handles: list[str]) -> dict[str, ContainerInfoEntry]:
+        raw = await self._conn.call("bulk_info", handles=list(handles))
+        return {h: ContainerInfoEntry(
+            info=from_wire(ContainerInfo, e["info"]) if e.get("info") is not None else None,
+            err=error_from_wire(e["err"]) if e.get("err") else None) for h, e in raw.items()}
+
+    async def bulk_metrics(self, handles: list[str]) -> dict[str, ContainerMetricsEntry]:
+        raw = await self._conn.call("bulk_metrics", handles=list(handles))
+        return {h: ContainerMetricsEntry(
+            metrics=from_wire(Metrics, e["metrics"]) if e.get("metrics") is not None else None,
+            err=error_from_wire(e["err"]) if e.get("err") else None) for h, e in raw.items()}
+
+
+@asynccontextmanager
+async def connect(url: str = "ws://127.0.0.1:7777", token: str | None = None,
+                  ssl: Any = None) -> AsyncIterator[Client]:
+    """Connect to a gactor server. Raises GardenError (never a transport error or group)."""
+    headers = [("Authorization", f"Bearer {token}")] if token else None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                ws_cm = open_websocket_url(url, ssl_context=ssl, extra_headers=headers,
+                                           max_message_size=P.MAX_FRAME_BYTES)
+                ws = await ws_cm.__aenter__()
+            except (OSError, HandshakeError, ConnectionClosed) as err:
+                raise ConnectionLostError(f"cannot connect to {url}: {err}") from None
+            try:
+                conn = Connection(ws, nursery)
+                nursery.start_soon(conn.read_forever)
+                yield Client(conn)
+            finally:
+                # Close the websocket first: its close handshake needs its reader task alive.
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+                    try:
+                        await ws_cm.__aexit__(None, None, None)
+                    except BaseException:  # noqa: BLE001 - closing a dead socket is not an error
+                        pass
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
+
+
+def _unwrap(group: BaseExceptionGroup) -> BaseException:
+    """The single meaningful exception inside trio's groups; GardenError if several."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    leaves = [e for e in leaves if not isinstance(e, trio.Cancelled)] or leaves
+    if len(leaves) == 1:
+        return leaves[0]
+    return GardenError("; ".join(str(e) for e in leaves))
+
+
+__all__ = ["Client", "Container", "ContainerNotFoundError", "Process", "ProcessIO", "connect"]

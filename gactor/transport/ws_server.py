@@ -1,0 +1,202 @@
+"""The msgpack-over-websocket front end: moves frames between trio-websocket and
+the sans-IO ``protocol.Connection``, and runs each call and stream in its own task.
+
+Per connection: one reader task (this peer's ``run``), one task per call, and for
+run/attach one task that owns the stream (output pump, exit) plus one for stdin.
+The grace timer of a container stays paused while any of its streams is open.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from ..actors.process import ProcessActor
+from ..errors import GardenError, ProtocolError
+from . import protocol as P
+from .methods import Api, arg
+
+log = logging.getLogger("gactor.api")
+
+
+@dataclass
+class _Stream:
+    credit: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    stdin: tuple[trio.MemorySendChannel[bytes | None], trio.MemoryReceiveChannel[bytes | None]] = field(
+        default_factory=lambda: trio.open_memory_channel[bytes | None](math.inf))
+
+
+class Peer:
+    def __init__(self, ws: WebSocketConnection, api: Api) -> None:
+        self.ws = ws
+        self.api = api
+        self.conn = P.Connection(P.Role.SERVER)
+        self.streams: dict[int, _Stream] = {}
+        self._send_lock = trio.Lock()
+
+    async def send(self, event: Any) -> None:
+        async with self._send_lock:
+            await self.ws.send_message(self.conn.send(event))
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            try:
+                await self._read(nursery)
+            except ConnectionClosed:
+                pass
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _read(self, nursery: trio.Nursery) -> None:
+        while True:
+            message = await self.ws.get_message()
+            if isinstance(message, str):
+                await self.ws.aclose(1003, "text frames are not allowed; send binary msgpack frames")
+                return
+            self.conn.receive_data(message)
+            while (event := self.conn.next_event()) is not None:
+                if isinstance(event, P.ProtocolViolation):
+                    log.info("closing a connection: %s", event.message)
+                    await self.ws.aclose(1002, event.message[:120])
+                    return
+                self._dispatch(event, nursery)
+
+    def _dispatch(self, event: Any, nursery: trio.Nursery) -> None:
+        if isinstance(event, P.Call):
+            if isinstance(event.args.get("stream"), int) and event.method in ("run", "attach"):
+                stream = self.streams[event.args["stream"]] = _Stream()
+                nursery.start_soon(self._serve_stream, event, stream)
+            else:
+                nursery.start_soon(self._serve_call, event)
+            return
+        stream = self.streams.get(getattr(event, "stream", -1))
+        if stream is None:
+            return  # a frame for a stream that has already ended
+        if isinstance(event, P.Credit):
+            stream.credit.set()
+        elif isinstance(event, P.Stdin):
+            stream.stdin[0].send_nowait(event.data)
+        elif isinstance(event, P.StdinClose):
+            stream.stdin[0].send_nowait(None)
+        elif isinstance(event, P.Detach):
+            stream.scope.cancel()
+
+    async def _serve_call(self, call: P.Call) -> None:
+        try:
+            result = await self.api.call(call.method, call.args)
+        except GardenError as err:
+            await self._reply_error(call.id, err)
+        except Exception as err:
+            log.exception("call %s failed", call.method)
+            await self._reply_error(call.id, GardenError(f"internal error in {call.method}: {err}"))
+        else:
+            await self._safe_send(P.Reply(call.id, result))
+
+    async def _reply_error(self, call_id: int, err: GardenError) -> None:
+        await self._safe_send(P.ErrorReply(call_id, err))
+
+    async def _safe_send(self, event: Any) -> None:
+        try:
+            await self.send(event)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _serve_stream(self, call: P.Call, stream: _Stream) -> None:
+        """Start or find the process, reply, then pump its output and finally its exit code."""
+        stream_id = call.args["stream"]
+        handle = call.args.get("handle")
+        try:
+            try:
+                wants = [arg(call.args, key, bool, False) for key in ("stdin", "stdout", "stderr")]
+                proc = await self.api.start_process(call.method, call.args)
+            except GardenError as err:
+                await self._reply_error(call.id, err)
+                return
+            except Exception as err:
+                log.exception("call %s failed", call.method)
+                await self._reply_error(call.id, GardenError(f"internal error in {call.method}: {err}"))
+                return
+            async with self.api.registry.using(handle) if handle in self.api.registry.containers else _nothing():
+                await self._pump(call, stream, stream_id, proc, *wants)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.streams.pop(stream_id, None)
+
+    async def _pump(self, call: P.Call, stream: _Stream, stream_id: int, proc: ProcessActor,
+                    stdin: bool, stdout: bool, stderr: bool) -> None:
+        sub = proc.subscribe(stdout, stderr)
+        await self.send(P.Reply(call.id, {"process_id": proc.id}))
+        with stream.scope:
+            async with trio.open_nursery() as nursery:
+                if stdin:
+                    nursery.start_soon(self._feed_stdin, stream, stream_id, proc)
+                async with sub.receive:
+                    async for fd, data in sub.receive:
+                        view = memoryview(data)
+                        while view:
+                            while (credit := self.conn.output_credit(stream_id)) <= 0:
+                                stream.credit = trio.Event()
+                                await stream.credit.wait()
+                            chunk, view = view[:min(credit, P.MAX_DATA_CHUNK)], view[min(credit, P.MAX_DATA_CHUNK):]
+                            await self.send(P.Output(stream_id, fd, bytes(chunk)))
+                code = await proc.wait()
+                nursery.cancel_scope.cancel()
+            await self.send(P.Exit(stream_id, code))
+        if stream.scope.cancelled_caught:
+            proc.unsubscribe(sub)  # the client detached
+
+    async def _feed_stdin(self, stream: _Stream, stream_id: int, proc: ProcessActor) -> None:
+        async for data in stream.stdin[1]:
+            if data is None:
+                await proc.close_stdin()
+                return
+            await proc.write_stdin(data)
+            await self.send(P.Credit(stream_id, len(data)))
+
+
+class _nothing:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def serve(api: Api, host: str, port: int, *,
+                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the websocket API on host:port; ``started`` reports the bound port."""
+
+    async def handler(request: WebSocketRequest) -> None:
+        if request.path.split("?")[0] not in ("/", ""):
+            await request.reject(404, body=b"the gactor API is served at /\n")
+            return
+        ws = await request.accept()
+        await Peer(ws, api).run()
+
+    async def serve_with_port() -> None:
+        await serve_websocket(handler, host, port, ssl_context=None,
+                              handler_nursery=None, max_message_size=P.MAX_FRAME_BYTES,
+                              task_status=task_status_proxy)
+
+    task_status_proxy = _PortStatus(task_status)
+    await serve_with_port()
+
+
+class _PortStatus:
+    """Turn serve_websocket's started(server) into started(port)."""
+
+    def __init__(self, inner: trio.TaskStatus[int]) -> None:
+        self._inner = inner
+
+    def started(self, server: Any = None) -> None:
+        self._inner.started(server.port if server is not None else 0)
+
+
+__all__ = ["ProtocolError", "serve"]

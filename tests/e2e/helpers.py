@@ -1,0 +1,355 @@
+"""Shared pieces of the e2e suite: output sinks, a run helper, bounded waits and
+host-side inspectors that look at what the server left in the kernel.
+
+The inspectors read ``/proc`` and ``/sys/fs/cgroup`` directly, so a test checks the
+effect of an API call from outside the server rather than trusting its answers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import pytest
+import trio
+
+from gactor import ProcessIO, ProcessSpec
+
+ROOTFS = os.environ.get("GACTOR_ROOTFS_DIR", "/var/lib/gactor/images/busybox")
+CGROUP_ROOT = "/sys/fs/cgroup"
+DEFAULT_TIMEOUT = 30.0
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+USER_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+E2E_MARKS = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="e2e tests run the server as root"),
+]
+
+
+def unique_handle(prefix: str = "e2e") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# ---- sinks and stdin sources -------------------------------------------------------
+
+
+class Sink:
+    """Collects every byte sent to it (a ProcessIO stdout/stderr)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.chunks = 0
+
+    async def send_all(self, data: bytes) -> None:
+        self.data += data
+        self.chunks += 1
+
+    @property
+    def text(self) -> str:
+        return self.data.decode(errors="replace")
+
+
+class CountingSink:
+    """Counts bytes without keeping them; ``check`` sees every chunk (e.g. all zeros)."""
+
+    def __init__(self, check: Callable[[bytes], bool] | None = None) -> None:
+        self.count = 0
+        self.chunks = 0
+        self.bad_chunks = 0
+        self._check = check
+
+    async def send_all(self, data: bytes) -> None:
+        self.count += len(data)
+        self.chunks += 1
+        if self._check is not None and not self._check(data):
+            self.bad_chunks += 1
+
+
+class SlowSink(CountingSink):
+    """A slow reader: sleeps ``delay`` after each chunk for the first ``slow_for`` seconds."""
+
+    def __init__(self, delay: float, slow_for: float) -> None:
+        super().__init__(check=lambda chunk: not chunk.strip(b"\0"))
+        self._delay = delay
+        self._slow_for = slow_for
+        self._slow_until: float | None = None
+
+    async def send_all(self, data: bytes) -> None:
+        await super().send_all(data)
+        now = trio.current_time()
+        if self._slow_until is None:
+            self._slow_until = now + self._slow_for
+        if now < self._slow_until:
+            await trio.sleep(self._delay)
+
+
+class StdinGate:
+    """Stdin that sends ``first``, then holds the pipe open until ``release(data)``.
+
+    Lets a test hold a process at a known point (blocked reading stdin) without sleeping.
+    """
+
+    def __init__(self, first: bytes = b"") -> None:
+        self._first = first
+        self._released = trio.Event()
+        self._rest = b""
+
+    def release(self, data: bytes = b"") -> None:
+        self._rest = data
+        self._released.set()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        if self._first:
+            yield self._first
+        await self._released.wait()
+        if self._rest:
+            yield self._rest
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+
+# ---- running processes -------------------------------------------------------------
+
+
+async def run(
+    container: Any,
+    path: str,
+    args: Sequence[str] = (),
+    *,
+    stdin: Any = None,
+    seconds: float = DEFAULT_TIMEOUT,
+    **spec_kwargs: Any,
+) -> tuple[int, bytes, bytes]:
+    """Run ``path args`` to completion; returns (exit code, stdout, stderr)."""
+    out, err = Sink(), Sink()
+    with trio.fail_after(seconds):
+        process = await container.run(
+            ProcessSpec(path=path, args=list(args), **spec_kwargs),
+            ProcessIO(stdin=stdin, stdout=out, stderr=err),
+        )
+        code = await process.wait()
+    return code, bytes(out.data), bytes(err.data)
+
+
+async def sh(container: Any, script: str, **kwargs: Any) -> tuple[int, bytes, bytes]:
+    return await run(container, "sh", ["-c", script], **kwargs)
+
+
+async def sh_ok(container: Any, script: str, **kwargs: Any) -> str:
+    """Run a shell script that must exit 0; returns its stdout as text."""
+    code, out, err = await sh(container, script, **kwargs)
+    assert code == 0, f"{script!r} exited {code}: stdout={out!r} stderr={err!r}"
+    return out.decode()
+
+
+async def ensure_user(container: Any, name: str = "alice") -> None:
+    """GATS' createUser: ``id -u NAME || adduser -D NAME`` as root must exit 0."""
+    await sh_ok(container, f"id -u {name} || adduser -D {name}", user="root")
+
+
+async def wait_for(
+    predicate: Callable[[], Any], within: float = 10.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy; returns it.
+
+    Fails the test after ``within`` seconds, showing the last value seen.
+    """
+    deadline = trio.current_time() + within
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if trio.current_time() >= deadline:
+            pytest.fail(
+                f"timed out after {within}s waiting for {what or predicate}: last {value!r}"
+            )
+        await trio.sleep(interval)
+
+
+async def wait_until_equal(
+    snapshot: Callable[[], Any], expected: Any, within: float = 10.0, interval: float = 0.05
+) -> None:
+    """Poll ``snapshot()`` until it equals ``expected``; fail with a diff-friendly assert."""
+    deadline = trio.current_time() + within
+    while True:
+        current = snapshot()
+        if current == expected:
+            return
+        if trio.current_time() >= deadline:
+            assert current == expected
+        await trio.sleep(interval)
+
+
+# ---- host-side inspectors ------------------------------------------------------------
+
+
+def _walk_dirs(top: str, max_depth: int) -> list[tuple[str, int]]:
+    found: list[tuple[str, int]] = []
+    stack = [(top, 0)]
+    while stack:
+        path, depth = stack.pop()
+        if depth >= max_depth:
+            continue
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        found.append((entry.path, depth + 1))
+                        stack.append((entry.path, depth + 1))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+    return found
+
+
+def cgroup_hierarchies() -> list[str]:
+    try:
+        names = sorted(os.listdir(CGROUP_ROOT))
+    except FileNotFoundError:
+        return []
+    return [
+        os.path.join(CGROUP_ROOT, n)
+        for n in names
+        if os.path.isdir(os.path.join(CGROUP_ROOT, n))
+        and not os.path.islink(os.path.join(CGROUP_ROOT, n))
+    ]
+
+
+def cgroup_dirs(handle: str, max_depth: int = 4) -> list[str]:
+    """Every cgroup directory named ``handle`` in any hierarchy, up to ``max_depth`` deep."""
+    found = []
+    for hierarchy in cgroup_hierarchies():
+        found += [p for p, _ in _walk_dirs(hierarchy, max_depth) if os.path.basename(p) == handle]
+    return sorted(found)
+
+
+def gactor_cgroup_dirs(max_depth: int = 5) -> set[str]:
+    """Cgroup directories inside any directory whose name starts with ``gactor``."""
+    found = set()
+    for hierarchy in cgroup_hierarchies():
+        for path, _ in _walk_dirs(hierarchy, max_depth):
+            parts = os.path.relpath(path, hierarchy).split(os.sep)
+            if any(p.startswith("gactor") for p in parts[:-1]):
+                found.add(path)
+    return found
+
+
+def container_pids(handle: str) -> set[int]:
+    """Host pids of the processes in the container's cgroups (all hierarchies)."""
+    pids: set[int] = set()
+    for path in cgroup_dirs(handle):
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                pids.update(int(p) for p in f.read().split())
+        except (FileNotFoundError, ProcessLookupError, OSError):
+            continue
+    return pids
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """``/proc/PID/status`` as a dict; empty when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            lines = f.read().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def proc_name(pid: int) -> str:
+    return proc_status(pid).get("Name", "")
+
+
+def proc_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of ``pid`` (VmRSS), 0 when gone."""
+    value = proc_status(pid).get("VmRSS", "0 kB").split()[0]
+    return int(value) * 1024
+
+
+def all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def processes_named(name: str, marker: str | None = None) -> set[int]:
+    """Pids whose ``Name:`` is ``name`` and, if given, whose cmdline contains ``marker``.
+
+    Shims and container inits are forks of the server (no exec), so their cmdline is
+    the server's and holds its depot path: the marker tells our server's apart.
+    """
+    found = set()
+    for pid in all_pids():
+        if proc_name(pid) != name:
+            continue
+        if marker is not None and marker not in proc_cmdline(pid):
+            continue
+        found.add(pid)
+    return found
+
+
+def mounts_containing(s: str, pid: int | str = "self") -> list[str]:
+    """Lines of ``/proc/PID/mountinfo`` that mention ``s``."""
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            return [line for line in f.read().splitlines() if s in line]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def server_fds(pid: int) -> int:
+    """How many file descriptors the process has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def paths_under(top: str, max_depth: int = 3, skip: Sequence[str] = ()) -> set[str]:
+    """Relative paths of every file and directory under ``top``, up to ``max_depth``."""
+    found = set()
+    stack = [(top, 0)]
+    while stack:
+        path, depth = stack.pop()
+        if depth >= max_depth:
+            continue
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    rel = os.path.relpath(entry.path, top)
+                    if any(rel == s or rel.startswith(s + os.sep) for s in skip):
+                        continue
+                    found.add(rel)
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, depth + 1))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+    return found
+
+
+def link_names() -> set[str]:
+    """Names of the network links in the host's network namespace."""
+    result = subprocess.run(
+        ["ip", "-o", "link", "show"], capture_output=True, text=True, check=True
+    )
+    names = set()
+    for line in result.stdout.splitlines():
+        match = re.match(r"\d+:\s+([^:@]+)", line)
+        if match:
+            names.add(match.group(1))
+    return names

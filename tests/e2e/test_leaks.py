@@ -1,0 +1,78 @@
+"""A create/run/destroy loop leaves nothing behind: no cgroup, mount, depot entry,
+server fd or process. Everything is counted from outside the server.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import trio
+from helpers import (
+    E2E_MARKS,
+    gactor_cgroup_dirs,
+    mounts_containing,
+    paths_under,
+    processes_named,
+    run,
+    server_fds,
+    wait_until_equal,
+)
+
+from gactor import ContainerSpec
+
+pytestmark = E2E_MARKS
+
+ROUNDS = 10
+
+
+def _snapshot(server, prefix: str) -> dict[str, object]:
+    depot = server.depot
+    pid = server.proc.pid
+    return {
+        # The "gactor" cgroup parent is shared by every server on the host: look only
+        # at the cgroups this test's containers could have left.
+        "cgroups": sorted(p for p in gactor_cgroup_dirs() if prefix in p),
+        "mounts (host)": mounts_containing(depot),
+        "mounts (server)": mounts_containing(depot, pid),
+        "depot": sorted(paths_under(depot, max_depth=3)),
+        "server fds": server_fds(pid),
+        "gactor-shim": len(processes_named("gactor-shim", depot)),
+        "garden-init": len(processes_named("garden-init", depot)),
+    }
+
+
+async def test_create_run_destroy_loop_leaves_nothing(gactor_server, client):
+    prefix = f"leak-{uuid.uuid4().hex[:8]}"
+    # Warm up once: the first container may build caches (the uid-shifted image).
+    warm = await client.create(ContainerSpec(handle=f"{prefix}-warm"))
+    assert (await run(warm, "echo", ["hi"]))[0] == 0
+    await client.destroy(warm.handle)
+
+    before = _snapshot(gactor_server, prefix)
+    for i in range(ROUNDS):
+        with trio.fail_after(60):
+            container = await client.create(ContainerSpec(handle=f"{prefix}-{i}"))
+            code, out, _ = await run(container, "echo", ["hi"])
+            assert (code, out) == (0, b"hi\n")
+            await client.destroy(container.handle)
+    await wait_until_equal(lambda: _snapshot(gactor_server, prefix), before, 15)
+
+
+async def test_failed_runs_leave_nothing(gactor_server, client):
+    """Errors on the run path (unknown user, missing binary) release what they took."""
+    from gactor import GardenError, ProcessIO, ProcessSpec
+
+    prefix = f"leak-{uuid.uuid4().hex[:8]}"
+    container = await client.create(ContainerSpec(handle=f"{prefix}-bad"))
+    try:
+        assert (await run(container, "true"))[0] == 0
+        before = _snapshot(gactor_server, prefix)
+        for _ in range(ROUNDS):
+            with pytest.raises(GardenError):
+                await container.run(ProcessSpec(path="potato-nope"), ProcessIO())
+            with pytest.raises(GardenError):
+                await container.run(ProcessSpec(path="true", user="bob-nope"), ProcessIO())
+        await wait_until_equal(lambda: _snapshot(gactor_server, prefix), before, 15)
+    finally:
+        await client.destroy(container.handle)

@@ -1,0 +1,230 @@
+"""The command line without a server: help, server configuration, connection failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from gactor.cli import cli
+
+COMMAND_OPTIONS = {
+    "server": ["--config", "--listen", "--garden-listen", "--depot", "--default-rootfs",
+               "--network-pool", "--port-pool-start", "--port-pool-size",
+               "--default-grace-time", "--max-containers", "--deny-network", "--external-ip",
+               "--log-level", "--cpu-quota-per-share", "--destroy-containers-on-startup",
+               "--token"],
+    "ping": [],
+    "capacity": [],
+    "create": ["--handle", "--rootfs", "--property", "--memory", "--env", "--grace-time",
+               "--privileged"],
+    "list": ["--property"],
+    "info": [],
+    "destroy": [],
+    "run": ["--tty", "--user", "--env", "--dir", "--id"],
+    "attach": ["--tty"],
+    "stream-in": ["--to", "--user"],
+    "stream-out": ["--from", "--user"],
+    "net-in": ["--host-port", "--container-port"],
+    "metrics": [],
+    "properties": [],
+    "set-grace-time": [],
+    "stop": ["--kill"],
+}
+
+
+def test_global_help_lists_options_and_commands() -> None:
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0, result.output
+    for word in ["--target", "--json", "--token", *COMMAND_OPTIONS]:
+        assert word in result.output
+
+
+@pytest.mark.parametrize(("command", "options"), COMMAND_OPTIONS.items())
+def test_command_help_lists_its_options(command: str, options: list[str]) -> None:
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    for option in options:
+        assert option in result.output
+
+
+@pytest.fixture
+def captured_config(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every ServerConfig that ``gactor server`` hands to ``gactor.server.run``."""
+    server = pytest.importorskip("gactor.server")
+    configs: list[Any] = []
+    monkeypatch.setattr(server, "run", configs.append)
+    return configs
+
+
+def test_server_config_file_is_overridden_by_flags(
+    captured_config: list[Any], tmp_path: Path
+) -> None:
+    config_file = tmp_path / "gactor.toml"
+    config_file.write_text(
+        'listen = "127.0.0.1:9000"\n'
+        'depot = "/srv/depot"\n'
+        'port-pool-start = 40000\n'
+        'default_grace_time = 30\n'
+        'deny-network = ["10.0.0.0/8"]\n'
+        'destroy-containers-on-startup = true\n'
+    )
+    result = CliRunner().invoke(cli, [
+        "server", "--config", str(config_file), "--listen", "127.0.0.1:9001",
+        "--deny-network", "192.168.0.0/16", "--deny-network", "172.16.0.0/12",
+        "--max-containers", "5", "--token", "s3cret",
+    ])
+    assert result.exit_code == 0, result.output
+    [config] = captured_config
+    expected = type(config)(
+        listen="127.0.0.1:9001", depot="/srv/depot", port_pool_start=40000,
+        default_grace_time=30.0, deny_networks=["192.168.0.0/16", "172.16.0.0/12"],
+        destroy_containers_on_startup=True, max_containers=5, token="s3cret",
+    )
+    assert dataclasses.asdict(config) == dataclasses.asdict(expected)
+
+
+def test_server_defaults_and_global_token(captured_config: list[Any]) -> None:
+    result = CliRunner().invoke(cli, ["--token", "t0k", "server"])
+    assert result.exit_code == 0, result.output
+    [config] = captured_config
+    assert dataclasses.asdict(config) == dataclasses.asdict(type(config)(token="t0k"))
+
+
+def test_server_unknown_config_key_is_named(tmp_path: Path) -> None:
+    config_file = tmp_path / "gactor.toml"
+    config_file.write_text('listen = "127.0.0.1:9000"\nlisten-harder = true\n')
+    result = CliRunner().invoke(cli, ["server", "--config", str(config_file)])
+    assert result.exit_code == 1
+    assert "error: unknown key" in result.stderr
+    assert "listen-harder" in result.stderr
+
+
+def test_server_missing_config_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["server", "--config", str(tmp_path / "absent.toml")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: cannot read")
+
+
+def test_bad_property_is_a_usage_error() -> None:
+    result = CliRunner().invoke(cli, ["create", "--property", "novalue"])
+    assert result.exit_code == 2
+    assert "KEY=VALUE" in result.stderr
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_ping_closed_port_reports_cannot_connect() -> None:
+    pytest.importorskip("gactor.client")
+    target = f"ws://127.0.0.1:{_closed_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "gactor", "--target", target, "ping"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot connect to {target}")
+    assert "Traceback" not in result.stderr
+
+
+class FakeContainer:
+    def __init__(self, handle: str) -> None:
+        self.handle = handle
+
+    async def properties(self) -> dict[str, str]:
+        return {"owner": "me", "team": "garden"}
+
+    async def info(self) -> Any:
+        from gactor.types import ContainerInfo, PortMapping
+
+        return ContainerInfo(state="active", process_ids=["p1"], properties={"owner": "me"},
+                             mapped_ports=[PortMapping(61001, 8080)])
+
+    async def net_in(self, host_port: int = 0, container_port: int = 0) -> tuple[int, int]:
+        return host_port or 61001, container_port
+
+
+class FakeClient:
+    """Stands in for ``gactor.connect``'s client; records the specs it is given."""
+
+    def __init__(self) -> None:
+        self.specs: list[Any] = []
+
+    async def create(self, spec: Any) -> FakeContainer:
+        self.specs.append(spec)
+        return FakeContainer(spec.handle or "generated")
+
+    async def lookup(self, handle: str) -> FakeContainer:
+        from gactor.errors import ContainerNotFoundError
+
+        if handle == "missing":
+            raise ContainerNotFoundError(handle)
+        return FakeContainer(handle)
+
+
+@pytest.fixture
+def fake_client(monkeypatch: pytest.MonkeyPatch) -> FakeClient:
+    from contextlib import asynccontextmanager
+
+    client_module = pytest.importorskip("gactor.client")
+    fake = FakeClient()
+
+    @asynccontextmanager
+    async def connect(url: str, token: str | None = None, ssl: Any = None) -> Any:
+        yield fake
+
+    monkeypatch.setattr(client_module, "connect", connect)
+    return fake
+
+
+def test_create_builds_the_spec(fake_client: FakeClient) -> None:
+    result = CliRunner().invoke(cli, [
+        "create", "--handle", "h1", "--rootfs", "/images/busybox", "--property", "a=b=c",
+        "--memory", "1048576", "--env", "X=1", "--grace-time", "2.5", "--privileged",
+    ])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "h1\n"
+    [spec] = fake_client.specs
+    assert (spec.handle, spec.image.uri, spec.properties, spec.env) == (
+        "h1", "/images/busybox", {"a": "b=c"}, ["X=1"])
+    assert (spec.limits.memory.limit_in_bytes, spec.grace_time, spec.privileged) == (
+        1048576, 2.5, True)
+
+
+def test_properties_human_and_json(fake_client: FakeClient) -> None:
+    result = CliRunner().invoke(cli, ["properties", "h1"])
+    assert result.stdout == "owner me\nteam garden\n"
+    result = CliRunner().invoke(cli, ["--json", "properties", "h1"])
+    assert json.loads(result.stdout) == {"owner": "me", "team": "garden"}
+
+
+def test_info_human_and_json(fake_client: FakeClient) -> None:
+    lines = CliRunner().invoke(cli, ["info", "h1"]).stdout.splitlines()
+    assert "state active" in lines
+    assert "properties.owner me" in lines
+    assert 'process_ids ["p1"]' in lines
+    info = json.loads(CliRunner().invoke(cli, ["--json", "info", "h1"]).stdout)
+    assert info["state"] == "active"
+    assert info["mapped_ports"] == [{"host_port": 61001, "container_port": 8080}]
+
+
+def test_net_in_prints_the_host_port(fake_client: FakeClient) -> None:
+    result = CliRunner().invoke(cli, ["net-in", "h1", "--container-port", "8080"])
+    assert result.stdout == "61001\n"
+
+
+def test_garden_error_is_one_line_exit_1(fake_client: FakeClient) -> None:
+    result = CliRunner().invoke(cli, ["info", "missing"])
+    assert result.exit_code == 1
+    assert result.stderr == "error: unknown handle: missing\n"
+    assert result.stdout == ""
