@@ -43,6 +43,8 @@ from .types import (
 )
 
 CLOSE_TIMEOUT = 2.0
+# trio-websocket reads 4 KiB at a time by default; output arrives in frames of up to 1 MiB.
+RECEIVE_BUFFER = 256 << 10
 
 
 class Sink(Protocol):
@@ -371,7 +373,8 @@ async def connect(url: str = "ws://127.0.0.1:7777", token: str | None = None,
         async with trio.open_nursery() as nursery:
             try:
                 ws_cm = open_websocket_url(url, ssl_context=ssl, extra_headers=headers,
-                                           max_message_size=P.MAX_FRAME_BYTES)
+                                           max_message_size=P.MAX_FRAME_BYTES,
+                                           receive_buffer_size=RECEIVE_BUFFER)
                 ws = await ws_cm.__aenter__()
             except (OSError, HandshakeError, ConnectionClosed) as err:
                 raise ConnectionLostError(f"cannot connect to {url}: {err}") from None

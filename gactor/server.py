@@ -7,6 +7,8 @@ SIGTERM and SIGINT shut the server down gracefully and leave containers running.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import signal
@@ -34,6 +36,23 @@ class ServerConfig:
     cpu_quota_per_share: int = 0
     destroy_containers_on_startup: bool = False
     token: str | None = None
+    cgroup_parent: str = ""  # default: derived from the depot, see cgroup_parent_for
+
+
+DEFAULT_DEPOT = "/var/lib/gactor"
+
+
+def cgroup_parent_for(config: ServerConfig) -> str:
+    """The cgroup directory this server's containers live in.
+
+    Startup reconcile removes every cgroup under it that no container owns, so two
+    servers with different depots (tests, benchmarks) must never share one.
+    """
+    if config.cgroup_parent:
+        return config.cgroup_parent
+    if os.path.realpath(config.depot) == DEFAULT_DEPOT:
+        return "gactor"
+    return "gactor-" + hashlib.sha256(os.path.realpath(config.depot).encode()).hexdigest()[:10]
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -79,15 +98,16 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, host: str, port: 
         mem_mib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:")) // 1024
     env = Environment(
         depot=config.depot,
-        cgroups=cgroups.discover(parent="gactor"),
+        cgroups=cgroups.discover(parent=cgroup_parent_for(config)),
         spawner=SpawnerClient(spawner.sock),
         image_store=os.path.join(config.depot, depot.IMAGES),
         cpu_quota_per_share=config.cpu_quota_per_share,
         entitlement_per_share=cpus * 100 / mem_mib,
     )
     async with trio.open_nursery() as nursery:
-        registry = await nursery.start(
-            Registry(env, config.default_rootfs, config.default_grace_time, config.max_containers).run)
+        registry = Registry(env, config.default_rootfs, config.default_grace_time, config.max_containers)
+        await nursery.start(functools.partial(registry.run,
+                                              destroy_existing=config.destroy_containers_on_startup))
         api = Api(registry, config.network_pool)
         bound = await nursery.start(ws_server.serve, api, host, port)
         log.info("gactor serving the websocket API on ws://%s:%d/", host, bound)
@@ -96,3 +116,7 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, host: str, port: 
                 log.info("received %s: shutting down, containers keep running", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+    try:
+        env.cgroups.remove_parent()
+    except OSError as err:
+        log.warning("leaving the cgroup parent in place: %s", err)

@@ -21,7 +21,16 @@ import trio
 from ..errors import GardenError, ProcessNotFoundError
 from ..kernel import depot, rootfs
 from ..kernel.cgroups import Cgroup, CgroupDriver
-from ..types import ContainerInfo, ContainerSpec, CPULimits, MemoryLimits, ProcessSpec, to_wire
+from ..kernel.errors import KernelError
+from ..types import (
+    ContainerInfo,
+    ContainerSpec,
+    CPULimits,
+    MemoryLimits,
+    ProcessSpec,
+    from_wire,
+    to_wire,
+)
 from .process import ProcessActor
 from .shim_link import ShimGone, ShimLink
 from .spawner_client import SpawnerClient
@@ -70,28 +79,78 @@ class ContainerActor:
 
     # ---- lifecycle -------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[ContainerActor] = trio.TASK_STATUS_IGNORED) -> None:
-        """Create the container, serve it until destroyed. Raises GardenError if creation fails."""
+    @classmethod
+    def restore(cls, env: Environment, handle: str) -> ContainerActor:
+        """A container from its depot record, to be re-adopted with ``run(adopt=True)``."""
+        record = depot.read_json(os.path.join(env.depot, depot.CONTAINERS, handle, "container.json"))
+        spec = from_wire(ContainerSpec, record["spec"])
+        actor = cls(env, spec, record["rootfs"])
+        actor.properties = dict(record["properties"])
+        actor.grace_time = float(record["grace_time"])
+        actor.state = record["state"]
+        actor.events = list(record["events"])
+        actor.created_at = float(record["created_at"])
+        return actor
+
+    async def run(self, *, adopt: bool = False,
+                  task_status: trio.TaskStatus[ContainerActor] = trio.TASK_STATUS_IGNORED) -> None:
+        """Create (or re-adopt) the container and serve it until destroyed.
+
+        Raises GardenError if creation fails, after undoing every step taken.
+        """
         with contextlib.ExitStack() as undo:
             try:
-                lower = await self._image()
-                cfg = await trio.to_thread.run_sync(self._prepare, lower, undo)
-                status = await self.env.spawner.start_shim(cfg)
-                self._init_pid = int(status["init"])
-                # A pidfd, not the pid: the shim's pid may be reused once it has exited.
-                shim_fd = os.pidfd_open(int(status["shim"]))
-                undo.callback(os.close, shim_fd)
-                undo.callback(_kill_quietly, shim_fd)
-                self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
-            except (OSError, ValueError) as err:
+                if adopt:
+                    await self._reconnect(undo)
+                else:
+                    await self._create(undo)
+            except (OSError, ValueError, KeyError, KernelError) as err:
                 raise GardenError(f"creating container {self.handle}: {err}") from err
             self._owned = undo.pop_all()
+        assert self._link is not None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._link.run)
+            if adopt:
+                await self._adopt_processes()
             task_status.started(self)
             await self._gone.wait()
             nursery.cancel_scope.cancel()
+
+    async def _create(self, undo: contextlib.ExitStack) -> None:
+        lower = await self._image()
+        cfg = await trio.to_thread.run_sync(self._prepare, lower, undo)
+        status = await self.env.spawner.start_shim(cfg)
+        self._init_pid = int(status["init"])
+        self._own_shim(int(status["shim"]), undo)
+        self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
+
+    def _own_shim(self, pid: int, undo: contextlib.ExitStack) -> None:
+        # A pidfd, not the pid: the shim's pid may be reused once it has exited.
+        shim_fd = os.pidfd_open(pid)
+        undo.callback(os.close, shim_fd)
+        undo.callback(_kill_quietly, shim_fd)
+
+    async def _reconnect(self, undo: contextlib.ExitStack) -> None:
+        """Take over a container a previous server process created."""
+        undo.callback(depot.remove_tree, self.dir)
+        self._cgroup = self.env.cgroups.open(self.handle)
+        undo.callback(self._destroy_cgroup, self._cgroup)
+        undo.callback(rootfs.unmount, os.path.join(self.dir, "rootfs"))
+        with open(os.path.join(self.dir, "shim.pid")) as f:
+            self._own_shim(int(f.read()), undo)
+        self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
+        lower = self.rootfs_source if self.spec.privileged else None
+        self.image_bytes, self.image_inodes = self.env.image_sizes.get(lower or "", (0, 0))
+
+    async def _adopt_processes(self) -> None:
+        assert self._link is not None
+        listing, _ = await self._link.request("list")
+        self._init_pid = int(listing["init"])
+        for entry in listing["processes"]:
+            reply, fds = await self._link.request("attach", id=entry["id"])
+            await self._adopt(entry["id"], int(reply["pid"]), bool(reply["tty"]), fds,
+                              reply["exit"], bool(reply["stdin"]))
 
     async def _image(self) -> str:
         """The overlay's lower dir: the source itself, or (unprivileged) its uid-shifted copy."""
@@ -198,7 +257,8 @@ class ContainerActor:
             raise GardenError("invalid process spec: path must not be empty")
         if spec.bind_mounts and not spec.image.uri:
             raise GardenError("Running a process with bind mounts and no image provided is not allowed")
-        assert self._link is not None and self._nursery is not None
+        assert self._link is not None
+        assert self._nursery is not None
         limits = {k: v for k, v in to_wire(spec.limits).items() if v is not None}
         tty = None
         if spec.tty is not None:
@@ -213,7 +273,8 @@ class ContainerActor:
 
     async def _adopt(self, process_id: str, pid: int, tty: bool, fds: list[int],
                      exit_code: int | None = None, stdin_open: bool = True) -> ProcessActor:
-        assert self._link is not None and self._nursery is not None
+        assert self._link is not None
+        assert self._nursery is not None
         proc = ProcessActor(process_id, pid, tty, fds, self._link, exit_code, stdin_open)
         self.processes[process_id] = proc
         if process_id in self._early_exits:
@@ -271,6 +332,27 @@ class ContainerActor:
     def cgroup(self) -> Cgroup:
         assert self._cgroup is not None
         return self._cgroup
+
+
+def remove_orphan(env: Environment, handle: str) -> None:
+    """Remove every trace of a container no actor owns (a crash mid-create or mid-destroy).
+
+    Synchronous; each step tolerates "already gone".
+    """
+    container_dir = os.path.join(env.depot, depot.CONTAINERS, handle)
+    # The shim and pid 1 first (pid 1's death takes its whole pid namespace with it),
+    # then whatever the cgroup still holds.
+    for name, pidfile in (("gactor-shim", "shim.pid"), ("garden-init", "init.pid")):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(os.path.join(container_dir, pidfile)) as f:
+                pid = int(f.read())
+            with open(f"/proc/{pid}/status") as f:
+                if f.readline().split()[-1] == name:
+                    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(KernelError):
+        ContainerActor._destroy_cgroup(env.cgroups.open(handle))
+    rootfs.unmount(os.path.join(container_dir, "rootfs"))
+    depot.remove_tree(container_dir)
 
 
 def _kill_quietly(pidfd: int) -> None:

@@ -9,6 +9,8 @@ pause ends, and an expired timer destroys the container.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 import os
 import re
@@ -18,8 +20,11 @@ from collections.abc import AsyncIterator
 import trio
 
 from ..errors import ContainerNotFoundError, GardenError
+from ..kernel import depot
 from ..types import Capacity, ContainerSpec
-from .container import ContainerActor, Environment
+from .container import ContainerActor, Environment, remove_orphan
+
+log = logging.getLogger("gactor.registry")
 
 _BAD_HANDLE = re.compile(r"[/\x00]")
 MAX_HANDLE_BYTES = 200
@@ -82,11 +87,41 @@ class Registry:
         self._timers: dict[str, GraceTimer] = {}
         self._nursery: trio.Nursery | None = None
 
-    async def run(self, *, task_status: trio.TaskStatus[Registry] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, destroy_existing: bool = False,
+                  task_status: trio.TaskStatus[Registry] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await self._restore(destroy_existing)
             task_status.started(self)
             await trio.sleep_forever()
+
+    async def _restore(self, destroy_existing: bool) -> None:
+        """Re-adopt every container in the depot; remove what cannot be re-adopted."""
+        assert self._nursery is not None
+        root = os.path.join(self.env.depot, depot.CONTAINERS)
+        handles = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        for handle in handles:
+            try:
+                actor = ContainerActor.restore(self.env, handle)
+                container = await self._nursery.start(functools.partial(actor.run, adopt=True))
+            except (GardenError, OSError, ValueError, KeyError) as err:
+                log.warning("removing container %s: it cannot be re-adopted: %s", handle, err)
+                await trio.to_thread.run_sync(remove_orphan, self.env, handle)
+                continue
+            self._add(container)
+        for name in set(self.env.cgroups.names()) - set(self.containers):
+            log.warning("removing cgroup %s: no container owns it", name)
+            await trio.to_thread.run_sync(remove_orphan, self.env, name)
+        log.info("re-adopted %d containers", len(self.containers))
+        if destroy_existing:
+            for handle in list(self.containers):
+                await self.destroy(handle)
+
+    def _add(self, container: ContainerActor) -> None:
+        assert self._nursery is not None
+        self.containers[container.handle] = container
+        timer = self._timers[container.handle] = GraceTimer(container.grace_time)
+        self._nursery.start_soon(self._reap_when_idle, container.handle, timer)
 
     # ---- create / destroy ------------------------------------------------------
 
@@ -112,9 +147,7 @@ class Registry:
             container = await self._nursery.start(ContainerActor(self.env, spec, source).run)
         finally:
             self._creating.discard(spec.handle)
-        self.containers[spec.handle] = container
-        timer = self._timers[spec.handle] = GraceTimer(spec.grace_time)
-        self._nursery.start_soon(self._reap_when_idle, spec.handle, timer)
+        self._add(container)
         return container
 
     async def destroy(self, handle: str) -> None:

@@ -16,8 +16,6 @@ from typing import Any
 
 import trio
 
-log = logging.getLogger("gactor.shim_link")
-
 from ..errors import (
     ExecutableNotFoundError,
     GardenError,
@@ -25,6 +23,8 @@ from ..errors import (
     ServiceUnavailableError,
 )
 from ..kernel import shim_wire as wire
+
+log = logging.getLogger("gactor.shim_link")
 
 
 class ShimGone(ServiceUnavailableError):

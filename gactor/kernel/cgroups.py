@@ -323,6 +323,21 @@ class CgroupDriver(abc.ABC):
     def names(self) -> list[str]:
         """Container cgroups under the parent in any hierarchy, sorted (startup reconcile)."""
 
+    @abc.abstractmethod
+    def parent_dirs(self) -> tuple[str, ...]:
+        """The parent directory in every hierarchy."""
+
+    def remove_parent(self) -> None:
+        """Remove the parent directories if no container cgroup is left (server shutdown)."""
+        if self.names():
+            return
+        for directory in self.parent_dirs():
+            try:
+                os.rmdir(directory)
+            except OSError as err:
+                if err.errno != errno.ENOENT:
+                    raise CgroupError("cgroup.remove_parent", err.errno or 0, directory) from err
+
 
 # ---------------------------------------------------------------------------------------
 # Discovery

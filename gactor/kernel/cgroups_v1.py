@@ -187,7 +187,7 @@ class CgroupV1Driver(cg.CgroupDriver):
         procs = tuple(os.path.join(d, "cgroup.procs") for d in unique)
         return CgroupV1(name=name, dirs=dirs, procs_files=procs)
 
-    def _parent_dirs(self) -> tuple[str, ...]:
+    def parent_dirs(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(os.path.join(m, self.parent) for m in self.mounts.values()))
 
     def create(self, name: str) -> CgroupV1:
@@ -195,7 +195,7 @@ class CgroupV1Driver(cg.CgroupDriver):
         cpuset = cgroup.dirs.get("cpuset")
         made: list[str] = []
         try:
-            for directory in self._parent_dirs():
+            for directory in self.parent_dirs():
                 cg.mkdir("cgroup.create", directory)  # shared by all containers; kept
                 if cpuset is not None and directory == os.path.dirname(cpuset):
                     _inherit_cpuset(directory)
@@ -221,7 +221,7 @@ class CgroupV1Driver(cg.CgroupDriver):
 
     def names(self) -> list[str]:
         found: set[str] = set()
-        for directory in self._parent_dirs():
+        for directory in self.parent_dirs():
             found |= cg.child_names("cgroup.names", directory)
         return sorted(found)
 

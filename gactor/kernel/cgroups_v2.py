@@ -164,6 +164,9 @@ class CgroupV2Driver(cg.CgroupDriver):
         self.root = root
         self.parent = parent
 
+    def parent_dirs(self) -> tuple[str, ...]:
+        return (os.path.join(self.root, self.parent),)
+
     def _cgroup(self, name: str) -> CgroupV2:
         cg.check_name(name)
         path = os.path.join(self.root, self.parent, name)

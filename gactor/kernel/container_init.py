@@ -17,6 +17,7 @@ import traceback
 from typing import Any
 
 import msgpack
+import setproctitle
 
 from . import linux as L
 
@@ -118,6 +119,7 @@ def _init(cfg: dict[str, Any], report_fd: int) -> None:
     _loopback_up()
     if not cfg["privileged"]:
         L.limit_capabilities(DEFAULT_CAPS)
+    setproctitle.setproctitle("garden-init")
     L.set_process_name("garden-init")
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)

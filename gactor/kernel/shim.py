@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import setproctitle
 
 from . import linux as L
 from . import shim_wire as wire
@@ -283,6 +284,8 @@ def shim_main(cfg: dict[str, Any], status_fd: int) -> None:
                 except OSError:
                     pass
         L.set_child_subreaper()
+        # Forked from the server, we would show its command line; say what we are instead.
+        setproctitle.setproctitle(f"gactor-shim {cfg['dir']}")
         L.set_process_name("gactor-shim")
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -292,6 +295,7 @@ def shim_main(cfg: dict[str, Any], status_fd: int) -> None:
         shim = Shim(cfg, dir_fd)
         shim.start()
         write_file_atomic(dir_fd, "shim.pid", b"%d" % os.getpid())
+        write_file_atomic(dir_fd, "init.pid", b"%d" % shim.init_pid)
         os.write(status_fd, msgpack.packb({"shim": os.getpid(), "init": shim.init_pid}))
         os.close(status_fd)
     except BaseException as err:  # noqa: BLE001

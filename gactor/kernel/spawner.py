@@ -17,6 +17,8 @@ import socket
 import traceback
 from dataclasses import dataclass
 
+import setproctitle
+
 from . import linux as L
 from . import shim_wire as wire
 
@@ -50,6 +52,7 @@ def fork_spawner() -> SpawnerHandle:
 
 def _serve(sock: socket.socket) -> None:
     L.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    setproctitle.setproctitle("gactor-spawner")
     L.set_process_name("gactor-spawner")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -20,7 +20,7 @@ from gactor.errors import GardenError, error_from_wire, error_to_wire
 
 MAX_FRAME_BYTES = 4 << 20  # one encoded frame
 MAX_DATA_CHUNK = 1 << 20  # the ``data`` of one output or stdin frame
-INITIAL_WINDOW = 1 << 20  # output and stdin credit of a freshly opened stream
+INITIAL_WINDOW = 4 << 20  # output and stdin credit of a freshly opened stream; several chunks in flight
 MAX_CREDIT = 1 << 30  # most credit a stream may hold in either direction
 
 
