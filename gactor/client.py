@@ -95,8 +95,12 @@ class Connection:
         if self.lost is not None:
             raise self.lost
         try:
+            frame = self.proto.send(event)
+        except P.LocalProtocolError as err:
+            raise GardenError(f"invalid request: {err}") from None
+        try:
             async with self._send_lock:
-                await self.ws.send_message(self.proto.send(event))
+                await self.ws.send_message(frame)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as err:
             raise self._lose(err) from None
 
@@ -377,7 +381,8 @@ async def connect(url: str = "ws://127.0.0.1:7777", token: str | None = None,
                                            receive_buffer_size=RECEIVE_BUFFER)
                 ws = await ws_cm.__aenter__()
             except (OSError, HandshakeError, ConnectionClosed) as err:
-                raise ConnectionLostError(f"cannot connect to {url}: {err}") from None
+                reason = str(err) or str(err.__cause__ or err.__context__ or type(err).__name__)
+                raise ConnectionLostError(f"cannot connect to {url}: {reason}") from None
             try:
                 conn = Connection(ws, nursery)
                 nursery.start_soon(conn.read_forever)

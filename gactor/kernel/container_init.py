@@ -170,7 +170,7 @@ def _setup_rootfs(cfg: dict[str, Any]) -> None:
         os.symlink("/proc/kcore", f"{root}/dev/core")
     _mount_at(root, "/dev/pts", "devpts", "devpts", L.MS_NOSUID | L.MS_NOEXEC,
               "newinstance,ptmxmode=0666,mode=0620,gid=5")
-    _mount_at(root, "/dev/shm", "shm", "tmpfs", nse, "mode=1777")
+    _mount_at(root, "/dev/shm", "tmpfs", "tmpfs", nse, "mode=1777")
     _mount_at(root, "/dev/mqueue", "mqueue", "mqueue", nse)
     if cfg.get("hosts_file"):
         _mount_at(root, "/etc/hosts", cfg["hosts_file"], None, L.MS_BIND, is_file=True)

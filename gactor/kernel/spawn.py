@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import resource
+import signal
 import struct
 import termios
 import traceback
@@ -34,6 +35,8 @@ RLIMITS = {
     "sigpending": resource.RLIMIT_SIGPENDING, "stack": resource.RLIMIT_STACK,
 }
 PIPE_SIZE = 1 << 20
+_RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGXFSZ,
+                  signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
 _F_SETPIPE_SZ = 1031
 
 
@@ -68,6 +71,10 @@ def make_stdio(tty: dict[str, int] | None) -> Stdio:
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    for fd in (in_r, out_w, err_w):
+        # Pipes belong to host root; the process must be able to reopen them through
+        # /dev/stdin and friends whatever user it runs as (runc chowns them instead).
+        os.fchmod(fd, 0o666)
     for fd in (out_r, err_r):
         try:
             fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
@@ -145,6 +152,15 @@ def _report(fd: int, kind: str, message: str) -> None:
 
 def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, err_w: int) -> None:
     """In the container's namespaces: become the user, wire stdio, exec. Never returns."""
+    # Ignored signals survive exec, and the shim (like every Python process) ignores some.
+    for sig in _RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    if not privileged:
+        # Until now we were host root, which this user namespace does not map; become its root
+        # so that files we create (the working directory) get a mapped owner.
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
     user_spec = spec.get("user") or ""
     try:
         user = resolve_user(user_spec)

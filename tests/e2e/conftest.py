@@ -122,6 +122,9 @@ def gactor_server() -> Iterator[ServerProcess]:
         pytest.skip(f"no busybox rootfs at {ROOTFS}")
     # A short path: unix sockets and overlay options under the depot have length limits.
     base = tempfile.mkdtemp(prefix="gactor-e2e-", dir="/tmp")
+    # mkdtemp makes it 0700; unprivileged container roots (host uid 4294967294) must be
+    # able to traverse every ancestor of the depot to reach their rootfs.
+    os.chmod(base, 0o711)
     depot = os.path.join(base, "depot")
     os.makedirs(depot)
     log_path = os.path.join(base, "server.log")
@@ -148,10 +151,30 @@ def gactor_server() -> Iterator[ServerProcess]:
     finally:
         _stop(server)
         # Never delete through a mount: only remove the tree once nothing is mounted in it.
+        # Keep the last session's log for post-mortems; the rest goes.
+        with contextlib.suppress(OSError):
+            shutil.copy(log_path, os.path.join(tempfile.gettempdir(), "gactor-e2e-last.log"))
         if not mounts_containing(base):
             shutil.rmtree(base, ignore_errors=True)
         else:
             print(f"\nleaving {base}: mounts remain under it", file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+def _server_survives(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test during which the shared server died, showing its log once."""
+    if "gactor_server" not in request.fixturenames:
+        yield
+        return
+    server = request.getfixturevalue("gactor_server")
+    if server.proc.poll() is not None:
+        pytest.fail(f"the gactor server died earlier (exit {server.proc.returncode})")
+    yield
+    if server.proc.poll() is not None:
+        pytest.fail(
+            f"the gactor server died (exit {server.proc.returncode}) during this test:\n"
+            + server.log_tail(80)
+        )
 
 
 @pytest.fixture

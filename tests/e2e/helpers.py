@@ -7,6 +7,7 @@ effect of an API call from outside the server rather than trusting its answers.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import re
@@ -231,15 +232,33 @@ def cgroup_dirs(handle: str, max_depth: int = 4) -> list[str]:
     return sorted(found)
 
 
-def gactor_cgroup_dirs(max_depth: int = 5) -> set[str]:
-    """Cgroup directories inside any directory whose name starts with ``gactor``."""
+def cgroup_parent_name(depot: str) -> str:
+    """The cgroup parent a server with this (non-default) depot puts its containers in."""
+    digest = hashlib.sha256(os.path.realpath(depot).encode()).hexdigest()[:10]
+    return f"gactor-{digest}"
+
+
+def server_cgroup_dirs(depot: str, max_depth: int = 5) -> set[str]:
+    """Every cgroup directory under the server's parent, in every hierarchy."""
+    parent = cgroup_parent_name(depot)
     found = set()
     for hierarchy in cgroup_hierarchies():
         for path, _ in _walk_dirs(hierarchy, max_depth):
             parts = os.path.relpath(path, hierarchy).split(os.sep)
-            if any(p.startswith("gactor") for p in parts[:-1]):
+            if parent in parts[:-1]:
                 found.add(path)
     return found
+
+
+def server_cgroup_pids(depot: str) -> set[int]:
+    pids: set[int] = set()
+    for path in server_cgroup_dirs(depot):
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return pids
 
 
 def container_pids(handle: str) -> set[int]:
@@ -293,8 +312,8 @@ def all_pids() -> list[int]:
 def processes_named(name: str, marker: str | None = None) -> set[int]:
     """Pids whose ``Name:`` is ``name`` and, if given, whose cmdline contains ``marker``.
 
-    Shims and container inits are forks of the server (no exec), so their cmdline is
-    the server's and holds its depot path: the marker tells our server's apart.
+    Shims are titled ``gactor-shim <container dir>``: the depot path as marker tells
+    our server's apart from any other server's on the host.
     """
     found = set()
     for pid in all_pids():
@@ -304,6 +323,22 @@ def processes_named(name: str, marker: str | None = None) -> set[int]:
             continue
         found.add(pid)
     return found
+
+
+def server_shims(depot: str) -> set[int]:
+    return processes_named("gactor-shim", depot)
+
+
+def server_inits(depot: str) -> set[int]:
+    """garden-init processes of this server's containers: children of its shims, or
+    members of its cgroups (an init whose shim died is still found)."""
+    shims = server_shims(depot)
+    in_cgroups = server_cgroup_pids(depot)
+    return {
+        pid
+        for pid in processes_named("garden-init")
+        if pid in in_cgroups or int(proc_status(pid).get("PPid", "0")) in shims
+    }
 
 
 def mounts_containing(s: str, pid: int | str = "self") -> list[str]:

@@ -24,9 +24,9 @@ from helpers import (
     container_pids,
     ensure_user,
     proc_name,
-    processes_named,
     rss_bytes,
     run,
+    server_shims,
     sh,
     sh_ok,
     wait_for,
@@ -155,7 +155,7 @@ async def test_slow_reader_gets_everything_with_bounded_server_memory(gactor_ser
     total = 128 * MiB
     depot = gactor_server.depot
     server_pid = gactor_server.proc.pid
-    shims = processes_named("gactor-shim", depot)
+    shims = server_shims(depot)
     base_server = rss_bytes(server_pid)
     base_shims = {pid: rss_bytes(pid) for pid in shims}
     peak = {"server": 0, "shim": 0}
@@ -163,7 +163,7 @@ async def test_slow_reader_gets_everything_with_bounded_server_memory(gactor_ser
     async def sample():
         while True:
             peak["server"] = max(peak["server"], rss_bytes(server_pid) - base_server)
-            for pid in processes_named("gactor-shim", depot):
+            for pid in server_shims(depot):
                 growth = rss_bytes(pid) - base_shims.get(pid, rss_bytes(pid))
                 peak["shim"] = max(peak["shim"], growth)
             await trio.sleep(0.05)

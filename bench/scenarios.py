@@ -1,0 +1,156 @@
+"""The timed scenarios, each against one client connection to the bench's server.
+
+Every container is named by :class:`Handles` and recorded as possibly alive *before*
+its create is sent, so the harness can destroy it whatever happens. Only the awaited
+client call is inside the timer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from time import perf_counter
+from typing import Any
+
+import trio
+
+import gactor
+from gactor import ContainerSpec, ProcessIO, ProcessSpec
+
+from .report import Series
+
+OP_TIMEOUT = 60.0
+BULK_TIMEOUT = 600.0
+
+
+class BenchError(Exception):
+    """A scenario could not produce a valid measurement."""
+
+
+class Handles:
+    """Unique container handles under one prefix, and the set that may still exist."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.live: set[str] = set()
+        self._n = itertools.count()
+
+    def new(self, kind: str) -> str:
+        return f"{self.prefix}-{kind}-{next(self._n)}"
+
+
+class CountingSink:
+    """A ProcessIO sink that only counts bytes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def send_all(self, data: bytes) -> None:
+        self.count += len(data)
+
+
+async def create(client: Any, handles: Handles, kind: str) -> tuple[Any, float]:
+    """Create a container; return it and the create latency in ms."""
+    handle = handles.new(kind)
+    handles.live.add(handle)
+    with trio.fail_after(OP_TIMEOUT):
+        start = perf_counter()
+        container = await client.create(ContainerSpec(handle=handle))
+        return container, (perf_counter() - start) * 1e3
+
+
+async def destroy(client: Any, handles: Handles, handle: str) -> float:
+    """Destroy a container; return the latency in ms."""
+    with trio.fail_after(OP_TIMEOUT):
+        start = perf_counter()
+        await client.destroy(handle)
+        elapsed = (perf_counter() - start) * 1e3
+    handles.live.discard(handle)
+    return elapsed
+
+
+async def create_destroy(client: Any, handles: Handles, runs: int) -> list[Series]:
+    """Serial create then destroy, timed separately; the first create (image import) apart."""
+    first = Series("create_first", "create, first (image import)", "ms")
+    creates = Series("create", "create (serial)", "ms")
+    destroys = Series("destroy", "destroy (serial)", "ms")
+    container, ms = await create(client, handles, "serial")
+    first.samples.append(ms)
+    await destroy(client, handles, container.handle)
+    for _ in range(runs):
+        container, ms = await create(client, handles, "serial")
+        creates.samples.append(ms)
+        destroys.samples.append(await destroy(client, handles, container.handle))
+    return [first, creates, destroys]
+
+
+async def run_true(container: Any, runs: int) -> Series:
+    """``true`` + wait in one long-lived container (one untimed warm-up run)."""
+    series = Series("run", "run `true` + wait", "ms")
+    for i in range(runs + 1):
+        with trio.fail_after(OP_TIMEOUT):
+            start = perf_counter()
+            process = await container.run(ProcessSpec(path="true"), ProcessIO())
+            code = await process.wait()
+            elapsed = (perf_counter() - start) * 1e3
+        if code != 0:
+            raise BenchError(f"`true` exited with {code}")
+        if i:
+            series.samples.append(elapsed)
+    return series
+
+
+async def stdout_throughput(container: Any, runs: int, mib: int) -> Series:
+    """``dd if=/dev/zero bs=1M count=<mib>`` into a counting sink, in decimal MB/s."""
+    series = Series("stdout", f"stdout {mib} MiB (dd)", "MB/s")
+    spec = ProcessSpec(path="dd", args=["if=/dev/zero", "bs=1M", f"count={mib}"])
+    for _ in range(runs):
+        sink = CountingSink()
+        with trio.fail_after(OP_TIMEOUT * 5):
+            start = perf_counter()
+            process = await container.run(spec, ProcessIO(stdout=sink))
+            code = await process.wait()
+            elapsed = perf_counter() - start
+        if code != 0 or sink.count != mib << 20:
+            raise BenchError(f"dd exited with {code} after {sink.count} of {mib << 20} bytes")
+        series.samples.append(sink.count / 1e6 / elapsed)
+    return series
+
+
+async def concurrent(
+    client: Any, handles: Handles, n: int, runs: int, while_alive: Callable[[], Awaitable[None]]
+) -> list[Series]:
+    """``n`` creates at once in a nursery, ``while_alive()``, then ``n`` destroys at once."""
+    creates = Series("concurrent_create", f"{n} concurrent creates", "s")
+    destroys = Series("concurrent_destroy", f"{n} concurrent destroys", "s")
+    for _ in range(runs):
+        names = [handles.new("conc") for _ in range(n)]
+        handles.live.update(names)
+        creates.samples.append(
+            await _all_at_once(lambda h: client.create(ContainerSpec(handle=h)), names)
+        )
+        await while_alive()
+        destroys.samples.append(await _all_at_once(client.destroy, names))
+        handles.live.difference_update(names)
+    return [creates, destroys]
+
+
+async def _all_at_once(call: Callable[[str], Awaitable[object]], handles: list[str]) -> float:
+    """Wall time in s of ``call(h)`` for every handle at once; raises if any failed."""
+    errors: list[str] = []
+
+    async def one(handle: str) -> None:
+        try:
+            await call(handle)
+        except gactor.GardenError as err:
+            errors.append(f"{handle}: {err}")
+
+    with trio.fail_after(BULK_TIMEOUT):
+        start = perf_counter()
+        async with trio.open_nursery() as nursery:
+            for handle in handles:
+                nursery.start_soon(one, handle)
+        elapsed = perf_counter() - start
+    if errors:
+        raise BenchError(f"{len(errors)} of {len(handles)} failed, e.g. {errors[0]}")
+    return elapsed

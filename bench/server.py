@@ -1,0 +1,187 @@
+"""The bench's own ``gactor server``: start it, stop it by pid, check what it left behind.
+
+The server runs as ``python -m gactor server`` in a new session with a temp depot
+under /tmp and its own network pool, so nothing is shared with another server.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+import gactor
+from gactor.server import ServerConfig, cgroup_parent_for
+
+from . import procmem
+
+STARTUP_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@dataclass
+class BenchServer:
+    url: str
+    base: str  # temp dir holding the depot and the server log
+    depot: str
+    proc: subprocess.Popen[bytes]
+    spawners: list[int] = field(default_factory=list)
+    shims_seen: set[int] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(os.path.join(self.base, "server.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except FileNotFoundError:
+            return "(no server log)"
+
+    def note_shims(self) -> None:
+        """Remember the shims alive now, to check after the stop that none survived."""
+        self.shims_seen.update(procmem.shim_pids(self.depot))
+
+
+def start(rootfs: str, network_pool: str, log_level: str) -> BenchServer:
+    """Start a server and wait until it answers ``ping``; stop it again if it does not."""
+    base = tempfile.mkdtemp(prefix="gactor-bench-", dir="/tmp")
+    # Unprivileged container roots must be able to traverse every ancestor of the depot.
+    os.chmod(base, 0o711)
+    depot = os.path.join(base, "depot")
+    os.makedirs(depot)
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "gactor", "server",
+        "--listen", f"127.0.0.1:{port}", "--depot", depot, "--default-rootfs", rootfs,
+        "--network-pool", network_pool, "--log-level", log_level,
+    ]  # fmt: skip
+    with open(os.path.join(base, "server.log"), "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = BenchServer(f"ws://127.0.0.1:{port}", base, depot, proc)
+    try:
+        _wait_ready(server)
+    except BaseException:
+        stop(server)
+        remove_base(server)
+        raise
+    server.spawners = procmem.children_named(server.pid, "gactor-spawner")
+    return server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(server: BenchServer) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(
+                f"gactor server exited with {server.proc.returncode}:\n{server.log_tail()}"
+            )
+        if trio.run(_ping, server.url):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(
+        f"gactor server did not answer ping within {STARTUP_TIMEOUT}s:\n{server.log_tail()}"
+    )
+
+
+async def _ping(url: str) -> bool:
+    with trio.move_on_after(2):
+        try:
+            async with gactor.connect(url) as client:
+                await client.ping()
+            return True
+        except (gactor.GardenError, OSError):
+            return False
+    return False
+
+
+async def destroy_all(url: str, handles: set[str]) -> list[str]:
+    """Destroy ``handles`` and anything else the server still lists; return the failures."""
+    failures = []
+    with trio.move_on_after(120) as scope:
+        async with gactor.connect(url) as client:
+            listed = {c.handle for c in await client.containers()}
+            for handle in sorted(handles | listed):
+                try:
+                    await client.destroy(handle)
+                except gactor.ContainerNotFoundError:
+                    pass
+                except gactor.GardenError as err:
+                    failures.append(f"{handle}: {err}")
+                handles.discard(handle)
+    if scope.cancelled_caught:
+        failures.append("destroying leftovers timed out after 120 s")
+    return failures
+
+
+def stop(server: BenchServer) -> None:
+    """SIGTERM, a bounded wait, then SIGKILL; by pid only."""
+    if server.proc.poll() is None:
+        os.kill(server.pid, signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.kill(server.pid, signal.SIGKILL)
+            server.proc.wait(timeout=STOP_TIMEOUT)
+
+
+def mounts_under(path: str) -> list[str]:
+    prefix = path.rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p == path or p.startswith(prefix)]
+
+
+def leftovers(server: BenchServer, handle_prefix: str) -> list[str]:
+    """What the bench left on the host after the server stopped (empty = clean)."""
+    # Containers live under "gactor" or a per-depot "gactor-<hash>" parent (v1: in every hierarchy).
+    patterns = [
+        f"{CGROUP_ROOT}/*/gactor*/{handle_prefix}*",
+        f"{CGROUP_ROOT}/gactor*/{handle_prefix}*",
+    ]
+    parent = cgroup_parent_for(ServerConfig(depot=server.depot))
+    if parent != "gactor":  # our own parent should be gone too; the shared one stays
+        patterns += [f"{CGROUP_ROOT}/*/{parent}", f"{CGROUP_ROOT}/{parent}"]
+    found = [f"cgroup {p}" for pattern in patterns for p in glob.glob(pattern)]
+    found += [f"mount {p}" for p in mounts_under(server.base)]
+    watched = sorted(server.shims_seen | set(server.spawners))
+    deadline = time.monotonic() + 5.0  # the spawner exits on its own once the server is gone
+    while (alive := _named_helpers(watched)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found + [f"process {pid} ({name})" for pid, name in alive]
+
+
+def _named_helpers(pids: list[int]) -> list[tuple[int, str]]:
+    names = [(pid, procmem.process_name(pid)) for pid in pids]
+    return [(pid, name) for pid, name in names if name in ("gactor-shim", "gactor-spawner")]
+
+
+def remove_base(server: BenchServer) -> bool:
+    """Remove the temp dir unless something is still mounted in it (never delete through a mount)."""
+    if mounts_under(server.base):
+        return False
+    shutil.rmtree(server.base, ignore_errors=True)
+    return not os.path.exists(server.base)
