@@ -9,6 +9,7 @@ fails every pending call and wait with ``ConnectionLostError``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import AsyncIterable, AsyncIterator
@@ -151,6 +152,8 @@ class Connection:
             self.streams.pop(event.stream, None)
         elif isinstance(event, P.Credit):
             stream.stdin_credit.set()
+        elif isinstance(event, P.Event):
+            stream.output_send.send_nowait((0, event.data))
 
     async def call(self, method: str, **args: Any) -> Any:
         call_id = next(self._ids)
@@ -273,6 +276,38 @@ class Container:
         pid, stream, _ = await self._conn.open_process("attach", io or ProcessIO(), handle=self.handle,
                                                        process_id=process_id)
         return Process(self, pid, stream)
+
+    @asynccontextmanager
+    async def events(self) -> AsyncIterator[AsyncIterator[str]]:
+        """Subscribe to the container's events (Garden's ``"Out of memory"``) from now on.
+
+        ``async with c.events() as events: async for event in events: ...``; the
+        iteration ends when the container is destroyed. Leaving the block unsubscribes.
+        """
+        conn = self._conn
+        stream_id = next(conn._stream_ids)
+        stream = conn.streams[stream_id] = _Stream(ProcessIO())
+        try:
+            await conn.call("events", handle=self.handle, stream=stream_id)
+        except BaseException:
+            conn.streams.pop(stream_id, None)
+            raise
+
+        async def iterate() -> AsyncIterator[str]:
+            async for item in stream.output_receive:
+                if item is not None:
+                    yield str(item[1].get("event", "")) if isinstance(item[1], dict) else str(item[1])
+            if stream.error is not None:
+                raise stream.error
+
+        try:
+            yield iterate()
+        finally:
+            if stream_id in conn.streams and conn.lost is None:
+                conn.streams.pop(stream_id, None)
+                with trio.CancelScope(shield=True):
+                    with contextlib.suppress(GardenError):
+                        await conn.send(P.Detach(stream_id))
 
     async def metrics(self) -> Metrics:
         return from_wire(Metrics, await self._call("metrics"))

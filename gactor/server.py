@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import signal
+import subprocess
 from dataclasses import dataclass, field
 
 from .kernel.spawner import SpawnerHandle, fork_spawner
@@ -89,7 +90,7 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, host: str, port: 
     from .actors.container import Environment
     from .actors.registry import Registry
     from .actors.spawner_client import SpawnerClient
-    from .kernel import cgroups, depot
+    from .kernel import cgroups, depot, init_binary
     from .transport import ws_server
     from .transport.methods import Api
 
@@ -104,6 +105,10 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, host: str, port: 
         cpu_quota_per_share=config.cpu_quota_per_share,
         entitlement_per_share=cpus * 100 / mem_mib,
     )
+    try:
+        env.init_binary = await trio.to_thread.run_sync(init_binary.ensure, os.path.join(config.depot, "bin"))
+    except (OSError, subprocess.SubprocessError) as err:
+        log.warning("no C compiler for garden-init (%s): container pid 1 will be a Python process", err)
     async with trio.open_nursery() as nursery:
         registry = Registry(env, config.default_rootfs, config.default_grace_time, config.max_containers)
         await nursery.start(functools.partial(registry.run,

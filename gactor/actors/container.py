@@ -10,6 +10,7 @@ releases it all in ``destroy``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -35,7 +36,11 @@ from .process import ProcessActor
 from .shim_link import ShimGone, ShimLink
 from .spawner_client import SpawnerClient
 
+log = logging.getLogger("gactor.container")
+
 STOP_GRACE = 10.0
+OOM_EVENT = "Out of memory"  # Garden's text in ContainerInfo.events
+EVENT_QUEUE = 64  # per subscriber; one that falls this far behind is dropped
 DEVICE_ALLOW = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm",
                 "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm"]
 
@@ -53,6 +58,7 @@ class Environment:
     entitlement_per_share: float = 0.0
     image_locks: dict[str, trio.Lock] = field(default_factory=dict)
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    init_binary: str = ""  # the static garden-init; empty means pid 1 stays a forked Python
 
 
 class ContainerActor:
@@ -76,6 +82,8 @@ class ContainerActor:
         self._init_pid = 0
         self._gone = trio.Event()
         self.image_bytes = self.image_inodes = 0
+        self._event_subscribers: set[trio.MemorySendChannel[str]] = set()
+        self._oom_pokes = trio.open_memory_channel[None](1)
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -111,6 +119,7 @@ class ContainerActor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._link.run)
+            nursery.start_soon(self._watch_oom)
             if adopt:
                 await self._adopt_processes()
             task_status.started(self)
@@ -186,6 +195,7 @@ class ContainerActor:
             "privileged": self.spec.privileged,
             "cgroup_procs": list(cgroup.procs_files),
             "hosts_file": hosts,
+            "init_binary": self.env.init_binary,
             "bind_mounts": [
                 {"src": bm.src_path, "dst": bm.dst_path, "ro": bm.mode == 0, "from_container": bm.origin == 1}
                 for bm in self.spec.bind_mounts
@@ -196,13 +206,17 @@ class ContainerActor:
         limits = self.spec.limits
         if limits.memory.limit_in_bytes:
             cgroup.set_memory_limit(limits.memory.limit_in_bytes)
-        shares = limits.cpu.weight or limits.cpu.limit_in_shares
+        self.apply_cpu_limits(cgroup, limits.cpu)
+        if limits.pid.max:
+            cgroup.set_pids_max(limits.pid.max)
+
+    def apply_cpu_limits(self, cgroup: Cgroup, limits: CPULimits) -> None:
+        """Weight wins over limit_in_shares; with --cpu-quota-per-share also a hard cap."""
+        shares = limits.weight or limits.limit_in_shares
         if shares:
             cgroup.set_cpu_shares(shares)
             if self.env.cpu_quota_per_share:
                 cgroup.set_cpu_quota(max(1000, shares * self.env.cpu_quota_per_share))
-        if limits.pid.max:
-            cgroup.set_pids_max(limits.pid.max)
 
     @property
     def hostname(self) -> str:
@@ -240,10 +254,77 @@ class ContainerActor:
                 await proc.done.wait()
         await trio.to_thread.run_sync(self._owned.close)
         self._gone.set()
+        for channel in self._event_subscribers:
+            channel.close()
+        self._event_subscribers.clear()
+
+    # ---- events ----------------------------------------------------------------
+
+    async def _watch_oom(self) -> None:
+        """Record an OOM kill as Garden does, tell subscribers, and stop the container.
+
+        The kernel's notification (v1 eventfd, v2 inotify) does not fire for every OOM
+        path (a tmpfs write charged in a syscall, for one), so a SIGKILLed process is
+        also a reason to look at the cgroup's oom_kill counter.
+        """
+        cgroup = self.cgroup
+        try:
+            fd = await trio.to_thread.run_sync(cgroup.oom_events_fd)
+        except KernelError as err:
+            log.warning("container %s: no OOM notifications: %s", self.handle, err)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._poke_when_readable, fd)
+                seen = cgroup.oom_kill_count()
+                async for _ in self._oom_pokes[1]:
+                    count = cgroup.oom_kill_count()
+                    if count > seen:
+                        seen = count
+                        await self._record_event(OOM_EVENT)
+                        await self.stop(kill=True)
+        except KernelError:
+            return  # the cgroup is being removed: the container is going away
+        finally:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+    async def _poke_when_readable(self, fd: int) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            with contextlib.suppress(BlockingIOError):
+                os.read(fd, 4096)  # drain the eventfd / inotify records
+            self._poke_oom_watch()
+
+    def _poke_oom_watch(self) -> None:
+        with contextlib.suppress(trio.WouldBlock):
+            self._oom_pokes[0].send_nowait(None)
+
+    async def _record_event(self, event: str) -> None:
+        self.events.append(event)
+        await trio.to_thread.run_sync(self.persist)
+        for channel in list(self._event_subscribers):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                log.warning("container %s: dropping an event subscriber that stopped reading", self.handle)
+                channel.close()
+                self._event_subscribers.discard(channel)
+
+    def subscribe_events(self) -> trio.MemoryReceiveChannel[str]:
+        """Events from now on; the channel closes when the container is destroyed."""
+        send, receive = trio.open_memory_channel[str](EVENT_QUEUE)
+        if self._gone.is_set():
+            send.close()
+        else:
+            self._event_subscribers.add(send)
+        return receive
 
     # ---- processes -------------------------------------------------------------
 
     def _on_exit(self, process_id: str, code: int) -> None:
+        if code == 128 + signal.SIGKILL:
+            self._poke_oom_watch()  # the OOM killer sends SIGKILL
         proc = self.processes.get(process_id)
         if proc is None:
             self._early_exits[process_id] = code
@@ -292,6 +373,7 @@ class ContainerActor:
         """Garden's stop: TERM every process but init, KILL survivors after 10 s."""
         assert self._cgroup is not None
         cgroup = self._cgroup
+        self.state = "stopped"  # from the first signal on: no caller should see it "active"
         deadline = trio.current_time() + (0 if kill else STOP_GRACE)
         next_term = trio.current_time()
         while True:
@@ -305,7 +387,6 @@ class ContainerActor:
                 _signal_all(pids, signal.SIGTERM)  # again each second, for children forked meanwhile
                 next_term = now + 1
             await trio.sleep(0.05)
-        self.state = "stopped"
         await trio.to_thread.run_sync(self.persist)
 
     # ---- reads -----------------------------------------------------------------

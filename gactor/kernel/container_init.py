@@ -7,6 +7,7 @@ idling as ``garden-init``, or raises ``OSError``/``RuntimeError`` with the reaso
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -113,7 +114,10 @@ def _helper(cfg: dict[str, Any], go_fd: int, report_fd: int) -> None:
 
 
 def _init(cfg: dict[str, Any], report_fd: int) -> None:
-    """Pid 1: build the rootfs, report ready, then reap orphans forever."""
+    """Pid 1: build the rootfs, report ready, then become garden-init (or reap in Python)."""
+    init_fd = -1
+    if cfg.get("init_binary"):
+        init_fd = os.open(cfg["init_binary"], os.O_RDONLY)  # reachable after pivot_root only this way
     _setup_rootfs(cfg)
     socket.sethostname(cfg["hostname"])
     _loopback_up()
@@ -129,7 +133,13 @@ def _init(cfg: dict[str, Any], report_fd: int) -> None:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.write(report_fd, msgpack.packb("ready"))
-    os.closerange(3, 1 << 16)
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        if fd > 2 and fd != init_fd:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    if init_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.execve(f"/proc/self/fd/{init_fd}", ["garden-init"], {})
     sys.stdout = sys.stderr = None  # type: ignore[assignment]
     while True:
         signal.pause()

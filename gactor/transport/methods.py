@@ -165,7 +165,7 @@ async def _limit_memory(c: Any, args: dict[str, Any]) -> None:
 async def _limit_cpu(c: Any, args: dict[str, Any]) -> None:
     limits = from_wire(CPULimits, arg(args, "limits", dict), "cpu limits")
     c.spec.limits.cpu = limits
-    c.cgroup.set_cpu_shares(limits.weight or limits.limit_in_shares)
+    c.apply_cpu_limits(c.cgroup, limits)
     c.persist()
 
 

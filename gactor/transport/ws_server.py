@@ -72,6 +72,9 @@ class Peer:
             if isinstance(event.args.get("stream"), int) and event.method in ("run", "attach"):
                 stream = self.streams[event.args["stream"]] = _Stream()
                 nursery.start_soon(self._serve_stream, event, stream)
+            elif isinstance(event.args.get("stream"), int) and event.method == "events":
+                stream = self.streams[event.args["stream"]] = _Stream()
+                nursery.start_soon(self._serve_events, event, stream)
             else:
                 nursery.start_soon(self._serve_call, event)
             return
@@ -151,6 +154,27 @@ class Peer:
             await self.send(P.Exit(stream_id, code))
         if stream.scope.cancelled_caught:
             proc.unsubscribe(sub)  # the client detached
+
+    async def _serve_events(self, call: P.Call, stream: _Stream) -> None:
+        """Push the container's events (e.g. "Out of memory") until it is destroyed."""
+        stream_id = call.args["stream"]
+        try:
+            try:
+                container = self.api.registry.lookup(arg(call.args, "handle", str))
+            except GardenError as err:
+                await self._reply_error(call.id, err)
+                return
+            events = container.subscribe_events()
+            await self.send(P.Reply(call.id, {}))
+            with stream.scope:
+                async with events:
+                    async for event in events:
+                        await self.send(P.Event(stream_id, {"event": event}))
+                await self.send(P.Exit(stream_id, 0))
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.streams.pop(stream_id, None)
 
     async def _feed_stdin(self, stream: _Stream, stream_id: int, proc: ProcessActor) -> None:
         async for data in stream.stdin[1]:

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 import trio
-from helpers import ROOTFS, mounts_containing, unique_handle
+
+from .helpers import ROOTFS, mounts_containing, unique_handle
 
 NETWORK_POOL = "10.253.0.0/22"
 STARTUP_TIMEOUT = 20.0

@@ -7,7 +7,6 @@ from __future__ import annotations
 import msgpack
 import pytest
 import trio
-from helpers import E2E_MARKS, StdinGate, run, unique_handle
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 import gactor
@@ -20,9 +19,12 @@ from gactor import (
     ProcessIO,
     ProcessSpec,
     ResourceLimits,
+    Signal,
     TTYSpec,
     WindowSize,
 )
+
+from .helpers import E2E_MARKS, StdinGate, run, unique_handle
 
 pytestmark = E2E_MARKS
 
@@ -224,8 +226,47 @@ async def test_bad_call_arguments_get_an_error_reply(gactor_server, method, args
     await _still_serving(gactor_server.url)
 
 
-async def test_abrupt_disconnect_mid_stream(gactor_server, container):
-    """A client vanishing while its process streams output does not hurt the server."""
+async def _stream_then_vanish(url: str, handle: str, abort: bool) -> str:
+    """Start ``yes`` on a raw connection, keep the server sending (lots of credit), read a
+    little, then leave: a close handshake, or (``abort``) a dropped TCP connection."""
+    async with open_websocket_url(url, max_message_size=16 * MiB) as ws:
+        run_args = {
+            "handle": handle,
+            "spec": {"path": "yes"},
+            "stream": 1,
+            "stdin": False,
+            "stdout": True,
+            "stderr": True,
+        }
+        reply = await _call(ws, 1, "run", run_args)
+        assert reply["t"] == "reply", reply
+        credit = {"t": "credit", "stream": 1, "bytes": 512 * MiB}
+        await ws.send_message(msgpack.packb(credit))
+        with trio.fail_after(10):
+            for _ in range(20):
+                frame = msgpack.unpackb(await ws.get_message(), raw=False)
+                assert frame["t"] == "output", frame
+        if abort:
+            await ws._stream.aclose()  # no close handshake: the peer just vanishes
+    return str(reply["result"]["process_id"])
+
+
+@pytest.mark.parametrize("abort", [False, True], ids=["close", "drop"])
+async def test_disconnect_while_server_is_sending(gactor_server, container, abort):
+    """A client leaving while its process streams output does not hurt the server, and
+    the process keeps running: it can be attached again and killed."""
+    for _ in range(3):
+        process_id = await _stream_then_vanish(gactor_server.url, container.handle, abort)
+        assert gactor_server.proc.poll() is None, gactor_server.log_tail()
+        with trio.fail_after(10):
+            attached = await container.attach(process_id, ProcessIO())
+            await attached.signal(Signal.KILL)
+            assert await attached.wait() == 137
+    await _still_serving(gactor_server.url)
+
+
+async def test_reattach_after_disconnect_reads_exit_status(gactor_server, container):
+    """A client vanishing before its process ends; a later attach reads the exit code."""
     async with open_websocket_url(gactor_server.url, max_message_size=16 * MiB) as ws:
         reply = await _call(
             ws,
@@ -233,7 +274,7 @@ async def test_abrupt_disconnect_mid_stream(gactor_server, container):
             "run",
             {
                 "handle": container.handle,
-                "spec": {"path": "sh", "args": ["-c", "yes | head -c 10000000; echo done"]},
+                "spec": {"path": "sh", "args": ["-c", "yes | head -c 10000000; exit 3"]},
                 "stream": 1,
                 "stdin": False,
                 "stdout": True,
@@ -241,9 +282,8 @@ async def test_abrupt_disconnect_mid_stream(gactor_server, container):
             },
         )
         assert reply["t"] == "reply", reply
-    # The process is still known, and can be re-attached to read its exit status.
     process_id = reply["result"]["process_id"]
     with trio.fail_after(30):
         attached = await container.attach(process_id, ProcessIO())
-        assert await attached.wait() == 0
+        assert await attached.wait() == 3
     await _still_serving(gactor_server.url)

@@ -12,7 +12,16 @@ import uuid
 
 import pytest
 import trio
-from helpers import (
+
+from gactor import (
+    ContainerNotFoundError,
+    ContainerSpec,
+    GardenError,
+    ProcessIO,
+    ProcessSpec,
+)
+
+from .helpers import (
     E2E_MARKS,
     Sink,
     StdinGate,
@@ -27,14 +36,6 @@ from helpers import (
     sh_ok,
     unique_handle,
     wait_for,
-)
-
-from gactor import (
-    ContainerNotFoundError,
-    ContainerSpec,
-    GardenError,
-    ProcessIO,
-    ProcessSpec,
 )
 
 pytestmark = E2E_MARKS

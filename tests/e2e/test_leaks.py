@@ -8,7 +8,10 @@ import uuid
 
 import pytest
 import trio
-from helpers import (
+
+from gactor import ContainerSpec
+
+from .helpers import (
     E2E_MARKS,
     mounts_containing,
     paths_under,
@@ -19,8 +22,6 @@ from helpers import (
     server_shims,
     wait_until_equal,
 )
-
-from gactor import ContainerSpec
 
 pytestmark = E2E_MARKS
 

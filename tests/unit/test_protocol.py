@@ -198,24 +198,33 @@ def test_error_reply_closes_the_stream() -> None:
 # ---- credit --------------------------------------------------------------------------
 
 
+def exhaust(sender: Connection, receiver: Connection, make: Any, credit: int) -> None:
+    """Spend ``credit`` bytes in frames of at most MAX_DATA_CHUNK."""
+    while credit:
+        n = min(credit, MAX_DATA_CHUNK)
+        deliver(sender, receiver, make(b"x" * n))
+        credit -= n
+
+
 def test_output_credit_accounting() -> None:
     client, server = open_stream(3)
     assert server.output_credit(3) == client.output_credit(3) == INITIAL_WINDOW
-    chunk = b"x" * MAX_DATA_CHUNK
-    deliver(server, client, Output(3, 1, chunk[:1000]))
+    deliver(server, client, Output(3, 1, b"x" * 1000))
     assert server.output_credit(3) == client.output_credit(3) == INITIAL_WINDOW - 1000
+    exhaust(server, client, lambda data: Output(3, 1, data), INITIAL_WINDOW - 1000)
+    assert server.output_credit(3) == client.output_credit(3) == 0
     with pytest.raises(LocalProtocolError, match="exceeds its credit by 1000 bytes"):
-        server.send(Output(3, 1, chunk))
+        server.send(Output(3, 1, b"x" * 1000))
     deliver(client, server, Credit(3, 1000))
-    assert server.output_credit(3) == client.output_credit(3) == INITIAL_WINDOW
-    deliver(server, client, Output(3, 1, chunk))
+    assert server.output_credit(3) == client.output_credit(3) == 1000
+    deliver(server, client, Output(3, 1, b"x" * 1000))
     assert server.output_credit(3) == 0
 
 
 def test_stdin_credit_accounting() -> None:
     client, server = open_stream(3)
     assert client.stdin_credit(3) == INITIAL_WINDOW
-    deliver(client, server, Stdin(3, b"x" * INITIAL_WINDOW))
+    exhaust(client, server, lambda data: Stdin(3, data), INITIAL_WINDOW)
     assert client.stdin_credit(3) == server.stdin_credit(3) == 0
     with pytest.raises(LocalProtocolError, match="exceeds its credit by 1 bytes"):
         client.send(Stdin(3, b"y"))
@@ -226,14 +235,14 @@ def test_stdin_credit_accounting() -> None:
 
 def test_peer_exceeding_output_credit_is_a_violation() -> None:
     client, server = open_stream(7)
-    deliver(server, client, Output(7, 1, b"x" * MAX_DATA_CHUNK))
+    exhaust(server, client, lambda data: Output(7, 1, data), INITIAL_WINDOW)
     message = violation(client, {"t": "output", "stream": 7, "fd": 1, "data": b"x" * 10})
     assert message == "output on stream 7 exceeds its credit by 10 bytes"
 
 
 def test_peer_exceeding_stdin_credit_is_a_violation() -> None:
     client, server = open_stream(7)
-    deliver(client, server, Stdin(7, b"x" * INITIAL_WINDOW))
+    exhaust(client, server, lambda data: Stdin(7, data), INITIAL_WINDOW)
     message = violation(server, {"t": "stdin", "stream": 7, "data": b"xy"})
     assert message == "stdin on stream 7 exceeds its credit by 2 bytes"
 
