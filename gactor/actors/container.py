@@ -2,7 +2,7 @@
 directory, shim link and process actors.
 
 Creation happens inside ``run`` before ``task_status.started``: every kernel object
-is pushed onto one ExitStack the moment it exists, so a failure anywhere unwinds
+is pushed onto one Cleanup stack the moment it exists, so a failure anywhere unwinds
 exactly what was made; on success the actor takes ownership (``pop_all``) and
 releases it all in ``destroy``.
 """
@@ -32,6 +32,7 @@ from ..types import (
     from_wire,
     to_wire,
 )
+from .cleanup import Cleanup
 from .process import ProcessActor
 from .shim_link import ShimGone, ShimLink
 from .spawner_client import SpawnerClient
@@ -78,12 +79,13 @@ class ContainerActor:
         self._nursery: trio.Nursery | None = None
         self._link: ShimLink | None = None
         self._cgroup: Cgroup | None = None
-        self._owned = contextlib.ExitStack()
+        self._owned = Cleanup()
         self._init_pid = 0
         self._gone = trio.Event()
         self.image_bytes = self.image_inodes = 0
         self._event_subscribers: set[trio.MemorySendChannel[str]] = set()
         self._oom_pokes = trio.open_memory_channel[None](1)
+        self.serving = False  # creation finished; failures from here on are crashes, not errors
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -106,7 +108,7 @@ class ContainerActor:
 
         Raises GardenError if creation fails, after undoing every step taken.
         """
-        with contextlib.ExitStack() as undo:
+        with Cleanup() as undo:
             try:
                 if adopt:
                     await self._reconnect(undo)
@@ -122,11 +124,12 @@ class ContainerActor:
             nursery.start_soon(self._watch_oom)
             if adopt:
                 await self._adopt_processes()
+            self.serving = True
             task_status.started(self)
             await self._gone.wait()
             nursery.cancel_scope.cancel()
 
-    async def _create(self, undo: contextlib.ExitStack) -> None:
+    async def _create(self, undo: Cleanup) -> None:
         lower = await self._image()
         cfg = await trio.to_thread.run_sync(self._prepare, lower, undo)
         status = await self.env.spawner.start_shim(cfg)
@@ -134,13 +137,13 @@ class ContainerActor:
         self._own_shim(int(status["shim"]), undo)
         self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
 
-    def _own_shim(self, pid: int, undo: contextlib.ExitStack) -> None:
+    def _own_shim(self, pid: int, undo: Cleanup) -> None:
         # A pidfd, not the pid: the shim's pid may be reused once it has exited.
         shim_fd = os.pidfd_open(pid)
         undo.callback(os.close, shim_fd)
         undo.callback(_kill_quietly, shim_fd)
 
-    async def _reconnect(self, undo: contextlib.ExitStack) -> None:
+    async def _reconnect(self, undo: Cleanup) -> None:
         """Take over a container a previous server process created."""
         undo.callback(depot.remove_tree, self.dir)
         self._cgroup = self.env.cgroups.open(self.handle)
@@ -172,7 +175,7 @@ class ContainerActor:
         self.image_bytes, self.image_inodes = self.env.image_sizes[lower]
         return lower
 
-    def _prepare(self, lower: str, undo: contextlib.ExitStack) -> dict[str, Any]:
+    def _prepare(self, lower: str, undo: Cleanup) -> dict[str, Any]:
         """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread)."""
         os.makedirs(os.path.dirname(self.dir), mode=0o711, exist_ok=True)
         os.mkdir(self.dir, 0o711)
@@ -283,8 +286,8 @@ class ContainerActor:
                         seen = count
                         await self._record_event(OOM_EVENT)
                         await self.stop(kill=True)
-        except KernelError:
-            return  # the cgroup is being removed: the container is going away
+        except* KernelError:
+            pass  # the cgroup is being removed: the container is going away
         finally:
             trio.lowlevel.notify_closing(fd)
             os.close(fd)

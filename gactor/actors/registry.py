@@ -9,7 +9,6 @@ pause ends, and an expired timer destroys the container.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ import trio
 
 from ..errors import ContainerNotFoundError, GardenError
 from ..kernel import depot
+from ..kernel.errors import KernelError
 from ..types import Capacity, ContainerSpec
 from .container import ContainerActor, Environment, remove_orphan
 
@@ -103,7 +103,7 @@ class Registry:
         for handle in handles:
             try:
                 actor = ContainerActor.restore(self.env, handle)
-                container = await self._nursery.start(functools.partial(actor.run, adopt=True))
+                container = await self._nursery.start(self._supervise, actor, True)
             except (GardenError, OSError, ValueError, KeyError) as err:
                 log.warning("removing container %s: it cannot be re-adopted: %s", handle, err)
                 await trio.to_thread.run_sync(remove_orphan, self.env, handle)
@@ -116,6 +116,19 @@ class Registry:
         if destroy_existing:
             for handle in list(self.containers):
                 await self.destroy(handle)
+
+    async def _supervise(self, actor: ContainerActor, adopt: bool,
+                         task_status: trio.TaskStatus[ContainerActor] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run a container actor; a crash after creation is logged, never fatal to the server.
+
+        The crashed container stays listed, so a destroy can still clean it up.
+        """
+        try:
+            await actor.run(adopt=adopt, task_status=task_status)
+        except Exception:  # ExceptionGroups from the actor's nursery included
+            if not actor.serving:
+                raise  # a creation error, which nursery.start hands to the caller as it is
+            log.exception("container %s: its actor crashed", actor.handle)
 
     def _add(self, container: ContainerActor) -> None:
         assert self._nursery is not None
@@ -141,10 +154,15 @@ class Registry:
             raise GardenError("no rootfs given and the server has no default rootfs")
         if not os.path.isdir(source):
             raise GardenError(f"rootfs {source!r} is not a directory (images are not supported yet)")
+        for mount in spec.bind_mounts:
+            if not mount.dst_path.startswith("/"):
+                raise GardenError(f"bind mount destination {mount.dst_path!r} must be an absolute path")
+            if mount.origin == 0 and not os.path.exists(mount.src_path):
+                raise GardenError(f"bind mount source {mount.src_path!r} does not exist")
         spec.grace_time = spec.grace_time or self.default_grace_time
         self._creating.add(spec.handle)
         try:
-            container = await self._nursery.start(ContainerActor(self.env, spec, source).run)
+            container = await self._nursery.start(self._supervise, ContainerActor(self.env, spec, source), False)
         finally:
             self._creating.discard(spec.handle)
         self._add(container)
@@ -156,7 +174,11 @@ class Registry:
             raise GardenError("container already being destroyed")
         self._destroying.add(handle)
         try:
-            await container.destroy()
+            try:
+                await container.destroy()
+            except (OSError, KernelError) as err:
+                # The container stays listed; a retry resumes with the steps that failed.
+                raise GardenError(f"destroying {handle}: {err}") from err
             del self.containers[handle]
             timer = self._timers.pop(handle, None)
             if timer is not None:

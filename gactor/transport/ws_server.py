@@ -23,6 +23,9 @@ from .methods import Api, arg
 
 log = logging.getLogger("gactor.api")
 
+# A client going away mid-send: its streams end, its processes keep running.
+_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
+
 
 @dataclass
 class _Stream:
@@ -107,7 +110,7 @@ class Peer:
     async def _safe_send(self, event: Any) -> None:
         try:
             await self.send(event)
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+        except* _GONE:
             pass
 
     async def _serve_stream(self, call: P.Call, stream: _Stream) -> None:
@@ -127,7 +130,7 @@ class Peer:
                 return
             async with self.api.registry.using(handle) if handle in self.api.registry.containers else _nothing():
                 await self._pump(call, stream, stream_id, proc, *wants)
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+        except* _GONE:
             pass
         finally:
             self.streams.pop(stream_id, None)
@@ -171,7 +174,7 @@ class Peer:
                     async for event in events:
                         await self.send(P.Event(stream_id, {"event": event}))
                 await self.send(P.Exit(stream_id, 0))
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+        except* _GONE:
             pass
         finally:
             self.streams.pop(stream_id, None)
@@ -202,7 +205,11 @@ async def serve(api: Api, host: str, port: int, *,
             await request.reject(404, body=b"the gactor API is served at /\n")
             return
         ws = await request.accept()
-        await Peer(ws, api).run()
+        try:
+            await Peer(ws, api).run()
+        except Exception:
+            # One connection's failure must never take the server (and every other client) down.
+            log.exception("a client connection failed")
 
     async def serve_with_port() -> None:
         await serve_websocket(handler, host, port, ssl_context=None,

@@ -136,7 +136,7 @@ def gactor_server() -> Iterator[ServerProcess]:
         "--depot", depot,
         "--default-rootfs", ROOTFS,
         "--network-pool", NETWORK_POOL,
-        "--log-level", "debug",
+        "--log-level", "info",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -169,12 +169,15 @@ def _server_survives(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     server = request.getfixturevalue("gactor_server")
     if server.proc.poll() is not None:
-        pytest.fail(f"the gactor server died earlier (exit {server.proc.returncode})")
+        pytest.fail(
+            f"the gactor server died earlier (exit {server.proc.returncode})", pytrace=False
+        )
     yield
     if server.proc.poll() is not None:
         pytest.fail(
             f"the gactor server died (exit {server.proc.returncode}) during this test:\n"
-            + server.log_tail(80)
+            + server.log_tail(80),
+            pytrace=False,
         )
 
 

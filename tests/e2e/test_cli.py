@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import E2E_MARKS
+
+from .helpers import E2E_MARKS
 
 pytestmark = E2E_MARKS
 TIMEOUT = 60.0
