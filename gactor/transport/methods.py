@@ -8,19 +8,20 @@ and the caller pumps it. Every error leaving here is a ``GardenError``.
 from __future__ import annotations
 
 import ipaddress
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import trio
+
 from ..actors import metrics
+from ..actors.container import ContainerActor
 from ..actors.process import ProcessActor
 from ..actors.registry import Registry, check_name
-from ..errors import ContainerNotFoundError, GardenError
+from ..errors import GardenError, error_to_wire
 from ..types import (
     BandwidthLimits,
-    ContainerInfoEntry,
-    ContainerMetricsEntry,
+    ContainerInfo,
     ContainerSpec,
     CPULimits,
     DiskLimits,
@@ -56,10 +57,12 @@ class Api:
         self.pool_containers = ipaddress.ip_network(network_pool).num_addresses // 4
 
     async def call(self, method: str, args: dict[str, Any]) -> Any:
-        handler = METHODS.get(method)
-        if handler is None:
-            raise GardenError(f"unknown method '{method}'")
-        return await handler(self, args)
+        if method in API_METHODS:
+            return await API_METHODS[method](self, args)
+        if method in CONTAINER_METHODS:
+            async with self.registry.using(arg(args, "handle", str)) as container:
+                return await CONTAINER_METHODS[method](container, args)
+        raise GardenError(f"unknown method '{method}'")
 
     async def start_process(self, method: str, args: dict[str, Any]) -> ProcessActor:
         handle = arg(args, "handle", str)
@@ -72,45 +75,29 @@ class Api:
             return container.process(arg(args, "process_id", str))
 
 
-def _container_call(fn: Callable[[Any, dict[str, Any]], Any]) -> Handler:
-    """A handler for one container, with its grace timer paused while it runs."""
-
-    async def handler(api: Api, args: dict[str, Any]) -> Any:
-        async with api.registry.using(arg(args, "handle", str)) as container:
-            result = fn(container, args)
-            if hasattr(result, "__await__"):
-                result = await result
-            return result
-
-    return handler
-
-
 async def _create(api: Api, args: dict[str, Any]) -> Any:
     spec = from_wire(ContainerSpec, arg(args, "spec", dict), "container spec")
     container = await api.registry.create(spec)
     return {"handle": container.handle}
 
 
-async def _bulk(api: Api, args: dict[str, Any], one: Callable[[Any], Awaitable[Any]], key: str) -> Any:
-    handles = arg(args, "handles", list)
-    out = {}
-    for handle in handles:
-        if not isinstance(handle, str):
-            raise GardenError("argument 'handles' must be a list of strings")
-        try:
-            out[handle] = {key: to_wire(await one(api.registry.lookup(handle))), "err": None}
-        except GardenError as err:
-            from ..errors import error_to_wire
-
-            out[handle] = {key: None, "err": error_to_wire(err)}
-    return out
+async def _destroy(api: Api, args: dict[str, Any]) -> None:
+    await api.registry.destroy(arg(args, "handle", str))
 
 
-def _lookup(api: Api, args: dict[str, Any]) -> Any:
+async def _ping(api: Api, args: dict[str, Any]) -> None:
+    return None
+
+
+async def _capacity(api: Api, args: dict[str, Any]) -> Any:
+    return to_wire(api.registry.capacity(api.pool_containers))
+
+
+async def _lookup(api: Api, args: dict[str, Any]) -> Any:
     return {"handle": api.registry.lookup(arg(args, "handle", str)).handle}
 
 
-async def _properties_filter(api: Api, args: dict[str, Any]) -> Any:
+async def _containers(api: Api, args: dict[str, Any]) -> Any:
     props = arg(args, "properties", dict, None) or {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in props.items()):
         raise GardenError("argument 'properties' must map strings to strings")
@@ -124,107 +111,158 @@ async def _set_grace_time(api: Api, args: dict[str, Any]) -> None:
     api.registry.set_grace_time(arg(args, "handle", str), seconds)
 
 
-async def _property(c: Any, args: dict[str, Any]) -> str:
+async def _bulk(api: Api, args: dict[str, Any], key: str,
+                one: Callable[[ContainerActor], Awaitable[Any]]) -> Any:
+    """Per-handle results in one call; an error for one handle is reported in its entry."""
+    handles = arg(args, "handles", list)
+    if not all(isinstance(h, str) for h in handles):
+        raise GardenError("argument 'handles' must be a list of strings")
+    out: dict[str, Any] = {}
+
+    async def fill(handle: str) -> None:
+        try:
+            out[handle] = {key: to_wire(await one(api.registry.lookup(handle))), "err": None}
+        except GardenError as err:
+            out[handle] = {key: None, "err": error_to_wire(err)}
+
+    async with trio.open_nursery() as nursery:
+        for handle in dict.fromkeys(handles):
+            nursery.start_soon(fill, handle)
+    return out
+
+
+async def _bulk_info(api: Api, args: dict[str, Any]) -> Any:
+    async def info(c: ContainerActor) -> ContainerInfo:
+        return c.info()
+
+    return await _bulk(api, args, "info", info)
+
+
+async def _bulk_metrics(api: Api, args: dict[str, Any]) -> Any:
+    return await _bulk(api, args, "metrics", metrics.collect)
+
+
+async def _stop(c: ContainerActor, args: dict[str, Any]) -> None:
+    await c.stop(arg(args, "kill", bool, False))
+
+
+async def _info(c: ContainerActor, args: dict[str, Any]) -> Any:
+    return to_wire(c.info())
+
+
+async def _metrics(c: ContainerActor, args: dict[str, Any]) -> Any:
+    return to_wire(await metrics.collect(c))
+
+
+async def _properties(c: ContainerActor, args: dict[str, Any]) -> Any:
+    return dict(c.properties)
+
+
+async def _property(c: ContainerActor, args: dict[str, Any]) -> str:
     name = arg(args, "name", str)
     if name not in c.properties:
         raise GardenError(f"property does not exist: {name}")
     return str(c.properties[name])
 
 
-async def _set_property(c: Any, args: dict[str, Any]) -> None:
+async def _set_property(c: ContainerActor, args: dict[str, Any]) -> None:
     c.properties[arg(args, "name", str)] = arg(args, "value", str)
     c.persist()
 
 
-async def _remove_property(c: Any, args: dict[str, Any]) -> None:
+async def _remove_property(c: ContainerActor, args: dict[str, Any]) -> None:
     c.properties.pop(arg(args, "name", str), None)
     c.persist()
 
 
-async def _signal(c: Any, args: dict[str, Any]) -> None:
+async def _signal(c: ContainerActor, args: dict[str, Any]) -> None:
     signal = arg(args, "signal", int)
     if signal not in _SIGNALS:
         raise GardenError(f"invalid signal {signal}: must be 0 (terminate) or 1 (kill)")
     await c.process(arg(args, "process_id", str)).signal(_SIGNALS[signal])
 
 
-async def _set_tty(c: Any, args: dict[str, Any]) -> None:
+async def _set_tty(c: ContainerActor, args: dict[str, Any]) -> None:
     tty = from_wire(TTYSpec, arg(args, "tty", dict), "tty spec")
     proc = c.process(arg(args, "process_id", str))
     if tty.window_size is not None:
         await proc.resize(tty.window_size.columns, tty.window_size.rows)
 
 
-async def _limit_memory(c: Any, args: dict[str, Any]) -> None:
+async def _limit_memory(c: ContainerActor, args: dict[str, Any]) -> None:
     limits = from_wire(MemoryLimits, arg(args, "limits", dict), "memory limits")
     c.spec.limits.memory = limits
     c.cgroup.set_memory_limit(limits.limit_in_bytes)
     c.persist()
 
 
-async def _limit_cpu(c: Any, args: dict[str, Any]) -> None:
+async def _current_memory_limits(c: ContainerActor, args: dict[str, Any]) -> Any:
+    return to_wire(c.current_memory_limits())
+
+
+async def _limit_cpu(c: ContainerActor, args: dict[str, Any]) -> None:
     limits = from_wire(CPULimits, arg(args, "limits", dict), "cpu limits")
     c.spec.limits.cpu = limits
     c.apply_cpu_limits(c.cgroup, limits)
     c.persist()
 
 
-async def _limit_bandwidth(c: Any, args: dict[str, Any]) -> None:
-    raise GardenError("bandwidth limits need container networking, which this server does not have yet")
+async def _current_cpu_limits(c: ContainerActor, args: dict[str, Any]) -> Any:
+    return to_wire(c.current_cpu_limits())
 
 
-def _unsupported(what: str) -> Handler:
-    async def handler(api: Api, args: dict[str, Any]) -> Any:
-        api.registry.lookup(arg(args, "handle", str))
+async def _current_bandwidth_limits(c: ContainerActor, args: dict[str, Any]) -> Any:
+    return to_wire(BandwidthLimits())  # bandwidth limits arrive with networking
+
+
+async def _current_disk_limits(c: ContainerActor, args: dict[str, Any]) -> Any:
+    return to_wire(DiskLimits())  # no disk limits yet: Garden's "{}"
+
+
+def _not_yet(what: str) -> ContainerHandler:
+    async def handler(c: ContainerActor, args: dict[str, Any]) -> Any:
         raise GardenError(f"{what} is not supported by this server yet")
 
     return handler
 
 
-async def _ping(api: Api, args: dict[str, Any]) -> None:
-    return None
+ContainerHandler = Callable[[ContainerActor, dict[str, Any]], Awaitable[Any]]
 
-
-METHODS: dict[str, Handler] = {
+# Calls that name no container, or do not pause its grace timer (Garden's bulk calls,
+# destroy, set_grace_time).
+API_METHODS: dict[str, Handler] = {
     "ping": _ping,
-    "capacity": lambda api, args: _now(to_wire(api.registry.capacity(api.pool_containers))),
+    "capacity": _capacity,
     "create": _create,
-    "destroy": lambda api, args: api.registry.destroy(arg(args, "handle", str)),
-    "containers": _properties_filter,
-    "lookup": lambda api, args: _now(_lookup(api, args)),
-    "bulk_info": lambda api, args: _bulk(api, args, lambda c: _now(c.info()), "info"),
-    "bulk_metrics": lambda api, args: _bulk(api, args, metrics.collect, "metrics"),
+    "destroy": _destroy,
+    "containers": _containers,
+    "lookup": _lookup,
+    "bulk_info": _bulk_info,
+    "bulk_metrics": _bulk_metrics,
     "set_grace_time": _set_grace_time,
-    "stop": _container_call(lambda c, a: c.stop(arg(a, "kill", bool, False))),
-    "info": _container_call(lambda c, a: to_wire(c.info())),
-    "metrics": _container_call(lambda c, a: _then(metrics.collect(c), to_wire)),
-    "properties": _container_call(lambda c, a: dict(c.properties)),
-    "property": _container_call(_property),
-    "set_property": _container_call(_set_property),
-    "remove_property": _container_call(_remove_property),
-    "signal": _container_call(_signal),
-    "set_tty": _container_call(_set_tty),
-    "limit_memory": _container_call(_limit_memory),
-    "current_memory_limits": _container_call(lambda c, a: to_wire(c.current_memory_limits())),
-    "limit_cpu": _container_call(_limit_cpu),
-    "current_cpu_limits": _container_call(lambda c, a: to_wire(c.current_cpu_limits())),
-    "limit_bandwidth": _container_call(_limit_bandwidth),
-    "current_bandwidth_limits": _container_call(lambda c, a: to_wire(BandwidthLimits())),
-    "current_disk_limits": _container_call(lambda c, a: to_wire(DiskLimits())),
-    "net_in": _unsupported("net_in"),
-    "net_out": _unsupported("net_out"),
-    "bulk_net_out": _unsupported("bulk_net_out"),
-    "stream_in": _unsupported("stream_in"),
-    "stream_out": _unsupported("stream_out"),
 }
 
-
-async def _now(value: T) -> T:
-    return value
-
-
-async def _then(awaitable: Awaitable[Any], fn: Callable[[Any], Any]) -> Any:
-    return fn(await awaitable)
-
-
-__all__ = ["Api", "ContainerInfoEntry", "ContainerMetricsEntry", "ContainerNotFoundError", "time"]
+# Calls on one container; its grace timer is paused while they run.
+CONTAINER_METHODS: dict[str, ContainerHandler] = {
+    "stop": _stop,
+    "info": _info,
+    "metrics": _metrics,
+    "properties": _properties,
+    "property": _property,
+    "set_property": _set_property,
+    "remove_property": _remove_property,
+    "signal": _signal,
+    "set_tty": _set_tty,
+    "limit_memory": _limit_memory,
+    "current_memory_limits": _current_memory_limits,
+    "limit_cpu": _limit_cpu,
+    "current_cpu_limits": _current_cpu_limits,
+    "limit_bandwidth": _not_yet("limit_bandwidth (it needs container networking)"),
+    "current_bandwidth_limits": _current_bandwidth_limits,
+    "current_disk_limits": _current_disk_limits,
+    "net_in": _not_yet("net_in"),
+    "net_out": _not_yet("net_out"),
+    "bulk_net_out": _not_yet("bulk_net_out"),
+    "stream_in": _not_yet("stream_in"),
+    "stream_out": _not_yet("stream_out"),
+}

@@ -1,0 +1,305 @@
+"""Limits against a real server: memory and OOM, CPU shares and quota, pids, rlimits.
+
+Every limit is checked twice: through the API (``current_*_limits``, a process that
+hits the limit) and from outside, in the container's cgroup files under
+``/sys/fs/cgroup/<controller>/<parent>/<handle>/`` and in ``/proc/<pid>/limits``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+import gactor
+from gactor import (
+    BandwidthLimits,
+    ContainerSpec,
+    CPULimits,
+    DiskLimits,
+    Limits,
+    MemoryLimits,
+    PidLimits,
+    ProcessIO,
+    ProcessSpec,
+    ResourceLimits,
+)
+from gactor.server import ServerConfig, cgroup_parent_for
+
+from .conftest import ServerProcess, _destroy_leftovers, _free_port, _stop, _wait_ready
+from .helpers import (
+    CGROUP_ROOT,
+    E2E_MARKS,
+    ROOTFS,
+    container_pids,
+    mounts_containing,
+    proc_name,
+    sh,
+    sh_ok,
+    unique_handle,
+    wait_for,
+)
+
+pytestmark = E2E_MARKS
+
+MiB = 1 << 20
+OOM_EVENT = "Out of memory"
+
+
+def cgroup_file(server: ServerProcess, controller: str, handle: str, name: str) -> str:
+    """The text of one of the container's cgroup v1 files, read on the host."""
+    parent = cgroup_parent_for(ServerConfig(depot=server.depot))
+    with open(os.path.join(CGROUP_ROOT, controller, parent, handle, name)) as f:
+        return f.read().strip()
+
+
+def memory_spec(limit: int, **kwargs: object) -> ContainerSpec:
+    return ContainerSpec(
+        handle=unique_handle("lim"), limits=Limits(memory=MemoryLimits(limit_in_bytes=limit)),
+        **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+# ---- memory and OOM -----------------------------------------------------------------
+
+
+async def test_memory_limit_is_applied_on_the_host(gactor_server, create_container):
+    container = await create_container(memory_spec(64 * MiB))
+    assert await container.current_memory_limits() == MemoryLimits(limit_in_bytes=64 * MiB)
+    h = container.handle
+    assert int(cgroup_file(gactor_server, "memory", h, "memory.limit_in_bytes")) == 64 * MiB
+    # No swap beyond the limit (Garden sets memory+swap to the same value).
+    assert int(cgroup_file(gactor_server, "memory", h, "memory.memsw.limit_in_bytes")) == 64 * MiB
+
+
+async def test_58_mb_fit_in_64_mib(create_container):
+    container = await create_container(memory_spec(64 * MiB))
+    await sh_ok(container, "dd if=/dev/zero of=/dev/shm/fits bs=1M count=58")
+    info = await container.info()
+    assert info.events == []
+    assert info.state == "active"
+
+
+async def test_oom_kills_records_the_event_and_stops_the_container(create_container):
+    container = await create_container(memory_spec(64 * MiB))
+    sleeper = await container.run(ProcessSpec(path="sleep", args=["1000"]), ProcessIO())
+    async with container.events() as events:
+        code, _, err = await sh(container, "dd if=/dev/zero of=/dev/shm/x bs=1M count=80")
+        assert code == 137, f"dd exited {code}: {err!r}"
+        with trio.fail_after(10):
+            first = await events.__anext__()
+        assert first == OOM_EVENT
+    # The container is stopped: every process but init gets SIGKILL.
+    with trio.fail_after(10):
+        assert await sleeper.wait() == 137
+    await wait_for(lambda: _state_is(container, "stopped"), what="state stopped")
+    info = await container.info()
+    assert info.state == "stopped"
+    assert info.events == [OOM_EVENT]
+    # Stopped is not destroyed: the filesystem stays and processes can still run.
+    assert (await sh_ok(container, "ls /dev/shm")).split() == ["x"]
+
+
+async def _state_is(container, state: str) -> bool:
+    return (await container.info()).state == state
+
+
+async def test_limit_memory_at_runtime(gactor_server, create_container):
+    container = await create_container()
+    assert await container.current_memory_limits() == MemoryLimits()
+    await container.limit_memory(MemoryLimits(limit_in_bytes=32 * MiB))
+    assert await container.current_memory_limits() == MemoryLimits(limit_in_bytes=32 * MiB)
+    h = container.handle
+    assert int(cgroup_file(gactor_server, "memory", h, "memory.limit_in_bytes")) == 32 * MiB
+    assert int(cgroup_file(gactor_server, "memory", h, "memory.memsw.limit_in_bytes")) == 32 * MiB
+    code, _, err = await sh(container, "dd if=/dev/zero of=/dev/shm/x bs=1M count=40")
+    assert code != 0, f"a 40 MB write under a 32 MiB limit succeeded: {err!r}"
+    await wait_for(lambda: _has_event(container, OOM_EVENT), what="the OOM event")
+
+
+async def _has_event(container, event: str) -> bool:
+    return event in (await container.info()).events
+
+
+# ---- CPU ----------------------------------------------------------------------------
+
+
+def cpu_spec(weight: int = 0, shares: int = 0) -> ContainerSpec:
+    cpu = CPULimits(weight=weight, limit_in_shares=shares)
+    return ContainerSpec(handle=unique_handle("cpu"), limits=Limits(cpu=cpu))
+
+
+async def test_limit_in_shares_round_trips(gactor_server, create_container):
+    container = await create_container(cpu_spec(shares=50))
+    assert await container.current_cpu_limits() == CPULimits(weight=0, limit_in_shares=50)
+    assert cgroup_file(gactor_server, "cpu", container.handle, "cpu.shares") == "50"
+
+
+async def test_weight_wins_over_limit_in_shares(gactor_server, create_container):
+    container = await create_container(cpu_spec(weight=300, shares=50))
+    assert await container.current_cpu_limits() == CPULimits(limit_in_shares=300)
+    assert cgroup_file(gactor_server, "cpu", container.handle, "cpu.shares") == "300"
+
+
+async def test_limit_cpu_at_runtime(gactor_server, create_container):
+    container = await create_container(cpu_spec(shares=50))
+    await container.limit_cpu(CPULimits(limit_in_shares=700))
+    assert await container.current_cpu_limits() == CPULimits(limit_in_shares=700)
+    assert cgroup_file(gactor_server, "cpu", container.handle, "cpu.shares") == "700"
+    await container.limit_cpu(CPULimits(weight=900, limit_in_shares=10))
+    assert await container.current_cpu_limits() == CPULimits(limit_in_shares=900)
+    assert cgroup_file(gactor_server, "cpu", container.handle, "cpu.shares") == "900"
+
+
+async def test_no_limits_read_back_as_zero(gactor_server, container):
+    assert await container.current_cpu_limits() == CPULimits()
+    assert await container.current_memory_limits() == MemoryLimits()
+    assert await container.current_disk_limits() == DiskLimits()
+    assert await container.current_bandwidth_limits() == BandwidthLimits()
+    h = container.handle
+    # Nothing written: the kernel's defaults stay.
+    assert cgroup_file(gactor_server, "cpu", h, "cpu.shares") == "1024"
+    assert cgroup_file(gactor_server, "cpu", h, "cpu.cfs_quota_us") == "-1"
+    assert cgroup_file(gactor_server, "pids", h, "pids.max") == "max"
+
+
+@pytest.fixture
+def quota_server() -> Iterator[ServerProcess]:
+    """A second server, for one test, with ``--cpu-quota-per-share 100``."""
+    base = tempfile.mkdtemp(prefix="gactor-quota-", dir="/tmp")
+    os.chmod(base, 0o711)  # unprivileged container roots traverse it to their rootfs
+    depot = os.path.join(base, "depot")
+    os.makedirs(depot)
+    log_path = os.path.join(base, "server.log")
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "gactor", "server",
+        "--listen", f"127.0.0.1:{port}", "--depot", depot, "--default-rootfs", ROOTFS,
+        "--network-pool", "10.249.0.0/24", "--cpu-quota-per-share", "100",
+        "--log-level", "info",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    server = ServerProcess(f"ws://127.0.0.1:{port}", depot, proc, log_path, base)
+    try:
+        _wait_ready(server)
+        yield server
+        if server.proc.poll() is None:
+            trio.run(_destroy_leftovers, server.url)
+    finally:
+        _stop(server)
+        if not mounts_containing(base):
+            shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_cpu_quota_per_share(quota_server):
+    async with gactor.connect(quota_server.url) as client:
+        made = []
+        try:
+            for shares in (1024, 2):
+                spec = cpu_spec(shares=shares)
+                made.append(spec.handle)
+                with trio.fail_after(60):
+                    await client.create(spec)
+            big, small = made
+
+            def quota(handle: str) -> int:
+                return int(cgroup_file(quota_server, "cpu", handle, "cpu.cfs_quota_us"))
+
+            assert quota(big) == 1024 * 100
+            assert cgroup_file(quota_server, "cpu", big, "cpu.cfs_period_us") == "100000"
+            assert quota(small) == 1000  # the minimum
+            container = await client.lookup(big)
+            await container.limit_cpu(CPULimits(limit_in_shares=512))
+            assert quota(big) == 512 * 100
+            assert await container.current_cpu_limits() == CPULimits(limit_in_shares=512)
+        finally:
+            with trio.fail_after(60):
+                for handle in made:
+                    with contextlib.suppress(gactor.ContainerNotFoundError):
+                        await client.destroy(handle)
+
+
+# ---- pids ---------------------------------------------------------------------------
+
+
+async def test_pid_limit_stops_a_fork_loop(gactor_server, create_container):
+    container = await create_container(
+        handle=unique_handle("pid"), limits=Limits(pid=PidLimits(max=50))
+    )
+    assert cgroup_file(gactor_server, "pids", container.handle, "pids.max") == "50"
+    code, _, err = await sh(container, "for i in $(seq 1 60); do sleep 1000 & done; wait")
+    assert code != 0
+    assert re.search(rb"sh: (line \d+: )?can't fork", err), err
+    assert int(cgroup_file(gactor_server, "pids", container.handle, "pids.current")) <= 50
+
+
+async def test_pid_limit_zero_means_unlimited(gactor_server, create_container):
+    container = await create_container(
+        handle=unique_handle("pid"), limits=Limits(pid=PidLimits(max=0))
+    )
+    assert cgroup_file(gactor_server, "pids", container.handle, "pids.max") == "max"
+    assert "PID" in await sh_ok(container, "ps")
+
+
+# ---- rlimits ------------------------------------------------------------------------
+
+
+async def test_nofile_rlimit(container):
+    limits = ResourceLimits(nofile=100)
+    assert (await sh_ok(container, "ulimit -n", limits=limits)).strip() == "100"
+
+
+async def test_nproc_rlimit(container):
+    out = await sh_ok(container, "ulimit -a", limits=ResourceLimits(nproc=4567))
+    assert re.search(r"^-?.*process.*\b4567$", out, re.MULTILINE), out
+
+
+async def test_rlimits_soft_and_hard(container):
+    limits = ResourceLimits(as_=1024 * MiB, core=4 * MiB, stack=16 * MiB)
+    script = "ulimit -Sv; ulimit -Hv; ulimit -Sc; ulimit -Hc; ulimit -Ss; ulimit -Hs"
+    out = (await sh_ok(container, script, limits=limits)).split()
+    # busybox reports as (-v) and stack (-s) in KiB, core (-c) in 512-byte blocks.
+    assert out == ["1048576", "1048576", "8192", "8192", "16384", "16384"]
+
+
+async def test_rlimits_seen_from_the_host(container):
+    """Every ResourceLimits field lands in /proc/<pid>/limits, soft equal to hard."""
+    limits = ResourceLimits(
+        as_=2048 * MiB, core=1 * MiB, cpu=3600, data=1024 * MiB, fsize=512 * MiB, locks=333,
+        memlock=8 * MiB, msgqueue=1 * MiB, nice=5, nofile=200, nproc=4567, rss=256 * MiB,
+        rtprio=3, sigpending=777, stack=16 * MiB,
+    )  # fmt: skip
+    sleeper = await container.run(ProcessSpec(path="sleep", args=["1000"], limits=limits), ProcessIO())
+    pids = await wait_for(
+        lambda: [p for p in container_pids(container.handle) if proc_name(p) == "sleep"],
+        what="the sleep process on the host",
+    )
+    with open(f"/proc/{pids[0]}/limits") as f:
+        table = f.read()
+    expected = {
+        "Max address space": 2048 * MiB, "Max core file size": 1 * MiB, "Max cpu time": 3600,
+        "Max data size": 1024 * MiB, "Max file size": 512 * MiB, "Max file locks": 333,
+        "Max locked memory": 8 * MiB, "Max msgqueue size": 1 * MiB, "Max nice priority": 5,
+        "Max open files": 200, "Max processes": 4567, "Max resident set": 256 * MiB,
+        "Max realtime priority": 3, "Max pending signals": 777, "Max stack size": 16 * MiB,
+    }  # fmt: skip
+    for name, value in expected.items():
+        line = next(line for line in table.splitlines() if line.startswith(name))
+        soft, hard = line[len(name) :].split()[:2]
+        assert (soft, hard) == (str(value), str(value)), line
+    await sleeper.signal(gactor.Signal.KILL)
+    with trio.fail_after(10):
+        assert await sleeper.wait() == 128 + signal.SIGKILL
