@@ -17,6 +17,7 @@ serve: setup
 
 test: setup
 	$(VENV)/bin/ruff check gactor tests bench
+	$(VENV)/bin/mypy gactor
 	$(VENV)/bin/pytest -q tests $(PYTEST_ARGS)
 
 lint: setup

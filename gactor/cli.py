@@ -190,7 +190,7 @@ def _read_config_file(path: Path, known: set[str]) -> dict[str, Any]:
               help="Destroy containers left by a previous run instead of restoring them.")
 @click.option("--token", help="Require this bearer token [the global --token].")
 @click.pass_context
-def server(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
+def server(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
     """Run the server in the foreground until SIGTERM."""
     import msgspec
 

@@ -407,7 +407,7 @@ class Client:
 async def connect(url: str = "ws://127.0.0.1:7777", token: str | None = None,
                   ssl: Any = None) -> AsyncIterator[Client]:
     """Connect to a gactor server. Raises GardenError (never a transport error or group)."""
-    headers = [("Authorization", f"Bearer {token}")] if token else None
+    headers = [(b"Authorization", f"Bearer {token}".encode())] if token else None
     try:
         async with trio.open_nursery() as nursery:
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import logging
 import os
 import signal
@@ -63,6 +64,13 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def run(config: ServerConfig) -> None:
     """Serve until SIGTERM/SIGINT. Blocks; raises SystemExit on bad configuration."""
     logging.basicConfig(level=config.log_level.upper(),
@@ -70,6 +78,8 @@ def run(config: ServerConfig) -> None:
     if os.geteuid() != 0:
         raise SystemExit("gactor server must run as root")
     host, port = split_address(config.listen)
+    if not config.token and not _is_loopback(host):
+        raise SystemExit(f"refusing to serve on {host} without --token: anyone who can reach it could run code as root")
     # Traversable but not listable: unprivileged container roots must reach their rootfs mount.
     os.makedirs(config.depot, mode=0o711, exist_ok=True)
     os.chmod(config.depot, 0o711)
@@ -114,7 +124,7 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, host: str, port: 
         await nursery.start(functools.partial(registry.run,
                                               destroy_existing=config.destroy_containers_on_startup))
         api = Api(registry, config.network_pool)
-        bound = await nursery.start(ws_server.serve, api, host, port)
+        bound = await nursery.start(ws_server.serve, api, host, port, config.token)
         log.info("gactor serving the websocket API on ws://%s:%d/", host, bound)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:

@@ -162,7 +162,8 @@ class Registry:
         spec.grace_time = spec.grace_time or self.default_grace_time
         self._creating.add(spec.handle)
         try:
-            container = await self._nursery.start(self._supervise, ContainerActor(self.env, spec, source), False)
+            container: ContainerActor = await self._nursery.start(
+                self._supervise, ContainerActor(self.env, spec, source), False)
         finally:
             self._creating.discard(spec.handle)
         self._add(container)

@@ -102,8 +102,8 @@ class ShimLink:
         finally:
             self._waiting.pop(rid, None)
         if "error" in reply:
-            err = reply["error"]
-            raise garden_error(err.get("type", ""), err.get("message", "shim error"))
+            error = reply["error"]
+            raise garden_error(error.get("type", ""), error.get("message", "shim error"))
         return reply, fds
 
     def close(self) -> None:

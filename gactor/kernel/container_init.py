@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import struct
-import sys
 import traceback
 from typing import Any
 
@@ -140,7 +139,6 @@ def _init(cfg: dict[str, Any], report_fd: int) -> None:
     if init_fd >= 0:
         with contextlib.suppress(OSError):
             os.execve(f"/proc/self/fd/{init_fd}", ["garden-init"], {})
-    sys.stdout = sys.stderr = None  # type: ignore[assignment]
     while True:
         signal.pause()
 

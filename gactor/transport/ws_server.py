@@ -8,6 +8,7 @@ The grace timer of a container stays paused while any of its streams is open.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 from dataclasses import dataclass, field
@@ -81,17 +82,17 @@ class Peer:
             else:
                 nursery.start_soon(self._serve_call, event)
             return
-        stream = self.streams.get(getattr(event, "stream", -1))
-        if stream is None:
+        target = self.streams.get(getattr(event, "stream", -1))
+        if target is None:
             return  # a frame for a stream that has already ended
         if isinstance(event, P.Credit):
-            stream.credit.set()
+            target.credit.set()
         elif isinstance(event, P.Stdin):
-            stream.stdin[0].send_nowait(event.data)
+            target.stdin[0].send_nowait(event.data)
         elif isinstance(event, P.StdinClose):
-            stream.stdin[0].send_nowait(None)
+            target.stdin[0].send_nowait(None)
         elif isinstance(event, P.Detach):
-            stream.scope.cancel()
+            target.scope.cancel()
 
     async def _serve_call(self, call: P.Call) -> None:
         try:
@@ -196,14 +197,23 @@ class _nothing:
         return None
 
 
-async def serve(api: Api, host: str, port: int, *,
+async def serve(api: Api, host: str, port: int, token: str | None = None, *,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the websocket API on host:port; ``started`` reports the bound port."""
+    """Serve the websocket API on host:port; ``started`` reports the bound port.
+
+    With ``token``, a handshake must carry ``Authorization: Bearer <token>``.
+    """
+    expected = f"Bearer {token}".encode() if token else None
 
     async def handler(request: WebSocketRequest) -> None:
         if request.path.split("?")[0] not in ("/", ""):
             await request.reject(404, body=b"the gactor API is served at /\n")
             return
+        if expected is not None:
+            given = next((v for k, v in request.headers if k.lower() == b"authorization"), b"")
+            if not hmac.compare_digest(given, expected):
+                await request.reject(401, body=b"a valid bearer token is required\n")
+                return
         ws = await request.accept()
         try:
             await Peer(ws, api).run()

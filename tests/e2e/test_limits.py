@@ -276,30 +276,54 @@ async def test_rlimits_soft_and_hard(container):
 
 
 async def test_rlimits_seen_from_the_host(container):
-    """Every ResourceLimits field lands in /proc/<pid>/limits, soft equal to hard."""
+    """Every ResourceLimits field lands in /proc/<pid>/limits, soft equal to hard.
+
+    The values stay at or below this host's default hard limits, which a server
+    without CAP_SYS_RESOURCE (this sandbox) cannot raise; nice and rtprio (hard 0)
+    are covered by ``test_raising_a_hard_rlimit``.
+    """
     limits = ResourceLimits(
         as_=2048 * MiB, core=1 * MiB, cpu=3600, data=1024 * MiB, fsize=512 * MiB, locks=333,
-        memlock=8 * MiB, msgqueue=1 * MiB, nice=5, nofile=200, nproc=4567, rss=256 * MiB,
-        rtprio=3, sigpending=777, stack=16 * MiB,
+        memlock=4 * MiB, msgqueue=409600, nofile=200, nproc=4567, rss=256 * MiB,
+        sigpending=777, stack=16 * MiB,
     )  # fmt: skip
-    sleeper = await container.run(ProcessSpec(path="sleep", args=["1000"], limits=limits), ProcessIO())
+    spec = ProcessSpec(path="sleep", args=["1000"], limits=limits)
+    sleeper = await container.run(spec, ProcessIO())
     pids = await wait_for(
         lambda: [p for p in container_pids(container.handle) if proc_name(p) == "sleep"],
         what="the sleep process on the host",
     )
     with open(f"/proc/{pids[0]}/limits") as f:
-        table = f.read()
+        table = f.read().splitlines()
     expected = {
         "Max address space": 2048 * MiB, "Max core file size": 1 * MiB, "Max cpu time": 3600,
         "Max data size": 1024 * MiB, "Max file size": 512 * MiB, "Max file locks": 333,
-        "Max locked memory": 8 * MiB, "Max msgqueue size": 1 * MiB, "Max nice priority": 5,
-        "Max open files": 200, "Max processes": 4567, "Max resident set": 256 * MiB,
-        "Max realtime priority": 3, "Max pending signals": 777, "Max stack size": 16 * MiB,
+        "Max locked memory": 4 * MiB, "Max msgqueue size": 409600, "Max open files": 200,
+        "Max processes": 4567, "Max resident set": 256 * MiB, "Max pending signals": 777,
+        "Max stack size": 16 * MiB,
     }  # fmt: skip
     for name, value in expected.items():
-        line = next(line for line in table.splitlines() if line.startswith(name))
+        line = next(line for line in table if line.startswith(name))
         soft, hard = line[len(name) :].split()[:2]
         assert (soft, hard) == (str(value), str(value)), line
     await sleeper.signal(gactor.Signal.KILL)
     with trio.fail_after(10):
         assert await sleeper.wait() == 128 + signal.SIGKILL
+
+
+def _has_cap_sys_resource(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        caps = next(line for line in f if line.startswith("CapEff:")).split()[1]
+    return bool(int(caps, 16) & (1 << 24))  # CAP_SYS_RESOURCE
+
+
+async def test_raising_a_hard_rlimit(gactor_server, container):
+    """nice's hard limit is 0 by default: raising it needs CAP_SYS_RESOURCE, which
+    the server may lack (sandboxes); then run fails cleanly with a GardenError."""
+    limits = ResourceLimits(nice=5, rtprio=3)
+    if _has_cap_sys_resource(gactor_server.proc.pid):
+        out = await sh_ok(container, "ulimit -e; ulimit -r", limits=limits)
+        assert out.split() == ["5", "3"]
+    else:
+        with pytest.raises(gactor.GardenError, match="not allowed to raise maximum limit"):
+            await sh(container, "true", limits=limits)
