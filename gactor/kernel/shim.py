@@ -172,6 +172,8 @@ class Shim:
         except BaseException:
             for fd in stdio.kept:
                 os.close(fd)
+            if stdio.console is not None:
+                stdio.console.close()
             raise
         proc = Process(pid_id, pid, stdio, tty is not None)
         self.procs[pid_id] = proc

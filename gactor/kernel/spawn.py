@@ -14,6 +14,7 @@ import fcntl
 import os
 import resource
 import signal
+import socket
 import struct
 import termios
 import traceback
@@ -38,6 +39,8 @@ PIPE_SIZE = 1 << 20
 _RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGXFSZ,
                   signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
 _F_SETPIPE_SZ = 1031
+_TIOCSPTLCK = 0x40045431  # unlock the pty slave
+_TIOCGPTPEER = 0x5441  # open the slave through the master (no path lookup, Linux 4.13+)
 
 
 class SpawnError(Exception):
@@ -50,24 +53,46 @@ class SpawnError(Exception):
 
 @dataclass
 class Stdio:
-    """The shim's ends of a new process's stdio: pipes, or one pty master."""
+    """The shim's ends of a new process's stdio: three pipes, or one pty master.
+
+    A pty is allocated by the process itself, inside the container (its devpts, so
+    ``tty`` names it and it belongs to the container user), and its master comes back
+    to the shim over ``console`` (runc's console socket) before exec.
+    """
 
     stdin: int
     stdout: int
     stderr: int | None  # None when a tty merges stderr into stdout
-    child: tuple[int, int, int]
+    child: tuple[int, ...]  # what the process gets; closed in the shim after the fork
+    console: socket.socket | None = None
+    window: tuple[int, int] = (80, 24)
 
     @property
     def kept(self) -> list[int]:
         # A pty master is stdin and stdout at once: list each fd once.
-        return list(dict.fromkeys(fd for fd in (self.stdin, self.stdout, self.stderr) if fd is not None))
+        return list(dict.fromkeys(fd for fd in (self.stdin, self.stdout, self.stderr)
+                                  if fd is not None and fd >= 0))
+
+    def receive_console(self) -> None:
+        """Take the pty master the process sent; call once it has exec'd."""
+        assert self.console is not None
+        self.console.setblocking(False)
+        try:
+            _, fds, _, _ = socket.recv_fds(self.console, 1, 1)
+        except BlockingIOError:
+            fds = []
+        finally:
+            self.console.close()
+        if not fds:
+            raise SpawnError("", "the process did not send its terminal")
+        self.stdin = self.stdout = fds[0]
 
 
 def make_stdio(tty: dict[str, int] | None) -> Stdio:
     if tty is not None:
-        master, slave = os.openpty()
-        set_window_size(master, tty.get("columns") or 80, tty.get("rows") or 24)
-        return Stdio(master, master, None, (slave, slave, slave))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        window = (tty.get("columns") or 80, tty.get("rows") or 24)
+        return Stdio(-1, -1, None, (theirs.detach(),), ours, window)
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -81,6 +106,20 @@ def make_stdio(tty: dict[str, int] | None) -> Stdio:
         except OSError:
             pass  # a smaller pipe only costs throughput
     return Stdio(in_w, out_r, err_r, (in_r, out_w, err_w))
+
+
+def _open_terminal(stdio: Stdio, uid: int, gid: int) -> int:
+    """In the container: a new pty from its devpts; the master goes to the shim. Returns the slave."""
+    master = os.open("/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))
+    slave = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    os.fchown(slave, uid, gid)
+    set_window_size(master, *stdio.window)
+    console = socket.socket(fileno=stdio.child[0])
+    socket.send_fds(console, [b"t"], [master])
+    console.close()
+    os.close(master)
+    return slave
 
 
 def set_window_size(fd: int, columns: int, rows: int) -> None:
@@ -110,10 +149,14 @@ def spawn(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
     with os.fdopen(err_r, "rb") as f:
         report = f.read()
     if report:
+        if stdio.console is not None:
+            stdio.console.close()
         err = msgpack.unpackb(report, raw=False)
         raise SpawnError(err.get("type", ""), err.get("message", "spawn failed"))
     if len(raw_pid) != 8:
         raise SpawnError("", "spawn failed: the helper died before forking the process")
+    if stdio.console is not None:
+        stdio.receive_console()
     return int(struct.unpack("q", raw_pid)[0])
 
 
@@ -179,9 +222,12 @@ def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, err_w: int) -> N
     _ensure_dir(workdir, user.uid, user.gid)
 
     os.setsid()
-    in_fd, out_fd, err_fd = stdio.child
-    if stdio.stderr is None:
-        fcntl.ioctl(in_fd, termios.TIOCSCTTY, 0)
+    if stdio.console is not None:
+        slave = _open_terminal(stdio, user.uid, user.gid)
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        in_fd = out_fd = err_fd = slave
+    else:
+        in_fd, out_fd, err_fd = stdio.child
     os.dup2(in_fd, 0)
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
