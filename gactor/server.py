@@ -100,7 +100,7 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, host: str, port: 
     from .actors.container import Environment
     from .actors.registry import Registry
     from .actors.spawner_client import SpawnerClient
-    from .kernel import cgroups, depot, init_binary
+    from .kernel import cgroups, depot, init_binary, rootfs
     from .transport import ws_server
     from .transport.methods import Api
 
@@ -115,6 +115,7 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, host: str, port: 
         cpu_quota_per_share=config.cpu_quota_per_share,
         entitlement_per_share=cpus * 100 / mem_mib,
     )
+    await trio.to_thread.run_sync(rootfs.remove_partial_images, env.image_store)
     try:
         env.init_binary = await trio.to_thread.run_sync(init_binary.ensure, os.path.join(config.depot, "bin"))
     except (OSError, subprocess.SubprocessError) as err:

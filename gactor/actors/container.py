@@ -33,7 +33,7 @@ from ..types import (
     to_wire,
 )
 from .cleanup import Cleanup
-from .process import ProcessActor
+from .process import ProcessActor, Subscription
 from .shim_link import ShimGone, ShimLink
 from .spawner_client import SpawnerClient
 
@@ -149,9 +149,10 @@ class ContainerActor:
         self._cgroup = self.env.cgroups.open(self.handle)
         undo.callback(self._destroy_cgroup, self._cgroup)
         undo.callback(rootfs.unmount, os.path.join(self.dir, "rootfs"))
-        with open(os.path.join(self.dir, "shim.pid")) as f:
-            self._own_shim(int(f.read()), undo)
         self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
+        # The shim's pid from the socket it listens on, never from shim.pid: after a crash
+        # or a reboot that file may name an unrelated process.
+        self._own_shim(self._link.peer_pid(), undo)
         lower = self.rootfs_source if self.spec.privileged else None
         self.image_bytes, self.image_inodes = self.env.image_sizes.get(lower or "", (0, 0))
 
@@ -334,7 +335,8 @@ class ContainerActor:
         else:
             proc.set_exit(code)
 
-    async def run_process(self, spec: ProcessSpec, process_id: str) -> ProcessActor:
+    async def run_process(self, spec: ProcessSpec, process_id: str,
+                          subscriber: Subscription | None = None) -> ProcessActor:
         if process_id in self.processes:
             raise GardenError(f"process ID '{process_id}' already in use")
         if not spec.path:
@@ -353,13 +355,15 @@ class ContainerActor:
             "rlimits": limits, "container_env": self.spec.env,
         }
         reply, fds = await self._link.request("spawn", id=process_id, spec=wire_spec, tty=tty)
-        return await self._adopt(process_id, int(reply["pid"]), tty is not None, fds)
+        return await self._adopt(process_id, int(reply["pid"]), tty is not None, fds,
+                                 subscriber=subscriber)
 
     async def _adopt(self, process_id: str, pid: int, tty: bool, fds: list[int],
-                     exit_code: int | None = None, stdin_open: bool = True) -> ProcessActor:
+                     exit_code: int | None = None, stdin_open: bool = True,
+                     subscriber: Subscription | None = None) -> ProcessActor:
         assert self._link is not None
         assert self._nursery is not None
-        proc = ProcessActor(process_id, pid, tty, fds, self._link, exit_code, stdin_open)
+        proc = ProcessActor(process_id, pid, tty, fds, self._link, exit_code, stdin_open, subscriber)
         self.processes[process_id] = proc
         if process_id in self._early_exits:
             proc.set_exit(self._early_exits.pop(process_id))

@@ -48,7 +48,8 @@ class Subscription:
 
 class ProcessActor:
     def __init__(self, id: str, pid: int, tty: bool, fds: list[int], link: ShimLink,
-                 exit_code: int | None = None, stdin_open: bool = True) -> None:
+                 exit_code: int | None = None, stdin_open: bool = True,
+                 subscriber: Subscription | None = None) -> None:
         self.id = id
         self.pid = pid
         self.tty = tty
@@ -67,7 +68,7 @@ class ProcessActor:
         if exit_code is not None:
             self._exited.set()
         self.done = trio.Event()
-        self._subs: set[Subscription] = set()
+        self._subs: set[Subscription] = {subscriber} if subscriber is not None else set()
         self._stdin_lock = trio.Lock()
         self._pump_scopes: list[trio.CancelScope] = []
 
@@ -126,14 +127,12 @@ class ProcessActor:
             self.exit_code = code
         self._exited.set()
 
-    def subscribe(self, stdout: bool, stderr: bool) -> Subscription:
-        """Attach a new listener; if the process is already finished it ends at once."""
-        sub = Subscription(stdout, stderr or (self.tty and stdout))
+    def add_subscriber(self, sub: Subscription) -> None:
+        """Deliver output from now on to ``sub``; if the process has finished, end it at once."""
         if self.done.is_set():
             sub.end()
         else:
             self._subs.add(sub)
-        return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)

@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,11 @@ class ShimLink:
         finally:
             os.close(dir_fd)
         return cls(handle, sock, on_exit)
+
+    def peer_pid(self) -> int:
+        """The pid of the process listening on the shim's socket."""
+        creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[0])
 
     async def run(self) -> None:
         """Read replies and events until the shim hangs up; then fail every waiter."""

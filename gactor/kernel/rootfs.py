@@ -61,6 +61,15 @@ def shifted_image(source: str, store: str) -> str:
     return dest
 
 
+def remove_partial_images(store: str) -> None:
+    """Remove copies a killed server left half-built or half-replaced (startup only)."""
+    if not os.path.isdir(store):
+        return
+    for name in os.listdir(store):
+        if ".tmp-" in name or ".old-" in name:
+            shutil.rmtree(os.path.join(store, name), ignore_errors=True)
+
+
 def mount_overlay(lower: str, container_dir: str, privileged: bool) -> str:
     """Mount ``<container_dir>/rootfs`` as an overlay over ``lower``; returns its path."""
     upper, work, merged = (os.path.join(container_dir, n) for n in ("upper", "work", "rootfs"))

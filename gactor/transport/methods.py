@@ -16,7 +16,7 @@ import trio
 
 from ..actors import metrics
 from ..actors.container import ContainerActor
-from ..actors.process import ProcessActor
+from ..actors.process import ProcessActor, Subscription
 from ..actors.registry import Registry, check_name
 from ..errors import GardenError, error_to_wire
 from ..types import (
@@ -64,15 +64,21 @@ class Api:
                 return await CONTAINER_METHODS[method](container, args)
         raise GardenError(f"unknown method '{method}'")
 
-    async def start_process(self, method: str, args: dict[str, Any]) -> ProcessActor:
+    async def start_process(self, method: str, args: dict[str, Any]) -> tuple[ProcessActor, Subscription]:
+        """Run a process (``run``) or find one (``attach``), subscribed to the output the
+        caller asked for. A run's subscription exists before the process does, so not
+        even the first byte of a process that exits at once is missed."""
         handle = arg(args, "handle", str)
+        sub = Subscription(arg(args, "stdout", bool, False), arg(args, "stderr", bool, False))
         async with self.registry.using(handle) as container:
             if method == "run":
                 spec = from_wire(ProcessSpec, arg(args, "spec", dict), "process spec")
                 process_id = spec.id or str(uuid.uuid4())
                 check_name("process id", process_id)
-                return await container.run_process(spec, process_id)
-            return container.process(arg(args, "process_id", str))
+                return await container.run_process(spec, process_id, sub), sub
+            process = container.process(arg(args, "process_id", str))
+            process.add_subscriber(sub)
+            return process, sub
 
 
 async def _create(api: Api, args: dict[str, Any]) -> Any:

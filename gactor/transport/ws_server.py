@@ -17,7 +17,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from ..actors.process import ProcessActor
+from ..actors.process import ProcessActor, Subscription
 from ..errors import GardenError, ProtocolError
 from . import protocol as P
 from .methods import Api, arg
@@ -120,8 +120,8 @@ class Peer:
         handle = call.args.get("handle")
         try:
             try:
-                wants = [arg(call.args, key, bool, False) for key in ("stdin", "stdout", "stderr")]
-                proc = await self.api.start_process(call.method, call.args)
+                stdin = arg(call.args, "stdin", bool, False)
+                proc, sub = await self.api.start_process(call.method, call.args)
             except GardenError as err:
                 await self._reply_error(call.id, err)
                 return
@@ -130,15 +130,14 @@ class Peer:
                 await self._reply_error(call.id, GardenError(f"internal error in {call.method}: {err}"))
                 return
             async with self.api.registry.using(handle) if handle in self.api.registry.containers else _nothing():
-                await self._pump(call, stream, stream_id, proc, *wants)
+                await self._pump(call, stream, stream_id, proc, sub, stdin)
         except* _GONE:
             pass
         finally:
             self.streams.pop(stream_id, None)
 
     async def _pump(self, call: P.Call, stream: _Stream, stream_id: int, proc: ProcessActor,
-                    stdin: bool, stdout: bool, stderr: bool) -> None:
-        sub = proc.subscribe(stdout, stderr)
+                    sub: Subscription, stdin: bool) -> None:
         await self.send(P.Reply(call.id, {"process_id": proc.id}))
         with stream.scope:
             async with trio.open_nursery() as nursery:
