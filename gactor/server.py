@@ -64,6 +64,18 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _check_traversable(depot: str) -> None:
+    """Container roots (an unprivileged host uid) must walk down to their rootfs mounts."""
+    path = os.path.realpath(depot)
+    while True:
+        if not os.stat(path).st_mode & 0o001:
+            raise SystemExit(f"depot {depot}: {path} is not searchable by other users (mode o+x); "
+                             f"unprivileged containers could not reach their root filesystems")
+        if path == "/":
+            return
+        path = os.path.dirname(path)
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -83,6 +95,7 @@ def run(config: ServerConfig) -> None:
     # Traversable but not listable: unprivileged container roots must reach their rootfs mount.
     os.makedirs(config.depot, mode=0o711, exist_ok=True)
     os.chmod(config.depot, 0o711)
+    _check_traversable(config.depot)
     spawner = fork_spawner()
     import trio  # noqa: PLC0415 - only after the spawner fork: trio may start threads
 

@@ -98,6 +98,7 @@ class Peer:
         try:
             result = await self.api.call(call.method, call.args)
         except GardenError as err:
+            log.info("%s failed: %s", call.method, err)
             await self._reply_error(call.id, err)
         except Exception as err:
             log.exception("call %s failed", call.method)

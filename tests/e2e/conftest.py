@@ -89,20 +89,58 @@ async def _destroy_leftovers(url: str) -> None:
                     await client.destroy(container.handle)
 
 
-def _wait_ready(server: ServerProcess) -> None:
+def _ready(server: ServerProcess) -> bool:
+    """Poll ping until it answers (True) or the server exits or times out (False)."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            pytest.fail(
-                f"gactor server exited with {server.proc.returncode} during startup:\n"
-                + server.log_tail()
-            )
+    while time.monotonic() < deadline and server.proc.poll() is None:
         if trio.run(_try_ping, server.url):
-            return
+            return True
         time.sleep(0.1)  # sync fixture, no trio loop: a short poll interval
+    return False
+
+
+def _wait_ready(server: ServerProcess) -> None:
+    if _ready(server):
+        return
+    if server.proc.poll() is not None:
+        pytest.fail(
+            f"gactor server exited with {server.proc.returncode} during startup:\n"
+            + server.log_tail()
+        )
     pytest.fail(
         f"gactor server did not answer ping within {STARTUP_TIMEOUT}s:\n" + server.log_tail()
     )
+
+
+def _launch(url: str, depot: str, log_path: str) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "gactor", "server",
+        "--listen", url.removeprefix("ws://"),
+        "--depot", depot,
+        "--default-rootfs", ROOTFS,
+        "--network-pool", NETWORK_POOL,
+        "--log-level", "info",
+    ]  # fmt: skip
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def _clean_up(server: ServerProcess) -> None:
+    """Destroy what the session left, then stop the server.
+
+    Containers outlive a server that dies (by design), so after a crash a fresh server
+    on the same depot re-adopts them and destroys them: the host is left clean.
+    """
+    if server.proc.poll() is not None:
+        with open(server.log_path, "ab") as log:
+            log.write(b"\n==== e2e teardown: restarting the server to clean up ====\n")
+        server.proc = _launch(server.url, server.depot, server.log_path)
+        if not _ready(server):
+            return
+    trio.run(_destroy_leftovers, server.url)
 
 
 def _stop(server: ServerProcess) -> None:
@@ -129,26 +167,12 @@ def gactor_server() -> Iterator[ServerProcess]:
     depot = os.path.join(base, "depot")
     os.makedirs(depot)
     log_path = os.path.join(base, "server.log")
-    port = _free_port()
-    cmd = [
-        sys.executable, "-m", "gactor", "server",
-        "--listen", f"127.0.0.1:{port}",
-        "--depot", depot,
-        "--default-rootfs", ROOTFS,
-        "--network-pool", NETWORK_POOL,
-        "--log-level", "info",
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    server = ServerProcess(f"ws://127.0.0.1:{port}", depot, proc, log_path, base)
+    url = f"ws://127.0.0.1:{_free_port()}"
+    server = ServerProcess(url, depot, _launch(url, depot, log_path), log_path, base)
     try:
         _wait_ready(server)
         yield server
-        if server.proc.poll() is None:
-            trio.run(_destroy_leftovers, server.url)
+        _clean_up(server)
     finally:
         _stop(server)
         # Never delete through a mount: only remove the tree once nothing is mounted in it.
