@@ -28,6 +28,7 @@ import gactor
 
 from . import procmem
 from . import server as srv
+from .metrics import metrics_cost
 from .report import REFERENCE_LABEL, Series, table, write_json
 from .scenarios import (
     Handles,
@@ -183,6 +184,8 @@ async def _scenarios(
             out, "concurrent",
             lambda: concurrent(client, handles, args.concurrency, args.throughput_runs, probe.sample_alive),
         )  # fmt: skip
+        sizes = (args.concurrency,) if args.quick else (50, 250)
+        await _attempt(out, "metrics", lambda: metrics_cost(client, handles, args.runs, sizes))
         await probe.sample_idle(probe.after)  # growth since "before" hints at a leak
 
 

@@ -42,6 +42,7 @@ log = logging.getLogger("gactor.container")
 STOP_GRACE = 10.0
 OOM_EVENT = "Out of memory"  # Garden's text in ContainerInfo.events
 EVENT_QUEUE = 64  # per subscriber; one that falls this far behind is dropped
+OOM_POLL = 2.0  # seconds between reads of the oom_kill counter when nothing else prompts one
 DEVICE_ALLOW = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm",
                 "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm"]
 
@@ -86,6 +87,8 @@ class ContainerActor:
         self._event_subscribers: set[trio.MemorySendChannel[str]] = set()
         self._oom_pokes = trio.open_memory_channel[None](1)
         self.serving = False  # creation finished; failures from here on are crashes, not errors
+        self._oom_seen = 0
+        self._stop_lock = trio.Lock()  # a Run waits for a stop in progress, or the stop would kill it
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -268,30 +271,41 @@ class ContainerActor:
         """Record an OOM kill as Garden does, tell subscribers, and stop the container.
 
         The kernel's notification (v1 eventfd, v2 inotify) does not fire for every OOM
-        path (a tmpfs write charged in a syscall, for one), so a SIGKILLed process is
-        also a reason to look at the cgroup's oom_kill counter.
+        path (a tmpfs write charged in a syscall, for one), so the cgroup's oom_kill
+        counter is also read when any process exits, before info and metrics, and every
+        OOM_POLL seconds.
         """
         cgroup = self.cgroup
         try:
             fd = await trio.to_thread.run_sync(cgroup.oom_events_fd)
         except KernelError as err:
             log.warning("container %s: no OOM notifications: %s", self.handle, err)
-            return
+            fd = -1
         try:
+            self._oom_seen = cgroup.oom_kill_count()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._poke_when_readable, fd)
-                seen = cgroup.oom_kill_count()
-                async for _ in self._oom_pokes[1]:
-                    count = cgroup.oom_kill_count()
-                    if count > seen:
-                        seen = count
-                        await self._record_event(OOM_EVENT)
-                        await self.stop(kill=True)
+                if fd >= 0:
+                    nursery.start_soon(self._poke_when_readable, fd)
+                while True:
+                    with trio.move_on_after(OOM_POLL):
+                        await self._oom_pokes[1].receive()
+                    await self.check_oom()
         except* KernelError:
             pass  # the cgroup is being removed: the container is going away
         finally:
-            trio.lowlevel.notify_closing(fd)
-            os.close(fd)
+            if fd >= 0:
+                trio.lowlevel.notify_closing(fd)
+                os.close(fd)
+
+    async def check_oom(self) -> None:
+        """Record an OOM kill the counter shows and we have not seen yet; then stop."""
+        count = self.cgroup.oom_kill_count()
+        if count <= self._oom_seen:
+            return
+        self._oom_seen = count
+        await self._record_event(OOM_EVENT)
+        assert self._nursery is not None
+        self._nursery.start_soon(self.stop, True)
 
     async def _poke_when_readable(self, fd: int) -> None:
         while True:
@@ -310,6 +324,8 @@ class ContainerActor:
         for channel in list(self._event_subscribers):
             try:
                 channel.send_nowait(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._event_subscribers.discard(channel)  # the subscriber left
             except trio.WouldBlock:
                 log.warning("container %s: dropping an event subscriber that stopped reading", self.handle)
                 channel.close()
@@ -327,8 +343,7 @@ class ContainerActor:
     # ---- processes -------------------------------------------------------------
 
     def _on_exit(self, process_id: str, code: int) -> None:
-        if code == 128 + signal.SIGKILL:
-            self._poke_oom_watch()  # the OOM killer sends SIGKILL
+        self._poke_oom_watch()  # an OOM kill of this process or of one of its children?
         proc = self.processes.get(process_id)
         if proc is None:
             self._early_exits[process_id] = code
@@ -354,7 +369,8 @@ class ContainerActor:
             "path": spec.path, "args": spec.args, "env": spec.env, "dir": spec.dir, "user": spec.user,
             "rlimits": limits, "container_env": self.spec.env,
         }
-        reply, fds = await self._link.request("spawn", id=process_id, spec=wire_spec, tty=tty)
+        async with self._stop_lock:
+            reply, fds = await self._link.request("spawn", id=process_id, spec=wire_spec, tty=tty)
         return await self._adopt(process_id, int(reply["pid"]), tty is not None, fds,
                                  subscriber=subscriber)
 
@@ -381,20 +397,21 @@ class ContainerActor:
         assert self._cgroup is not None
         cgroup = self._cgroup
         self.state = "stopped"  # from the first signal on: no caller should see it "active"
-        deadline = trio.current_time() + (0 if kill else STOP_GRACE)
-        next_term = trio.current_time()
-        while True:
-            pids = [p for p in await trio.to_thread.run_sync(cgroup.pids) if p != self._init_pid]
-            if not pids:
-                break
-            now = trio.current_time()
-            if now >= deadline:
-                _signal_all(pids, signal.SIGKILL)
-            elif now >= next_term:
-                _signal_all(pids, signal.SIGTERM)  # again each second, for children forked meanwhile
-                next_term = now + 1
-            await trio.sleep(0.05)
-        await trio.to_thread.run_sync(self.persist)
+        async with self._stop_lock:
+            deadline = trio.current_time() + (0 if kill else STOP_GRACE)
+            next_term = trio.current_time()
+            while True:
+                pids = [p for p in await trio.to_thread.run_sync(cgroup.pids) if p != self._init_pid]
+                if not pids:
+                    break
+                now = trio.current_time()
+                if now >= deadline:
+                    _signal_all(pids, signal.SIGKILL)
+                elif now >= next_term:
+                    _signal_all(pids, signal.SIGTERM)  # again each second, for children forked meanwhile
+                    next_term = now + 1
+                await trio.sleep(0.05)
+            await trio.to_thread.run_sync(self.persist)
 
     # ---- reads -----------------------------------------------------------------
 

@@ -29,7 +29,10 @@ def _read(container: ContainerActor) -> Metrics:
     usage, user, system = cgroup.cpu_stat()
     upper_bytes, upper_inodes = depot.disk_usage(os.path.join(container.dir, "upper"))
     age = time.time() - container.created_at
-    shares = cgroup.cpu_shares()
+    # Garden's entitlement is in shares; on v2 the cgroup holds a converted weight, so use
+    # the spec (1024, the kernel's default, when nothing was asked for).
+    cpu = container.spec.limits.cpu
+    shares = cpu.weight or cpu.limit_in_shares or 1024
     return Metrics(
         memory_stat=ContainerMemoryStat(**{k: v for k, v in stat.items() if k in _MEMORY_FIELDS}),
         cpu_stat=ContainerCPUStat(usage=usage, user=user, system=system),

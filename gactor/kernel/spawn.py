@@ -175,7 +175,12 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
     except Exception as err:  # noqa: BLE001 - reported, then this forked helper exits
         _report(err_w, "", f"joining container: {err}")
         return
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as err:
+        hint = " (the container's pid limit is reached?)" if err.errno == errno.EAGAIN else ""
+        _report(err_w, "", f"cannot start the process: fork: {os.strerror(err.errno or 0)}{hint}")
+        return
     if pid == 0:
         os.close(pid_w)
         try:

@@ -8,6 +8,7 @@ and the caller pumps it. Every error leaving here is a ``GardenError``.
 from __future__ import annotations
 
 import ipaddress
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ from ..actors.container import ContainerActor
 from ..actors.process import ProcessActor, Subscription
 from ..actors.registry import Registry, check_name
 from ..errors import GardenError, error_to_wire
+from ..kernel.errors import KernelError
 from ..types import (
     BandwidthLimits,
     ContainerInfo,
@@ -153,10 +155,12 @@ async def _stop(c: ContainerActor, args: dict[str, Any]) -> None:
 
 
 async def _info(c: ContainerActor, args: dict[str, Any]) -> Any:
+    await c.check_oom()  # so an OOM the kernel did not announce still shows in events
     return to_wire(c.info())
 
 
 async def _metrics(c: ContainerActor, args: dict[str, Any]) -> Any:
+    await c.check_oom()
     return to_wire(await metrics.collect(c))
 
 
@@ -197,8 +201,12 @@ async def _set_tty(c: ContainerActor, args: dict[str, Any]) -> None:
 
 async def _limit_memory(c: ContainerActor, args: dict[str, Any]) -> None:
     limits = from_wire(MemoryLimits, arg(args, "limits", dict), "memory limits")
+    try:
+        c.cgroup.set_memory_limit(limits.limit_in_bytes)
+    except KernelError as err:
+        raise GardenError(f"cannot set a memory limit of {limits.limit_in_bytes} bytes: "
+                          f"{os.strerror(err.errno) if err.errno else err} (is usage above it?)") from err
     c.spec.limits.memory = limits
-    c.cgroup.set_memory_limit(limits.limit_in_bytes)
     c.persist()
 
 
@@ -208,8 +216,11 @@ async def _current_memory_limits(c: ContainerActor, args: dict[str, Any]) -> Any
 
 async def _limit_cpu(c: ContainerActor, args: dict[str, Any]) -> None:
     limits = from_wire(CPULimits, arg(args, "limits", dict), "cpu limits")
+    try:
+        c.apply_cpu_limits(c.cgroup, limits)
+    except KernelError as err:
+        raise GardenError(f"cannot set cpu limits {limits}: {err}") from err
     c.spec.limits.cpu = limits
-    c.apply_cpu_limits(c.cgroup, limits)
     c.persist()
 
 

@@ -57,16 +57,16 @@ OOM_EVENT = "Out of memory"
 
 def cgroup_file(server: ServerProcess, controller: str, handle: str, name: str) -> str:
     """The text of one of the container's cgroup v1 files, read on the host."""
+    if not os.path.isdir(os.path.join(CGROUP_ROOT, "memory")):
+        pytest.skip("the host-side checks read cgroup v1 files; this host has none")
     parent = cgroup_parent_for(ServerConfig(depot=server.depot))
     with open(os.path.join(CGROUP_ROOT, controller, parent, handle, name)) as f:
         return f.read().strip()
 
 
-def memory_spec(limit: int, **kwargs: object) -> ContainerSpec:
-    return ContainerSpec(
-        handle=unique_handle("lim"), limits=Limits(memory=MemoryLimits(limit_in_bytes=limit)),
-        **kwargs,  # type: ignore[arg-type]
-    )  # fmt: skip
+def memory_spec(limit: int) -> ContainerSpec:
+    memory = MemoryLimits(limit_in_bytes=limit)
+    return ContainerSpec(handle=unique_handle("lim"), limits=Limits(memory=memory))
 
 
 # ---- memory and OOM -----------------------------------------------------------------
@@ -89,7 +89,7 @@ async def test_58_mb_fit_in_64_mib(create_container):
     assert info.state == "active"
 
 
-async def test_oom_kills_records_the_event_and_stops_the_container(create_container):
+async def test_oom_kills_records_the_event_and_stops_the_container(gactor_server, create_container):
     container = await create_container(memory_spec(64 * MiB))
     sleeper = await container.run(ProcessSpec(path="sleep", args=["1000"]), ProcessIO())
     async with container.events() as events:
@@ -105,8 +105,49 @@ async def test_oom_kills_records_the_event_and_stops_the_container(create_contai
     info = await container.info()
     assert info.state == "stopped"
     assert info.events == [OOM_EVENT]
-    # Stopped is not destroyed: the filesystem stays and processes can still run.
-    assert (await sh_ok(container, "ls /dev/shm")).split() == ["x"]
+
+    # Stopped is not destroyed: the cgroup and its limit stay, init stays, and so does
+    # the filesystem (seen from the host through init's root).
+    h = container.handle
+    assert int(cgroup_file(gactor_server, "memory", h, "memory.limit_in_bytes")) == 64 * MiB
+    [init] = await wait_for(lambda: container_pids(h), what="init alone in the cgroup")
+    shm = f"/proc/{init}/root/dev/shm"
+    assert os.listdir(shm) == ["x"]
+    # The tmpfs file still holds the cgroup at its limit: free it, then processes run again
+    # (the state stays "stopped", as in Garden). The stop's sweep may still be running and
+    # SIGKILL a process started now (a server race, see docs/limits.md): retry until one
+    # survives.
+    os.remove(os.path.join(shm, "x"))
+
+    async def echo() -> str:
+        code, out, _ = await sh(container, "echo alive")
+        return out.decode().strip() if code == 0 else ""
+
+    assert await wait_for(echo, what="a process to survive") == "alive"
+    info = await container.info()
+    assert (info.state, info.events) == ("stopped", [OOM_EVENT])
+
+
+async def test_an_event_after_a_subscriber_left(create_container):
+    container = await create_container(memory_spec(64 * MiB))
+    async with container.events():
+        pass  # subscribe, then leave at once
+    code, _, _ = await sh(container, "dd if=/dev/zero of=/dev/shm/x bs=1M count=80")
+    assert code == 137
+    await wait_for(lambda: _has_event(container, OOM_EVENT), what="the OOM event")
+    info = await container.info()
+    assert (info.state, info.events) == ("stopped", [OOM_EVENT])
+
+
+async def test_oom_of_a_child_process_is_recorded(gactor_server, create_container):
+    container = await create_container(memory_spec(64 * MiB))
+    script = "dd if=/dev/zero of=/dev/shm/x bs=1M count=80; echo $?"
+    assert (await sh_ok(container, script)).strip() == "137"  # dd died, its shell exits 0
+    oom_control = cgroup_file(gactor_server, "memory", container.handle, "memory.oom_control")
+    assert "oom_kill 1" in oom_control.splitlines()  # the kernel counted the kill
+    with trio.move_on_after(3):
+        await wait_for(lambda: _has_event(container, OOM_EVENT), within=3, what="the OOM event")
+    assert (await container.info()).events == [OOM_EVENT]
 
 
 async def _state_is(container, state: str) -> bool:
@@ -128,6 +169,33 @@ async def test_limit_memory_at_runtime(gactor_server, create_container):
 
 async def _has_event(container, event: str) -> bool:
     return event in (await container.info()).events
+
+
+async def test_lowering_the_memory_limit_below_usage_fails_cleanly(gactor_server, container):
+    # tmpfs pages cannot be reclaimed without swap, so the kernel refuses the limit.
+    await sh_ok(container, "dd if=/dev/zero of=/dev/shm/x bs=1M count=30")
+    with pytest.raises(gactor.GardenError, match="limit"):
+        await container.limit_memory(MemoryLimits(limit_in_bytes=16 * MiB))
+    assert await container.current_memory_limits() == MemoryLimits()
+    info = await container.info()
+    assert (info.state, info.events) == ("active", [])
+    assert (await sh_ok(container, "echo alive")).strip() == "alive"
+
+
+async def test_event_subscription_ends_when_the_container_is_destroyed(client):
+    container = await client.create(ContainerSpec(handle=unique_handle("ev")))
+    async with container.events() as events:
+        await client.destroy(container.handle)
+        with trio.fail_after(10):
+            assert [event async for event in events] == []
+
+
+async def test_events_of_an_unknown_handle(client):
+    container = await client.create(ContainerSpec(handle=unique_handle("ev")))
+    await client.destroy(container.handle)
+    with pytest.raises(gactor.ContainerNotFoundError):
+        async with container.events():
+            pass
 
 
 # ---- CPU ----------------------------------------------------------------------------
