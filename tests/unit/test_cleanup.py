@@ -83,10 +83,16 @@ def test_pop_all_transfers_every_step():
 
 def test_exit_with_an_exception_rolls_back_and_the_error_propagates():
     log: list[str] = []
-    with pytest.raises(ValueError, match="step 3 failed"), Cleanup() as undo:
-        undo.callback(Step("one", log))
-        undo.callback(Step("two", log))
-        raise ValueError("step 3 failed")
+    undo = Cleanup()
+
+    def create() -> None:
+        with undo:
+            undo.callback(Step("one", log))
+            undo.callback(Step("two", log))
+            raise ValueError("step 3 failed")
+
+    with pytest.raises(ValueError, match="step 3 failed"):
+        create()
     assert log == ["two", "one"]
     assert undo.pending == 0
 
@@ -111,10 +117,16 @@ def test_success_hands_over_with_pop_all_so_nothing_is_undone():
 
 def test_a_failing_rollback_step_does_not_mask_the_original_error():
     log: list[str] = []
-    with pytest.raises(KeyError, match="original"), Cleanup() as undo:
-        undo.callback(Step("fine", log))
-        undo.callback(Step("broken", log, failures=5))
-        raise KeyError("original")
+    undo = Cleanup()
+
+    def create() -> None:
+        with undo:
+            undo.callback(Step("fine", log))
+            undo.callback(Step("broken", log, failures=5))
+            raise KeyError("original")
+
+    with pytest.raises(KeyError, match="original"):
+        create()
     assert log == ["broken", "fine"]
     assert undo.pending == 1  # the failed step can still be retried
     with pytest.raises(OSError, match="broken busy"):
