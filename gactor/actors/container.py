@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from ..errors import GardenError, ProcessNotFoundError
-from ..kernel import depot, rootfs
+from ..kernel import depot, rootfs, shims
 from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.errors import KernelError
 from ..types import (
@@ -439,21 +439,16 @@ class ContainerActor:
         return self._cgroup
 
 
-def remove_orphan(env: Environment, handle: str) -> None:
+def remove_orphan(env: Environment, handle: str, shim_pid: int | None = None) -> None:
     """Remove every trace of a container no actor owns (a crash mid-create or mid-destroy).
 
-    Synchronous; each step tolerates "already gone".
+    ``shim_pid`` comes from ``shims.find`` (never from a pid file, which may be stale).
+    Killing everything in the cgroup takes pid 1, and with it the pid namespace. Synchronous;
+    each step tolerates "already gone".
     """
     container_dir = os.path.join(env.depot, depot.CONTAINERS, handle)
-    # The shim and pid 1 first (pid 1's death takes its whole pid namespace with it),
-    # then whatever the cgroup still holds.
-    for name, pidfile in (("gactor-shim", "shim.pid"), ("garden-init", "init.pid")):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(os.path.join(container_dir, pidfile)) as f:
-                pid = int(f.read())
-            with open(f"/proc/{pid}/status") as f:
-                if f.readline().split()[-1] == name:
-                    os.kill(pid, signal.SIGKILL)
+    if shim_pid is not None:
+        shims.kill(shim_pid, container_dir)
     with contextlib.suppress(KernelError):
         ContainerActor._destroy_cgroup(env.cgroups.open(handle))
     rootfs.unmount(os.path.join(container_dir, "rootfs"))

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from ..errors import ContainerNotFoundError, GardenError
-from ..kernel import depot
+from ..kernel import depot, shims
 from ..kernel.errors import KernelError
 from ..types import Capacity, ContainerSpec
 from .container import ContainerActor, Environment, remove_orphan
@@ -28,6 +28,7 @@ log = logging.getLogger("gactor.registry")
 
 _BAD_HANDLE = re.compile(r"[/\x00]")
 MAX_HANDLE_BYTES = 200
+ADOPT_TIMEOUT = 5.0  # seconds a shim gets to answer at startup before its container is removed
 
 
 def check_name(kind: str, name: str) -> None:
@@ -96,19 +97,18 @@ class Registry:
             await trio.sleep_forever()
 
     async def _restore(self, destroy_existing: bool) -> None:
-        """Re-adopt every container in the depot; remove what cannot be re-adopted."""
-        assert self._nursery is not None
+        """Re-adopt every container in the depot, concurrently; remove what cannot be
+        re-adopted (within ADOPT_TIMEOUT each), then every shim and cgroup no container owns."""
         root = os.path.join(self.env.depot, depot.CONTAINERS)
         handles = sorted(os.listdir(root)) if os.path.isdir(root) else []
-        for handle in handles:
-            try:
-                actor = ContainerActor.restore(self.env, handle)
-                container = await self._nursery.start(self._supervise, actor, True)
-            except (GardenError, OSError, ValueError, KeyError) as err:
-                log.warning("removing container %s: it cannot be re-adopted: %s", handle, err)
-                await trio.to_thread.run_sync(remove_orphan, self.env, handle)
-                continue
-            self._add(container)
+        live_shims = await trio.to_thread.run_sync(shims.find, root)
+        async with trio.open_nursery() as nursery:
+            for handle in handles:
+                nursery.start_soon(self._readopt, handle, live_shims.get(handle))
+        for handle, pid in live_shims.items():
+            if handle not in self.containers:
+                log.warning("killing the shim of %s: no container owns it", handle)
+                await trio.to_thread.run_sync(remove_orphan, self.env, handle, pid)
         for name in set(self.env.cgroups.names()) - set(self.containers):
             log.warning("removing cgroup %s: no container owns it", name)
             await trio.to_thread.run_sync(remove_orphan, self.env, name)
@@ -116,6 +116,21 @@ class Registry:
         if destroy_existing:
             for handle in list(self.containers):
                 await self.destroy(handle)
+
+    async def _readopt(self, handle: str, shim_pid: int | None) -> None:
+        assert self._nursery is not None
+        reason: object = f"its shim did not answer within {ADOPT_TIMEOUT} s"
+        with trio.move_on_after(ADOPT_TIMEOUT):
+            try:
+                actor = ContainerActor.restore(self.env, handle)
+                container: ContainerActor = await self._nursery.start(self._supervise, actor, True)
+            except (GardenError, OSError, ValueError, KeyError) as err:
+                reason = err
+            else:
+                self._add(container)
+                return
+        log.warning("removing container %s: it cannot be re-adopted: %s", handle, reason)
+        await trio.to_thread.run_sync(remove_orphan, self.env, handle, shim_pid)
 
     async def _supervise(self, actor: ContainerActor, adopt: bool,
                          task_status: trio.TaskStatus[ContainerActor] = trio.TASK_STATUS_IGNORED) -> None:
@@ -189,8 +204,11 @@ class Registry:
 
     async def _reap_when_idle(self, handle: str, timer: GraceTimer) -> None:
         if await timer.expired() and handle in self.containers and handle not in self._destroying:
-            with contextlib.suppress(GardenError):
+            log.info("container %s: grace time expired, destroying it", handle)
+            try:
                 await self.destroy(handle)
+            except GardenError as err:
+                log.warning("container %s: reaping failed (it stays listed): %s", handle, err)
 
     # ---- lookups -----------------------------------------------------------------
 

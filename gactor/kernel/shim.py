@@ -31,6 +31,7 @@ import setproctitle
 
 from . import linux as L
 from . import shim_wire as wire
+from . import shims
 from .container_init import open_namespaces, start_init
 from .spawn import SpawnError, Stdio, make_stdio, set_window_size, spawn
 
@@ -287,7 +288,7 @@ def shim_main(cfg: dict[str, Any], status_fd: int) -> None:
                     pass
         L.set_child_subreaper()
         # Forked from the server, we would show its command line; say what we are instead.
-        setproctitle.setproctitle(f"gactor-shim {cfg['dir']}")
+        setproctitle.setproctitle(shims.title(cfg["dir"]))
         L.set_process_name("gactor-shim")
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)

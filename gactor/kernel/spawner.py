@@ -61,7 +61,10 @@ def _serve(sock: socket.socket) -> None:
     from .shim import shim_main
 
     while True:
-        got = wire.recv(sock)
+        try:
+            got = wire.recv(sock)
+        except ConnectionResetError:
+            got = None  # the server died: so do we (PDEATHSIG is on its way anyway)
         if got is None:
             return
         cfg, fds = got

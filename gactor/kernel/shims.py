@@ -1,0 +1,45 @@
+"""Finding shims by their process title, ``gactor-shim <container dir>``.
+
+Pid files can go stale (a crash, a reboot); the title names exactly one container, so
+startup reconcile finds every shim of its depot, including one that died before it
+could listen on its socket, and never mistakes another process for one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+PREFIX = "gactor-shim "
+
+
+def title(container_dir: str) -> str:
+    return PREFIX + container_dir
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        # setproctitle pads with NULs; the title is the text before them.
+        return f.read().split(b"\0", 1)[0].decode(errors="replace").rstrip()
+
+
+def find(containers_root: str) -> dict[str, int]:
+    """Container handle -> pid of every live shim whose container is under ``containers_root``."""
+    found: dict[str, int] = {}
+    prefix = title(containers_root.rstrip("/") + "/")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = _cmdline(int(entry))
+            if cmdline.startswith(prefix) and "/" not in cmdline[len(prefix):]:
+                found[cmdline[len(prefix):]] = int(entry)
+    return found
+
+
+def kill(pid: int, container_dir: str) -> None:
+    """SIGKILL ``pid`` if it is still the shim of ``container_dir``."""
+    with contextlib.suppress(OSError):
+        if _cmdline(pid) == title(container_dir):
+            os.kill(pid, signal.SIGKILL)
