@@ -181,6 +181,33 @@ class Connection:
             self.nursery.start_soon(self._feed_stdin, stream_id, stream, io.stdin)
         return result["process_id"], stream, stream_id
 
+    @asynccontextmanager
+    async def subscribe(self, handle: str | None) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
+        """An ``events`` stream: ``(handle, event)`` pairs for one container or for all."""
+        stream_id = next(self._stream_ids)
+        stream = self.streams[stream_id] = _Stream(ProcessIO())
+        try:
+            await self.call("events", handle=handle or "", stream=stream_id)
+        except BaseException:
+            self.streams.pop(stream_id, None)
+            raise
+
+        async def pairs() -> AsyncIterator[tuple[str, str]]:
+            async for item in stream.output_receive:
+                data = item[1] if item is not None else None
+                if isinstance(data, dict):
+                    yield str(data.get("handle", handle or "")), str(data.get("event", ""))
+            if stream.error is not None:
+                raise stream.error
+
+        try:
+            yield pairs()
+        finally:
+            if stream_id in self.streams and self.lost is None:
+                self.streams.pop(stream_id, None)
+                with trio.CancelScope(shield=True), contextlib.suppress(GardenError):
+                    await self.send(P.Detach(stream_id))
+
     async def _deliver(self, stream_id: int, stream: _Stream) -> None:
         """Hand output to the sinks, returning credit only once a sink has taken it."""
         try:
@@ -284,30 +311,13 @@ class Container:
         ``async with c.events() as events: async for event in events: ...``; the
         iteration ends when the container is destroyed. Leaving the block unsubscribes.
         """
-        conn = self._conn
-        stream_id = next(conn._stream_ids)
-        stream = conn.streams[stream_id] = _Stream(ProcessIO())
-        try:
-            await conn.call("events", handle=self.handle, stream=stream_id)
-        except BaseException:
-            conn.streams.pop(stream_id, None)
-            raise
+        async with self._conn.subscribe(self.handle) as pairs:
 
-        async def iterate() -> AsyncIterator[str]:
-            async for item in stream.output_receive:
-                if item is not None:
-                    yield str(item[1].get("event", "")) if isinstance(item[1], dict) else str(item[1])
-            if stream.error is not None:
-                raise stream.error
+            async def events() -> AsyncIterator[str]:
+                async for _, event in pairs:
+                    yield event
 
-        try:
-            yield iterate()
-        finally:
-            if stream_id in conn.streams and conn.lost is None:
-                conn.streams.pop(stream_id, None)
-                with trio.CancelScope(shield=True):
-                    with contextlib.suppress(GardenError):
-                        await conn.send(P.Detach(stream_id))
+            yield events()
 
     async def metrics(self) -> Metrics:
         return from_wire(Metrics, await self._call("metrics"))
@@ -395,6 +405,13 @@ class Client:
         return {h: ContainerInfoEntry(
             info=from_wire(ContainerInfo, e["info"]) if e.get("info") is not None else None,
             err=error_from_wire(e["err"]) if e.get("err") else None) for h, e in raw.items()}
+
+    @asynccontextmanager
+    async def events(self) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
+        """Every container's events as ``(handle, event)`` pairs, from now on, until the
+        block is left: ``async with client.events() as events: async for h, e in events:``."""
+        async with self._conn.subscribe(None) as pairs:
+            yield pairs
 
     async def bulk_metrics(self, handles: list[str]) -> dict[str, ContainerMetricsEntry]:
         raw = await self._conn.call("bulk_metrics", handles=list(handles))

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,6 @@ log = logging.getLogger("gactor.container")
 
 STOP_GRACE = 10.0
 OOM_EVENT = "Out of memory"  # Garden's text in ContainerInfo.events
-EVENT_QUEUE = 64  # per subscriber; one that falls this far behind is dropped
 OOM_POLL = 2.0  # seconds between reads of the oom_kill counter when nothing else prompts one
 DEVICE_ALLOW = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm",
                 "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm"]
@@ -61,6 +61,8 @@ class Environment:
     image_locks: dict[str, trio.Lock] = field(default_factory=dict)
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     init_binary: str = ""  # the static garden-init; empty means pid 1 stays a forked Python
+    # How a container reports an event (e.g. an OOM); the registry delivers it.
+    publish: Callable[[str, str], None] = lambda handle, event: None
 
 
 class ContainerActor:
@@ -84,7 +86,6 @@ class ContainerActor:
         self._init_pid = 0
         self._gone = trio.Event()
         self.image_bytes = self.image_inodes = 0
-        self._event_subscribers: set[trio.MemorySendChannel[str]] = set()
         self._oom_pokes = trio.open_memory_channel[None](1)
         self.serving = False  # creation finished; failures from here on are crashes, not errors
         self._oom_seen = 0
@@ -267,9 +268,6 @@ class ContainerActor:
                 await proc.done.wait()
         await trio.to_thread.run_sync(self._owned.close)
         self._gone.set()
-        for channel in self._event_subscribers:
-            channel.close()
-        self._event_subscribers.clear()
 
     # ---- events ----------------------------------------------------------------
 
@@ -325,26 +323,10 @@ class ContainerActor:
             self._oom_pokes[0].send_nowait(None)
 
     async def _record_event(self, event: str) -> None:
+        """Persist the event, then hand it to the registry, which delivers it to subscribers."""
         self.events.append(event)
         await trio.to_thread.run_sync(self.persist)
-        for channel in list(self._event_subscribers):
-            try:
-                channel.send_nowait(event)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._event_subscribers.discard(channel)  # the subscriber left
-            except trio.WouldBlock:
-                log.warning("container %s: dropping an event subscriber that stopped reading", self.handle)
-                channel.close()
-                self._event_subscribers.discard(channel)
-
-    def subscribe_events(self) -> trio.MemoryReceiveChannel[str]:
-        """Events from now on; the channel closes when the container is destroyed."""
-        send, receive = trio.open_memory_channel[str](EVENT_QUEUE)
-        if self._gone.is_set():
-            send.close()
-        else:
-            self._event_subscribers.add(send)
-        return receive
+        self.env.publish(self.handle, event)
 
     # ---- processes -------------------------------------------------------------
 

@@ -28,6 +28,7 @@ log = logging.getLogger("gactor.registry")
 
 _BAD_HANDLE = re.compile(r"[/\x00]")
 MAX_HANDLE_BYTES = 200
+EVENT_QUEUE = 64  # per subscriber; one that falls this far behind is dropped
 ADOPT_TIMEOUT = 5.0  # seconds a shim gets to answer at startup before its container is removed
 
 
@@ -87,6 +88,9 @@ class Registry:
         self._destroying: set[str] = set()
         self._timers: dict[str, GraceTimer] = {}
         self._nursery: trio.Nursery | None = None
+        # Event subscribers by handle; the key None subscribes to every container.
+        self._subscribers: dict[str | None, set[trio.MemorySendChannel[tuple[str, str]]]] = {}
+        env.publish = self.publish
 
     async def run(self, *, destroy_existing: bool = False,
                   task_status: trio.TaskStatus[Registry] = trio.TASK_STATUS_IGNORED) -> None:
@@ -196,6 +200,7 @@ class Registry:
                 # The container stays listed; a retry resumes with the steps that failed.
                 raise GardenError(f"destroying {handle}: {err}") from err
             del self.containers[handle]
+            self._end_subscriptions(handle)
             timer = self._timers.pop(handle, None)
             if timer is not None:
                 timer.defuse()
@@ -209,6 +214,36 @@ class Registry:
                 await self.destroy(handle)
             except GardenError as err:
                 log.warning("container %s: reaping failed (it stays listed): %s", handle, err)
+
+    # ---- events ------------------------------------------------------------------
+
+    def subscribe(self, handle: str | None) -> trio.MemoryReceiveChannel[tuple[str, str]]:
+        """``(handle, event)`` pairs from now on, for one container or (None) for all.
+
+        A one-container subscription ends when the container is destroyed; a subscriber
+        that falls EVENT_QUEUE events behind is dropped (its channel closes)."""
+        if handle is not None:
+            self.lookup(handle)
+        send, receive = trio.open_memory_channel[tuple[str, str]](EVENT_QUEUE)
+        self._subscribers.setdefault(handle, set()).add(send)
+        return receive
+
+    def publish(self, handle: str, event: str) -> None:
+        for key in (handle, None):
+            channels = self._subscribers.get(key, set())
+            for channel in list(channels):
+                try:
+                    channel.send_nowait((handle, event))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    channels.discard(channel)  # the subscriber left
+                except trio.WouldBlock:
+                    log.warning("dropping an event subscriber that stopped reading")
+                    channel.close()
+                    channels.discard(channel)
+
+    def _end_subscriptions(self, handle: str) -> None:
+        for channel in self._subscribers.pop(handle, set()):
+            channel.close()
 
     # ---- lookups -----------------------------------------------------------------
 

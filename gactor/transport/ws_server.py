@@ -160,20 +160,20 @@ class Peer:
             proc.unsubscribe(sub)  # the client detached
 
     async def _serve_events(self, call: P.Call, stream: _Stream) -> None:
-        """Push the container's events (e.g. "Out of memory") until it is destroyed."""
+        """Push events (e.g. "Out of memory") of one container until it is destroyed, or
+        of every container (no ``handle``) until the client detaches."""
         stream_id = call.args["stream"]
         try:
             try:
-                container = self.api.registry.lookup(arg(call.args, "handle", str))
+                events = self.api.registry.subscribe(arg(call.args, "handle", str, "") or None)
             except GardenError as err:
                 await self._reply_error(call.id, err)
                 return
-            events = container.subscribe_events()
             await self.send(P.Reply(call.id, {}))
             with stream.scope:
                 async with events:
-                    async for event in events:
-                        await self.send(P.Event(stream_id, {"event": event}))
+                    async for handle, event in events:
+                        await self.send(P.Event(stream_id, {"handle": handle, "event": event}))
                 await self.send(P.Exit(stream_id, 0))
         except* _GONE:
             pass

@@ -1,0 +1,69 @@
+"""Event subscriptions through the registry: one container's, and every container's."""
+
+from __future__ import annotations
+
+import trio
+
+import gactor
+from gactor import ContainerSpec, Limits, MemoryLimits
+
+from .helpers import E2E_MARKS, sh
+
+pytestmark = E2E_MARKS
+
+OOM = "Out of memory"
+
+
+def small(handle: str = "") -> ContainerSpec:
+    return ContainerSpec(handle=handle, limits=Limits(memory=MemoryLimits(limit_in_bytes=32 << 20)))
+
+
+async def oom(container: gactor.Container) -> None:
+    code, _, _ = await sh(container, "dd if=/dev/zero of=/dev/shm/x bs=1M count=48")
+    assert code == 137
+
+
+async def test_a_client_wide_subscription_hears_every_container(client, create_container):
+    first = await create_container(small())
+    second = await create_container(small())
+    quiet = await create_container()
+    heard: list[tuple[str, str]] = []
+    async with client.events() as events:
+        await oom(first)
+        await oom(second)
+        with trio.fail_after(10):
+            async for handle, event in events:
+                heard.append((handle, event))
+                if len(heard) == 2:
+                    break
+    assert sorted(heard) == sorted([(first.handle, OOM), (second.handle, OOM)])
+    assert quiet.handle not in {h for h, _ in heard}
+
+
+async def test_a_container_subscription_ends_when_it_is_destroyed(client, create_container):
+    container = await create_container(small())
+    other = await create_container(small())
+    async with container.events() as events:
+        await oom(other)  # someone else's event is not delivered here
+        await oom(container)
+        with trio.fail_after(10):
+            assert [event async for event in _first(events)] == [OOM]
+        await client.destroy(container.handle)
+        with trio.fail_after(10):
+            assert [event async for event in events] == []  # the stream just ends
+
+
+async def _first(events):
+    async for event in events:
+        yield event
+        return
+
+
+async def test_subscribing_to_a_destroyed_container_fails(client):
+    container = await client.create(ContainerSpec())
+    await client.destroy(container.handle)
+    try:
+        async with container.events():
+            raise AssertionError("subscribing to a destroyed container should fail")
+    except gactor.ContainerNotFoundError as err:
+        assert err.handle == container.handle
