@@ -44,6 +44,7 @@ from .types import (
 )
 
 CLOSE_TIMEOUT = 2.0
+SEND_TIMEOUT = 30.0
 # trio-websocket reads 4 KiB at a time by default; output arrives in frames of up to 1 MiB.
 RECEIVE_BUFFER = 256 << 10
 
@@ -93,17 +94,24 @@ class Connection:
         self.lost: GardenError | None = None
 
     async def send(self, event: Any) -> None:
+        """Encode and send one frame, atomically: a frame is never abandoned half-written
+        (cancellation waits for it, up to SEND_TIMEOUT), and frames leave in the order
+        the protocol state saw them."""
         if self.lost is not None:
             raise self.lost
-        try:
-            frame = self.proto.send(event)
-        except P.LocalProtocolError as err:
-            raise GardenError(f"invalid request: {err}") from None
-        try:
+        with trio.CancelScope(shield=True):
             async with self._send_lock:
-                await self.ws.send_message(frame)
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as err:
-            raise self._lose(err) from None
+                try:
+                    frame = self.proto.send(event)
+                except P.LocalProtocolError as err:
+                    raise GardenError(f"invalid request: {err}") from None
+                with trio.move_on_after(SEND_TIMEOUT) as timeout:
+                    try:
+                        await self.ws.send_message(frame)
+                    except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as err:
+                        raise self._lose(err) from None
+                if timeout.cancelled_caught:
+                    raise self._lose(TimeoutError(f"the server read nothing for {SEND_TIMEOUT} s"))
 
     def _lose(self, err: BaseException | None) -> GardenError:
         if self.lost is None:
@@ -166,6 +174,27 @@ class Connection:
         if call.error is not None:
             raise call.error
         return call.result
+
+    async def stream_in(self, tar: bytes | AsyncIterable[bytes], **args: Any) -> None:
+        """A stream_in call: the reply only comes once the server has extracted the whole
+        archive, so stdin flows while the call is outstanding."""
+        stream_id = next(self._stream_ids)
+        stream = self.streams[stream_id] = _Stream(ProcessIO(stdin=tar))
+        call_id = next(self._ids)
+        call = self.calls[call_id] = _Call()
+        try:
+            await self.send(P.Call(call_id, "stream_in", {**args, "stream": stream_id}))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._feed_stdin, stream_id, stream, tar)
+                await call.done.wait()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+        finally:
+            self.calls.pop(call_id, None)
+            self.streams.pop(stream_id, None)
+        if call.error is not None:
+            raise call.error
 
     async def open_process(self, method: str, io: ProcessIO, **args: Any) -> tuple[str, _Stream, int]:
         stream_id = next(self._stream_ids)
@@ -369,10 +398,65 @@ class Container:
         await self._call("bulk_net_out", rules=[to_wire(r) for r in rules])
 
     async def stream_in(self, spec: StreamInSpec) -> None:
-        await self._call("stream_in", path=spec.path, user=spec.user)
+        """Extract ``spec.tar_stream`` (bytes or an async iterable of bytes, an uncompressed
+        tar) into ``spec.path`` as ``spec.user``; returns once it is all written."""
+        if spec.tar_stream is None:
+            raise GardenError("stream_in needs a tar_stream")
+        await self._conn.stream_in(spec.tar_stream, handle=self.handle, path=spec.path, user=spec.user)
 
-    async def stream_out(self, spec: StreamOutSpec) -> Any:
-        return await self._call("stream_out", path=spec.path, user=spec.user)
+    async def stream_out(self, spec: StreamOutSpec) -> TarStream:
+        """A tar of ``spec.path`` (``path/`` for its contents): iterate it for bytes chunks.
+
+        Raises GardenError if the path cannot be archived (it does not exist, say)."""
+        conn = self._conn
+        stream_id = next(conn._stream_ids)
+        stream = conn.streams[stream_id] = _Stream(ProcessIO())
+        try:
+            await conn.call("stream_out", handle=self.handle, path=spec.path, user=spec.user,
+                            stream=stream_id)
+        except BaseException:
+            conn.streams.pop(stream_id, None)
+            raise
+        return TarStream(conn, stream_id, stream)
+
+
+class TarStream:
+    """The chunks of a stream_out; an async iterable and an async context manager.
+
+    Credit goes back to the server as chunks are consumed, so an unread stream pauses
+    tar in the container rather than filling memory. Leaving the context early stops it.
+    """
+
+    def __init__(self, conn: Connection, stream_id: int, stream: _Stream) -> None:
+        self._conn = conn
+        self._stream_id = stream_id
+        self._stream = stream
+
+    async def __aenter__(self) -> TarStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._stream_id in self._conn.streams and self._conn.lost is None:
+            self._conn.streams.pop(self._stream_id, None)
+            with trio.CancelScope(shield=True), contextlib.suppress(GardenError):
+                await self._conn.send(P.Detach(self._stream_id))
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        async for item in self._stream.output_receive:
+            if item is None:
+                break
+            yield item[1]
+            if self._stream_id in self._conn.streams and self._conn.lost is None:
+                with contextlib.suppress(GardenError, P.LocalProtocolError):
+                    await self._conn.send(P.Credit(self._stream_id, len(item[1])))
+        if self._stream.code is None:
+            raise self._stream.error or GardenError("stream_out ended without a status")
 
 
 class Client:

@@ -61,6 +61,7 @@ class Environment:
     image_locks: dict[str, trio.Lock] = field(default_factory=dict)
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     init_binary: str = ""  # the static garden-init; empty means pid 1 stays a forked Python
+    tar_binary: str = "/bin/busybox"  # static, so it runs in any image (as Garden ships its tar)
     # How a container reports an event (e.g. an OOM); the registry delivers it.
     publish: Callable[[str, str], None] = lambda handle, event: None
 
@@ -339,7 +340,10 @@ class ContainerActor:
             proc.set_exit(code)
 
     async def run_process(self, spec: ProcessSpec, process_id: str,
-                          subscriber: Subscription | None = None) -> ProcessActor:
+                          subscriber: Subscription | None = None, host_exe: str = "",
+                          dir_must_exist: bool = False) -> ProcessActor:
+        """Start a process; ``host_exe`` runs a binary of the host's (the server's own tar)
+        under the name ``spec.path`` instead of looking ``spec.path`` up in the image."""
         if process_id in self.processes:
             raise GardenError(f"process ID '{process_id}' already in use")
         if not spec.path:
@@ -356,6 +360,7 @@ class ContainerActor:
         wire_spec = {
             "path": spec.path, "args": spec.args, "env": spec.env, "dir": spec.dir, "user": spec.user,
             "rlimits": limits, "container_env": self.spec.env,
+            "host_exe": host_exe, "dir_must_exist": dir_must_exist,
         }
         async with self._stop_lock:
             reply, fds = await self._link.request("spawn", id=process_id, spec=wire_spec, tty=tty)

@@ -170,6 +170,10 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
         for name, value in (spec.get("rlimits") or {}).items():
             if value is not None:
                 resource.setrlimit(RLIMITS[name], (value, value))
+        if spec.get("host_exe"):
+            # A tool of the server's (a static tar) that the image need not have: opened
+            # here, on the host, and executed inside the container through /proc/self/fd.
+            spec["host_exe_fd"] = os.open(spec["host_exe"], os.O_RDONLY)
         for fd in ns_fds.values():
             L.setns(fd)
     except Exception as err:  # noqa: BLE001 - reported, then this forked helper exits
@@ -218,12 +222,17 @@ def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, err_w: int) -> N
                       spec.get("env") or [], user, user_spec)
     env_map = dict(item.partition("=")[::2] for item in env)
     path = spec["path"]
-    exe = find_executable(path, env_map.get("PATH", ""))
+    if "host_exe_fd" in spec:
+        exe: str | None = f"/proc/self/fd/{spec['host_exe_fd']}"
+    else:
+        exe = find_executable(path, env_map.get("PATH", ""))
     if exe is None:
         if "/" in path:
             raise SpawnError("ExecutableNotFoundError", f'exec: "{path}": stat {path}: no such file or directory')
         raise SpawnError("ExecutableNotFoundError", f'exec: "{path}": executable file not found in $PATH')
-    workdir = spec.get("dir") or user.home or "/"
+    workdir = os.path.normpath(os.path.join(user.home or "/", spec.get("dir") or ""))  # relative: to the home
+    if spec.get("dir_must_exist") and not os.path.isdir(workdir):
+        raise SpawnError("", f"{workdir}: no such directory")
     _ensure_dir(workdir, user.uid, user.gid)
 
     os.setsid()

@@ -83,6 +83,33 @@ class Api:
             return process, sub
 
 
+TAR_OUTPUT_LIMIT = 64 << 10  # bytes of tar's stderr kept for an error message
+
+
+async def start_tar(api: Api, args: dict[str, Any], extract: bool) -> tuple[ProcessActor, Subscription]:
+    """Run the server's static tar in the container as ``user``: extracting stdin into
+    ``path`` (created, owned by the user, as Garden does) or archiving ``path`` to stdout.
+    A relative path is relative to the user's home; ``path/`` streams out its contents."""
+    path = arg(args, "path", str)
+    if not path:
+        raise GardenError("invalid stream: 'path' must not be empty")
+    if "\0" in path:
+        raise GardenError("invalid stream: 'path' must not contain NUL")
+    if extract:
+        workdir, tar_args = path, ["-xof", "-"]
+    elif path.endswith("/"):
+        workdir, tar_args = path, ["-cf", "-", "."]
+    else:
+        workdir, tar_args = os.path.dirname(path) or ".", ["-cf", "-", os.path.basename(path)]
+    sub = Subscription(stdout=not extract, stderr=True)
+    spec = ProcessSpec(path="tar", args=tar_args, user=arg(args, "user", str, ""), dir=workdir)
+    async with api.registry.using(arg(args, "handle", str)) as container:
+        process = await container.run_process(
+            spec, f"gactor-tar-{uuid.uuid4()}", sub, host_exe=container.env.tar_binary,
+            dir_must_exist=not extract)
+    return process, sub
+
+
 async def _create(api: Api, args: dict[str, Any]) -> Any:
     spec = from_wire(ContainerSpec, arg(args, "spec", dict), "container spec")
     container = await api.registry.create(spec)
@@ -280,6 +307,4 @@ CONTAINER_METHODS: dict[str, ContainerHandler] = {
     "net_in": _not_yet("net_in"),
     "net_out": _not_yet("net_out"),
     "bulk_net_out": _not_yet("bulk_net_out"),
-    "stream_in": _not_yet("stream_in"),
-    "stream_out": _not_yet("stream_out"),
 }

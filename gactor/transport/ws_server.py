@@ -18,14 +18,18 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from ..actors.process import ProcessActor, Subscription
-from ..errors import GardenError, ProtocolError
+from ..errors import ContainerNotFoundError, GardenError, ProtocolError
 from . import protocol as P
-from .methods import Api, arg
+from .methods import TAR_OUTPUT_LIMIT, Api, arg, start_tar
 
 log = logging.getLogger("gactor.api")
 
 # A client going away mid-send: its streams end, its processes keep running.
 _GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
+# Calls that open a stream other than run/attach, and the Peer method serving each.
+SEND_TIMEOUT = 30.0  # seconds a client may read nothing before it is dropped
+_TAR_END_MARKER = 1024  # two zero blocks end every tar archive
+_STREAMING = {"events": "_serve_events", "stream_in": "_serve_stream_in", "stream_out": "_serve_stream_out"}
 
 
 @dataclass
@@ -43,13 +47,30 @@ class Peer:
         self.conn = P.Connection(P.Role.SERVER)
         self.streams: dict[int, _Stream] = {}
         self._send_lock = trio.Lock()
+        self._broken = False
+        self._nursery: trio.Nursery | None = None
 
     async def send(self, event: Any) -> None:
-        async with self._send_lock:
-            await self.ws.send_message(self.conn.send(event))
+        """Encode and send one frame atomically. Cancelling a stream (a detach, say) must
+        not leave a frame half-written: that would corrupt every other call on the
+        connection. A client that reads nothing for SEND_TIMEOUT is disconnected."""
+        with trio.CancelScope(shield=True):
+            async with self._send_lock:
+                if self._broken:
+                    raise trio.ClosedResourceError("connection dropped")
+                frame = self.conn.send(event)
+                with trio.move_on_after(SEND_TIMEOUT) as timeout:
+                    await self.ws.send_message(frame)
+                if timeout.cancelled_caught:
+                    self._broken = True
+                    log.warning("dropping a client that read nothing for %s s", SEND_TIMEOUT)
+                    if self._nursery is not None:
+                        self._nursery.cancel_scope.cancel()
+                    raise trio.ClosedResourceError("client stopped reading")
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             try:
                 await self._read(nursery)
             except ConnectionClosed:
@@ -76,9 +97,9 @@ class Peer:
             if isinstance(event.args.get("stream"), int) and event.method in ("run", "attach"):
                 stream = self.streams[event.args["stream"]] = _Stream()
                 nursery.start_soon(self._serve_stream, event, stream)
-            elif isinstance(event.args.get("stream"), int) and event.method == "events":
+            elif isinstance(event.args.get("stream"), int) and event.method in _STREAMING:
                 stream = self.streams[event.args["stream"]] = _Stream()
-                nursery.start_soon(self._serve_events, event, stream)
+                nursery.start_soon(getattr(self, _STREAMING[event.method]), event, stream)
             else:
                 nursery.start_soon(self._serve_call, event)
             return
@@ -146,18 +167,91 @@ class Peer:
                     nursery.start_soon(self._feed_stdin, stream, stream_id, proc)
                 async with sub.receive:
                     async for fd, data in sub.receive:
-                        view = memoryview(data)
-                        while view:
-                            while (credit := self.conn.output_credit(stream_id)) <= 0:
-                                stream.credit = trio.Event()
-                                await stream.credit.wait()
-                            chunk, view = view[:min(credit, P.MAX_DATA_CHUNK)], view[min(credit, P.MAX_DATA_CHUNK):]
-                            await self.send(P.Output(stream_id, fd, bytes(chunk)))
+                        await self._send_output(stream, stream_id, fd, data)
                 code = await proc.wait()
                 nursery.cancel_scope.cancel()
             await self.send(P.Exit(stream_id, code))
         if stream.scope.cancelled_caught:
             proc.unsubscribe(sub)  # the client detached
+
+    async def _send_output(self, stream: _Stream, stream_id: int, fd: int, data: bytes) -> None:
+        """Send ``data`` as output frames, waiting for the client's credit as needed."""
+        view = memoryview(data)
+        while view:
+            while (credit := self.conn.output_credit(stream_id)) <= 0:
+                stream.credit = trio.Event()
+                await stream.credit.wait()
+            n = min(credit, P.MAX_DATA_CHUNK)
+            await self.send(P.Output(stream_id, fd, bytes(view[:n])))
+            view = view[n:]
+
+    async def _serve_stream_in(self, call: P.Call, stream: _Stream) -> None:
+        """Extract the tar the client streams as stdin; reply once it is all written."""
+        stream_id = call.args["stream"]
+        try:
+            proc, sub = await self._start_tar(call, extract=True)
+            if proc is None:
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._feed_stdin, stream, stream_id, proc)
+                output = await _collect(sub)
+                code = await proc.wait()
+                nursery.cancel_scope.cancel()
+            if code != 0:
+                await self._reply_error(call.id, GardenError(
+                    f"error streaming in: exit status {code}. Output: {output.decode(errors='replace').strip()}"))
+                return
+            await self.send(P.Exit(stream_id, 0))
+            await self.send(P.Reply(call.id, {}))
+        except* _GONE:
+            pass
+        finally:
+            self.streams.pop(stream_id, None)
+
+    async def _serve_stream_out(self, call: P.Call, stream: _Stream) -> None:
+        """Stream a tar of ``path`` as output fd 1. A path that cannot be archived is an
+        error reply: the reply waits for tar's first byte of archive or its exit."""
+        stream_id = call.args["stream"]
+        try:
+            proc, sub = await self._start_tar(call, extract=False)
+            if proc is None:
+                return
+            errors = bytearray()
+            with stream.scope:
+                async with sub.receive:
+                    first = await _first_archive_bytes(sub, errors)
+                    if (first is None or len(first) <= _TAR_END_MARKER) and await proc.wait() != 0:
+                        await self._reply_error(call.id, GardenError(
+                            f"error streaming out: {errors.decode(errors='replace').strip()}"))
+                        return
+                    await self.send(P.Reply(call.id, {}))
+                    if first is not None:
+                        await self._send_output(stream, stream_id, 1, first)
+                    async for fd, data in sub.receive:
+                        if fd == 1:
+                            await self._send_output(stream, stream_id, 1, data)
+                        elif len(errors) < TAR_OUTPUT_LIMIT:
+                            errors += data
+                code = await proc.wait()
+                error = None if code == 0 else GardenError(
+                    f"error streaming out: exit status {code}: {errors.decode(errors='replace').strip()}")
+                await self.send(P.Exit(stream_id, 0 if error is None else None, error))
+            if stream.scope.cancelled_caught:
+                await proc.signal(9)  # the client stopped reading: stop tar
+        except* _GONE:
+            pass
+        finally:
+            self.streams.pop(stream_id, None)
+
+    async def _start_tar(self, call: P.Call, extract: bool) -> tuple[ProcessActor | None, Subscription]:
+        try:
+            return await start_tar(self.api, call.args, extract)
+        except ContainerNotFoundError as err:
+            await self._reply_error(call.id, err)
+        except GardenError as err:
+            await self._reply_error(call.id, GardenError(
+                f"error streaming {'in' if extract else 'out'}: {err}"))
+        return None, Subscription(False, False)
 
     async def _serve_events(self, call: P.Call, stream: _Stream) -> None:
         """Push events (e.g. "Out of memory") of one container until it is destroyed, or
@@ -187,6 +281,30 @@ class Peer:
                 return
             await proc.write_stdin(data)
             await self.send(P.Credit(stream_id, len(data)))
+
+
+async def _collect(sub: Subscription) -> bytes:
+    """Everything a subscription delivers, up to TAR_OUTPUT_LIMIT bytes (the rest is dropped)."""
+    output = bytearray()
+    async with sub.receive:
+        async for _, data in sub.receive:
+            output += data[: max(0, TAR_OUTPUT_LIMIT - len(output))]
+    return bytes(output)
+
+
+async def _first_archive_bytes(sub: Subscription, errors: bytearray) -> bytes | None:
+    """The start of the archive (more than its 1024-byte end marker), gathering stderr
+    meanwhile; None if tar ends first. tar writes an empty archive even when the path is
+    missing, so only an archive with a member in it proves the path could be read."""
+    head = bytearray()
+    async for fd, data in sub.receive:
+        if fd == 1:
+            head += data
+            if len(head) > _TAR_END_MARKER:
+                return bytes(head)
+        elif len(errors) < TAR_OUTPUT_LIMIT:
+            errors += data
+    return bytes(head) or None
 
 
 class _nothing:
