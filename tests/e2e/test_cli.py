@@ -10,26 +10,27 @@ import pty
 import select
 import struct
 import subprocess
-import sys
 import tarfile
 import termios
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from .helpers import E2E_MARKS
+from .servers import ServerProcess, gactor_command
 
 pytestmark = E2E_MARKS
 TIMEOUT = 60.0
 
 
-def gactor(server: Any, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def gactor(
+    server: ServerProcess, *args: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
     """``python -m gactor --target URL ARGS...``, stdout and stderr captured."""
     return subprocess.run(
-        [sys.executable, "-m", "gactor", "--target", server.url, *args],
+        gactor_command("--target", server.url, *args),
         input=stdin if stdin is not None else b"", capture_output=True, timeout=TIMEOUT,
         check=False,
     )
@@ -47,7 +48,7 @@ def owner() -> str:
 
 
 @pytest.fixture
-def handle(gactor_server: Any, owner: str) -> Iterator[str]:
+def handle(gactor_server: ServerProcess, owner: str) -> Iterator[str]:
     """A container created by ``gactor create``; destroyed by ``gactor destroy`` after."""
     created = ok(gactor(gactor_server, "create", "--property", f"owner={owner}"))
     handle = created.strip()
@@ -59,20 +60,20 @@ def handle(gactor_server: Any, owner: str) -> Iterator[str]:
         gactor(gactor_server, "destroy", handle)
 
 
-def test_ping_and_capacity(gactor_server: Any) -> None:
+def test_ping_and_capacity(gactor_server: ServerProcess) -> None:
     assert ok(gactor(gactor_server, "ping")).strip() == "ok"
     capacity = json.loads(ok(gactor(gactor_server, "--json", "capacity")))
     assert capacity["memory_in_bytes"] > 0
 
 
-def test_list_finds_by_property(gactor_server: Any, handle: str, owner: str) -> None:
+def test_list_finds_by_property(gactor_server: ServerProcess, handle: str, owner: str) -> None:
     listed = ok(gactor(gactor_server, "list", "--property", f"owner={owner}"))
     assert listed.splitlines() == [handle]
     assert ok(gactor(gactor_server, "list", "--property", f"owner={owner}-not")) == ""
     assert json.loads(ok(gactor(gactor_server, "--json", "list", "--property", f"owner={owner}"))) == [handle]
 
 
-def test_info_and_properties(gactor_server: Any, handle: str, owner: str) -> None:
+def test_info_and_properties(gactor_server: ServerProcess, handle: str, owner: str) -> None:
     info = json.loads(ok(gactor(gactor_server, "--json", "info", handle)))
     assert info["state"] == "active"
     assert info["properties"]["owner"] == owner
@@ -80,27 +81,27 @@ def test_info_and_properties(gactor_server: Any, handle: str, owner: str) -> Non
     assert json.loads(ok(gactor(gactor_server, "--json", "properties", handle)))["owner"] == owner
 
 
-def test_run_wires_stdout_stderr_and_exit_code(gactor_server: Any, handle: str) -> None:
+def test_run_wires_stdout_stderr_and_exit_code(gactor_server: ServerProcess, handle: str) -> None:
     result = gactor(gactor_server, "run", handle, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert result.returncode == 7
     assert result.stdout == b"out\n"
     assert result.stderr == b"err\n"
 
 
-def test_run_streams_piped_stdin(gactor_server: Any, handle: str) -> None:
+def test_run_streams_piped_stdin(gactor_server: ServerProcess, handle: str) -> None:
     data = b"hello through the pipe\n" * 5000
     result = gactor(gactor_server, "run", handle, "--", "cat", stdin=data)
     assert result.returncode == 0, result.stderr
     assert result.stdout == data
 
 
-def test_run_env_dir_and_user(gactor_server: Any, handle: str) -> None:
+def test_run_env_dir_and_user(gactor_server: ServerProcess, handle: str) -> None:
     out = ok(gactor(gactor_server, "run", handle, "--env", "GREETING=hi", "--dir", "/tmp",
                     "--user", "root", "--", "sh", "-c", 'echo "$GREETING $(pwd) $(id -u)"'))
     assert out == "hi /tmp 0\n"
 
 
-def test_stream_in_then_out(gactor_server: Any, handle: str) -> None:
+def test_stream_in_then_out(gactor_server: ServerProcess, handle: str) -> None:
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
         payload = b"payload\n"
@@ -122,7 +123,7 @@ def test_stream_in_then_out(gactor_server: Any, handle: str) -> None:
         assert extracted.read() == b"payload\n"
 
 
-def test_errors_are_one_line_and_exit_1(gactor_server: Any, handle: str) -> None:
+def test_errors_are_one_line_and_exit_1(gactor_server: ServerProcess, handle: str) -> None:
     ok(gactor(gactor_server, "destroy", handle))
     result = gactor(gactor_server, "info", handle)
     assert result.returncode == 1
@@ -150,13 +151,13 @@ def _read_until_closed(fd: int, deadline: float) -> bytes:
     return data
 
 
-def test_run_tty_passes_window_size(gactor_server: Any, handle: str) -> None:
+def test_run_tty_passes_window_size(gactor_server: ServerProcess, handle: str) -> None:
     master, slave = pty.openpty()
     try:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gactor", "--target", gactor_server.url,
-             "run", "--tty", handle, "--", "stty", "size"],
+            gactor_command("--target", gactor_server.url,
+                           "run", "--tty", handle, "--", "stty", "size"),
             stdin=slave, stdout=slave, stderr=subprocess.PIPE, start_new_session=True,
         )
         os.close(slave)

@@ -10,12 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -33,21 +28,18 @@ from gactor import (
     ProcessSpec,
     ResourceLimits,
 )
-from gactor.server import ServerConfig, cgroup_parent_for
 
-from .conftest import ServerProcess, _destroy_leftovers, _free_port, _stop, _wait_ready
 from .helpers import (
     CGROUP_ROOT,
     E2E_MARKS,
-    ROOTFS,
     container_pids,
-    mounts_containing,
     proc_name,
     sh,
     sh_ok,
     unique_handle,
     wait_for,
 )
+from .servers import ServerProcess
 
 pytestmark = E2E_MARKS
 
@@ -59,8 +51,7 @@ def cgroup_file(server: ServerProcess, controller: str, handle: str, name: str) 
     """The text of one of the container's cgroup v1 files, read on the host."""
     if not os.path.isdir(os.path.join(CGROUP_ROOT, "memory")):
         pytest.skip("the host-side checks read cgroup v1 files; this host has none")
-    parent = cgroup_parent_for(ServerConfig(depot=server.depot))
-    with open(os.path.join(CGROUP_ROOT, controller, parent, handle, name)) as f:
+    with open(os.path.join(CGROUP_ROOT, controller, server.cgroup_parent, handle, name)) as f:
         return f.read().strip()
 
 
@@ -141,13 +132,14 @@ async def test_an_event_after_a_subscriber_left(create_container):
 
 async def test_oom_of_a_child_process_is_recorded(gactor_server, create_container):
     container = await create_container(memory_spec(64 * MiB))
-    script = "dd if=/dev/zero of=/dev/shm/x bs=1M count=80; echo $?"
-    assert (await sh_ok(container, script)).strip() == "137"  # dd died, its shell exits 0
+    # The victim is dd, not the process Run started. The shell either reports dd's 137 or
+    # is itself killed by the stop that follows the OOM, whichever comes first.
+    code, out, _ = await sh(container, "dd if=/dev/zero of=/dev/shm/x bs=1M count=80; echo $?")
+    assert (code, out.strip()) in ((0, b"137"), (137, b""), (137, b"137"))
     oom_control = cgroup_file(gactor_server, "memory", container.handle, "memory.oom_control")
     assert "oom_kill 1" in oom_control.splitlines()  # the kernel counted the kill
-    with trio.move_on_after(3):
-        await wait_for(lambda: _has_event(container, OOM_EVENT), within=3, what="the OOM event")
-    assert (await container.info()).events == [OOM_EVENT]
+    info = await container.info()
+    assert (info.events, info.state) == ([OOM_EVENT], "stopped")
 
 
 async def _state_is(container, state: str) -> bool:
@@ -241,39 +233,15 @@ async def test_no_limits_read_back_as_zero(gactor_server, container):
 
 
 @pytest.fixture
-def quota_server() -> Iterator[ServerProcess]:
+async def quota_server(own_servers) -> ServerProcess:
     """A second server, for one test, with ``--cpu-quota-per-share 100``."""
-    base = tempfile.mkdtemp(prefix="gactor-quota-", dir="/tmp")
-    os.chmod(base, 0o711)  # unprivileged container roots traverse it to their rootfs
-    depot = os.path.join(base, "depot")
-    os.makedirs(depot)
-    log_path = os.path.join(base, "server.log")
-    port = _free_port()
-    cmd = [
-        sys.executable, "-m", "gactor", "server",
-        "--listen", f"127.0.0.1:{port}", "--depot", depot, "--default-rootfs", ROOTFS,
-        "--network-pool", "10.249.0.0/24", "--cpu-quota-per-share", "100",
-        "--log-level", "info",
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    server = ServerProcess(f"ws://127.0.0.1:{port}", depot, proc, log_path, base)
-    try:
-        _wait_ready(server)
-        yield server
-        if server.proc.poll() is None:
-            trio.run(_destroy_leftovers, server.url)
-    finally:
-        _stop(server)
-        if not mounts_containing(base):
-            shutil.rmtree(base, ignore_errors=True)
+    server = own_servers("quota", "10.249.0.0/24", "--cpu-quota-per-share", "100")
+    await server.start()
+    return server
 
 
 async def test_cpu_quota_per_share(quota_server):
-    async with gactor.connect(quota_server.url) as client:
+    async with quota_server.connect() as client:
         made = []
         try:
             for shares in (1024, 2):

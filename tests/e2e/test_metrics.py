@@ -22,7 +22,6 @@ from gactor import (
     ProcessIO,
     ProcessSpec,
 )
-from gactor.server import ServerConfig, cgroup_parent_for
 
 from .helpers import CGROUP_ROOT, E2E_MARKS, sh_ok, unique_handle, wait_for
 
@@ -59,7 +58,7 @@ async def test_metrics_grow_while_a_busy_loop_runs(gactor_server, create_contain
     assert metrics.pid_stat.max == 0
     assert metrics.network_stat is None
     # The same counters the kernel shows, read on the host afterwards (so at least as big).
-    parent = cgroup_parent_for(ServerConfig(depot=gactor_server.depot))
+    parent = gactor_server.cgroup_parent
     usage_file = os.path.join(CGROUP_ROOT, "cpuacct", parent, container.handle, "cpuacct.usage")
     if os.path.exists(usage_file):  # cgroup v1 hosts
         with open(usage_file) as f:

@@ -1,14 +1,13 @@
 """The registry against a real server: --max-containers, the grace-time reaper
 (GARDEN_REFERENCE.md §3.8), concurrency, and concurrent destroys of one handle.
 
-Each test runs its own small server (``own_servers`` from ``test_restart``) with its
-own depot and /24 in 10.248.0.0/16, and ends with nothing left on the host.
+Each test runs its own small server (the ``own_servers`` fixture, ``servers.ServerProcess``)
+with its own depot and /24 in 10.248.0.0/16, and ends with nothing left on the host.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -26,15 +25,9 @@ from .helpers import (
     sh_ok,
     wait_for,
 )
-from .test_restart import OwnServer, own_server_factory
+from .servers import ServerProcess
 
 pytestmark = E2E_MARKS
-
-
-@pytest.fixture
-async def own_servers() -> AsyncIterator[Callable[..., OwnServer]]:
-    async with own_server_factory() as make:
-        yield make
 
 
 async def _listed(client: Any, handle: str) -> bool:
@@ -50,7 +43,7 @@ async def _gone(client: Any, handle: str) -> bool:
     return False
 
 
-def _traces(server: OwnServer, handle: str) -> dict[str, Any]:
+def _traces(server: ServerProcess, handle: str) -> dict[str, Any]:
     return {
         "cgroups": cgroup_dirs(handle, max_depth=5),
         "mounts": mounts_containing(server.container_dir(handle)),

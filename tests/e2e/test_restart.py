@@ -8,21 +8,16 @@ through the API, stopping the server by pid and checking from outside that nothi
 left: no cgroup under the server's parent, no mount under the depot, no container
 directory, no shim or garden-init of that depot.
 
-``OwnServer`` and ``own_server_factory`` are reused by ``test_registry.py``.
+The servers are ``servers.ServerProcess`` objects from the ``own_servers`` fixture.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
-from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -31,259 +26,22 @@ import trio
 import gactor
 from gactor import ContainerSpec, GardenError, ProcessIO, ProcessSpec
 from gactor.errors import ConnectionLostError
-from gactor.server import ServerConfig, cgroup_parent_for
 
 from .helpers import (
     E2E_MARKS,
-    ROOTFS,
     Sink,
-    cgroup_hierarchies,
     container_pids,
-    mounts_containing,
     proc_cmdline,
     proc_name,
-    server_cgroup_dirs,
     server_inits,
     server_shims,
     sh_ok,
     wait_for,
     wait_until_equal,
 )
+from .servers import ServerProcess
 
 pytestmark = E2E_MARKS
-
-STARTUP_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _pings(url: str) -> bool:
-    with trio.move_on_after(2):
-        try:
-            async with gactor.connect(url) as client:
-                await client.ping()
-            return True
-        except GardenError:
-            return False
-    return False
-
-
-class OwnServer:
-    """A ``gactor server`` subprocess this test owns; restartable on the same depot.
-
-    Each start listens on a fresh free port; the log of every start goes to one file.
-    """
-
-    def __init__(self, name: str, pool: str, args: Sequence[str] = ()) -> None:
-        # mkdtemp makes 0700: container roots (host uid 4294967294) must traverse it.
-        self.base = tempfile.mkdtemp(prefix=f"gactor-{name}-", dir="/tmp")
-        os.chmod(self.base, 0o711)
-        self.depot = os.path.join(self.base, "depot")
-        os.mkdir(self.depot, 0o711)
-        self.pool = pool
-        self.args = list(args)
-        self.log_path = os.path.join(self.base, "server.log")
-        self.cgroup_parent = cgroup_parent_for(ServerConfig(depot=self.depot))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-        self.finished = False
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def container_dir(self, handle: str) -> str:
-        return os.path.join(self.depot, "containers", handle)
-
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
-
-    def spawn(self, *extra: str) -> None:
-        """Start the process without waiting for it to answer."""
-        assert not self.running, "already running"
-        port = _free_port()
-        cmd = [
-            sys.executable, "-m", "gactor", "server",
-            "--listen", f"127.0.0.1:{port}", "--depot", self.depot,
-            "--default-rootfs", ROOTFS, "--network-pool", self.pool, "--log-level", "info",
-            *self.args, *extra,
-        ]  # fmt: skip
-        with open(self.log_path, "ab") as log:
-            log.write(f"==== {' '.join(cmd)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        self.url = f"ws://127.0.0.1:{port}"
-
-    async def wait_ready(self) -> None:
-        deadline = trio.current_time() + STARTUP_TIMEOUT
-        while trio.current_time() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"server exited with {self.proc.returncode} at startup:\n{self.log_tail()}"
-                )
-            if await _pings(self.url):
-                return
-            await trio.sleep(0.02)
-        pytest.fail(f"server did not answer ping within {STARTUP_TIMEOUT}s:\n{self.log_tail()}")
-
-    async def start(self, *extra: str) -> None:
-        self.spawn(*extra)
-        await self.wait_ready()
-
-    async def _wait_exit(self, within: float) -> bool:
-        """Whether the process exited within ``within`` seconds."""
-        proc = self.proc
-        assert proc is not None
-        deadline = trio.current_time() + within
-        while True:
-            if proc.poll() is not None:
-                return True
-            if trio.current_time() >= deadline:
-                return False
-            await trio.sleep(0.01)
-
-    async def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the server (by pid) and wait until it has exited."""
-        assert self.running
-        os.kill(self.pid, sig)
-        if not await self._wait_exit(STOP_TIMEOUT):
-            os.kill(self.pid, signal.SIGKILL)
-            await self._wait_exit(STOP_TIMEOUT)
-            pytest.fail(f"server ignored signal {sig} for {STOP_TIMEOUT}s:\n{self.log_tail()}")
-
-    async def stop(self) -> None:
-        """Graceful stop (SIGTERM), SIGKILL after a bounded wait; by pid only."""
-        if self.running:
-            os.kill(self.pid, signal.SIGTERM)
-            if not await self._wait_exit(STOP_TIMEOUT):
-                os.kill(self.pid, signal.SIGKILL)
-                await self._wait_exit(STOP_TIMEOUT)
-
-    def connect(self) -> Any:
-        return gactor.connect(self.url)
-
-    # ---- what is on the host -------------------------------------------------------
-
-    def cgroup_parents(self) -> list[str]:
-        return sorted(
-            p for h in cgroup_hierarchies() for p in glob.glob(os.path.join(h, self.cgroup_parent))
-        )
-
-    def snapshot(self) -> dict[str, Any]:
-        """What this server's containers hold on the host; all empty when nothing is left."""
-        containers = os.path.join(self.depot, "containers")
-        images = os.path.join(self.depot, "images")
-        return {
-            "cgroups": sorted(server_cgroup_dirs(self.depot)),
-            "mounts": mounts_containing(self.depot),
-            "container dirs": sorted(os.listdir(containers)) if os.path.isdir(containers) else [],
-            "half-built images": sorted(
-                n
-                for n in (os.listdir(images) if os.path.isdir(images) else [])
-                if ".tmp-" in n or ".old-" in n
-            ),
-            "shims": sorted(server_shims(self.depot)),
-            "inits": sorted(server_inits(self.depot)),
-        }
-
-    @staticmethod
-    def empty() -> dict[str, Any]:
-        return {
-            k: []
-            for k in ("cgroups", "mounts", "container dirs", "half-built images", "shims", "inits")
-        }
-
-    async def destroy_all(self) -> list[str]:
-        """Destroy everything the server lists; every destroy must succeed."""
-        async with self.connect() as client:
-            handles = [c.handle for c in await client.containers()]
-            for handle in handles:
-                with trio.fail_after(60):
-                    await client.destroy(handle)
-            assert await client.containers() == []
-        return handles
-
-    async def finish(self) -> None:
-        """Destroy all through the API, stop by pid, and assert nothing is left."""
-        if not self.running:
-            await self.start()
-        await self.destroy_all()
-        await self.stop()
-        # Processes and cgroups go away asynchronously: wait on the condition.
-        await wait_until_equal(self.snapshot, self.empty(), within=10)
-        assert self.cgroup_parents() == [], "the server's cgroup parent survived its graceful stop"
-        self.finished = True
-
-    async def teardown(self) -> None:
-        """After a failed test: clean up anyway (a fresh start with
-        --destroy-containers-on-startup), then remove the temp dir unless mounts remain."""
-        if not self.finished:
-            if self.running:
-                with contextlib.suppress(Exception), trio.move_on_after(60):
-                    await self.destroy_all()
-            await self.stop()
-            if self.snapshot() != self.empty():
-                with contextlib.suppress(Exception), trio.move_on_after(60):
-                    await self.start("--destroy-containers-on-startup")
-                await self.stop()
-            self._kill_leftover_helpers()
-        with contextlib.suppress(OSError):
-            shutil.copy(
-                self.log_path,
-                os.path.join("/tmp", f"gactor-e2e-last-{os.path.basename(self.base)}.log"),
-            )
-        if not mounts_containing(self.base):
-            shutil.rmtree(self.base, ignore_errors=True)
-
-    def _kill_leftover_helpers(self) -> None:
-        """Last resort after a failed test: SIGKILL (by pid) the shims and inits of this
-        depot that even a --destroy-containers-on-startup server left running."""
-        for pid in sorted(server_shims(self.depot) | server_inits(self.depot)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)  # a test may have stopped it
-                os.kill(pid, signal.SIGKILL)
-
-
-@contextlib.asynccontextmanager
-async def own_server_factory() -> AsyncIterator[Callable[..., OwnServer]]:
-    """A factory ``make(name, pool, *args)``; every server it made is cleaned up on exit."""
-    made: list[OwnServer] = []
-
-    def make(name: str, pool: str, *args: str) -> OwnServer:
-        server = OwnServer(name, pool, args)
-        made.append(server)
-        return server
-
-    try:
-        yield make
-    finally:
-        with trio.CancelScope(shield=True):
-            for server in made:
-                await server.teardown()
-
-
-@pytest.fixture
-async def own_servers() -> AsyncIterator[Callable[..., OwnServer]]:
-    async with own_server_factory() as make:
-        yield make
 
 
 def pids_running(handle: str, marker: str) -> list[int]:
@@ -633,7 +391,7 @@ async def test_sigterm_leaves_containers_running_and_restart_readopts(own_server
     await server.finish()
 
 
-async def wait_until_empty(server: OwnServer, within: float = 10) -> None:
+async def wait_until_empty(server: ServerProcess, within: float = 10) -> None:
     await wait_until_equal(server.snapshot, server.empty(), within=within)
 
 
@@ -749,7 +507,7 @@ async def test_a_hung_shim_does_not_block_startup(own_servers):
         server.spawn()
         with trio.move_on_after(20):
             await server.wait_ready()
-        assert await _pings(server.url), f"no ping 20 s after the restart:\n{server.log_tail()}"
+        assert await server.pings(), f"no ping 20 s after the restart:\n{server.log_tail()}"
         async with server.connect() as client:
             assert "b-fine" in {c.handle for c in await client.containers()}
     finally:
