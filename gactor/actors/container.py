@@ -308,6 +308,7 @@ class ContainerActor:
         if count <= self._oom_seen:
             return
         self._oom_seen = count
+        self.state = "stopped"  # now, not when the kill sweep below gets going
         await self._record_event(OOM_EVENT)
         assert self._nursery is not None
         self._nursery.start_soon(self.stop, True)
@@ -418,13 +419,13 @@ class ContainerActor:
         )
 
     def current_memory_limits(self) -> MemoryLimits:
-        assert self._cgroup is not None
-        return MemoryLimits(limit_in_bytes=self._cgroup.memory_limit())
+        return MemoryLimits(limit_in_bytes=self.cgroup.memory_limit())
 
     def current_cpu_limits(self) -> CPULimits:
-        assert self._cgroup is not None
-        return CPULimits(limit_in_shares=self._cgroup.cpu_shares() if self.spec.limits.cpu.weight
-                         or self.spec.limits.cpu.limit_in_shares else 0)
+        """Garden's answer: the applied value (v1 shares, v2 weight) in limit_in_shares,
+        all zero when no CPU limit was ever given (the kernel default is not reported)."""
+        cpu = self.spec.limits.cpu
+        return CPULimits(limit_in_shares=self.cgroup.cpu_shares() if cpu.weight or cpu.limit_in_shares else 0)
 
     @property
     def cgroup(self) -> Cgroup:

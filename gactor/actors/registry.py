@@ -284,7 +284,7 @@ class Registry:
         with open("/proc/meminfo") as f:
             mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
         st = os.statvfs(self.env.depot)
-        limit = min(n for n in (self.max_containers or pool_containers, pool_containers) if n)
+        limit = min(self.max_containers, pool_containers) if self.max_containers else pool_containers
         return Capacity(
             memory_in_bytes=mem_kib * 1024,
             disk_in_bytes=st.f_blocks * st.f_frsize,

@@ -7,6 +7,7 @@ the owning container actor's task via ``ShimLink.run``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -74,11 +75,14 @@ class ShimLink:
                         self._on_exit(msg["id"], int(msg["code"]))
                     continue
                 waiter = self._waiting.pop(msg.get("rid"), None)
-                if waiter is None:
+                try:
+                    if waiter is None:
+                        raise trio.BrokenResourceError
+                    waiter.send_nowait((msg, fds))
+                except (trio.BrokenResourceError, trio.WouldBlock):
+                    # The requester gave up (cancelled) before its reply came: drop it.
                     for fd in fds:
                         os.close(fd)
-                else:
-                    waiter.send_nowait((msg, fds))
         except OSError:
             return
         except Exception:
@@ -101,12 +105,18 @@ class ShimLink:
         try:
             async with self._send_lock:
                 await self._sock.sendmsg(buffers, anc)
-            async with receive:
-                reply, fds = await receive.receive()
+            reply, fds = await receive.receive()
         except (OSError, trio.EndOfChannel) as err:
             raise ShimGone(self.handle) from err
         finally:
+            # Unregister and close with no checkpoint in between, so the reader never hands a
+            # reply to a closed channel; a reply that arrived as we were cancelled is dropped.
             self._waiting.pop(rid, None)
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                _, late_fds = receive.receive_nowait()
+                for fd in late_fds:
+                    os.close(fd)
+            receive.close()
         if "error" in reply:
             error = reply["error"]
             raise garden_error(error.get("type", ""), error.get("message", "shim error"))

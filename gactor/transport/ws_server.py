@@ -8,6 +8,7 @@ The grace timer of a container stays paused while any of its streams is open.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import math
@@ -151,7 +152,9 @@ class Peer:
                 log.exception("call %s failed", call.method)
                 await self._reply_error(call.id, GardenError(f"internal error in {call.method}: {err}"))
                 return
-            async with self.api.registry.using(handle) if handle in self.api.registry.containers else _nothing():
+            # The grace timer stays paused while the stream is open (Garden: the whole
+            # lifetime of a Run or Attach connection).
+            async with self.api.registry.using(handle) if handle in self.api.registry.containers else contextlib.nullcontext():
                 await self._pump(call, stream, stream_id, proc, sub, stdin)
         except* _GONE:
             pass
@@ -305,14 +308,6 @@ async def _first_archive_bytes(sub: Subscription, errors: bytearray) -> bytes | 
         elif len(errors) < TAR_OUTPUT_LIMIT:
             errors += data
     return bytes(head) or None
-
-
-class _nothing:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 
 
 async def serve(api: Api, host: str, port: int, token: str | None = None, *,
