@@ -45,8 +45,18 @@ pytestmark = E2E_MARKS
 
 
 def pids_running(handle: str, marker: str) -> list[int]:
-    """Host pids in the container's cgroups whose command line contains ``marker``."""
-    return sorted(p for p in container_pids(handle) if marker in proc_cmdline(p))
+    """Host pids of processes started by Run (their parent, the shim, is outside the
+    container) whose command line contains ``marker``. A shell's short-lived forks carry
+    its command line until they exec, so they are left out by their parent."""
+    pids = container_pids(handle)
+    return sorted(p for p in pids if marker in proc_cmdline(p) and _ppid(p) not in pids)
+
+
+def _ppid(pid: int) -> int:
+    for line in _status_text(pid).splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    return 0
 
 
 def alive(pid: int) -> bool:
