@@ -13,8 +13,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import trio
-
 from ..actors import metrics
 from ..actors.container import ContainerActor
 from ..actors.process import ProcessActor, Subscription
@@ -23,7 +21,6 @@ from ..errors import GardenError, error_to_wire
 from ..kernel.errors import KernelError
 from ..types import (
     BandwidthLimits,
-    ContainerInfo,
     ContainerSpec,
     CPULimits,
     DiskLimits,
@@ -146,35 +143,39 @@ async def _set_grace_time(api: Api, args: dict[str, Any]) -> None:
     api.registry.set_grace_time(arg(args, "handle", str), seconds)
 
 
-async def _bulk(api: Api, args: dict[str, Any], key: str,
-                one: Callable[[ContainerActor], Awaitable[Any]]) -> Any:
+async def _bulk_info(api: Api, args: dict[str, Any]) -> Any:
     """Per-handle results in one call; an error for one handle is reported in its entry."""
-    handles = arg(args, "handles", list)
-    if not all(isinstance(h, str) for h in handles):
-        raise GardenError("argument 'handles' must be a list of strings")
     out: dict[str, Any] = {}
-
-    async def fill(handle: str) -> None:
+    for handle in _handles(args):
         try:
-            out[handle] = {key: to_wire(await one(api.registry.lookup(handle))), "err": None}
+            out[handle] = {"info": to_wire(api.registry.lookup(handle).info()), "err": None}
         except GardenError as err:
-            out[handle] = {key: None, "err": error_to_wire(err)}
-
-    async with trio.open_nursery() as nursery:
-        for handle in dict.fromkeys(handles):
-            nursery.start_soon(fill, handle)
+            out[handle] = {"info": None, "err": error_to_wire(err)}
     return out
 
 
-async def _bulk_info(api: Api, args: dict[str, Any]) -> Any:
-    async def info(c: ContainerActor) -> ContainerInfo:
-        return c.info()
-
-    return await _bulk(api, args, "info", info)
-
-
 async def _bulk_metrics(api: Api, args: dict[str, Any]) -> Any:
-    return await _bulk(api, args, "metrics", metrics.collect)
+    handles = _handles(args)
+    found: dict[str, ContainerActor] = {}
+    out: dict[str, Any] = {}
+    for handle in handles:
+        try:
+            found[handle] = api.registry.lookup(handle)
+        except GardenError as err:
+            out[handle] = {"metrics": None, "err": error_to_wire(err)}
+    for handle, result in zip(found, await metrics.collect_many(list(found.values())), strict=True):
+        if isinstance(result, KernelError):
+            out[handle] = {"metrics": None, "err": error_to_wire(GardenError(f"metrics of {handle}: {result}"))}
+        else:
+            out[handle] = {"metrics": to_wire(result), "err": None}
+    return out
+
+
+def _handles(args: dict[str, Any]) -> list[str]:
+    handles = arg(args, "handles", list)
+    if not all(isinstance(h, str) for h in handles):
+        raise GardenError("argument 'handles' must be a list of strings")
+    return list(dict.fromkeys(handles))
 
 
 async def _stop(c: ContainerActor, args: dict[str, Any]) -> None:
