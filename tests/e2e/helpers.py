@@ -13,7 +13,7 @@ import os
 import re
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import pytest
@@ -250,27 +250,24 @@ def server_cgroup_dirs(depot: str, max_depth: int = 5) -> set[str]:
     return found
 
 
-def server_cgroup_pids(depot: str) -> set[int]:
+def _procs_in(dirs: Iterable[str]) -> set[int]:
     pids: set[int] = set()
-    for path in server_cgroup_dirs(depot):
+    for path in dirs:
         try:
             with open(os.path.join(path, "cgroup.procs")) as f:
                 pids.update(int(p) for p in f.read().split())
         except OSError:
-            continue
+            continue  # removed meanwhile
     return pids
+
+
+def server_cgroup_pids(depot: str) -> set[int]:
+    return _procs_in(server_cgroup_dirs(depot))
 
 
 def container_pids(handle: str) -> set[int]:
     """Host pids of the processes in the container's cgroups (all hierarchies)."""
-    pids: set[int] = set()
-    for path in cgroup_dirs(handle):
-        try:
-            with open(os.path.join(path, "cgroup.procs")) as f:
-                pids.update(int(p) for p in f.read().split())
-        except (FileNotFoundError, ProcessLookupError, OSError):
-            continue
-    return pids
+    return _procs_in(cgroup_dirs(handle))
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -388,3 +385,19 @@ def link_names() -> set[str]:
         if match:
             names.add(match.group(1))
     return names
+
+
+def host_snapshot(server: Any) -> dict[str, object]:
+    """What a server has on the host: cgroups, mounts, depot entries, its fds, shims, inits.
+
+    Equal snapshots before and after some work mean the work left nothing behind."""
+    depot, pid = server.depot, server.proc.pid
+    return {
+        "cgroups": sorted(server_cgroup_dirs(depot)),
+        "mounts (host)": mounts_containing(depot),
+        "mounts (server)": mounts_containing(depot, pid),
+        "depot": sorted(paths_under(depot, max_depth=3)),
+        "server fds": server_fds(pid),
+        "gactor-shim": sorted(server_shims(depot)),
+        "garden-init": sorted(server_inits(depot)),
+    }

@@ -13,33 +13,14 @@ from gactor import ContainerSpec
 
 from .helpers import (
     E2E_MARKS,
-    mounts_containing,
-    paths_under,
+    host_snapshot,
     run,
-    server_cgroup_dirs,
-    server_fds,
-    server_inits,
-    server_shims,
     wait_until_equal,
 )
 
 pytestmark = E2E_MARKS
 
 ROUNDS = 10
-
-
-def _snapshot(server) -> dict[str, object]:
-    depot = server.depot
-    pid = server.proc.pid
-    return {
-        "cgroups": sorted(server_cgroup_dirs(depot)),
-        "mounts (host)": mounts_containing(depot),
-        "mounts (server)": mounts_containing(depot, pid),
-        "depot": sorted(paths_under(depot, max_depth=3)),
-        "server fds": server_fds(pid),
-        "gactor-shim": len(server_shims(depot)),
-        "garden-init": len(server_inits(depot)),
-    }
 
 
 async def test_create_run_destroy_loop_leaves_nothing(gactor_server, client):
@@ -49,14 +30,14 @@ async def test_create_run_destroy_loop_leaves_nothing(gactor_server, client):
     assert (await run(warm, "echo", ["hi"]))[0] == 0
     await client.destroy(warm.handle)
 
-    before = _snapshot(gactor_server)
+    before = host_snapshot(gactor_server)
     for i in range(ROUNDS):
         with trio.fail_after(60):
             container = await client.create(ContainerSpec(handle=f"{prefix}-{i}"))
             code, out, _ = await run(container, "echo", ["hi"])
             assert (code, out) == (0, b"hi\n")
             await client.destroy(container.handle)
-    await wait_until_equal(lambda: _snapshot(gactor_server), before, 15)
+    await wait_until_equal(lambda: host_snapshot(gactor_server), before, 15)
 
 
 async def test_failed_runs_leave_nothing(gactor_server, client):
@@ -67,12 +48,12 @@ async def test_failed_runs_leave_nothing(gactor_server, client):
     container = await client.create(ContainerSpec(handle=f"{prefix}-bad"))
     try:
         assert (await run(container, "true"))[0] == 0
-        before = _snapshot(gactor_server)
+        before = host_snapshot(gactor_server)
         for _ in range(ROUNDS):
             with pytest.raises(GardenError):
                 await container.run(ProcessSpec(path="potato-nope"), ProcessIO())
             with pytest.raises(GardenError):
                 await container.run(ProcessSpec(path="true", user="bob-nope"), ProcessIO())
-        await wait_until_equal(lambda: _snapshot(gactor_server), before, 15)
+        await wait_until_equal(lambda: host_snapshot(gactor_server), before, 15)
     finally:
         await client.destroy(container.handle)

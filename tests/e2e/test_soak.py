@@ -20,12 +20,7 @@ from gactor import ContainerSpec, ProcessIO, ProcessSpec
 from .helpers import (
     E2E_MARKS,
     Sink,
-    mounts_containing,
-    paths_under,
-    server_cgroup_dirs,
-    server_fds,
-    server_inits,
-    server_shims,
+    host_snapshot,
     wait_until_equal,
 )
 
@@ -33,19 +28,6 @@ pytestmark = E2E_MARKS
 
 CYCLES = int(os.environ.get("GACTOR_SOAK_CYCLES", "100"))
 SOAK_CONCURRENCY = 4
-
-
-def _snapshot(server: Any) -> dict[str, object]:
-    depot, pid = server.depot, server.proc.pid
-    return {
-        "cgroups": sorted(server_cgroup_dirs(depot)),
-        "mounts (host)": mounts_containing(depot),
-        "mounts (server)": mounts_containing(depot, pid),
-        "depot": sorted(paths_under(depot, max_depth=3)),
-        "server fds": server_fds(pid),
-        "gactor-shim": sorted(server_shims(depot)),
-        "garden-init": sorted(server_inits(depot)),
-    }
 
 
 async def _cycle(client: Any, handle: str) -> None:
@@ -65,7 +47,7 @@ async def _cycle(client: Any, handle: str) -> None:
 async def test_soak_create_run_destroy(gactor_server, client):
     prefix = f"soak-{uuid.uuid4().hex[:8]}"
     await _cycle(client, f"{prefix}-warm")  # the first container may build caches
-    before = _snapshot(gactor_server)
+    before = host_snapshot(gactor_server)
     todo = iter(range(CYCLES))
     done: list[int] = []
 
@@ -81,4 +63,4 @@ async def test_soak_create_run_destroy(gactor_server, client):
                 nursery.start_soon(worker)
     assert sorted(done) == list(range(CYCLES))
     assert not [c.handle for c in await client.containers() if c.handle.startswith(prefix)]
-    await wait_until_equal(lambda: _snapshot(gactor_server), before, within=15)
+    await wait_until_equal(lambda: host_snapshot(gactor_server), before, within=15)
