@@ -186,7 +186,11 @@ async def wait_until_equal(
         if current == expected:
             return
         if trio.current_time() >= deadline:
-            assert current == expected
+            if isinstance(current, dict) and isinstance(expected, dict):
+                changed = {k: (expected.get(k), current.get(k)) for k in current.keys() | expected.keys()
+                           if current.get(k) != expected.get(k)}
+                pytest.fail(f"still different after {within}s (key: (expected, now)): {changed}")
+            pytest.fail(f"still different after {within}s: expected {expected!r}, now {current!r}")
         await trio.sleep(interval)
 
 
@@ -401,3 +405,18 @@ def host_snapshot(server: Any) -> dict[str, object]:
         "gactor-shim": sorted(server_shims(depot)),
         "garden-init": sorted(server_inits(depot)),
     }
+
+
+async def wait_until_nothing_left(server: Any, before: dict[str, object], within: float = 15.0) -> None:
+    """Wait until the host looks as in ``before``. The server may hold fewer fds than then
+    (a connection of an earlier test was still closing), never more."""
+
+    def now() -> dict[str, object]:
+        snap = host_snapshot(server)
+        fds, baseline = snap["server fds"], before["server fds"]
+        assert isinstance(fds, int)
+        assert isinstance(baseline, int)
+        snap["server fds"] = max(fds, baseline)  # fewer than before counts as "as before"
+        return snap
+
+    await wait_until_equal(now, before, within)

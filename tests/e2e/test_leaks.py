@@ -15,7 +15,7 @@ from .helpers import (
     E2E_MARKS,
     host_snapshot,
     run,
-    wait_until_equal,
+    wait_until_nothing_left,
 )
 
 pytestmark = E2E_MARKS
@@ -37,7 +37,7 @@ async def test_create_run_destroy_loop_leaves_nothing(gactor_server, client):
             code, out, _ = await run(container, "echo", ["hi"])
             assert (code, out) == (0, b"hi\n")
             await client.destroy(container.handle)
-    await wait_until_equal(lambda: host_snapshot(gactor_server), before, 15)
+    await wait_until_nothing_left(gactor_server, before)
 
 
 async def test_failed_runs_leave_nothing(gactor_server, client):
@@ -54,6 +54,6 @@ async def test_failed_runs_leave_nothing(gactor_server, client):
                 await container.run(ProcessSpec(path="potato-nope"), ProcessIO())
             with pytest.raises(GardenError):
                 await container.run(ProcessSpec(path="true", user="bob-nope"), ProcessIO())
-        await wait_until_equal(lambda: host_snapshot(gactor_server), before, 15)
+        await wait_until_nothing_left(gactor_server, before)
     finally:
         await client.destroy(container.handle)
