@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from .errors import ConnectionLostError, ContainerNotFoundError, GardenError, error_from_wire
+from .errors import ConnectionLostError, GardenError, error_from_wire
 from .transport import protocol as P
 from .types import (
     BandwidthLimits,
@@ -554,4 +554,4 @@ def _unwrap(group: BaseExceptionGroup) -> BaseException:
     return GardenError("; ".join(str(e) for e in leaves))
 
 
-__all__ = ["Client", "Container", "ContainerNotFoundError", "Process", "ProcessIO", "connect"]
+__all__ = ["Client", "Container", "Process", "ProcessIO", "TarStream", "connect"]

@@ -35,7 +35,7 @@ from ..types import (
 )
 from .cleanup import Cleanup
 from .process import ProcessActor, Subscription
-from .shim_link import ShimGone, ShimLink
+from .shim_link import ShimLink
 from .spawner_client import SpawnerClient
 
 log = logging.getLogger("gactor.container")
@@ -459,5 +459,3 @@ def _signal_all(pids: list[int], sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
 
-
-__all__ = ["ContainerActor", "Environment", "ShimGone"]

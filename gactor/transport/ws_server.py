@@ -19,7 +19,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from ..actors.process import ProcessActor, Subscription
-from ..errors import ContainerNotFoundError, GardenError, ProtocolError
+from ..errors import ContainerNotFoundError, GardenError
 from . import protocol as P
 from .methods import TAR_OUTPUT_LIMIT, Api, arg, start_tar
 
@@ -27,9 +27,9 @@ log = logging.getLogger("gactor.api")
 
 # A client going away mid-send: its streams end, its processes keep running.
 _GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
-# Calls that open a stream other than run/attach, and the Peer method serving each.
 SEND_TIMEOUT = 30.0  # seconds a client may read nothing before it is dropped
 _TAR_END_MARKER = 1024  # two zero blocks end every tar archive
+# Calls that open a stream other than run/attach, and the Peer method serving each.
 _STREAMING = {"events": "_serve_events", "stream_in": "_serve_stream_in", "stream_out": "_serve_stream_out"}
 
 
@@ -353,5 +353,3 @@ class _PortStatus:
     def started(self, server: Any = None) -> None:
         self._inner.started(server.port if server is not None else 0)
 
-
-__all__ = ["ProtocolError", "serve"]
