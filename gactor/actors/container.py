@@ -90,7 +90,8 @@ class ContainerActor:
         self._oom_pokes = trio.open_memory_channel[None](1)
         self.serving = False  # creation finished; failures from here on are crashes, not errors
         self._oom_seen = 0
-        self._stop_lock = trio.Lock()  # a Run waits for a stop in progress, or the stop would kill it
+        self._stop_lock = trio.Lock()
+        self._save_lock = trio.Lock()  # a Run waits for a stop in progress, or the stop would kill it
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -242,17 +243,28 @@ class ContainerActor:
         cgroup.kill_all()
         cgroup.destroy()
 
-    def persist(self) -> None:
-        """Write the container's state to the depot (atomically, durably)."""
-        depot.write_json(os.path.join(self.dir, "container.json"), {
+    def _record(self) -> dict[str, Any]:
+        """The depot record: a snapshot, so it can be written from another thread."""
+        return {
             "spec": to_wire(self.spec),
             "rootfs": self.rootfs_source,
-            "properties": self.properties,
+            "properties": dict(self.properties),
             "grace_time": self.grace_time,
             "state": self.state,
-            "events": self.events,
+            "events": list(self.events),
             "created_at": self.created_at,
-        })
+        }
+
+    def persist(self) -> None:
+        """Write the container's state to the depot (atomically, durably). Blocking."""
+        depot.write_json(os.path.join(self.dir, "container.json"), self._record())
+
+    async def save(self) -> None:
+        """``persist`` without blocking the event loop on fsync. Returns once the state as
+        it was at the call is on disk; saves of one container never interleave."""
+        record = self._record()
+        async with self._save_lock:
+            await trio.to_thread.run_sync(depot.write_json, os.path.join(self.dir, "container.json"), record)
 
     async def destroy(self) -> None:
         """Kill everything and remove every trace. Safe to retry after a failure."""
@@ -327,7 +339,7 @@ class ContainerActor:
     async def _record_event(self, event: str) -> None:
         """Persist the event, then hand it to the registry, which delivers it to subscribers."""
         self.events.append(event)
-        await trio.to_thread.run_sync(self.persist)
+        await self.save()
         self.env.publish(self.handle, event)
 
     # ---- processes -------------------------------------------------------------
@@ -405,7 +417,7 @@ class ContainerActor:
                     _signal_all(pids, signal.SIGTERM)  # again each second, for children forked meanwhile
                     next_term = now + 1
                 await trio.sleep(0.05)
-            await trio.to_thread.run_sync(self.persist)
+            await self.save()
 
     # ---- reads -----------------------------------------------------------------
 

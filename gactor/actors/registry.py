@@ -266,11 +266,11 @@ class Registry:
             if timer is not None:
                 timer.unpause()
 
-    def set_grace_time(self, handle: str, seconds: float) -> None:
+    async def set_grace_time(self, handle: str, seconds: float) -> None:
         container = self.lookup(handle)
         container.grace_time = seconds
-        container.persist()
         self._timers[handle].reset(seconds)
+        await container.save()
 
     def list(self, properties: dict[str, str] | None) -> list[str]:
         wanted = properties or {}

@@ -140,7 +140,7 @@ async def _set_grace_time(api: Api, args: dict[str, Any]) -> None:
     seconds = arg(args, "seconds", float)
     if not 0 <= seconds < 1e9:
         raise GardenError(f"argument 'seconds' out of range: {seconds}")
-    api.registry.set_grace_time(arg(args, "handle", str), seconds)
+    await api.registry.set_grace_time(arg(args, "handle", str), seconds)
 
 
 async def _bulk_info(api: Api, args: dict[str, Any]) -> Any:
@@ -205,12 +205,12 @@ async def _property(c: ContainerActor, args: dict[str, Any]) -> str:
 
 async def _set_property(c: ContainerActor, args: dict[str, Any]) -> None:
     c.properties[arg(args, "name", str)] = arg(args, "value", str)
-    c.persist()
+    await c.save()
 
 
 async def _remove_property(c: ContainerActor, args: dict[str, Any]) -> None:
     c.properties.pop(arg(args, "name", str), None)
-    c.persist()
+    await c.save()
 
 
 async def _signal(c: ContainerActor, args: dict[str, Any]) -> None:
@@ -235,7 +235,7 @@ async def _limit_memory(c: ContainerActor, args: dict[str, Any]) -> None:
         raise GardenError(f"cannot set a memory limit of {limits.limit_in_bytes} bytes: "
                           f"{os.strerror(err.errno) if err.errno else err} (is usage above it?)") from err
     c.spec.limits.memory = limits
-    c.persist()
+    await c.save()
 
 
 async def _current_memory_limits(c: ContainerActor, args: dict[str, Any]) -> Any:
@@ -249,7 +249,7 @@ async def _limit_cpu(c: ContainerActor, args: dict[str, Any]) -> None:
     except KernelError as err:
         raise GardenError(f"cannot set cpu limits {limits}: {err}") from err
     c.spec.limits.cpu = limits
-    c.persist()
+    await c.save()
 
 
 async def _current_cpu_limits(c: ContainerActor, args: dict[str, Any]) -> Any:

@@ -181,7 +181,7 @@ class FakeContainer:
         if self.fail:
             raise OSError(16, "Device or resource busy")
 
-    def persist(self) -> None:
+    async def save(self) -> None:
         self.persisted += 1
 
 
@@ -258,7 +258,7 @@ async def test_set_grace_time_restarts_the_countdown_and_persists(registry, auto
     start = trio.current_time()
     fake = _add(registry, "reset", 100.0)
     await trio.sleep(10)
-    registry.set_grace_time("reset", 2.5)
+    await registry.set_grace_time("reset", 2.5)
     assert (fake.grace_time, fake.persisted) == (2.5, 1)
     await trio.sleep(NEVER)
     assert fake.destroyed_at == [start + 10 + 2.5]
@@ -268,7 +268,7 @@ async def test_set_grace_time_during_a_request_waits_for_its_end(registry, autoj
     start = trio.current_time()
     fake = _add(registry, "held", 100.0)
     async with registry.using("held"):
-        registry.set_grace_time("held", 1.0)
+        await registry.set_grace_time("held", 1.0)
         await trio.sleep(20)
     await trio.sleep(NEVER)
     assert fake.destroyed_at == [start + 20 + 1]
