@@ -197,8 +197,10 @@ async def wait_until_equal(
 # ---- host-side inspectors ------------------------------------------------------------
 
 
-def _walk_dirs(top: str, max_depth: int) -> list[tuple[str, int]]:
-    found: list[tuple[str, int]] = []
+def _walk(top: str, max_depth: int, dirs_only: bool = True) -> list[str]:
+    """Paths under ``top`` down to ``max_depth`` levels (directories only, by default),
+    without following symlinks; whatever vanishes meanwhile is skipped."""
+    found: list[str] = []
     stack = [(top, 0)]
     while stack:
         path, depth = stack.pop()
@@ -207,8 +209,10 @@ def _walk_dirs(top: str, max_depth: int) -> list[tuple[str, int]]:
         try:
             with os.scandir(path) as entries:
                 for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        found.append((entry.path, depth + 1))
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if is_dir or not dirs_only:
+                        found.append(entry.path)
+                    if is_dir:
                         stack.append((entry.path, depth + 1))
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             continue
@@ -232,7 +236,7 @@ def cgroup_dirs(handle: str, max_depth: int = 4) -> list[str]:
     """Every cgroup directory named ``handle`` in any hierarchy, up to ``max_depth`` deep."""
     found = []
     for hierarchy in cgroup_hierarchies():
-        found += [p for p, _ in _walk_dirs(hierarchy, max_depth) if os.path.basename(p) == handle]
+        found += [p for p in _walk(hierarchy, max_depth) if os.path.basename(p) == handle]
     return sorted(found)
 
 
@@ -247,7 +251,7 @@ def server_cgroup_dirs(depot: str, max_depth: int = 5) -> set[str]:
     parent = cgroup_parent_name(depot)
     found = set()
     for hierarchy in cgroup_hierarchies():
-        for path, _ in _walk_dirs(hierarchy, max_depth):
+        for path in _walk(hierarchy, max_depth):
             parts = os.path.relpath(path, hierarchy).split(os.sep)
             if parent in parts[:-1]:
                 found.add(path)
@@ -357,24 +361,13 @@ def server_fds(pid: int) -> int:
 
 
 def paths_under(top: str, max_depth: int = 3, skip: Sequence[str] = ()) -> set[str]:
-    """Relative paths of every file and directory under ``top``, up to ``max_depth``."""
+    """Relative paths of every file and directory under ``top``, up to ``max_depth``,
+    leaving out ``skip`` entries and everything below them."""
     found = set()
-    stack = [(top, 0)]
-    while stack:
-        path, depth = stack.pop()
-        if depth >= max_depth:
-            continue
-        try:
-            with os.scandir(path) as entries:
-                for entry in entries:
-                    rel = os.path.relpath(entry.path, top)
-                    if any(rel == s or rel.startswith(s + os.sep) for s in skip):
-                        continue
-                    found.add(rel)
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append((entry.path, depth + 1))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
+    for path in _walk(top, max_depth, dirs_only=False):
+        rel = os.path.relpath(path, top)
+        if not any(rel == s or rel.startswith(s + os.sep) for s in skip):
+            found.add(rel)
     return found
 
 
