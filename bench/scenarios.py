@@ -123,6 +123,7 @@ async def concurrent(
     """``n`` creates at once in a nursery, ``while_alive()``, then ``n`` destroys at once."""
     creates = Series("concurrent_create", f"{n} concurrent creates", "s")
     destroys = Series("concurrent_destroy", f"{n} concurrent destroys", "s")
+    ping_p99 = Series("ping_p99_during_destroys", f"ping p99 during {n} concurrent destroys", "ms")
     for _ in range(runs):
         names = [handles.new("conc") for _ in range(n)]
         handles.live.update(names)
@@ -130,9 +131,23 @@ async def concurrent(
             await _all_at_once(lambda h: client.create(ContainerSpec(handle=h)), names)
         )
         await while_alive()
-        destroys.samples.append(await _all_at_once(client.destroy, names))
+        pings: list[float] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_ping_until_cancelled, client, pings)
+            destroys.samples.append(await _all_at_once(client.destroy, names))
+            nursery.cancel_scope.cancel()
+        if pings:
+            ping_p99.samples.append(sorted(pings)[min(len(pings) - 1, int(len(pings) * 0.99))])
         handles.live.difference_update(names)
-    return [creates, destroys]
+    return [creates, destroys, ping_p99]
+
+
+async def _ping_until_cancelled(client: Any, latencies: list[float]) -> None:
+    """The event loop's responsiveness: ping latencies (ms), one ping at a time."""
+    while True:
+        start = perf_counter()
+        await client.ping()
+        latencies.append((perf_counter() - start) * 1e3)
 
 
 async def _all_at_once(call: Callable[[str], Awaitable[object]], handles: list[str]) -> float:

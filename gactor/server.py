@@ -135,9 +135,9 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, host: str, port: 
         log.warning("no C compiler for garden-init (%s): container pid 1 will be a Python process", err)
     async with trio.open_nursery() as nursery:
         registry = Registry(env, config.default_rootfs, config.default_grace_time, config.max_containers)
-        await nursery.start(functools.partial(registry.run,
-                                              destroy_existing=config.destroy_containers_on_startup))
-        api = Api(registry, config.network_pool)
+        registry_ref = await nursery.start(functools.partial(
+            registry.run, destroy_existing=config.destroy_containers_on_startup))
+        api = Api(registry_ref, config.network_pool)
         bound = await nursery.start(ws_server.serve, api, host, port, config.token)
         log.info("gactor serving the websocket API on ws://%s:%d/", host, bound)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

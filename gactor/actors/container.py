@@ -1,21 +1,34 @@
 """The container actor: one per container, owning its cgroup, rootfs mount, depot
 directory, shim link and process actors.
 
-Creation happens inside ``run`` before ``task_status.started``: every kernel object
-is pushed onto one Cleanup stack the moment it exists, so a failure anywhere unwinds
-exactly what was made; on success the actor takes ownership (``pop_all``) and
-releases it all in ``destroy``.
+One task owns the state (``_serve``: commands from the mailbox, one at a time); long
+work (spawning, a stop's grace period, teardown) runs in tasks of the actor's own
+nursery, which report back through the same mailbox, so a caller that goes away
+cancels only its wait. Creation happens inside ``run`` before ``task_status.started``:
+every kernel object is pushed onto one Cleanup stack the moment it exists, so a failure
+anywhere unwinds exactly what was made; on success the actor takes ownership
+(``pop_all``) and releases it all on destroy.
+
+Lifecycle (the table below is the whole truth; anything else is a bug):
+
+    CREATING --created--> ACTIVE --stop/oom--> STOPPED
+    ACTIVE, STOPPED --shim_died--> BROKEN      (the shim is gone: no process can run)
+    ACTIVE, STOPPED, BROKEN --destroy--> DESTROYING --destroyed--> DESTROYED
+                                         DESTROYING --destroy_failed--> BROKEN (retry)
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
+import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import trio
@@ -34,22 +47,56 @@ from ..types import (
     to_wire,
 )
 from .cleanup import Cleanup
+from .mailbox import DEFERRED, Mailbox, Request
 from .process import ProcessActor, Subscription
 from .shim_link import ShimLink
 from .spawner_client import SpawnerClient
 
 log = logging.getLogger("gactor.container")
 
+
+class State(enum.Enum):
+    CREATING = "creating"
+    ACTIVE = "active"
+    STOPPED = "stopped"
+    BROKEN = "broken"
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+
+
+class Event(enum.Enum):
+    CREATED = enum.auto()
+    STOP = enum.auto()  # a Stop call, or an OOM kill
+    SHIM_DIED = enum.auto()
+    DESTROY = enum.auto()
+    DESTROY_FAILED = enum.auto()
+    DESTROYED = enum.auto()
+
+
+_S = State
+TRANSITIONS: dict[State, dict[Event, State]] = {
+    _S.CREATING: {Event.CREATED: _S.ACTIVE},
+    _S.ACTIVE: {Event.STOP: _S.STOPPED, Event.SHIM_DIED: _S.BROKEN, Event.DESTROY: _S.DESTROYING},
+    _S.STOPPED: {Event.STOP: _S.STOPPED, Event.SHIM_DIED: _S.BROKEN, Event.DESTROY: _S.DESTROYING},
+    _S.BROKEN: {Event.STOP: _S.BROKEN, Event.SHIM_DIED: _S.BROKEN, Event.DESTROY: _S.DESTROYING},
+    _S.DESTROYING: {Event.DESTROY_FAILED: _S.BROKEN, Event.DESTROYED: _S.DESTROYED,
+                    Event.STOP: _S.DESTROYING, Event.SHIM_DIED: _S.DESTROYING},
+    _S.DESTROYED: {},
+}
+
 STOP_GRACE = 10.0
 OOM_EVENT = "Out of memory"  # Garden's text in ContainerInfo.events
+SHIM_DIED_EVENT = "container shim exited unexpectedly: its processes are lost"
 OOM_POLL = 2.0  # seconds between reads of the oom_kill counter when nothing else prompts one
+KEEP_EXITED = 1000  # exited processes remembered (for attach and wait), newest first
 DEVICE_ALLOW = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm",
                 "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm"]
 
 
 @dataclass
 class Environment:
-    """What every container actor shares: the depot, the cgroup driver, the spawner."""
+    """What every container actor shares, read-only: the depot, the cgroup driver, the
+    spawner, and how to publish an event (the registry delivers it)."""
 
     depot: str
     cgroups: CgroupDriver
@@ -62,78 +109,272 @@ class Environment:
     image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     init_binary: str = ""  # the static garden-init; empty means pid 1 stays a forked Python
     tar_binary: str = "/bin/busybox"  # static, so it runs in any image (as Garden ships its tar)
-    # How a container reports an event (e.g. an OOM); the registry delivers it.
-    publish: Callable[[str, str], None] = lambda handle, event: None
+    publish: Callable[[str, str], Awaitable[None]] = field(default=lambda handle, event: _nothing())
+
+
+async def _nothing() -> None:
+    return None
+
+
+# ---- commands --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GetInfo:
+    pass
+
+
+@dataclass(frozen=True)
+class CheckOom:
+    pass
+
+
+@dataclass(frozen=True)
+class SetProperty:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
+class RemoveProperty:
+    name: str
+
+
+@dataclass(frozen=True)
+class SetGraceTime:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LimitMemory:
+    limits: MemoryLimits
+
+
+@dataclass(frozen=True)
+class LimitCpu:
+    limits: CPULimits
+
+
+@dataclass(frozen=True)
+class Run:
+    spec: ProcessSpec
+    process_id: str
+    subscriber: Subscription | None
+    host_exe: str
+    dir_must_exist: bool
+
+
+@dataclass(frozen=True)
+class FindProcess:
+    process_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    kill: bool
+
+
+@dataclass(frozen=True)
+class Destroy:
+    pass
+
+
+# Reports from the actor's own tasks.
+@dataclass(frozen=True)
+class _Spawned:
+    reply_to: Request[ProcessActor]
+    process: ProcessActor
+
+
+@dataclass(frozen=True)
+class _ProcessExited:
+    process_id: str
+    code: int
+
+
+@dataclass(frozen=True)
+class _ShimDied:
+    pass
+
+
+@dataclass(frozen=True)
+class _TornDown:
+    reply_to: Request[None]
+    error: BaseException | None
 
 
 class ContainerActor:
-    def __init__(self, env: Environment, spec: ContainerSpec, rootfs_path: str) -> None:
+    """Holds the state; only its own task reads or changes the mutable part. The
+    registry and the front ends use it through ``ContainerRef``."""
+
+    def __init__(self, env: Environment, spec: ContainerSpec, rootfs_path: str, name: str = "") -> None:
         self.env = env
         self.spec = spec
         self.handle = spec.handle
-        self.dir = os.path.join(env.depot, depot.CONTAINERS, spec.handle)
+        self.name = name or depot.dir_name(spec.handle)  # of its depot directory and cgroup
+        self.dir = os.path.join(env.depot, depot.CONTAINERS, self.name)
         self.rootfs_source = rootfs_path
         self.properties = dict(spec.properties)
         self.grace_time = spec.grace_time
-        self.state = "active"
+        self.state = State.CREATING
+        self._record_state = State.ACTIVE  # what the depot record says (restored containers)
         self.events: list[str] = []
         self.created_at = time.time()
         self.processes: dict[str, ProcessActor] = {}
         self._early_exits: dict[str, int] = {}
-        self._nursery: trio.Nursery | None = None
         self._link: ShimLink | None = None
         self._cgroup: Cgroup | None = None
+        self._shim_fd = -1
         self._owned = Cleanup()
         self._init_pid = 0
-        self._gone = trio.Event()
         self.image_bytes = self.image_inodes = 0
-        self._oom_pokes = trio.open_memory_channel[None](1)
-        self.serving = False  # creation finished; failures from here on are crashes, not errors
         self._oom_seen = 0
-        self._stop_lock = trio.Lock()
-        self._save_lock = trio.Lock()  # a Run waits for a stop in progress, or the stop would kill it
+        self._stop_lock = trio.Lock()  # a Run waits for a stop in progress, or the stop would kill it
+        self._save_lock = trio.Lock()
+        self.mailbox = Mailbox(f"container {self.handle}")
+        self._nursery: trio.Nursery | None = None
+        # Exits as the shim link reports them (synchronously), forwarded to the mailbox by
+        # a task: one entry per process that ended, so bounded by the processes started.
+        self._exits = trio.open_memory_channel[tuple[str, int]](math.inf)
+        self.ref = ContainerRef(self)
 
-    # ---- lifecycle -------------------------------------------------------------
+    # ---- lifecycle -------------------------------------------------------------------
 
     @classmethod
-    def restore(cls, env: Environment, handle: str) -> ContainerActor:
-        """A container from its depot record, to be re-adopted with ``run(adopt=True)``."""
-        record = depot.read_json(os.path.join(env.depot, depot.CONTAINERS, handle, "container.json"))
+    def restore(cls, env: Environment, name: str) -> ContainerActor:
+        """A container from its depot record (directory ``name``), to be re-adopted
+        with ``run(adopt=True)``."""
+        record = depot.read_json(os.path.join(env.depot, depot.CONTAINERS, name, "container.json"))
         spec = from_wire(ContainerSpec, record["spec"])
-        actor = cls(env, spec, record["rootfs"])
+        spec.handle = record.get("handle", spec.handle or name)
+        actor = cls(env, spec, record["rootfs"], name)
         actor.properties = dict(record["properties"])
         actor.grace_time = float(record["grace_time"])
-        actor.state = record["state"]
+        actor._record_state = State(record["state"])
         actor.events = list(record["events"])
         actor.created_at = float(record["created_at"])
         return actor
 
+    def _transition(self, event: Event) -> None:
+        try:
+            self.state = TRANSITIONS[self.state][event]
+        except KeyError:
+            raise GardenError(f"container {self.handle} is {self.state.value}: cannot {event.name.lower()}") from None
+        self.ref._publish()
+
     async def run(self, *, adopt: bool = False,
-                  task_status: trio.TaskStatus[ContainerActor] = trio.TASK_STATUS_IGNORED) -> None:
+                  task_status: trio.TaskStatus[ContainerRef] = trio.TASK_STATUS_IGNORED) -> None:
         """Create (or re-adopt) the container and serve it until destroyed.
 
-        Raises GardenError if creation fails, after undoing every step taken.
+        Raises GardenError if creation fails, after undoing every step taken (in a
+        worker thread, shielded: a cancelled create still rolls back completely).
         """
-        with Cleanup() as undo:
-            try:
-                if adopt:
-                    await self._reconnect(undo)
-                else:
-                    await self._create(undo)
-            except (OSError, ValueError, KeyError, KernelError) as err:
-                raise GardenError(f"creating container {self.handle}: {err}") from err
-            self._owned = undo.pop_all()
-        assert self._link is not None
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._link.run)
-            nursery.start_soon(self._watch_oom)
+        undo = Cleanup()
+        try:
             if adopt:
-                await self._adopt_processes()
-            self.serving = True
-            task_status.started(self)
-            await self._gone.wait()
-            nursery.cancel_scope.cancel()
+                await self._reconnect(undo)
+            else:
+                await self._create(undo)
+        except BaseException as err:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(undo.__exit__, type(err), err, None)
+            if isinstance(err, (OSError, ValueError, KeyError, KernelError)):
+                raise GardenError(f"creating container {self.handle}: {err}") from err
+            raise
+        self._owned = undo.pop_all()
+        assert self._link is not None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._link.run)
+                nursery.start_soon(self._forward_exits, self._exits[1])
+                nursery.start_soon(self._watch_shim)
+                nursery.start_soon(self._watch_oom)
+                if adopt:
+                    await self._adopt_processes()
+                self._transition(Event.CREATED)
+                if adopt and self._record_state is State.STOPPED:
+                    self._transition(Event.STOP)
+                task_status.started(self.ref)
+                await self._serve()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.mailbox.close()
+
+    async def _serve(self) -> None:
+        """The owning loop: until destroyed, one command at a time."""
+        async for request in self.mailbox.requests():
+            try:
+                await request.settle(self._handle)
+            except Exception:  # noqa: BLE001 - the request got an internal error; keep serving
+                log.exception("container %s: %s failed", self.handle, type(request.command).__name__)
+            if self.state is State.DESTROYED:
+                return
+
+    async def _handle(self, request: Request[Any]) -> Any:  # noqa: C901 - one case per command
+        match request.command:
+            case GetInfo():
+                return self._info()
+            case CheckOom():
+                await self._check_oom()
+            case SetProperty(name, value):
+                self.properties[name] = value
+                self.ref._publish()
+                await self._save()
+            case RemoveProperty(name):
+                self.properties.pop(name, None)
+                self.ref._publish()
+                await self._save()
+            case SetGraceTime(seconds):
+                self.grace_time = seconds
+                await self._save()
+            case LimitMemory(limits):
+                await self._limit_memory(limits)
+            case LimitCpu(limits):
+                await self._limit_cpu(limits)
+            case Run() as run:
+                self._check_run(run)
+                self._spawn(self._spawn_process, run, request)
+                return DEFERRED
+            case _Spawned(reply_to, process):
+                try:
+                    reply_to.reply(await self._add_process(process))
+                except BaseException as err:
+                    reply_to.fail(err)
+                    raise
+            case FindProcess(process_id):
+                return self._process(process_id)
+            case Stop(kill):
+                self._transition(Event.STOP)
+                await self._save()
+                self._spawn(self._stop, kill, request)
+                return DEFERRED
+            case Destroy():
+                self._transition(Event.DESTROY)
+                self._spawn(self._teardown, request)
+                return DEFERRED
+            case _TornDown(reply_to, error):
+                if error is None:
+                    self._transition(Event.DESTROYED)
+                    reply_to.reply(None)
+                else:
+                    self._transition(Event.DESTROY_FAILED)
+                    reply_to.fail(GardenError(f"destroying {self.handle}: {error}"))
+            case _ProcessExited(process_id, code):
+                proc = self.processes.get(process_id)
+                if proc is None:
+                    self._early_exits[process_id] = code
+                else:
+                    await proc.exited(code)
+                await self._check_oom()  # an OOM kill of this process or of one of its children?
+            case _ShimDied():
+                await self._shim_died()
+            case command:
+                raise GardenError(f"unknown command {command!r}")
+        return None
+
+    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
 
     async def _create(self, undo: Cleanup) -> None:
         started = trio.current_time()
@@ -151,14 +392,14 @@ class ContainerActor:
 
     def _own_shim(self, pid: int, undo: Cleanup) -> None:
         # A pidfd, not the pid: the shim's pid may be reused once it has exited.
-        shim_fd = os.pidfd_open(pid)
-        undo.callback(os.close, shim_fd)
-        undo.callback(_kill_quietly, shim_fd)
+        self._shim_fd = os.pidfd_open(pid)
+        undo.callback(os.close, self._shim_fd)
+        undo.callback(_kill_quietly, self._shim_fd)
 
     async def _reconnect(self, undo: Cleanup) -> None:
         """Take over a container a previous server process created."""
         undo.callback(depot.remove_tree, self.dir)
-        self._cgroup = self.env.cgroups.open(self.handle)
+        self._cgroup = self.env.cgroups.open(self.name)
         undo.callback(self._destroy_cgroup, self._cgroup)
         undo.callback(rootfs.unmount, os.path.join(self.dir, "rootfs"))
         self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
@@ -174,8 +415,8 @@ class ContainerActor:
         self._init_pid = int(listing["init"])
         for entry in listing["processes"]:
             reply, fds = await self._link.request("attach", id=entry["id"])
-            await self._adopt(entry["id"], int(reply["pid"]), bool(reply["tty"]), fds,
-                              reply["exit"], bool(reply["stdin"]))
+            await self._add_process(self._process_actor(
+                entry["id"], int(reply["pid"]), bool(reply["tty"]), fds, reply["exit"], bool(reply["stdin"])))
 
     async def _image(self) -> str:
         """The overlay's lower dir: the source itself, or (unprivileged) its uid-shifted copy."""
@@ -193,8 +434,8 @@ class ContainerActor:
         os.makedirs(os.path.dirname(self.dir), mode=0o711, exist_ok=True)
         os.mkdir(self.dir, 0o711)
         undo.callback(depot.remove_tree, self.dir)
-        self.persist()
-        cgroup = self.env.cgroups.create(self.handle)
+        depot.write_json(os.path.join(self.dir, "container.json"), self._record())
+        cgroup = self.env.cgroups.create(self.name)
         undo.callback(self._destroy_cgroup, cgroup)
         self._cgroup = cgroup
         cgroup.setup_devices(DEVICE_ALLOW)
@@ -222,17 +463,34 @@ class ContainerActor:
         limits = self.spec.limits
         if limits.memory.limit_in_bytes:
             cgroup.set_memory_limit(limits.memory.limit_in_bytes)
-        self.apply_cpu_limits(cgroup, limits.cpu)
+        self._apply_cpu_limits(cgroup, limits.cpu)
         if limits.pid.max:
             cgroup.set_pids_max(limits.pid.max)
 
-    def apply_cpu_limits(self, cgroup: Cgroup, limits: CPULimits) -> None:
+    def _apply_cpu_limits(self, cgroup: Cgroup, limits: CPULimits) -> None:
         """Weight wins over limit_in_shares; with --cpu-quota-per-share also a hard cap."""
         shares = limits.weight or limits.limit_in_shares
         if shares:
             cgroup.set_cpu_shares(shares)
             if self.env.cpu_quota_per_share:
                 cgroup.set_cpu_quota(max(1000, shares * self.env.cpu_quota_per_share))
+
+    async def _limit_memory(self, limits: MemoryLimits) -> None:
+        try:
+            await trio.to_thread.run_sync(self.cgroup.set_memory_limit, limits.limit_in_bytes)
+        except KernelError as err:
+            raise GardenError(f"cannot set a memory limit of {limits.limit_in_bytes} bytes: "
+                              f"{os.strerror(err.errno) if err.errno else err} (is usage above it?)") from err
+        self.spec.limits.memory = limits
+        await self._save()
+
+    async def _limit_cpu(self, limits: CPULimits) -> None:
+        try:
+            await trio.to_thread.run_sync(self._apply_cpu_limits, self.cgroup, limits)
+        except KernelError as err:
+            raise GardenError(f"cannot set cpu limits {limits}: {err}") from err
+        self.spec.limits.cpu = limits
+        await self._save()
 
     @property
     def hostname(self) -> str:
@@ -245,53 +503,88 @@ class ContainerActor:
 
     def _record(self) -> dict[str, Any]:
         """The depot record: a snapshot, so it can be written from another thread."""
+        state = self.state if self.state in (State.STOPPED, State.BROKEN) else State.ACTIVE
         return {
+            "handle": self.handle,
             "spec": to_wire(self.spec),
             "rootfs": self.rootfs_source,
             "properties": dict(self.properties),
             "grace_time": self.grace_time,
-            "state": self.state,
+            "state": state.value,
             "events": list(self.events),
             "created_at": self.created_at,
         }
 
-    def persist(self) -> None:
-        """Write the container's state to the depot (atomically, durably). Blocking."""
-        depot.write_json(os.path.join(self.dir, "container.json"), self._record())
-
-    async def save(self) -> None:
-        """``persist`` without blocking the event loop on fsync. Returns once the state as
-        it was at the call is on disk; saves of one container never interleave."""
+    async def _save(self) -> None:
+        """Persist the state as it is now (atomically, durably) without blocking the event
+        loop on fsync; saves of one container never interleave."""
         record = self._record()
         async with self._save_lock:
             await trio.to_thread.run_sync(depot.write_json, os.path.join(self.dir, "container.json"), record)
 
-    async def destroy(self) -> None:
-        """Kill everything and remove every trace. Safe to retry after a failure."""
-        if self._link is not None:
-            try:
-                with trio.move_on_after(10):
-                    await self._link.request("destroy")
-            except GardenError:
-                pass  # the shim is already gone; the cgroup kill below still ends everything
-        for proc in list(self.processes.values()):
-            proc.set_exit(137)
-        with trio.move_on_after(5):
-            for proc in list(self.processes.values()):
-                await proc.done.wait()
-        await trio.to_thread.run_sync(self._owned.close)
-        self._gone.set()
+    # ---- destroy -----------------------------------------------------------------------
 
-    # ---- events ----------------------------------------------------------------
+    async def _teardown(self, request: Request[None]) -> None:
+        """Kill everything and remove every trace (retryable, shielded: a shutdown of the
+        server never leaves a destroy half-done); reports ``_TornDown``."""
+        error: BaseException | None = None
+        with trio.CancelScope(shield=True):
+            try:
+                if self._link is not None and not self._link.closed.is_set():
+                    try:
+                        with trio.move_on_after(10):
+                            await self._link.request("destroy")
+                    except GardenError:
+                        pass  # the shim is already gone; the cgroup kill below still ends everything
+                for proc in list(self.processes.values()):
+                    await proc.exited(137)
+                with trio.move_on_after(5):
+                    for proc in list(self.processes.values()):
+                        await proc.done.wait()
+                # Trio must forget an fd before it is closed, or a new fd given the same
+                # number (another container's pipe) would confuse its epoll registrations.
+                if self._shim_fd >= 0:
+                    trio.lowlevel.notify_closing(self._shim_fd)
+                    self._shim_fd = -1  # closed by the Cleanup stack below
+                await trio.to_thread.run_sync(self._owned.close)
+            except (OSError, KernelError) as err:
+                error = err
+            await self.mailbox.tell(_TornDown(request, error))
+
+    # ---- the shim ----------------------------------------------------------------------
+
+    async def _watch_shim(self) -> None:
+        """The shim's pidfd turns readable when it exits: tell the owner. Ends quietly
+        when teardown is about to close the pidfd (``notify_closing``)."""
+        try:
+            await trio.lowlevel.wait_readable(self._shim_fd)
+        except trio.ClosedResourceError:
+            return
+        await self.mailbox.tell(_ShimDied())
+
+    async def _shim_died(self) -> None:
+        if self.state is State.DESTROYING:
+            return  # we killed it
+        log.error("container %s: its shim died; its processes are lost (destroy it)", self.handle)
+        self._transition(Event.SHIM_DIED)
+        for proc in self.processes.values():
+            if proc.running:
+                await proc.lost(f"the shim of container {self.handle} died: the exit status is lost")
+        await self._record_event(SHIM_DIED_EVENT)
+
+    def _on_exit(self, process_id: str, code: int) -> None:
+        _forward_exit(self._exits[0], process_id, code)
+
+    async def _forward_exits(self, exits: trio.MemoryReceiveChannel[tuple[str, int]]) -> None:
+        async for process_id, code in exits:
+            await self.mailbox.tell(_ProcessExited(process_id, code))
+
+    # ---- events ------------------------------------------------------------------------
 
     async def _watch_oom(self) -> None:
-        """Record an OOM kill as Garden does, tell subscribers, and stop the container.
-
-        The kernel's notification (v1 eventfd, v2 inotify) does not fire for every OOM
-        path (a tmpfs write charged in a syscall, for one), so the cgroup's oom_kill
-        counter is also read when any process exits, before info and metrics, and every
-        OOM_POLL seconds.
-        """
+        """Prompt an OOM check when the kernel says so (v1 eventfd, v2 inotify) and every
+        OOM_POLL seconds: the notification does not fire for every OOM path (a tmpfs
+        write charged in a syscall, for one). Exits prompt a check too."""
         cgroup = self.cgroup
         try:
             fd = await trio.to_thread.run_sync(cgroup.oom_events_fd)
@@ -300,71 +593,63 @@ class ContainerActor:
             fd = -1
         try:
             self._oom_seen = cgroup.oom_kill_count()
-            async with trio.open_nursery() as nursery:
-                if fd >= 0:
-                    nursery.start_soon(self._poke_when_readable, fd)
-                while True:
-                    with trio.move_on_after(OOM_POLL):
-                        await self._oom_pokes[1].receive()
-                    await self.check_oom()
-        except* KernelError:
+            while True:
+                with trio.move_on_after(OOM_POLL):
+                    if fd >= 0:
+                        await trio.lowlevel.wait_readable(fd)
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(fd, 4096)  # drain the eventfd / inotify records
+                    else:
+                        await trio.sleep_forever()
+                await self.mailbox.tell(CheckOom())
+        except KernelError:
             pass  # the cgroup is being removed: the container is going away
         finally:
             if fd >= 0:
                 trio.lowlevel.notify_closing(fd)
                 os.close(fd)
 
-    async def check_oom(self) -> None:
+    async def _check_oom(self) -> None:
         """Record an OOM kill the counter shows and we have not seen yet; then stop."""
-        count = self.cgroup.oom_kill_count()
+        if self.state not in (State.ACTIVE, State.STOPPED):
+            return
+        try:
+            count = self.cgroup.oom_kill_count()
+        except KernelError:
+            return
         if count <= self._oom_seen:
             return
         self._oom_seen = count
-        self.state = "stopped"  # now, not when the kill sweep below gets going
+        self._transition(Event.STOP)  # now, not when the kill sweep below gets going
         await self._record_event(OOM_EVENT)
-        assert self._nursery is not None
-        self._nursery.start_soon(self.stop, True)
-
-    async def _poke_when_readable(self, fd: int) -> None:
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            with contextlib.suppress(BlockingIOError):
-                os.read(fd, 4096)  # drain the eventfd / inotify records
-            self._poke_oom_watch()
-
-    def _poke_oom_watch(self) -> None:
-        with contextlib.suppress(trio.WouldBlock):
-            self._oom_pokes[0].send_nowait(None)
+        self._spawn(self._stop, True)
 
     async def _record_event(self, event: str) -> None:
         """Persist the event, then hand it to the registry, which delivers it to subscribers."""
         self.events.append(event)
-        await self.save()
-        self.env.publish(self.handle, event)
+        await self._save()
+        await self.env.publish(self.handle, event)
 
-    # ---- processes -------------------------------------------------------------
+    # ---- processes ---------------------------------------------------------------------
 
-    def _on_exit(self, process_id: str, code: int) -> None:
-        self._poke_oom_watch()  # an OOM kill of this process or of one of its children?
-        proc = self.processes.get(process_id)
-        if proc is None:
-            self._early_exits[process_id] = code
-        else:
-            proc.set_exit(code)
-
-    async def run_process(self, spec: ProcessSpec, process_id: str,
-                          subscriber: Subscription | None = None, host_exe: str = "",
-                          dir_must_exist: bool = False) -> ProcessActor:
-        """Start a process; ``host_exe`` runs a binary of the host's (the server's own tar)
-        under the name ``spec.path`` instead of looking ``spec.path`` up in the image."""
-        if process_id in self.processes:
-            raise GardenError(f"process ID '{process_id}' already in use")
+    def _check_run(self, run: Run) -> None:
+        spec = run.spec
+        if self.state not in (State.ACTIVE, State.STOPPED):
+            raise GardenError(f"cannot run a process in container {self.handle}: it is {self.state.value}")
+        if run.process_id in self.processes:
+            raise GardenError(f"process ID '{run.process_id}' already in use")
         if not spec.path:
             raise GardenError("invalid process spec: path must not be empty")
         if spec.bind_mounts and not spec.image.uri:
             raise GardenError("Running a process with bind mounts and no image provided is not allowed")
+
+    async def _spawn_process(self, run: Run, request: Request[ProcessActor]) -> None:
+        """Ask the shim for the process (after any stop in progress), then hand it to the
+        owner (``_Spawned``), which registers it and replies. If this task is cancelled
+        (server shutdown) after the shim spawned it, the process runs on in the shim and
+        is re-adopted at the next start."""
         assert self._link is not None
-        assert self._nursery is not None
+        spec = run.spec
         limits = {k: v for k, v in to_wire(spec.limits).items() if v is not None}
         tty = None
         if spec.tty is not None:
@@ -373,41 +658,65 @@ class ContainerActor:
         wire_spec = {
             "path": spec.path, "args": spec.args, "env": spec.env, "dir": spec.dir, "user": spec.user,
             "rlimits": limits, "container_env": self.spec.env,
-            "host_exe": host_exe, "dir_must_exist": dir_must_exist,
+            "host_exe": run.host_exe, "dir_must_exist": run.dir_must_exist,
         }
-        async with self._stop_lock:
-            reply, fds = await self._link.request("spawn", id=process_id, spec=wire_spec, tty=tty)
-        return await self._adopt(process_id, int(reply["pid"]), tty is not None, fds,
-                                 subscriber=subscriber)
+        try:
+            async with self._stop_lock:
+                reply, fds = await self._link.request("spawn", id=run.process_id, spec=wire_spec, tty=tty)
+        except GardenError as err:
+            request.fail(err)
+            return
+        proc = self._process_actor(run.process_id, int(reply["pid"]), tty is not None, fds,
+                                   subscriber=run.subscriber)
+        if not await self.mailbox.tell(_Spawned(request, proc)):  # the owner ended meanwhile
+            request.fail(GardenError(f"container {self.handle} was destroyed while the process started"))
 
-    async def _adopt(self, process_id: str, pid: int, tty: bool, fds: list[int],
-                     exit_code: int | None = None, stdin_open: bool = True,
-                     subscriber: Subscription | None = None) -> ProcessActor:
+    def _process_actor(self, process_id: str, pid: int, tty: bool, fds: list[int],
+                       exit_code: int | None = None, stdin_open: bool = True,
+                       subscriber: Subscription | None = None) -> ProcessActor:
         assert self._link is not None
+        return ProcessActor(process_id, pid, tty, fds, self._link, exit_code, stdin_open, subscriber)
+
+    async def _add_process(self, proc: ProcessActor) -> ProcessActor:
         assert self._nursery is not None
-        proc = ProcessActor(process_id, pid, tty, fds, self._link, exit_code, stdin_open, subscriber)
-        self.processes[process_id] = proc
-        if process_id in self._early_exits:
-            proc.set_exit(self._early_exits.pop(process_id))
+        self.processes[proc.id] = proc
         await self._nursery.start(proc.run)
+        if proc.id in self._early_exits:
+            await proc.exited(self._early_exits.pop(proc.id))
+        self._forget_exited()
         return proc
 
-    def process(self, process_id: str) -> ProcessActor:
+    def _forget_exited(self) -> None:
+        """Keep the newest KEEP_EXITED finished processes (dicts keep insertion order)."""
+        finished = [pid for pid, p in self.processes.items() if p.done.is_set()]
+        for process_id in finished[: max(0, len(finished) - KEEP_EXITED)]:
+            del self.processes[process_id]
+
+    def _process(self, process_id: str) -> ProcessActor:
         proc = self.processes.get(process_id)
         if proc is None:
             raise ProcessNotFoundError(process_id)
         return proc
 
-    async def stop(self, kill: bool) -> None:
-        """Garden's stop: TERM every process but init, KILL survivors after 10 s."""
-        assert self._cgroup is not None
-        cgroup = self._cgroup
-        self.state = "stopped"  # from the first signal on: no caller should see it "active"
+    async def _stop(self, kill: bool, request: Request[None] | None = None) -> None:
+        """Garden's stop: TERM every process but init, KILL survivors after 10 s; then
+        reply to ``request``."""
+        try:
+            await self._stop_all(kill)
+        finally:
+            if request is not None:
+                request.reply(None)
+
+    async def _stop_all(self, kill: bool) -> None:
+        cgroup = self.cgroup
         async with self._stop_lock:
             deadline = trio.current_time() + (0 if kill else STOP_GRACE)
             next_term = trio.current_time()
             while True:
-                pids = [p for p in await trio.to_thread.run_sync(cgroup.pids) if p != self._init_pid]
+                try:
+                    pids = [p for p in await trio.to_thread.run_sync(cgroup.pids) if p != self._init_pid]
+                except KernelError:
+                    return  # the cgroup is gone: destroyed meanwhile
                 if not pids:
                     break
                 now = trio.current_time()
@@ -417,27 +726,17 @@ class ContainerActor:
                     _signal_all(pids, signal.SIGTERM)  # again each second, for children forked meanwhile
                     next_term = now + 1
                 await trio.sleep(0.05)
-            await self.save()
 
-    # ---- reads -----------------------------------------------------------------
+    # ---- reads -------------------------------------------------------------------------
 
-    def info(self) -> ContainerInfo:
+    def _info(self) -> ContainerInfo:
         return ContainerInfo(
-            state=self.state,
+            state=self.state.value,
             events=list(self.events),
             container_path=self.dir,
             process_ids=[pid for pid, p in self.processes.items() if p.running],
             properties=dict(self.properties),
         )
-
-    def current_memory_limits(self) -> MemoryLimits:
-        return MemoryLimits(limit_in_bytes=self.cgroup.memory_limit())
-
-    def current_cpu_limits(self) -> CPULimits:
-        """Garden's answer: the applied value (v1 shares, v2 weight) in limit_in_shares,
-        all zero when no CPU limit was ever given (the kernel default is not reported)."""
-        cpu = self.spec.limits.cpu
-        return CPULimits(limit_in_shares=self.cgroup.cpu_shares() if cpu.weight or cpu.limit_in_shares else 0)
 
     @property
     def cgroup(self) -> Cgroup:
@@ -445,20 +744,124 @@ class ContainerActor:
         return self._cgroup
 
 
-def remove_orphan(env: Environment, handle: str, shim_pid: int | None = None) -> None:
-    """Remove every trace of a container no actor owns (a crash mid-create or mid-destroy).
+class ContainerRef:
+    """What the registry and the front ends hold: each coroutine sends the actor a
+    command and waits for its reply (cancelling that wait never cancels the command).
+    ``properties``, ``state`` and ``cpu_limits`` are snapshots the actor publishes on
+    every change; the rest is fixed once the container exists."""
+
+    def __init__(self, actor: ContainerActor) -> None:
+        self._actor = actor
+        self.handle = actor.handle
+        self.name = actor.name
+        self.dir = actor.dir
+        self.env = actor.env
+        self._mailbox = actor.mailbox
+        self._publish()
+
+    def _publish(self) -> None:
+        """Called by the owner only, after a change."""
+        actor = self._actor
+        self.properties: MappingProxyType[str, str] = MappingProxyType(dict(actor.properties))
+        self.state = actor.state
+        self.cpu_limits = CPULimits(actor.spec.limits.cpu.weight, actor.spec.limits.cpu.limit_in_shares)
+
+    # Fixed after creation, so safe to read from any task.
+    @property
+    def cgroup(self) -> Cgroup:
+        return self._actor.cgroup
+
+    @property
+    def created_at(self) -> float:
+        return self._actor.created_at
+
+    @property
+    def image_usage(self) -> tuple[int, int]:
+        return self._actor.image_bytes, self._actor.image_inodes
+
+    @property
+    def grace_time(self) -> float:
+        return self._actor.grace_time
+
+    async def info(self) -> ContainerInfo:
+        await self._mailbox.ask(CheckOom())  # an OOM the kernel did not announce still shows
+        info: ContainerInfo = await self._mailbox.ask(GetInfo())
+        return info
+
+    async def check_oom(self) -> None:
+        await self._mailbox.ask(CheckOom())
+
+    async def set_property(self, name: str, value: str) -> None:
+        await self._mailbox.ask(SetProperty(name, value))
+
+    async def remove_property(self, name: str) -> None:
+        await self._mailbox.ask(RemoveProperty(name))
+
+    async def set_grace_time(self, seconds: float) -> None:
+        """Persist the grace time (the registry owns the timer itself)."""
+        await self._mailbox.ask(SetGraceTime(seconds))
+
+    async def limit_memory(self, limits: MemoryLimits) -> None:
+        await self._mailbox.ask(LimitMemory(limits))
+
+    async def limit_cpu(self, limits: CPULimits) -> None:
+        await self._mailbox.ask(LimitCpu(limits))
+
+    async def current_memory_limits(self) -> MemoryLimits:
+        return MemoryLimits(limit_in_bytes=await trio.to_thread.run_sync(self.cgroup.memory_limit))
+
+    async def current_cpu_limits(self) -> CPULimits:
+        """Garden's answer: the applied value (v1 shares, v2 weight) in limit_in_shares,
+        all zero when no CPU limit was ever given (the kernel default is not reported)."""
+        cpu = self.cpu_limits
+        if not (cpu.weight or cpu.limit_in_shares):
+            return CPULimits()
+        return CPULimits(limit_in_shares=await trio.to_thread.run_sync(self.cgroup.cpu_shares))
+
+    async def run(self, spec: ProcessSpec, process_id: str, subscriber: Subscription | None = None,
+                  host_exe: str = "", dir_must_exist: bool = False) -> ProcessActor:
+        """Start a process; ``host_exe`` runs a binary of the host's (the server's own tar)
+        under the name ``spec.path`` instead of looking ``spec.path`` up in the image.
+        Cancelled: the process may still start, and is then listed and attachable."""
+        proc: ProcessActor = await self._mailbox.ask(Run(spec, process_id, subscriber, host_exe, dir_must_exist))
+        return proc
+
+    async def process(self, process_id: str) -> ProcessActor:
+        proc: ProcessActor = await self._mailbox.ask(FindProcess(process_id))
+        return proc
+
+    async def stop(self, kill: bool) -> None:
+        """Garden's Stop; returns when no process but init is left. Cancelled: the stop
+        goes on."""
+        await self._mailbox.ask(Stop(kill))
+
+    async def destroy(self) -> None:
+        """Kill everything and remove every trace; the actor then ends. Raises
+        GardenError if teardown failed half-way (a retry resumes). Cancelled: the
+        destroy goes on."""
+        await self._mailbox.ask(Destroy())
+
+
+def _forward_exit(exits: trio.MemorySendChannel[tuple[str, int]], process_id: str, code: int) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        exits.send_nowait((process_id, code))
+
+
+def remove_orphan(env: Environment, name: str, shim_pid: int | None = None) -> None:
+    """Remove every trace of a container (directory and cgroup ``name``) no actor owns
+    (a crash mid-create or mid-destroy).
 
     ``shim_pid`` comes from ``shims.find`` (never from a pid file, which may be stale).
     Killing everything in the cgroup takes pid 1, and with it the pid namespace. Synchronous;
     each step tolerates "already gone".
     """
-    container_dir = os.path.join(env.depot, depot.CONTAINERS, handle)
+    path = os.path.join(env.depot, depot.CONTAINERS, name)
     if shim_pid is not None:
-        shims.kill(shim_pid, container_dir)
+        shims.kill(shim_pid, path)
     with contextlib.suppress(KernelError):
-        ContainerActor._destroy_cgroup(env.cgroups.open(handle))
-    rootfs.unmount(os.path.join(container_dir, "rootfs"))
-    depot.remove_tree(container_dir)
+        ContainerActor._destroy_cgroup(env.cgroups.open(name))
+    rootfs.unmount(os.path.join(path, "rootfs"))
+    depot.remove_tree(path)
 
 
 def _kill_quietly(pidfd: int) -> None:
@@ -470,4 +873,3 @@ def _signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-

@@ -19,27 +19,28 @@ from ..types import (
 )
 
 if TYPE_CHECKING:
-    from .container import ContainerActor
+    from .container import ContainerRef
 
 _MEMORY_FIELDS = frozenset(ContainerMemoryStat.__dataclass_fields__)
 
 
-def _read(container: ContainerActor) -> Metrics:
+def _read(container: ContainerRef) -> Metrics:
     cgroup = container.cgroup
     stat = cgroup.memory_stat()
     usage, user, system = cgroup.cpu_stat()
     upper_bytes, upper_inodes = depot.disk_usage(os.path.join(container.dir, "upper"))
     age = time.time() - container.created_at
+    image_bytes, image_inodes = container.image_usage
     # Garden's entitlement is in shares; on v2 the cgroup holds a converted weight, so use
     # the spec (1024, the kernel's default, when nothing was asked for).
-    cpu = container.spec.limits.cpu
+    cpu = container.cpu_limits
     shares = cpu.weight or cpu.limit_in_shares or 1024
     return Metrics(
         memory_stat=ContainerMemoryStat(**{k: v for k, v in stat.items() if k in _MEMORY_FIELDS}),
         cpu_stat=ContainerCPUStat(usage=usage, user=user, system=system),
         disk_stat=ContainerDiskStat(
-            total_bytes_used=upper_bytes + container.image_bytes,
-            total_inodes_used=upper_inodes + container.image_inodes,
+            total_bytes_used=upper_bytes + image_bytes,
+            total_inodes_used=upper_inodes + image_inodes,
             exclusive_bytes_used=upper_bytes,
             exclusive_inodes_used=upper_inodes,
         ),
@@ -49,11 +50,11 @@ def _read(container: ContainerActor) -> Metrics:
     )
 
 
-async def collect(container: ContainerActor) -> Metrics:
+async def collect(container: ContainerRef) -> Metrics:
     return await trio.to_thread.run_sync(_read, container)
 
 
-def _read_many(containers: list[ContainerActor]) -> list[Metrics | KernelError]:
+def _read_many(containers: list[ContainerRef]) -> list[Metrics | KernelError]:
     results: list[Metrics | KernelError] = []
     for container in containers:
         try:
@@ -63,7 +64,7 @@ def _read_many(containers: list[ContainerActor]) -> list[Metrics | KernelError]:
     return results
 
 
-async def collect_many(containers: list[ContainerActor]) -> list[Metrics | KernelError]:
+async def collect_many(containers: list[ContainerRef]) -> list[Metrics | KernelError]:
     """Metrics of many containers in one worker-thread trip: a bulk call over hundreds of
     containers pays for file reads, not for hundreds of thread hand-offs."""
     return await trio.to_thread.run_sync(_read_many, containers)

@@ -1,30 +1,39 @@
 """The process actor: one per process in a container.
 
-It owns the server's copies of the process's stdio fds, pumps output to every
-attached ``Subscription`` and learns the exit code from the shim. Output is never
-dropped for an attached client: each subscription has a small bounded queue, and
-when one is full the pump stops reading, so the pipe fills and the process
-blocks (backpressure), keeping server memory bounded. The end of a subscription
-(its queue closing) comes only after all output, so the exit code goes out last.
+It owns the server's copies of the process's stdio fds. Its task pumps output to
+every attached ``Subscription``; a second task of its own, the stdin writer, owns the
+stdin pipe, so a write blocked on a full pipe (backpressure) never holds up a signal.
+Output is never dropped for an attached client: each subscription has a small bounded
+queue, and when one is full the pump stops reading, so the pipe fills and the process
+blocks. A subscription ends only after all output, so the exit code goes out last.
+
+Callers hold the ``ProcessActor`` itself as the handle: its public coroutines send
+commands to its mailboxes; ``exit_code``, ``done`` and ``running`` are what the actor
+publishes for readers. The owning container actor reports the exit (``exited``) or the
+loss of the shim (``lost``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+from dataclasses import dataclass
 
 import trio
 
 from ..errors import GardenError
+from .mailbox import ActorGone, Mailbox, Request
 from .shim_link import ShimLink
 
 log = logging.getLogger("gactor.process")
 
-READ_CHUNK = 1 << 20
+READ_CHUNK = 256 << 10
 SUBSCRIBER_QUEUE = 2  # chunks; with READ_CHUNK this bounds memory per attached client
 # After the exit code arrives, keep reading until EOF, but stop once output has been
 # idle this long: a daemonised grandchild may hold the pipe open forever.
 EXIT_DRAIN_GRACE = 1.0
+STDIN_QUEUE = 4  # writes queued for the stdin writer before senders wait
 
 
 class Subscription:
@@ -46,6 +55,49 @@ class Subscription:
         self._send.close()
 
 
+# ---- commands ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Subscribe:
+    sub: Subscription
+
+
+@dataclass(frozen=True)
+class _Unsubscribe:
+    sub: Subscription
+
+
+@dataclass(frozen=True)
+class _Signal:
+    signum: int
+
+
+@dataclass(frozen=True)
+class _Resize:
+    columns: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class _Exited:
+    code: int
+
+
+@dataclass(frozen=True)
+class _Lost:
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Write:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class _CloseStdin:
+    pass
+
+
 class ProcessActor:
     def __init__(self, id: str, pid: int, tty: bool, fds: list[int], link: ShimLink,
                  exit_code: int | None = None, stdin_open: bool = True,
@@ -64,43 +116,80 @@ class ProcessActor:
             self._stdin = None
         self._streams = streams
         self.exit_code = exit_code
+        self.lost_reason = ""  # set when the shim died: the exit code can never be known
         self._exited = trio.Event()
         if exit_code is not None:
             self._exited.set()
         self.done = trio.Event()
         self._subs: set[Subscription] = {subscriber} if subscriber is not None else set()
-        self._stdin_lock = trio.Lock()
         self._pump_scopes: list[trio.CancelScope] = []
+        self._mailbox = Mailbox(f"process {id}")
+        self._stdin_box = Mailbox(f"the stdin of process {id}", STDIN_QUEUE)
 
     @property
     def running(self) -> bool:
-        return self.exit_code is None
+        return self.exit_code is None and not self.lost_reason
 
     async def run(self, *, task_status: trio.TaskStatus[ProcessActor] = trio.TASK_STATUS_IGNORED) -> None:
+        """Pump output until exit and EOF, then end every subscription and release the
+        fds (here and in the shim). Commands sent after that are answered from what the
+        actor published (see the public methods)."""
         try:
             async with trio.open_nursery() as nursery:
-                for fd, stream in ((1, self._stdout), (2, self._stderr)):
-                    if stream is not None:
-                        scope = trio.CancelScope()
-                        self._pump_scopes.append(scope)
-                        nursery.start_soon(self._pump, stream, fd, scope)
-                task_status.started(self)
-                await self._exited.wait()
-                self._push_drain_deadline()
+                nursery.start_soon(self._serve)
+                nursery.start_soon(self._write_stdin)
+                async with trio.open_nursery() as pumps:
+                    for fd, stream in ((1, self._stdout), (2, self._stderr)):
+                        if stream is not None:
+                            scope = trio.CancelScope()
+                            self._pump_scopes.append(scope)
+                            pumps.start_soon(self._pump, stream, fd, scope)
+                    task_status.started(self)
+                    await self._exited.wait()
+                    self._push_drain_deadline()
+                nursery.cancel_scope.cancel()
         finally:
+            self._mailbox.close()
+            self._stdin_box.close()
             for sub in self._subs:
                 sub.end()
             self._subs.clear()
-            if self.exit_code is None:
+            if self.exit_code is None and not self.lost_reason:
                 self.exit_code = 137  # only reached when the container is torn down under us
             self.done.set()
             for stream in self._streams:
                 stream.close()
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                try:
-                    await self._link.request("drained", id=self.id)
-                except GardenError as err:
-                    log.debug("process %s: releasing its fds in the shim: %s", self.id, err)
+            if not self.lost_reason:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await self._link.request("drained", id=self.id)
+                    except GardenError as err:
+                        log.debug("process %s: releasing its fds in the shim: %s", self.id, err)
+
+    async def _serve(self) -> None:
+        async for request in self._mailbox.requests():
+            await request.settle(self._handle)
+
+    async def _handle(self, request: Request[None]) -> None:
+        match request.command:
+            case _Subscribe(sub):
+                self._subs.add(sub)
+            case _Unsubscribe(sub):
+                self._subs.discard(sub)
+                sub.receive.close()
+            case _Signal(signum):
+                await self._link.request("signal", id=self.id, signal=signum)
+            case _Resize(columns, rows):
+                await self._link.request("resize", id=self.id, columns=columns, rows=rows)
+            case _Exited(code):
+                if self.exit_code is None:
+                    self.exit_code = code
+                self._exited.set()
+            case _Lost(reason):
+                self.lost_reason = reason
+                self._exited.set()
+                for scope in self._pump_scopes:
+                    scope.cancel()
 
     def _push_drain_deadline(self) -> None:
         deadline = trio.current_time() + EXIT_DRAIN_GRACE
@@ -122,59 +211,86 @@ class ProcessActor:
                     if fd in sub.fds and not await sub.deliver(fd, data):
                         self._subs.discard(sub)
 
-    def set_exit(self, code: int) -> None:
-        if self.exit_code is None:
-            self.exit_code = code
-        self._exited.set()
+    async def _write_stdin(self) -> None:
+        """The stdin pipe's owner: writes in order, each finished before its reply."""
+        async for request in self._stdin_box.requests():
+            await request.settle(self._stdin_command)
 
-    def add_subscriber(self, sub: Subscription) -> None:
-        """Deliver output from now on to ``sub``; if the process has finished, end it at once."""
+    async def _stdin_command(self, request: Request[None]) -> None:
+        command = request.command
+        if isinstance(command, _Write):
+            if self._stdin is None:
+                return  # closed or gone: Garden drops stdin written after that
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self._stdin.send_all(command.data)
+            return
+        if self.tty:
+            if self._stdin is not None and self.running:
+                with contextlib.suppress(trio.BrokenResourceError, OSError):
+                    await self._stdin.send_all(b"\x04")  # EOF for the terminal's line discipline
+            return
+        if self._stdin is None:
+            return
+        try:
+            await self._stdin.aclose()
+        except OSError as err:
+            if err.errno != errno.EBADF:
+                raise
+        self._stdin = None
+        await self._link.request("close_stdin", id=self.id)
+
+    # ---- the handle's side -------------------------------------------------------------
+
+    async def _ask(self, mailbox: Mailbox, command: object) -> None:
+        """Commands to a finished process are no-ops, as in Garden."""
         if self.done.is_set():
-            sub.end()
-        else:
-            self._subs.add(sub)
+            return
+        with contextlib.suppress(ActorGone):
+            await mailbox.ask(command)
 
-    def unsubscribe(self, sub: Subscription) -> None:
-        self._subs.discard(sub)
+    async def subscribe(self, sub: Subscription) -> None:
+        """Deliver output from now on to ``sub``; if the process has finished, end it at once."""
+        if not self.done.is_set():
+            try:
+                await self._mailbox.ask(_Subscribe(sub))
+                return
+            except ActorGone:
+                pass  # it finished meanwhile
+        sub.end()
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        if self.done.is_set():
+            sub.receive.close()
+            return
+        await self._ask(self._mailbox, _Unsubscribe(sub))
         sub.receive.close()
 
     async def wait(self) -> int:
+        """The exit code, once all output has been delivered. Raises GardenError when the
+        shim died and the exit code is lost. Cancelled: nothing changes."""
         await self.done.wait()
-        assert self.exit_code is not None
+        if self.exit_code is None:
+            raise GardenError(f"process {self.id}: {self.lost_reason}")
         return self.exit_code
 
     async def write_stdin(self, data: bytes) -> None:
-        """Write to the process's stdin; silently dropped once stdin is closed or the process is gone."""
-        async with self._stdin_lock:
-            if self._stdin is None:
-                return
-            try:
-                await self._stdin.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+        """Write to the process's stdin, returning once written (backpressure); dropped
+        once stdin is closed or the process is gone. Cancelled: the write may still happen."""
+        await self._ask(self._stdin_box, _Write(data))
 
     async def close_stdin(self) -> None:
-        async with self._stdin_lock:
-            if self.tty:
-                if self._stdin is not None and self.running:
-                    try:
-                        await self._stdin.send_all(b"\x04")  # EOF for the terminal's line discipline
-                    except (trio.BrokenResourceError, OSError):
-                        pass
-                return
-            if self._stdin is None:
-                return
-            try:
-                await self._stdin.aclose()
-            except OSError as err:
-                if err.errno != errno.EBADF:
-                    raise
-            self._stdin = None
-        await self._link.request("close_stdin", id=self.id)
+        await self._ask(self._stdin_box, _CloseStdin())
 
     async def signal(self, signum: int) -> None:
-        await self._link.request("signal", id=self.id, signal=signum)
+        await self._ask(self._mailbox, _Signal(signum))
 
     async def resize(self, columns: int, rows: int) -> None:
-        await self._link.request("resize", id=self.id, columns=columns, rows=rows)
+        await self._ask(self._mailbox, _Resize(columns, rows))
 
+    # ---- from the owning container actor ---------------------------------------------------
+
+    async def exited(self, code: int) -> None:
+        await self._mailbox.tell(_Exited(code))
+
+    async def lost(self, reason: str) -> None:
+        await self._mailbox.tell(_Lost(reason))

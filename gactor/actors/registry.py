@@ -1,9 +1,17 @@
-"""The registry actor: the one owner of the handle table, capacity and grace timers.
+"""The registry actor: the one owner of the handle table, capacity, grace timers and
+event subscriptions.
 
-Container actors run in the registry's nursery. Every container-scoped request
-goes through ``using(handle)``, which pauses that container's grace timer while
-it runs (Garden's "bomberman"); the countdown restarts in full when the last
-pause ends, and an expired timer destroys the container.
+One task (``_serve``) owns that state and answers typed commands from a bounded
+mailbox; front ends hold a ``RegistryRef``. Creates and destroys run in tasks of the
+registry's own nursery, never in the caller's: a client that disconnects mid-create
+cancels only its wait, and the container is either listed when creation finishes
+(its grace time then applies) or rolled back completely. Container actors run in the
+registry's nursery too; a crashed one is logged, and its container stays listed so a
+destroy can still clean it up.
+
+Every container-scoped request pauses that container's grace timer while it runs
+(Garden's "bomberman", ``RegistryRef.using``): the countdown restarts in full when the
+last pause ends, and an expired timer destroys the container.
 """
 
 from __future__ import annotations
@@ -13,16 +21,17 @@ import logging
 import math
 import os
 import re
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import trio
 
 from ..errors import ContainerNotFoundError, GardenError
 from ..kernel import depot, shims
-from ..kernel.errors import KernelError
 from ..types import Capacity, ContainerSpec
-from .container import ContainerActor, Environment, remove_orphan
+from .container import ContainerActor, ContainerRef, Environment, State, remove_orphan
+from .mailbox import DEFERRED, ActorGone, Mailbox, Request
 
 log = logging.getLogger("gactor.registry")
 
@@ -30,6 +39,7 @@ _BAD_HANDLE = re.compile(r"[/\x00]")
 MAX_HANDLE_BYTES = 200
 EVENT_QUEUE = 64  # per subscriber; one that falls this far behind is dropped
 ADOPT_TIMEOUT = 5.0  # seconds a shim gets to answer at startup before its container is removed
+RELEASE_TIMEOUT = 5.0  # seconds an unpause may wait for room in the registry's mailbox
 
 
 def check_name(kind: str, name: str) -> None:
@@ -76,68 +86,245 @@ class GraceTimer:
         return not self.defused
 
 
+class Container(Protocol):
+    """What the registry needs of a container (a ContainerRef; a fake in unit tests)."""
+
+    handle: str
+    name: str
+
+    @property
+    def properties(self) -> Mapping[str, str]: ...
+    @property
+    def grace_time(self) -> float: ...
+    async def destroy(self) -> None: ...
+    async def set_grace_time(self, seconds: float) -> None: ...
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Create:
+    spec: ContainerSpec
+    source: str
+
+
+@dataclass(frozen=True)
+class DestroyContainer:
+    handle: str
+
+
+@dataclass(frozen=True)
+class Lookup:
+    handle: str
+    pause: bool  # pause the grace timer (a request starts using the container)
+
+
+@dataclass(frozen=True)
+class Release:
+    handle: str
+
+
+@dataclass(frozen=True)
+class ListHandles:
+    properties: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class SetGraceTime:
+    handle: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    handle: str | None
+
+
+@dataclass(frozen=True)
+class Publish:
+    handle: str
+    event: str
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """Startup, and unit tests: take a container that exists already."""
+
+    container: Container
+
+
+@dataclass(frozen=True)
+class _Created:
+    reply_to: Request[Container]
+    handle: str
+    container: Container | None
+    error: BaseException | None
+
+
+@dataclass(frozen=True)
+class _Destroyed:
+    reply_to: Request[None] | None
+    container: Container
+    error: BaseException | None
+
+
+@dataclass(frozen=True)
+class _Expired:
+    handle: str
+    timer: GraceTimer
+
+
 class Registry:
+    """The registry actor's state and owning task; start it with ``nursery.start(run)``,
+    which hands back a ``RegistryRef``."""
+
     def __init__(self, env: Environment, default_rootfs: str, default_grace_time: float,
                  max_containers: int) -> None:
         self.env = env
         self.default_rootfs = default_rootfs
         self.default_grace_time = default_grace_time
         self.max_containers = max_containers
-        self.containers: dict[str, ContainerActor] = {}
+        self.containers: dict[str, Container] = {}
         self._creating: set[str] = set()
         self._destroying: set[str] = set()
         self._timers: dict[str, GraceTimer] = {}
         self._nursery: trio.Nursery | None = None
         # Event subscribers by handle; the key None subscribes to every container.
         self._subscribers: dict[str | None, set[trio.MemorySendChannel[tuple[str, str]]]] = {}
-        env.publish = self.publish
+        self.mailbox = Mailbox("the registry")
+        env.publish = self._publish_from_container
 
     async def run(self, *, destroy_existing: bool = False,
-                  task_status: trio.TaskStatus[Registry] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await self._restore(destroy_existing)
-            task_status.started(self)
-            await trio.sleep_forever()
+                  task_status: trio.TaskStatus[RegistryRef] = trio.TASK_STATUS_IGNORED) -> None:
+        ref = RegistryRef(self.mailbox, self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._restore()
+                nursery.start_soon(self._serve)
+                if destroy_existing:
+                    for handle in list(self.containers):
+                        await ref.destroy(handle)
+                task_status.started(ref)
+        finally:
+            self.mailbox.close()
 
-    async def _restore(self, destroy_existing: bool) -> None:
+    async def _serve(self) -> None:
+        async for request in self.mailbox.requests():
+            try:
+                await request.settle(self._handle)
+            except Exception:  # noqa: BLE001 - the request got an internal error; keep serving
+                log.exception("registry: %s failed", type(request.command).__name__)
+
+    async def _handle(self, request: Request[Any]) -> Any:  # noqa: C901 - one case per command
+        match request.command:
+            case Lookup(handle, pause):
+                container = self._lookup(handle)
+                if pause:
+                    self._timers[handle].pause()
+                return container
+            case Release(handle):
+                timer = self._timers.get(handle)
+                if timer is not None:
+                    timer.unpause()
+            case ListHandles(wanted):
+                return [
+                    handle for handle, c in self.containers.items()
+                    if handle not in self._destroying
+                    and all(c.properties.get(k, "") == v for k, v in wanted.items())
+                ]
+            case Create(spec, source):
+                self._check_create(spec)
+                self._creating.add(spec.handle)
+                self._spawn(self._create, spec, source, request)
+                return DEFERRED
+            case _Created(reply_to, handle, container, error):
+                self._creating.discard(handle)
+                if container is None:
+                    reply_to.fail(error or GardenError(f"creating {handle} failed"))
+                else:
+                    self._add(container)
+                    reply_to.reply(container)
+            case DestroyContainer(handle):
+                self._start_destroy(self._lookup(handle), request)
+                return DEFERRED
+            case _Destroyed(reply_to, container, error):
+                self._destroying.discard(container.handle)
+                if error is None:
+                    self._forget(container.handle)
+                    if reply_to is not None:
+                        reply_to.reply(None)
+                elif reply_to is not None:
+                    reply_to.fail(error)
+                else:
+                    log.warning("container %s: reaping failed (it stays listed): %s", container.handle, error)
+            case _Expired(handle, timer):
+                if self._timers.get(handle) is timer and handle not in self._destroying:
+                    log.info("container %s: grace time expired, destroying it", handle)
+                    self._start_destroy(self.containers[handle], None)
+            case SetGraceTime(handle, seconds):
+                container = self._lookup(handle)
+                self._timers[handle].reset(seconds)
+                await container.set_grace_time(seconds)
+            case Subscribe(handle):
+                if handle is not None:
+                    self._lookup(handle)
+                send, receive = trio.open_memory_channel[tuple[str, str]](EVENT_QUEUE)
+                self._subscribers.setdefault(handle, set()).add(send)
+                return receive
+            case Publish(handle, event):
+                self._publish(handle, event)
+            case Adopted(container):
+                self._add(container)
+            case command:
+                raise GardenError(f"unknown registry command {command!r}")
+        return None
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    # ---- startup ---------------------------------------------------------------------
+
+    async def _restore(self) -> None:
         """Re-adopt every container in the depot, concurrently; remove what cannot be
-        re-adopted (within ADOPT_TIMEOUT each), then every shim and cgroup no container owns."""
+        re-adopted (within ADOPT_TIMEOUT each), then every shim and cgroup no container owns.
+        One container that cannot be re-adopted is logged and removed; it never stops the
+        server."""
         root = os.path.join(self.env.depot, depot.CONTAINERS)
-        handles = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        names = sorted(os.listdir(root)) if os.path.isdir(root) else []
         live_shims = await trio.to_thread.run_sync(shims.find, root)
+        adopted: list[ContainerRef] = []
         async with trio.open_nursery() as nursery:
-            for handle in handles:
-                nursery.start_soon(self._readopt, handle, live_shims.get(handle))
-        for handle, pid in live_shims.items():
-            if handle not in self.containers:
-                log.warning("killing the shim of %s: no container owns it", handle)
-                await trio.to_thread.run_sync(remove_orphan, self.env, handle, pid)
-        for name in set(self.env.cgroups.names()) - set(self.containers):
+            for name in names:
+                nursery.start_soon(self._readopt, name, live_shims.get(name), adopted)
+        for container in adopted:
+            self._add(container)
+        owned = {c.name for c in self.containers.values()}
+        for name, pid in live_shims.items():
+            if name not in owned:
+                log.warning("killing the shim of %s: no container owns it", name)
+                await trio.to_thread.run_sync(remove_orphan, self.env, name, pid)
+        for name in set(self.env.cgroups.names()) - owned:
             log.warning("removing cgroup %s: no container owns it", name)
             await trio.to_thread.run_sync(remove_orphan, self.env, name)
         log.info("re-adopted %d containers", len(self.containers))
-        if destroy_existing:
-            for handle in list(self.containers):
-                await self.destroy(handle)
 
-    async def _readopt(self, handle: str, shim_pid: int | None) -> None:
+    async def _readopt(self, name: str, shim_pid: int | None, adopted: list[ContainerRef]) -> None:
         assert self._nursery is not None
         reason: object = f"its shim did not answer within {ADOPT_TIMEOUT} s"
         with trio.move_on_after(ADOPT_TIMEOUT):
             try:
-                actor = ContainerActor.restore(self.env, handle)
-                container: ContainerActor = await self._nursery.start(self._supervise, actor, True)
-            except (GardenError, OSError, ValueError, KeyError) as err:
-                reason = err
-            else:
-                self._add(container)
+                actor = ContainerActor.restore(self.env, name)
+                adopted.append(await self._nursery.start(self._supervise, actor, True))
                 return
-        log.warning("removing container %s: it cannot be re-adopted: %s", handle, reason)
-        await trio.to_thread.run_sync(remove_orphan, self.env, handle, shim_pid)
+            except Exception as err:  # noqa: BLE001 - one broken container must not stop the server
+                reason = err
+        log.warning("removing container %s: it cannot be re-adopted: %s", name, reason)
+        await trio.to_thread.run_sync(remove_orphan, self.env, name, shim_pid)
 
     async def _supervise(self, actor: ContainerActor, adopt: bool,
-                         task_status: trio.TaskStatus[ContainerActor] = trio.TASK_STATUS_IGNORED) -> None:
+                         task_status: trio.TaskStatus[ContainerRef] = trio.TASK_STATUS_IGNORED) -> None:
         """Run a container actor; a crash after creation is logged, never fatal to the server.
 
         The crashed container stays listed, so a destroy can still clean it up.
@@ -145,90 +332,85 @@ class Registry:
         try:
             await actor.run(adopt=adopt, task_status=task_status)
         except Exception:  # ExceptionGroups from the actor's nursery included
-            if not actor.serving:
+            if actor.state is State.CREATING:
                 raise  # a creation error, which nursery.start hands to the caller as it is
             log.exception("container %s: its actor crashed", actor.handle)
 
-    def _add(self, container: ContainerActor) -> None:
+    # ---- create / destroy --------------------------------------------------------------
+
+    def _check_create(self, spec: ContainerSpec) -> None:
+        if spec.handle in self.containers or spec.handle in self._creating:
+            raise GardenError(f"Handle '{spec.handle}' already in use")
+        if self.max_containers and len(self.containers) + len(self._creating) >= self.max_containers:
+            raise GardenError("max containers reached")
+        name = depot.dir_name(spec.handle)
+        if any(c.name == name for c in self.containers.values()):
+            raise GardenError(f"Handle '{spec.handle}' already in use")  # cannot happen: names are injective
+
+    async def _create(self, spec: ContainerSpec, source: str, request: Request[Container]) -> None:
+        """Create in the registry's nursery: the caller leaving cancels only its wait."""
+        assert self._nursery is not None
+        container: Container | None = None
+        error: BaseException | None = None
+        try:
+            container = await self._nursery.start(self._supervise, ContainerActor(self.env, spec, source), False)
+        except Exception as err:  # noqa: BLE001 - reported to the caller; the actor rolled back
+            error = err
+        await self.mailbox.tell(_Created(request, spec.handle, container, error))
+
+    def _start_destroy(self, container: Container, request: Request[None] | None) -> None:
+        if container.handle in self._destroying:
+            raise GardenError("container already being destroyed")
+        self._destroying.add(container.handle)
+        self._spawn(self._destroy, container, request)
+
+    async def _destroy(self, container: Container, request: Request[None] | None) -> None:
+        error: BaseException | None = None
+        try:
+            await container.destroy()
+        except ActorGone:
+            # Its actor crashed: clean up from outside, as startup does for orphans.
+            live = await trio.to_thread.run_sync(shims.find, os.path.join(self.env.depot, depot.CONTAINERS))
+            try:
+                await trio.to_thread.run_sync(remove_orphan, self.env, container.name, live.get(container.name))
+            except OSError as err:
+                error = GardenError(f"destroying {container.handle}: {err}")
+        except GardenError as err:
+            error = err  # the container stays listed; a retry resumes with the steps that failed
+        except OSError as err:
+            error = GardenError(f"destroying {container.handle}: {err}")
+        await self.mailbox.tell(_Destroyed(request, container, error))
+
+    def _add(self, container: Container) -> None:
         assert self._nursery is not None
         self.containers[container.handle] = container
         timer = self._timers[container.handle] = GraceTimer(container.grace_time)
         self._nursery.start_soon(self._reap_when_idle, container.handle, timer)
 
-    # ---- create / destroy ------------------------------------------------------
-
-    async def create(self, spec: ContainerSpec) -> ContainerActor:
-        assert self._nursery is not None
-        spec.handle = spec.handle or str(uuid.uuid4())
-        check_name("handle", spec.handle)
-        if spec.handle in self.containers or spec.handle in self._creating:
-            raise GardenError(f"Handle '{spec.handle}' already in use")
-        if spec.rootfs_path and spec.image.uri:
-            raise GardenError("Cannot provide both Image.URI and RootFSPath")
-        if self.max_containers and len(self.containers) + len(self._creating) >= self.max_containers:
-            raise GardenError("max containers reached")
-        source = spec.image.uri or spec.rootfs_path or self.default_rootfs
-        source = source.removeprefix("raw://")
-        if not source:
-            raise GardenError("no rootfs given and the server has no default rootfs")
-        if not os.path.isdir(source):
-            raise GardenError(f"rootfs {source!r} is not a directory (images are not supported yet)")
-        for mount in spec.bind_mounts:
-            if not mount.dst_path.startswith("/"):
-                raise GardenError(f"bind mount destination {mount.dst_path!r} must be an absolute path")
-            if mount.origin == 0 and not os.path.exists(mount.src_path):
-                raise GardenError(f"bind mount source {mount.src_path!r} does not exist")
-        spec.grace_time = spec.grace_time or self.default_grace_time
-        self._creating.add(spec.handle)
-        try:
-            container: ContainerActor = await self._nursery.start(
-                self._supervise, ContainerActor(self.env, spec, source), False)
-        finally:
-            self._creating.discard(spec.handle)
-        self._add(container)
-        return container
-
-    async def destroy(self, handle: str) -> None:
-        container = self.lookup(handle)
-        if handle in self._destroying:
-            raise GardenError("container already being destroyed")
-        self._destroying.add(handle)
-        try:
-            try:
-                await container.destroy()
-            except (OSError, KernelError) as err:
-                # The container stays listed; a retry resumes with the steps that failed.
-                raise GardenError(f"destroying {handle}: {err}") from err
-            del self.containers[handle]
-            self._end_subscriptions(handle)
-            timer = self._timers.pop(handle, None)
-            if timer is not None:
-                timer.defuse()
-        finally:
-            self._destroying.discard(handle)
+    def _forget(self, handle: str) -> None:
+        del self.containers[handle]
+        for channel in self._subscribers.pop(handle, set()):
+            channel.close()
+        timer = self._timers.pop(handle, None)
+        if timer is not None:
+            timer.defuse()
 
     async def _reap_when_idle(self, handle: str, timer: GraceTimer) -> None:
-        if await timer.expired() and handle in self.containers and handle not in self._destroying:
-            log.info("container %s: grace time expired, destroying it", handle)
-            try:
-                await self.destroy(handle)
-            except GardenError as err:
-                log.warning("container %s: reaping failed (it stays listed): %s", handle, err)
+        if await timer.expired():
+            await self.mailbox.tell(_Expired(handle, timer))
 
-    # ---- events ------------------------------------------------------------------
+    def _lookup(self, handle: str) -> Container:
+        container = self.containers.get(handle)
+        if container is None:
+            raise ContainerNotFoundError(handle)
+        return container
 
-    def subscribe(self, handle: str | None) -> trio.MemoryReceiveChannel[tuple[str, str]]:
-        """``(handle, event)`` pairs from now on, for one container or (None) for all.
+    # ---- events ------------------------------------------------------------------------
 
-        A one-container subscription ends when the container is destroyed; a subscriber
-        that falls EVENT_QUEUE events behind is dropped (its channel closes)."""
-        if handle is not None:
-            self.lookup(handle)
-        send, receive = trio.open_memory_channel[tuple[str, str]](EVENT_QUEUE)
-        self._subscribers.setdefault(handle, set()).add(send)
-        return receive
+    async def _publish_from_container(self, handle: str, event: str) -> None:
+        await self.mailbox.tell(Publish(handle, event))
 
-    def publish(self, handle: str, event: str) -> None:
+    def _publish(self, handle: str, event: str) -> None:
         for key in (handle, None):
             channels = self._subscribers.get(key, set())
             for channel in list(channels):
@@ -241,44 +423,62 @@ class Registry:
                     channel.close()
                     channels.discard(channel)
 
-    def _end_subscriptions(self, handle: str) -> None:
-        for channel in self._subscribers.pop(handle, set()):
-            channel.close()
 
-    # ---- lookups -----------------------------------------------------------------
+class RegistryRef:
+    """The handle front ends hold. Every coroutine sends the registry a command;
+    cancelling the wait never cancels the command (a create or destroy goes on)."""
 
-    def lookup(self, handle: str) -> ContainerActor:
-        container = self.containers.get(handle)
-        if container is None:
-            raise ContainerNotFoundError(handle)
+    def __init__(self, mailbox: Mailbox, registry: Registry) -> None:
+        self._mailbox = mailbox
+        self.env = registry.env
+        self.default_rootfs = registry.default_rootfs
+        self.default_grace_time = registry.default_grace_time
+        self.max_containers = registry.max_containers
+
+    async def create(self, spec: ContainerSpec, source: str) -> ContainerRef:
+        """Create the container ``spec.handle`` from the rootfs directory ``source``.
+        Cancelled: creation goes on; the container is listed once it exists (and its
+        grace time applies), or rolled back if it failed."""
+        container: ContainerRef = await self._mailbox.ask(Create(spec, source))
+        return container
+
+    async def destroy(self, handle: str) -> None:
+        """Raises ContainerNotFoundError, "container already being destroyed", or the
+        teardown's error (the container stays listed). Cancelled: the destroy goes on."""
+        await self._mailbox.ask(DestroyContainer(handle))
+
+    async def lookup(self, handle: str) -> ContainerRef:
+        container: ContainerRef = await self._mailbox.ask(Lookup(handle, pause=False))
         return container
 
     @contextlib.asynccontextmanager
-    async def using(self, handle: str) -> AsyncIterator[ContainerActor]:
+    async def using(self, handle: str) -> AsyncIterator[ContainerRef]:
         """The container, with its grace timer paused for the duration."""
-        container = self.lookup(handle)
-        timer = self._timers.get(handle)
-        if timer is not None:
-            timer.pause()
+        container: ContainerRef = await self._mailbox.ask(Lookup(handle, pause=True))
         try:
             yield container
         finally:
-            if timer is not None:
-                timer.unpause()
+            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+                with contextlib.suppress(ActorGone):
+                    await self._mailbox.ask(Release(handle))
+
+    async def list(self, properties: Mapping[str, str] | None) -> list[str]:
+        handles: list[str] = await self._mailbox.ask(ListHandles(dict(properties or {})))
+        return handles
 
     async def set_grace_time(self, handle: str, seconds: float) -> None:
-        container = self.lookup(handle)
-        container.grace_time = seconds
-        self._timers[handle].reset(seconds)
-        await container.save()
+        await self._mailbox.ask(SetGraceTime(handle, seconds))
 
-    def list(self, properties: dict[str, str] | None) -> list[str]:
-        wanted = properties or {}
-        return [
-            handle for handle, c in self.containers.items()
-            if handle not in self._destroying
-            and all(c.properties.get(k, "") == v for k, v in wanted.items())
-        ]
+    async def subscribe(self, handle: str | None) -> trio.MemoryReceiveChannel[tuple[str, str]]:
+        """``(handle, event)`` pairs from now on, for one container or (None) for all.
+
+        A one-container subscription ends when the container is destroyed; a subscriber
+        that falls EVENT_QUEUE events behind is dropped (its channel closes)."""
+        events: trio.MemoryReceiveChannel[tuple[str, str]] = await self._mailbox.ask(Subscribe(handle))
+        return events
+
+    async def adopt(self, container: Container) -> None:
+        await self._mailbox.ask(Adopted(container))
 
     def capacity(self, pool_containers: int) -> Capacity:
         with open("/proc/meminfo") as f:

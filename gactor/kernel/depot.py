@@ -8,13 +8,34 @@ codes written by the shim). Every write is atomic: write, fsync, rename.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from typing import Any
 
 CONTAINERS = "containers"
 IMAGES = "images"
+
+# Characters kept as they are in a container's directory name. Everything else is
+# %-escaped: a handle may hold ',' or ':' (which overlay mount options cannot carry),
+# trailing spaces (which process titles lose) or newlines.
+_PLAIN = re.compile(rb"[A-Za-z0-9._@+=-]")
+_MAX_NAME = 200  # escaped names longer than this are replaced by a digest
+
+
+def dir_name(handle: str) -> str:
+    """The directory (and cgroup) name of the container ``handle``: the handle itself
+    when it is plain, else a %-escaped form; never '.', '..', '' or over 200 bytes.
+    The handle itself is kept in the container's record."""
+    raw = handle.encode()
+    name = "".join(chr(b) if _PLAIN.fullmatch(bytes([b])) else f"%{b:02X}" for b in raw)
+    if name in ("", ".", ".."):
+        name = "".join(f"%{b:02X}" for b in raw) or "%"
+    if len(name) > _MAX_NAME:
+        name = "%" + hashlib.sha256(raw).hexdigest()
+    return name
 
 
 def write_json(path: str, obj: Any) -> None:

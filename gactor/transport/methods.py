@@ -7,16 +7,19 @@ and the caller pumps it. Every error leaving here is a ``GardenError``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import trio
+
 from ..actors import metrics
-from ..actors.container import ContainerActor
+from ..actors.container import ContainerRef
 from ..actors.process import ProcessActor, Subscription
-from ..actors.registry import Registry, check_name
+from ..actors.registry import RegistryRef, check_name
 from ..errors import GardenError, error_to_wire
 from ..kernel.errors import KernelError
 from ..types import (
@@ -51,7 +54,10 @@ def arg(args: dict[str, Any], key: str, kind: type[T], default: Any = ...) -> T:
 
 
 class Api:
-    def __init__(self, registry: Registry, network_pool: str) -> None:
+    """Every Garden call as a coroutine over the registry's handle: validation, then
+    commands to actors. Front ends decode, call and encode; nothing here knows a wire."""
+
+    def __init__(self, registry: RegistryRef, network_pool: str) -> None:
         self.registry = registry
         self.pool_containers = ipaddress.ip_network(network_pool).num_addresses // 4
 
@@ -63,53 +69,108 @@ class Api:
                 return await CONTAINER_METHODS[method](container, args)
         raise GardenError(f"unknown method '{method}'")
 
-    async def start_process(self, method: str, args: dict[str, Any]) -> tuple[ProcessActor, Subscription]:
+    @contextlib.asynccontextmanager
+    async def process(self, method: str, args: dict[str, Any]) -> AsyncIterator[tuple[ProcessActor, Subscription]]:
         """Run a process (``run``) or find one (``attach``), subscribed to the output the
-        caller asked for. A run's subscription exists before the process does, so not
-        even the first byte of a process that exits at once is missed."""
+        caller asked for, with the container's grace timer paused until the context ends
+        (Garden: for the whole life of a Run or Attach connection). A run's subscription
+        exists before the process does, so not even the first byte of a process that
+        exits at once is missed. Leaving the context early (a detach, a cancelled
+        caller) unsubscribes; the process keeps running."""
         handle = arg(args, "handle", str)
         sub = Subscription(arg(args, "stdout", bool, False), arg(args, "stderr", bool, False))
         async with self.registry.using(handle) as container:
             if method == "run":
                 spec = from_wire(ProcessSpec, arg(args, "spec", dict), "process spec")
+                check_process_spec(spec)
                 process_id = spec.id or str(uuid.uuid4())
                 check_name("process id", process_id)
-                return await container.run_process(spec, process_id, sub), sub
-            process = container.process(arg(args, "process_id", str))
-            process.add_subscriber(sub)
-            return process, sub
+                process = await container.run(spec, process_id, sub)
+            else:
+                process = await container.process(arg(args, "process_id", str))
+                await process.subscribe(sub)
+            try:
+                yield process, sub
+            finally:
+                with trio.CancelScope(shield=True):
+                    await process.unsubscribe(sub)
+
+    @contextlib.asynccontextmanager
+    async def tar(self, args: dict[str, Any], extract: bool) -> AsyncIterator[tuple[ProcessActor, Subscription]]:
+        """Run the server's static tar in the container as ``user``: extracting stdin into
+        ``path`` (created, owned by the user, as Garden does) or archiving ``path`` to
+        stdout, with the grace timer paused until the context ends. A relative path is
+        relative to the user's home; ``path/`` streams out its contents. Leaving the
+        context before tar ended kills tar."""
+        path = arg(args, "path", str)
+        if not path:
+            raise GardenError("invalid stream: 'path' must not be empty")
+        if "\0" in path:
+            raise GardenError("invalid stream: 'path' must not contain NUL")
+        if extract:
+            workdir, tar_args = path, ["-xof", "-"]
+        elif path.endswith("/"):
+            workdir, tar_args = path, ["-cf", "-", "."]
+        else:
+            workdir, tar_args = os.path.dirname(path) or ".", ["-cf", "-", os.path.basename(path)]
+        sub = Subscription(stdout=not extract, stderr=True)
+        spec = ProcessSpec(path="tar", args=tar_args, user=arg(args, "user", str, ""), dir=workdir)
+        async with self.registry.using(arg(args, "handle", str)) as container:
+            process = await container.run(spec, f"gactor-tar-{uuid.uuid4()}", sub,
+                                          host_exe=container.env.tar_binary, dir_must_exist=not extract)
+            try:
+                yield process, sub
+            finally:
+                with trio.CancelScope(shield=True):
+                    if process.running:
+                        await process.signal(9)
+                    await process.unsubscribe(sub)
 
 
 TAR_OUTPUT_LIMIT = 64 << 10  # bytes of tar's stderr kept for an error message
 
+# Spec fields later issues implement; until then a spec using one is refused, never ignored.
+_NOT_YET = "is not supported by this server yet"
 
-async def start_tar(api: Api, args: dict[str, Any], extract: bool) -> tuple[ProcessActor, Subscription]:
-    """Run the server's static tar in the container as ``user``: extracting stdin into
-    ``path`` (created, owned by the user, as Garden does) or archiving ``path`` to stdout.
-    A relative path is relative to the user's home; ``path/`` streams out its contents."""
-    path = arg(args, "path", str)
-    if not path:
-        raise GardenError("invalid stream: 'path' must not be empty")
-    if "\0" in path:
-        raise GardenError("invalid stream: 'path' must not contain NUL")
-    if extract:
-        workdir, tar_args = path, ["-xof", "-"]
-    elif path.endswith("/"):
-        workdir, tar_args = path, ["-cf", "-", "."]
-    else:
-        workdir, tar_args = os.path.dirname(path) or ".", ["-cf", "-", os.path.basename(path)]
-    sub = Subscription(stdout=not extract, stderr=True)
-    spec = ProcessSpec(path="tar", args=tar_args, user=arg(args, "user", str, ""), dir=workdir)
-    async with api.registry.using(arg(args, "handle", str)) as container:
-        process = await container.run_process(
-            spec, f"gactor-tar-{uuid.uuid4()}", sub, host_exe=container.env.tar_binary,
-            dir_must_exist=not extract)
-    return process, sub
+
+def check_container_spec(spec: ContainerSpec) -> None:
+    """Refuse what this server cannot do yet, naming the field."""
+    unsupported = [
+        ("network", bool(spec.network)),
+        ("net_in", bool(spec.net_in)),
+        ("net_out", bool(spec.net_out)),
+        ("limits.disk", spec.limits.disk != DiskLimits()),
+        ("limits.bandwidth", spec.limits.bandwidth != BandwidthLimits()),
+    ]
+    for name, used in unsupported:
+        if used:
+            raise GardenError(f"container spec field '{name}' {_NOT_YET}")
+
+
+def check_process_spec(spec: ProcessSpec) -> None:
+    if spec.image.uri:
+        raise GardenError(f"process spec field 'image' {_NOT_YET}")
 
 
 async def _create(api: Api, args: dict[str, Any]) -> Any:
     spec = from_wire(ContainerSpec, arg(args, "spec", dict), "container spec")
-    container = await api.registry.create(spec)
+    check_container_spec(spec)
+    spec.handle = spec.handle or str(uuid.uuid4())
+    check_name("handle", spec.handle)
+    if spec.rootfs_path and spec.image.uri:
+        raise GardenError("Cannot provide both Image.URI and RootFSPath")
+    source = (spec.image.uri or spec.rootfs_path or api.registry.default_rootfs).removeprefix("raw://")
+    if not source:
+        raise GardenError("no rootfs given and the server has no default rootfs")
+    if not os.path.isdir(source):
+        raise GardenError(f"rootfs {source!r} is not a directory (images are not supported yet)")
+    for mount in spec.bind_mounts:
+        if not mount.dst_path.startswith("/"):
+            raise GardenError(f"bind mount destination {mount.dst_path!r} must be an absolute path")
+        if mount.origin == 0 and not os.path.exists(mount.src_path):
+            raise GardenError(f"bind mount source {mount.src_path!r} does not exist")
+    spec.grace_time = spec.grace_time or api.registry.default_grace_time
+    container = await api.registry.create(spec, source)
     return {"handle": container.handle}
 
 
@@ -126,14 +187,14 @@ async def _capacity(api: Api, args: dict[str, Any]) -> Any:
 
 
 async def _lookup(api: Api, args: dict[str, Any]) -> Any:
-    return {"handle": api.registry.lookup(arg(args, "handle", str)).handle}
+    return {"handle": (await api.registry.lookup(arg(args, "handle", str))).handle}
 
 
 async def _containers(api: Api, args: dict[str, Any]) -> Any:
     props = arg(args, "properties", dict, None) or {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in props.items()):
         raise GardenError("argument 'properties' must map strings to strings")
-    return api.registry.list(props)
+    return await api.registry.list(props)
 
 
 async def _set_grace_time(api: Api, args: dict[str, Any]) -> None:
@@ -146,21 +207,28 @@ async def _set_grace_time(api: Api, args: dict[str, Any]) -> None:
 async def _bulk_info(api: Api, args: dict[str, Any]) -> Any:
     """Per-handle results in one call; an error for one handle is reported in its entry."""
     out: dict[str, Any] = {}
-    for handle in _handles(args):
+
+    async def one(handle: str) -> None:
         try:
-            out[handle] = {"info": to_wire(api.registry.lookup(handle).info()), "err": None}
+            info = await (await api.registry.lookup(handle)).info()
+            out[handle] = {"info": to_wire(info), "err": None}
         except GardenError as err:
             out[handle] = {"info": None, "err": error_to_wire(err)}
-    return out
+
+    handles = _handles(args)
+    async with trio.open_nursery() as nursery:
+        for handle in handles:
+            nursery.start_soon(one, handle)
+    return {handle: out[handle] for handle in handles}
 
 
 async def _bulk_metrics(api: Api, args: dict[str, Any]) -> Any:
     handles = _handles(args)
-    found: dict[str, ContainerActor] = {}
+    found: dict[str, ContainerRef] = {}
     out: dict[str, Any] = {}
     for handle in handles:
         try:
-            found[handle] = api.registry.lookup(handle)
+            found[handle] = await api.registry.lookup(handle)
         except GardenError as err:
             out[handle] = {"metrics": None, "err": error_to_wire(err)}
     for handle, result in zip(found, await metrics.collect_many(list(found.values())), strict=True):
@@ -168,7 +236,7 @@ async def _bulk_metrics(api: Api, args: dict[str, Any]) -> Any:
             out[handle] = {"metrics": None, "err": error_to_wire(GardenError(f"metrics of {handle}: {result}"))}
         else:
             out[handle] = {"metrics": to_wire(result), "err": None}
-    return out
+    return {handle: out[handle] for handle in handles}
 
 
 def _handles(args: dict[str, Any]) -> list[str]:
@@ -178,100 +246,84 @@ def _handles(args: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(handles))
 
 
-async def _stop(c: ContainerActor, args: dict[str, Any]) -> None:
+async def _stop(c: ContainerRef, args: dict[str, Any]) -> None:
     await c.stop(arg(args, "kill", bool, False))
 
 
-async def _info(c: ContainerActor, args: dict[str, Any]) -> Any:
-    await c.check_oom()  # so an OOM the kernel did not announce still shows in events
-    return to_wire(c.info())
+async def _info(c: ContainerRef, args: dict[str, Any]) -> Any:
+    return to_wire(await c.info())
 
 
-async def _metrics(c: ContainerActor, args: dict[str, Any]) -> Any:
+async def _metrics(c: ContainerRef, args: dict[str, Any]) -> Any:
     await c.check_oom()
     return to_wire(await metrics.collect(c))
 
 
-async def _properties(c: ContainerActor, args: dict[str, Any]) -> Any:
+async def _properties(c: ContainerRef, args: dict[str, Any]) -> Any:
     return dict(c.properties)
 
 
-async def _property(c: ContainerActor, args: dict[str, Any]) -> str:
+async def _property(c: ContainerRef, args: dict[str, Any]) -> str:
     name = arg(args, "name", str)
     if name not in c.properties:
         raise GardenError(f"property does not exist: {name}")
     return str(c.properties[name])
 
 
-async def _set_property(c: ContainerActor, args: dict[str, Any]) -> None:
-    c.properties[arg(args, "name", str)] = arg(args, "value", str)
-    await c.save()
+async def _set_property(c: ContainerRef, args: dict[str, Any]) -> None:
+    await c.set_property(arg(args, "name", str), arg(args, "value", str))
 
 
-async def _remove_property(c: ContainerActor, args: dict[str, Any]) -> None:
-    c.properties.pop(arg(args, "name", str), None)
-    await c.save()
+async def _remove_property(c: ContainerRef, args: dict[str, Any]) -> None:
+    await c.remove_property(arg(args, "name", str))
 
 
-async def _signal(c: ContainerActor, args: dict[str, Any]) -> None:
+async def _signal(c: ContainerRef, args: dict[str, Any]) -> None:
     signal = arg(args, "signal", int)
     if signal not in _SIGNALS:
         raise GardenError(f"invalid signal {signal}: must be 0 (terminate) or 1 (kill)")
-    await c.process(arg(args, "process_id", str)).signal(_SIGNALS[signal])
+    await (await c.process(arg(args, "process_id", str))).signal(_SIGNALS[signal])
 
 
-async def _set_tty(c: ContainerActor, args: dict[str, Any]) -> None:
+async def _set_tty(c: ContainerRef, args: dict[str, Any]) -> None:
     tty = from_wire(TTYSpec, arg(args, "tty", dict), "tty spec")
-    proc = c.process(arg(args, "process_id", str))
+    proc = await c.process(arg(args, "process_id", str))
     if tty.window_size is not None:
         await proc.resize(tty.window_size.columns, tty.window_size.rows)
 
 
-async def _limit_memory(c: ContainerActor, args: dict[str, Any]) -> None:
-    limits = from_wire(MemoryLimits, arg(args, "limits", dict), "memory limits")
-    try:
-        c.cgroup.set_memory_limit(limits.limit_in_bytes)
-    except KernelError as err:
-        raise GardenError(f"cannot set a memory limit of {limits.limit_in_bytes} bytes: "
-                          f"{os.strerror(err.errno) if err.errno else err} (is usage above it?)") from err
-    c.spec.limits.memory = limits
-    await c.save()
+async def _limit_memory(c: ContainerRef, args: dict[str, Any]) -> None:
+    await c.limit_memory(from_wire(MemoryLimits, arg(args, "limits", dict), "memory limits"))
 
 
-async def _current_memory_limits(c: ContainerActor, args: dict[str, Any]) -> Any:
-    return to_wire(c.current_memory_limits())
+async def _current_memory_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
+    return to_wire(await c.current_memory_limits())
 
 
-async def _limit_cpu(c: ContainerActor, args: dict[str, Any]) -> None:
-    limits = from_wire(CPULimits, arg(args, "limits", dict), "cpu limits")
-    try:
-        c.apply_cpu_limits(c.cgroup, limits)
-    except KernelError as err:
-        raise GardenError(f"cannot set cpu limits {limits}: {err}") from err
-    c.spec.limits.cpu = limits
-    await c.save()
+async def _limit_cpu(c: ContainerRef, args: dict[str, Any]) -> None:
+    await c.limit_cpu(from_wire(CPULimits, arg(args, "limits", dict), "cpu limits"))
 
 
-async def _current_cpu_limits(c: ContainerActor, args: dict[str, Any]) -> Any:
-    return to_wire(c.current_cpu_limits())
+async def _current_cpu_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
+    return to_wire(await c.current_cpu_limits())
 
 
-async def _current_bandwidth_limits(c: ContainerActor, args: dict[str, Any]) -> Any:
+async def _current_bandwidth_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
     return to_wire(BandwidthLimits())  # bandwidth limits arrive with networking
 
 
-async def _current_disk_limits(c: ContainerActor, args: dict[str, Any]) -> Any:
+async def _current_disk_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
     return to_wire(DiskLimits())  # no disk limits yet: Garden's "{}"
 
 
 def _not_yet(what: str) -> ContainerHandler:
-    async def handler(c: ContainerActor, args: dict[str, Any]) -> Any:
+    async def handler(c: ContainerRef, args: dict[str, Any]) -> Any:
         raise GardenError(f"{what} is not supported by this server yet")
 
     return handler
 
 
-ContainerHandler = Callable[[ContainerActor, dict[str, Any]], Awaitable[Any]]
+ContainerHandler = Callable[[ContainerRef, dict[str, Any]], Awaitable[Any]]
 
 # Calls that name no container, or do not pause its grace timer (Garden's bulk calls,
 # destroy, set_grace_time).

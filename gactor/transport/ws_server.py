@@ -21,9 +21,13 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from ..actors.process import ProcessActor, Subscription
 from ..errors import ContainerNotFoundError, GardenError
 from . import protocol as P
-from .methods import TAR_OUTPUT_LIMIT, Api, arg, start_tar
+from .methods import TAR_OUTPUT_LIMIT, Api, arg
 
 log = logging.getLogger("gactor.api")
+
+class _StreamGone(trio.ClosedResourceError):
+    """A frame for a stream the client detached: that stream's task ends."""
+
 
 # A client going away mid-send: its streams end, its processes keep running.
 _GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -59,6 +63,11 @@ class Peer:
             async with self._send_lock:
                 if self._broken:
                     raise trio.ClosedResourceError("connection dropped")
+                if isinstance(event, P.Output | P.Exit | P.Credit | P.Event) and \
+                        self.conn.stream_state(event.stream) is P.StreamState.CLOSED:
+                    # The client detached this stream (or it ended) while we waited for the
+                    # lock: end the stream's task, never the connection.
+                    raise _StreamGone(f"stream {event.stream} is no longer open")
                 frame = self.conn.send(event)
                 with trio.move_on_after(SEND_TIMEOUT) as timeout:
                     await self.ws.send_message(frame)
@@ -140,42 +149,36 @@ class Peer:
     async def _serve_stream(self, call: P.Call, stream: _Stream) -> None:
         """Start or find the process, reply, then pump its output and finally its exit code."""
         stream_id = call.args["stream"]
-        handle = call.args.get("handle")
+        replied = False
         try:
-            try:
-                stdin = arg(call.args, "stdin", bool, False)
-                proc, sub = await self.api.start_process(call.method, call.args)
-            except GardenError as err:
-                await self._reply_error(call.id, err)
-                return
-            except Exception as err:
-                log.exception("call %s failed", call.method)
-                await self._reply_error(call.id, GardenError(f"internal error in {call.method}: {err}"))
-                return
-            # The grace timer stays paused while the stream is open (Garden: the whole
-            # lifetime of a Run or Attach connection).
-            async with self.api.registry.using(handle) if handle in self.api.registry.containers else contextlib.nullcontext():
-                await self._pump(call, stream, stream_id, proc, sub, stdin)
+            stdin = arg(call.args, "stdin", bool, False)
+            async with self.api.process(call.method, call.args) as (proc, sub):
+                await self.send(P.Reply(call.id, {"process_id": proc.id}))
+                replied = True
+                with stream.scope:
+                    async with trio.open_nursery() as nursery:
+                        if stdin:
+                            nursery.start_soon(self._feed_stdin, stream, stream_id, proc)
+                        async with sub.receive:
+                            async for fd, data in sub.receive:
+                                await self._send_output(stream, stream_id, fd, data)
+                        try:
+                            code: int | None = await proc.wait()
+                            error = None
+                        except GardenError as err:
+                            code, error = None, err  # the shim died: the exit status is lost
+                        nursery.cancel_scope.cancel()
+                    await self.send(P.Exit(stream_id, code, error))
+        except* GardenError as group:
+            failure = _first(group)
+            if replied:
+                log.warning("stream %d of %s failed after its reply: %s", stream_id, call.method, failure)
+            else:
+                await self._reply_error(call.id, failure)
         except* _GONE:
             pass
         finally:
             self.streams.pop(stream_id, None)
-
-    async def _pump(self, call: P.Call, stream: _Stream, stream_id: int, proc: ProcessActor,
-                    sub: Subscription, stdin: bool) -> None:
-        await self.send(P.Reply(call.id, {"process_id": proc.id}))
-        with stream.scope:
-            async with trio.open_nursery() as nursery:
-                if stdin:
-                    nursery.start_soon(self._feed_stdin, stream, stream_id, proc)
-                async with sub.receive:
-                    async for fd, data in sub.receive:
-                        await self._send_output(stream, stream_id, fd, data)
-                code = await proc.wait()
-                nursery.cancel_scope.cancel()
-            await self.send(P.Exit(stream_id, code))
-        if stream.scope.cancelled_caught:
-            proc.unsubscribe(sub)  # the client detached
 
     async def _send_output(self, stream: _Stream, stream_id: int, fd: int, data: bytes) -> None:
         """Send ``data`` as output frames, waiting for the client's credit as needed."""
@@ -192,20 +195,18 @@ class Peer:
         """Extract the tar the client streams as stdin; reply once it is all written."""
         stream_id = call.args["stream"]
         try:
-            proc, sub = await self._start_tar(call, extract=True)
-            if proc is None:
-                return
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._feed_stdin, stream, stream_id, proc)
-                output = await _collect(sub)
-                code = await proc.wait()
-                nursery.cancel_scope.cancel()
+            async with self.api.tar(call.args, extract=True) as (proc, sub):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._feed_stdin, stream, stream_id, proc)
+                    output = await _collect(sub)
+                    code = await proc.wait()
+                    nursery.cancel_scope.cancel()
             if code != 0:
-                await self._reply_error(call.id, GardenError(
-                    f"error streaming in: exit status {code}. Output: {output.decode(errors='replace').strip()}"))
-                return
+                raise GardenError(f"exit status {code}. Output: {output.decode(errors='replace').strip()}")
             await self.send(P.Exit(stream_id, 0))
             await self.send(P.Reply(call.id, {}))
+        except* GardenError as group:
+            await self._reply_error(call.id, _stream_error(_first(group), "in"))
         except* _GONE:
             pass
         finally:
@@ -215,46 +216,38 @@ class Peer:
         """Stream a tar of ``path`` as output fd 1. A path that cannot be archived is an
         error reply: the reply waits for tar's first byte of archive or its exit."""
         stream_id = call.args["stream"]
+        replied = False
         try:
-            proc, sub = await self._start_tar(call, extract=False)
-            if proc is None:
-                return
-            errors = bytearray()
-            with stream.scope:
-                async with sub.receive:
-                    first = await _first_archive_bytes(sub, errors)
-                    if (first is None or len(first) <= _TAR_END_MARKER) and await proc.wait() != 0:
-                        await self._reply_error(call.id, GardenError(
-                            f"error streaming out: {errors.decode(errors='replace').strip()}"))
-                        return
-                    await self.send(P.Reply(call.id, {}))
-                    if first is not None:
-                        await self._send_output(stream, stream_id, 1, first)
-                    async for fd, data in sub.receive:
-                        if fd == 1:
-                            await self._send_output(stream, stream_id, 1, data)
-                        elif len(errors) < TAR_OUTPUT_LIMIT:
-                            errors += data
-                code = await proc.wait()
-                error = None if code == 0 else GardenError(
-                    f"error streaming out: exit status {code}: {errors.decode(errors='replace').strip()}")
-                await self.send(P.Exit(stream_id, 0 if error is None else None, error))
-            if stream.scope.cancelled_caught:
-                await proc.signal(9)  # the client stopped reading: stop tar
+            async with self.api.tar(call.args, extract=False) as (proc, sub):
+                errors = bytearray()
+                with stream.scope:
+                    async with sub.receive:
+                        first = await _first_archive_bytes(sub, errors)
+                        if (first is None or len(first) <= _TAR_END_MARKER) and await proc.wait() != 0:
+                            raise GardenError(errors.decode(errors="replace").strip())
+                        await self.send(P.Reply(call.id, {}))
+                        replied = True
+                        if first is not None:
+                            await self._send_output(stream, stream_id, 1, first)
+                        async for fd, data in sub.receive:
+                            if fd == 1:
+                                await self._send_output(stream, stream_id, 1, data)
+                            elif len(errors) < TAR_OUTPUT_LIMIT:
+                                errors += data
+                    code = await proc.wait()
+                    error = None if code == 0 else GardenError(
+                        f"error streaming out: exit status {code}: {errors.decode(errors='replace').strip()}")
+                    await self.send(P.Exit(stream_id, 0 if error is None else None, error))
+        except* GardenError as group:
+            err = _first(group)
+            if replied:
+                await self._safe_send(P.Exit(stream_id, None, _stream_error(err, "out")))
+            else:
+                await self._reply_error(call.id, _stream_error(err, "out"))
         except* _GONE:
             pass
         finally:
             self.streams.pop(stream_id, None)
-
-    async def _start_tar(self, call: P.Call, extract: bool) -> tuple[ProcessActor | None, Subscription]:
-        try:
-            return await start_tar(self.api, call.args, extract)
-        except ContainerNotFoundError as err:
-            await self._reply_error(call.id, err)
-        except GardenError as err:
-            await self._reply_error(call.id, GardenError(
-                f"error streaming {'in' if extract else 'out'}: {err}"))
-        return None, Subscription(False, False)
 
     async def _serve_events(self, call: P.Call, stream: _Stream) -> None:
         """Push events (e.g. "Out of memory") of one container until it is destroyed, or
@@ -262,7 +255,7 @@ class Peer:
         stream_id = call.args["stream"]
         try:
             try:
-                events = self.api.registry.subscribe(arg(call.args, "handle", str, "") or None)
+                events = await self.api.registry.subscribe(arg(call.args, "handle", str, "") or None)
             except GardenError as err:
                 await self._reply_error(call.id, err)
                 return
@@ -278,12 +271,26 @@ class Peer:
             self.streams.pop(stream_id, None)
 
     async def _feed_stdin(self, stream: _Stream, stream_id: int, proc: ProcessActor) -> None:
+        """Write what the client sends to the process, granting credit back once each
+        chunk is written. The process going away ends feeding, never the connection."""
         async for data in stream.stdin[1]:
             if data is None:
-                await proc.close_stdin()
+                with contextlib.suppress(GardenError):
+                    await proc.close_stdin()
                 return
-            await proc.write_stdin(data)
+            with contextlib.suppress(GardenError):
+                await proc.write_stdin(data)
             await self.send(P.Credit(stream_id, len(data)))
+
+
+def _first(group: BaseExceptionGroup[GardenError]) -> GardenError:
+    return group.exceptions[0] if isinstance(group.exceptions[0], GardenError) else _first(group.exceptions[0])
+
+
+def _stream_error(err: GardenError, direction: str) -> GardenError:
+    if isinstance(err, ContainerNotFoundError) or str(err).startswith("error streaming"):
+        return err
+    return GardenError(f"error streaming {direction}: {err}")
 
 
 async def _collect(sub: Subscription) -> bytes:

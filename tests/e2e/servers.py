@@ -26,6 +26,7 @@ import pytest
 import trio
 
 import gactor
+from gactor.kernel import depot
 from gactor.server import ServerConfig, cgroup_parent_for
 
 from .helpers import (
@@ -101,7 +102,7 @@ class ServerProcess:
         return None if self.proc is None else self.proc.poll()
 
     def container_dir(self, handle: str) -> str:
-        return os.path.join(self.depot, "containers", handle)
+        return os.path.join(self.depot, "containers", depot.dir_name(handle))
 
     def log_text(self) -> str:
         try:

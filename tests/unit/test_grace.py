@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from gactor.actors.registry import GraceTimer, Registry
+from gactor.actors.registry import GraceTimer, Registry, RegistryRef
 from gactor.errors import ContainerNotFoundError, GardenError
 
 NEVER = 10_000.0  # "forever" on the mock clock: far beyond every grace time used here
@@ -163,10 +163,11 @@ async def test_defuse_while_paused(autojump_clock):
 
 
 class FakeContainer:
-    """What the registry needs of a container actor: a handle, a grace time, destroy()."""
+    """What the registry needs of a container: a handle and name, published properties,
+    a grace time, destroy() and set_grace_time()."""
 
     def __init__(self, handle: str, grace_time: float, fail: bool = False) -> None:
-        self.handle = handle
+        self.handle = self.name = handle
         self.grace_time = grace_time
         self.properties: dict[str, str] = {}
         self.destroyed_at: list[float] = []
@@ -179,9 +180,10 @@ class FakeContainer:
         if self.release is not None:
             await self.release.wait()
         if self.fail:
-            raise OSError(16, "Device or resource busy")
+            raise GardenError(f"destroying {self.handle}: Device or resource busy")
 
-    async def save(self) -> None:
+    async def set_grace_time(self, seconds: float) -> None:
+        self.grace_time = seconds
         self.persisted += 1
 
 
@@ -199,32 +201,31 @@ async def registry(tmp_path) -> Any:
         nursery.cancel_scope.cancel()
 
 
-def _add(registry: Registry, handle: str, grace: float, **kwargs: Any) -> FakeContainer:
+async def _add(registry: RegistryRef, handle: str, grace: float, **kwargs: Any) -> FakeContainer:
     fake = FakeContainer(handle, grace, **kwargs)
-    registry._add(fake)  # type: ignore[arg-type]
+    await registry.adopt(fake)
     return fake
 
 
 async def test_registry_reaps_an_idle_container_at_exactly_its_grace_time(registry, autojump_clock):
     start = trio.current_time()
-    fake = _add(registry, "idle", 4.0)
+    fake = await _add(registry, "idle", 4.0)
     await trio.sleep(NEVER)
     assert fake.destroyed_at == [start + 4]
     with pytest.raises(ContainerNotFoundError):
-        registry.lookup("idle")
-    assert "idle" not in registry._timers
+        await registry.lookup("idle")
 
 
 async def test_registry_zero_grace_time_is_never_reaped(registry, autojump_clock):
-    fake = _add(registry, "forever", 0.0)
+    fake = await _add(registry, "forever", 0.0)
     await trio.sleep(NEVER)
     assert fake.destroyed_at == []
-    assert registry.lookup("forever") is fake
+    assert await registry.lookup("forever") is fake
 
 
 async def test_using_pauses_the_reaper_and_restarts_the_full_countdown(registry, autojump_clock):
     start = trio.current_time()
-    fake = _add(registry, "busy", 4.0)
+    fake = await _add(registry, "busy", 4.0)
     await trio.sleep(3)
     async with registry.using("busy") as container:
         assert container is fake
@@ -234,9 +235,19 @@ async def test_using_pauses_the_reaper_and_restarts_the_full_countdown(registry,
     assert fake.destroyed_at == [start + 3 + NEVER + 4]
 
 
+async def test_a_cancelled_request_still_unpauses(registry, autojump_clock):
+    fake = await _add(registry, "left", 2.0)
+    with trio.move_on_after(5):
+        async with registry.using("left"):
+            await trio.sleep(NEVER)  # the client went away mid-request
+    left_at = trio.current_time()
+    await trio.sleep(NEVER)
+    assert fake.destroyed_at == [left_at + 2]
+
+
 async def test_overlapping_requests_keep_it_paused_until_the_last_ends(registry, autojump_clock):
     start = trio.current_time()
-    fake = _add(registry, "two", 1.0)
+    fake = await _add(registry, "two", 1.0)
     first_done = trio.Event()
 
     async def first() -> None:
@@ -246,6 +257,7 @@ async def test_overlapping_requests_keep_it_paused_until_the_last_ends(registry,
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
         async with registry.using("two"):
             await first_done.wait()  # t=10: the other request still holds a pause
             await trio.sleep(5)
@@ -256,7 +268,7 @@ async def test_overlapping_requests_keep_it_paused_until_the_last_ends(registry,
 
 async def test_set_grace_time_restarts_the_countdown_and_persists(registry, autojump_clock):
     start = trio.current_time()
-    fake = _add(registry, "reset", 100.0)
+    fake = await _add(registry, "reset", 100.0)
     await trio.sleep(10)
     await registry.set_grace_time("reset", 2.5)
     assert (fake.grace_time, fake.persisted) == (2.5, 1)
@@ -266,7 +278,7 @@ async def test_set_grace_time_restarts_the_countdown_and_persists(registry, auto
 
 async def test_set_grace_time_during_a_request_waits_for_its_end(registry, autojump_clock):
     start = trio.current_time()
-    fake = _add(registry, "held", 100.0)
+    fake = await _add(registry, "held", 100.0)
     async with registry.using("held"):
         await registry.set_grace_time("held", 1.0)
         await trio.sleep(20)
@@ -276,17 +288,16 @@ async def test_set_grace_time_during_a_request_waits_for_its_end(registry, autoj
 
 async def test_api_destroy_defuses_the_timer(registry, autojump_clock):
     start = trio.current_time()
-    fake = _add(registry, "gone", 5.0)
+    fake = await _add(registry, "gone", 5.0)
     await trio.sleep(2)
     await registry.destroy("gone")
     await trio.sleep(NEVER)
     assert fake.destroyed_at == [start + 2]  # once, by the API; the timer never fired
-    assert "gone" not in registry._timers
 
 
 async def test_reap_is_skipped_while_an_api_destroy_is_in_progress(registry, autojump_clock):
     start = trio.current_time()
-    fake = _add(registry, "racing", 3.0)
+    fake = await _add(registry, "racing", 3.0)
     fake.release = trio.Event()
     async with trio.open_nursery() as nursery:
         await trio.sleep(1)
@@ -296,11 +307,11 @@ async def test_reap_is_skipped_while_an_api_destroy_is_in_progress(registry, aut
         fake.release.set()
     assert fake.destroyed_at == [start + 1]
     with pytest.raises(ContainerNotFoundError):
-        registry.lookup("racing")
+        await registry.lookup("racing")
 
 
 async def test_concurrent_destroys_one_wins(registry, autojump_clock):
-    fake = _add(registry, "twice", 0.0)
+    fake = await _add(registry, "twice", 0.0)
     fake.release = trio.Event()
     errors: list[GardenError] = []
 
@@ -318,26 +329,39 @@ async def test_concurrent_destroys_one_wins(registry, autojump_clock):
         fake.release.set()
     assert [str(e) for e in errors] == ["container already being destroyed"]
     assert len(fake.destroyed_at) == 1
-    assert "twice" not in registry.containers
+    assert await registry.list(None) == []
+
+
+async def test_a_cancelled_destroy_still_completes(registry, autojump_clock):
+    fake = await _add(registry, "abandoned", 0.0)
+    fake.release = trio.Event()
+    with trio.move_on_after(1):
+        await registry.destroy("abandoned")  # the client disconnects mid-destroy
+    assert await registry.list(None) == []  # being destroyed: not listed
+    fake.release.set()
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(ContainerNotFoundError):
+        await registry.lookup("abandoned")
+    assert len(fake.destroyed_at) == 1
 
 
 async def test_a_failed_destroy_keeps_the_container_listed(registry, autojump_clock):
-    fake = _add(registry, "stuck", 0.0, fail=True)
+    fake = await _add(registry, "stuck", 0.0, fail=True)
     with pytest.raises(GardenError, match="destroying stuck"):
         await registry.destroy("stuck")
-    assert registry.lookup("stuck") is fake
-    assert registry.list(None) == ["stuck"]
+    assert await registry.lookup("stuck") is fake
+    assert await registry.list(None) == ["stuck"]
     fake.fail = False
     await registry.destroy("stuck")
-    assert registry.list(None) == []
+    assert await registry.list(None) == []
 
 
 async def test_destroying_containers_are_not_listed(registry, autojump_clock):
-    fake = _add(registry, "leaving", 0.0)
-    _add(registry, "staying", 0.0)
+    fake = await _add(registry, "leaving", 0.0)
+    await _add(registry, "staying", 0.0)
     fake.release = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(registry.destroy, "leaving")
         await trio.testing.wait_all_tasks_blocked()
-        assert registry.list(None) == ["staying"]
+        assert await registry.list(None) == ["staying"]
         fake.release.set()

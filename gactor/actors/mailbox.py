@@ -1,0 +1,110 @@
+"""Actor plumbing (STYLE.md rules 1-5): a bounded mailbox of typed commands, each
+carrying a one-shot reply slot.
+
+A caller ``ask``s: the command goes into the owner's mailbox (waiting for room when it
+is full, so a flood of callers is slowed, never buffered without bound) and the caller
+waits for the reply. Cancelling the caller cancels only its wait: the owner still
+carries the command out and the reply is dropped. The owner settles every request
+exactly once; when the owner ends, every queued request and every later ``ask`` fails
+with ``ActorGone``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import outcome
+import trio
+
+from ..errors import GardenError, ServiceUnavailableError
+
+T = TypeVar("T")
+# A handler's return value meaning "not yet": a task of the owner settles the request later.
+DEFERRED: Any = object()
+MAILBOX_SIZE = 256  # commands queued per actor before askers wait for room
+
+
+class ActorGone(ServiceUnavailableError):
+    def __init__(self, owner: str) -> None:
+        super().__init__(f"{owner} is gone")
+
+
+@dataclass(eq=False)
+class Request(Generic[T]):
+    """One command and the slot its reply goes into."""
+
+    command: Any
+    _outcome: outcome.Outcome[T] | None = None
+    _settled: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def settled(self) -> bool:
+        return self._outcome is not None
+
+    def reply(self, value: T) -> None:
+        if self._outcome is None:
+            self._outcome = outcome.Value(value)
+            self._settled.set()
+
+    def fail(self, error: BaseException) -> None:
+        if self._outcome is None:
+            self._outcome = outcome.Error(error)
+            self._settled.set()
+
+    async def settle(self, handler: Callable[[Request[T]], Awaitable[T]]) -> None:
+        """Run ``handler(self)``; its result or GardenError is the reply (none when it
+        returns DEFERRED). Any other exception fails the request with an internal error
+        and is re-raised: the actor's supervisor decides what a bug means."""
+        try:
+            result = await handler(self)
+            if result is not DEFERRED:
+                self.reply(result)
+        except GardenError as err:
+            self.fail(err)
+        except BaseException as err:
+            self.fail(GardenError(f"internal error in {type(self.command).__name__}: {err!r}"))
+            raise
+
+
+class Mailbox:
+    def __init__(self, owner: str, size: int = MAILBOX_SIZE) -> None:
+        self.owner = owner
+        self._send, self._receive = trio.open_memory_channel[Request[Any]](size)
+
+    async def ask(self, command: Any) -> Any:
+        """Send ``command`` and wait for its reply. Raises what the owner replied with,
+        or ActorGone. Cancelled: the command may still be carried out."""
+        request: Request[Any] = Request(command)
+        try:
+            await self._send.send(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ActorGone(self.owner) from None
+        await request._settled.wait()
+        assert request._outcome is not None
+        return request._outcome.unwrap()
+
+    async def tell(self, command: Any) -> bool:
+        """Send ``command`` without waiting for it to be carried out (the owner's own
+        tasks reporting back to it). False (dropped) once the owner has ended."""
+        try:
+            await self._send.send(Request(command))
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+
+    async def requests(self) -> AsyncIterator[Request[Any]]:
+        """The owner's side: requests in arrival order, until ``close``."""
+        async for request in self._receive:
+            yield request
+
+    def close(self) -> None:
+        """End the mailbox (the owner is ending): queued and later requests fail."""
+        while True:
+            try:
+                request = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            request.fail(ActorGone(self.owner))
+        self._receive.close()

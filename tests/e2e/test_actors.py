@@ -1,0 +1,146 @@
+"""Regressions of issue 7 that the actor model fixes, tried from outside as a user would:
+a dead shim is noticed, one stream's failure never closes the connection, handles with
+awkward characters work across a restart, and unimplemented spec fields are refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from gactor import ContainerSpec, GardenError, ProcessIO, ProcessSpec, StreamInSpec
+from gactor.transport import protocol as P
+from gactor.types import DiskLimits, Limits, NetIn
+
+from .helpers import (
+    Sink,
+    StdinGate,
+    host_snapshot,
+    processes_named,
+    sh_ok,
+    unique_handle,
+    wait_until_nothing_left,
+)
+
+pytestmark = pytest.mark.trio
+
+
+def shim_of(server, handle: str) -> int:
+    """The pid of ``handle``'s shim, found by its title from outside."""
+    pids = processes_named("gactor-shim", server.container_dir(handle))
+    assert len(pids) == 1, pids
+    return pids.pop()
+
+
+async def test_a_dead_shim_is_noticed(gactor_server, client, create_container):
+    container = await create_container()
+    before_info = await container.info()
+    assert before_info.state == "active"
+    gate = StdinGate(b"x")
+    process = await container.run(ProcessSpec(path="cat"), ProcessIO(stdin=gate, stdout=Sink()))
+    os.kill(shim_of(gactor_server, container.handle), signal.SIGKILL)
+    with trio.fail_after(10):
+        with pytest.raises(GardenError, match=container.handle):
+            await process.wait()  # ends with an error naming the container; never hangs
+    info = await container.info()
+    assert info.state == "broken"
+    assert any("shim" in event for event in info.events)
+    with pytest.raises(GardenError, match="broken"):
+        await container.run(ProcessSpec(path="true"), ProcessIO())
+    gate.release()
+    handle = container.handle
+    await client.destroy(handle)
+    assert handle not in [c.handle for c in await client.containers()]
+    assert not os.path.exists(gactor_server.container_dir(handle))
+
+
+async def test_a_shim_dying_during_stream_in_fails_only_that_call(gactor_server, client, create_container):
+    container = await create_container()
+    other = await create_container()
+    shim = shim_of(gactor_server, container.handle)
+    started = trio.Event()
+
+    async def endless_tar():
+        yield b"\0" * 512  # a partial header: tar waits for the rest
+        started.set()
+        await trio.sleep_forever()
+
+    async def kill_when_started():
+        await started.wait()
+        os.kill(shim, signal.SIGKILL)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_when_started)
+            with pytest.raises(GardenError):
+                await container.stream_in(StreamInSpec(path="/tmp", tar_stream=endless_tar()))
+    await client.ping()  # the connection is alive
+    assert await sh_ok(other, "echo still here") == "still here\n"
+
+
+async def test_awkward_handles_survive_a_restart(own_servers):
+    server = own_servers("awkward", "10.247.7.0/24")
+    await server.start()
+    handles = ["with,comma", "trailing space ", "colon:and=equals", "newline\nin it", "%percent"]
+    async with server.connect() as client:
+        await client.destroy((await client.create(ContainerSpec())).handle)  # the image copy stays
+        before = host_snapshot(server)
+        for handle in handles:
+            container = await client.create(ContainerSpec(handle=handle))
+            assert await sh_ok(container, "hostname") == handle[-49:] + "\n"
+    await server.kill()
+    await server.start()
+    async with server.connect() as client:
+        assert sorted(c.handle for c in await client.containers()) == sorted(handles)
+        for handle in handles:
+            container = await client.lookup(handle)
+            assert await sh_ok(container, "echo ok") == "ok\n"
+            await client.destroy(handle)
+        await wait_until_nothing_left(server, {**before, "server fds": host_snapshot(server)["server fds"]})
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    (ContainerSpec(network="10.0.0.0/30"), "network"),
+    (ContainerSpec(net_in=[NetIn(host_port=8080, container_port=80)]), "net_in"),
+    (ContainerSpec(limits=Limits(disk=DiskLimits(byte_hard=1 << 20))), "limits.disk"),
+])
+async def test_unimplemented_container_fields_are_refused(client, spec, field):
+    spec.handle = unique_handle()
+    with pytest.raises(GardenError, match=f"'{field}' is not supported"):
+        await client.create(spec)
+    assert spec.handle not in [c.handle for c in await client.containers()]
+
+
+async def test_a_process_image_is_refused(container):
+    from gactor.types import ImageRef
+
+    with pytest.raises(GardenError, match="'image' is not supported"):
+        await container.run(ProcessSpec(path="true", image=ImageRef(uri="/some/rootfs")), ProcessIO())
+
+
+async def test_a_detach_racing_output_keeps_the_connection(gactor_server, container):
+    """Detach streams while the server is sending their output; the connection and
+    every other call on it carry on (raw protocol: the client library has no detach)."""
+    conn = P.Connection(P.Role.CLIENT)
+    async with open_websocket_url(gactor_server.url, max_message_size=16 << 20) as ws:
+        call_ids = iter(range(1, 10_000))
+        for stream in range(1, 21):
+            spec = {"path": "sh", "args": ["-c", "yes | head -c 3000000"]}
+            await ws.send_message(conn.send(P.Call(next(call_ids), "run", {
+                "handle": container.handle, "spec": spec, "stream": stream, "stdout": True})))
+            await ws.send_message(conn.send(P.Detach(stream)))
+        ping = next(call_ids)
+        await ws.send_message(conn.send(P.Call(ping, "ping", {})))
+        with trio.fail_after(30):
+            while True:
+                conn.receive_data(await ws.get_message())
+                events = []
+                while (event := conn.next_event()) is not None:
+                    events.append(event)
+                assert not any(isinstance(e, P.ProtocolViolation) for e in events), events
+                if any(isinstance(e, P.Reply) and e.id == ping for e in events):
+                    break
+    assert await sh_ok(container, "echo alive") == "alive\n"
