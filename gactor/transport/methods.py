@@ -30,6 +30,7 @@ from ..types import (
     from_wire,
     to_wire,
 )
+from . import schema
 
 T = TypeVar("T")
 Handler = Callable[["Api", dict[str, Any]], Awaitable[Any]]
@@ -56,6 +57,7 @@ class Api:
         self.pool_containers = ipaddress.ip_network(network_pool).num_addresses // 4
 
     async def call(self, method: str, args: dict[str, Any]) -> Any:
+        schema.check(method, args)
         if method in API_METHODS:
             return await API_METHODS[method](self, args)
         if method in CONTAINER_METHODS:
@@ -67,6 +69,7 @@ class Api:
         """Run a process (``run``) or find one (``attach``), subscribed to the output the
         caller asked for. A run's subscription exists before the process does, so not
         even the first byte of a process that exits at once is missed."""
+        schema.check(method, args)
         handle = arg(args, "handle", str)
         sub = Subscription(arg(args, "stdout", bool, False), arg(args, "stderr", bool, False))
         async with self.registry.using(handle) as container:
@@ -87,6 +90,7 @@ async def start_tar(api: Api, args: dict[str, Any], extract: bool) -> tuple[Proc
     """Run the server's static tar in the container as ``user``: extracting stdin into
     ``path`` (created, owned by the user, as Garden does) or archiving ``path`` to stdout.
     A relative path is relative to the user's home; ``path/`` streams out its contents."""
+    schema.check("stream_in" if extract else "stream_out", args)
     path = arg(args, "path", str)
     if not path:
         raise GardenError("invalid stream: 'path' must not be empty")
