@@ -34,11 +34,12 @@ class Range:
     high: int
 
 
-U8 = Annotated[int, msgspec.Meta(ge=0, le=0xFF), Range("uint8", 0, 0xFF)]
-U16 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF), Range("uint16", 0, 0xFFFF)]
-U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF), Range("uint32", 0, 0xFFFF_FFFF)]
-# msgspec bounds must fit an int64, so the upper bound of a uint64 is Range's alone.
-U64 = Annotated[int, msgspec.Meta(ge=0), Range("uint64", 0, (1 << 64) - 1)]
+# Ranges are checked by from_wire, not msgspec (whose bounds must fit an int64), so that
+# every out-of-range value gets the same message naming the field and its Go type.
+U8 = Annotated[int, Range("uint8", 0, 0xFF)]
+U16 = Annotated[int, Range("uint16", 0, 0xFFFF)]
+U32 = Annotated[int, Range("uint32", 0, 0xFFFF_FFFF)]
+U64 = Annotated[int, Range("uint64", 0, (1 << 64) - 1)]
 MAX_SECONDS = 1e9  # about 31 years; a duration must be finite (nan and inf are refused)
 Seconds = Annotated[float, msgspec.Meta(ge=0, lt=MAX_SECONDS)]
 
