@@ -64,13 +64,17 @@ async def assert_not_created(server, client, handle: str) -> None:
 
 @pytest.mark.parametrize("limit", [1 << 64, -1])
 async def test_out_of_range_memory_limit_is_refused_by_the_client(gactor_server, client, limit):
-    """Before this, 2**64 failed as "cannot encode 'call' frame: integer value out of range"."""
+    """Before this, 2**64 failed as "cannot encode 'call' frame: integer value out of range".
+    The client refuses it before sending: the server never logs the failed create."""
     spec = memory_spec(limit)
+    logged_before = gactor_server.log_text().count(f"{MEMORY_FIELD} = {limit} ")
     with pytest.raises(GardenError) as raised:
         await client.create(spec)
     message = raised.value.message
     assert f"{MEMORY_FIELD} = {limit} is out of range for a uint64" in message, message
     assert "encode" not in message
+    await client.ping()  # the server has read everything sent before
+    assert gactor_server.log_text().count(f"{MEMORY_FIELD} = {limit} ") == logged_before
     await assert_not_created(gactor_server, client, spec.handle)
     await client.ping()
 

@@ -329,3 +329,27 @@ def test_a_record_from_an_older_server_still_loads() -> None:
     assert T.from_wire(T.ContainerSpec, {"handle": "h", "retired_field": 1}).handle == "h"
     with pytest.raises(GardenError, match="unknown field 'retired_field'"):
         T.from_wire(T.ContainerSpec, {"handle": "h", "retired_field": 1}, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("method", "args"),
+    [
+        ("foo", {}),
+        ("create", {"sepc": {}}),
+        ("destroy", {}),
+        ("stop", {"handle": "h", "kill": 1}),
+        ("create", {"spec": {"limits": {"memory": {"limit_in_bytes": 1 << 64}}}}),
+        ("create", {"spec": {"limits": {"memroy": {}}}}),
+        ("create", {"spec": {"limits": {"memory": {"limit_in_bytes": 1}}}}),
+        ("run", {**RUN, "spec": {"path": "true", "env": ["FOO"]}}),
+        ("run", {"handle": "h", "spec": {"path": "true"}}),
+    ],
+)
+def test_the_documents_example_messages_are_the_real_ones(method: str, args: dict[str, Any]) -> None:
+    """Each example message docs/protocol.md quotes is what the check says, word for word
+    (the document may cut a long one short with "...")."""
+    message = refused(method, args)
+    text = " ".join(re.sub(r"```.*?```", "", doc_text(), flags=re.DOTALL).split())
+    quoted = re.findall(r"`([^`]+)`", text)
+    cut = [q.removesuffix(" ...") for q in quoted if q.endswith(" ...")]
+    assert message in quoted or any(message.startswith(q) for q in cut), message
