@@ -22,6 +22,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from .errors import ConnectionLostError, GardenError, error_from_wire
 from .transport import protocol as P
+from .transport import schema
 from .types import (
     BandwidthLimits,
     Capacity,
@@ -99,6 +100,8 @@ class Connection:
         the protocol state saw them."""
         if self.lost is not None:
             raise self.lost
+        if isinstance(event, P.Call) and event.method in schema.METHODS:
+            schema.check(event.method, event.args)  # a bad value is refused naming its field
         with trio.CancelScope(shield=True):
             async with self._send_lock:
                 try:

@@ -2,13 +2,21 @@
 
 Field names are the snake_case of Garden's; enums keep Garden's numeric values.
 Durations are float seconds. On the wire every type is the msgpack map of its
-fields (``to_wire``); ``from_wire`` validates a map back into the type and raises
-``GardenError`` naming the offending field.
+fields (``to_wire``); ``from_wire`` validates a map back into the type (field types,
+enum values and the numeric range of every field, which is that of Garden's Go type)
+and raises ``GardenError`` naming the offending field. ``check_request`` adds the rules
+a request must also meet (a memory limit big enough to start a container, ``env``
+entries of the form ``NAME=value``); ``gactor.transport.schema`` applies both to every
+call, on the client before encoding and on the server before dispatch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
@@ -16,12 +24,34 @@ import msgspec
 
 from .errors import GardenError
 
-U8 = Annotated[int, msgspec.Meta(ge=0, le=0xFF)]
-U16 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
-U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
-# msgspec bounds must fit an int64; no real limit comes near it.
-U64 = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
-Seconds = Annotated[float, msgspec.Meta(ge=0)]
+
+@dataclass(frozen=True)
+class Range:
+    """The inclusive bounds of an integer field: those of Garden's Go type ``go_type``."""
+
+    go_type: str
+    low: int
+    high: int
+
+
+# Ranges are checked by from_wire, not msgspec (whose bounds must fit an int64), so that
+# every out-of-range value gets the same message naming the field and its Go type.
+U8 = Annotated[int, Range("uint8", 0, 0xFF)]
+U16 = Annotated[int, Range("uint16", 0, 0xFFFF)]
+U32 = Annotated[int, Range("uint32", 0, 0xFFFF_FFFF)]
+U64 = Annotated[int, Range("uint64", 0, (1 << 64) - 1)]
+MAX_SECONDS = 1e9  # about 31 years; a duration must be finite (nan and inf are refused)
+Seconds = Annotated[float, msgspec.Meta(ge=0, lt=MAX_SECONDS)]
+
+# The smallest non-zero memory limit a container may have. Measured on the reference
+# host (cgroup v1, busybox rootfs): below ~1.4 MiB the container's init is killed before
+# it is ready, up to 2 MiB creates fail or `sh -c 'echo; ls'` is OOM-killed now and then,
+# from 3 MiB on every create and run succeeded. 8 MiB leaves room for a shell and a few
+# commands, and for kernels that charge more (v2, other page sizes). 0 means no limit.
+MIN_MEMORY_LIMIT = 8 << 20
+# The most pids a container may be limited to: the kernel's PID_MAX_LIMIT (64-bit), above
+# which pids.max refuses the value.
+MAX_PIDS_LIMIT = 4 << 20
 
 
 class BindMountMode(enum.IntEnum):
@@ -343,9 +373,93 @@ def to_wire(obj: Any) -> Any:
     return msgspec.to_builtins(obj)
 
 
-def from_wire(cls: type[T], obj: Any, what: str | None = None) -> T:
-    """Validate ``obj`` into ``cls``; raises GardenError naming the bad field."""
+def from_wire(cls: type[T], obj: Any, what: str | None = None, *, strict: bool = False) -> T:
+    """Validate ``obj`` into ``cls``; raises GardenError naming the bad field.
+
+    Every integer field must lie in its Go type's range (``Range``). With ``strict``, a
+    key that is no field of its map's type is refused too (requests are strict; a
+    record written by an older server need not be).
+    """
+    what = what or cls.__name__
     try:
-        return msgspec.convert(obj, type=cls)
+        value = msgspec.convert(obj, type=cls)
     except msgspec.ValidationError as err:
-        raise GardenError(f"invalid {what or cls.__name__}: {err}") from None
+        raise GardenError(f"invalid {what}: {err}") from None
+    problem = _check_fields(cls, obj, "", strict)
+    if problem is not None:
+        raise GardenError(f"invalid {what}: {problem}")
+    return value
+
+
+def check_request(obj: Any, what: str) -> None:
+    """The rules a request must meet beyond its types: raises GardenError naming the field.
+
+    A container's memory limit (``limits.memory.limit_in_bytes``, at create and at
+    ``limit_memory``) is 0 (no limit) or at least MIN_MEMORY_LIMIT; its pid limit
+    (``limits.pid.max``) at most MAX_PIDS_LIMIT. An ``env`` entry
+    (container or process) is ``NAME=value`` with a non-empty NAME and no NUL, as runc
+    requires under Garden (which fails the create or run otherwise).
+    """
+    if isinstance(obj, ContainerSpec):
+        _check_memory_limit(obj.limits.memory.limit_in_bytes, what)
+        if obj.limits.pid.max > MAX_PIDS_LIMIT:
+            raise GardenError(f"invalid {what}: limits.pid.max = {obj.limits.pid.max} is above the"
+                              f" kernel's largest pid limit, {MAX_PIDS_LIMIT}; 0 means no limit")
+    if isinstance(obj, MemoryLimits):
+        _check_memory_limit(obj.limit_in_bytes, what)
+    if isinstance(obj, ContainerSpec | ProcessSpec):
+        for i, entry in enumerate(obj.env):
+            name, equals, _ = entry.partition("=")
+            problem = ("missing '='" if not equals else "name cannot be empty" if not name
+                       else "contains nul byte (\\x00)" if "\0" in entry else None)
+            if problem is not None:
+                raise GardenError(f"invalid {what}: env[{i}] {entry!r}: invalid environment variable: {problem}")
+
+
+def _check_memory_limit(limit: int, what: str) -> None:
+    if 0 < limit < MIN_MEMORY_LIMIT:
+        raise GardenError(
+            f"invalid {what}: limits.memory.limit_in_bytes = {limit} is below the smallest memory"
+            f" limit, {MIN_MEMORY_LIMIT} bytes ({MIN_MEMORY_LIMIT >> 20} MiB), that a container"
+            " needs to start; 0 means no limit")
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """A dataclass's field types, with their ``Annotated`` bounds."""
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _check_fields(tp: Any, value: Any, path: str, strict: bool) -> str | None:
+    """The first field of ``value`` (already converted to ``tp`` once) out of range, or
+    (``strict``) unknown, described with its dotted path; None when all are good."""
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *meta = typing.get_args(tp)
+        for bound in meta:
+            if isinstance(bound, Range) and not bound.low <= value <= bound.high:
+                return (f"{path or 'value'} = {value} is out of range for a {bound.go_type}"
+                        f" ({bound.low}..{bound.high})")
+        return _check_fields(base, value, path, strict)
+    if origin in (typing.Union, types.UnionType):
+        arms = [arm for arm in typing.get_args(tp) if arm is not type(None)]
+        return _check_fields(arms[0], value, path, strict) if len(arms) == 1 else None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        for i, element in enumerate(value):
+            if (problem := _check_fields(item, element, f"{path}[{i}]", strict)) is not None:
+                return problem
+        return None
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = field_types(tp)
+        for key, element in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key not in hints:
+                if strict:
+                    return f"unknown field {where!r} (a {tp.__name__} has no field {key!r})"
+                continue
+            if (problem := _check_fields(hints[key], element, where, strict)) is not None:
+                return problem
+    return None

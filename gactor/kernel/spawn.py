@@ -169,7 +169,13 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
         # rlimits need the host's privilege to raise hard limits, so set them before joining.
         for name, value in (spec.get("rlimits") or {}).items():
             if value is not None:
-                resource.setrlimit(RLIMITS[name], (value, value))
+                # A uint64 at or above 2**63 (Go's RLIM_INFINITY is 2**64-1) is "unlimited",
+                # which Python's resource module spells -1.
+                limit = resource.RLIM_INFINITY if value >= 1 << 63 else value
+                try:
+                    resource.setrlimit(RLIMITS[name], (limit, limit))
+                except (ValueError, OSError) as err:
+                    raise ValueError(f"rlimit limits.{name} = {value}: {err}") from None
         if spec.get("host_exe"):
             # A tool of the server's (a static tar) that the image need not have: opened
             # here, on the host, and executed inside the container through /proc/self/fd.

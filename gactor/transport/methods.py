@@ -1,8 +1,9 @@
 """The API's calls, independent of the wire: argument validation and dispatch to actors.
 
 Both front ends (msgpack websocket, and later Garden HTTP) call ``Api.call``.
-Streaming calls (run, attach) are ``Api.start_process``: they return the process
-and the caller pumps it. Every error leaving here is a ``GardenError``.
+Streaming calls are the context managers ``Api.process`` (run, attach) and ``Api.tar``
+(stream_in, stream_out): they yield the process and its subscription with the grace
+timer paused, and the front end pumps them. Every error leaving here is a ``GardenError``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..types import (
     from_wire,
     to_wire,
 )
+from . import schema
 
 T = TypeVar("T")
 Handler = Callable[["Api", dict[str, Any]], Awaitable[Any]]
@@ -62,6 +64,7 @@ class Api:
         self.pool_containers = ipaddress.ip_network(network_pool).num_addresses // 4
 
     async def call(self, method: str, args: dict[str, Any]) -> Any:
+        schema.check(method, args)
         if method in API_METHODS:
             return await API_METHODS[method](self, args)
         if method in CONTAINER_METHODS:
@@ -77,6 +80,7 @@ class Api:
         exists before the process does, so not even the first byte of a process that
         exits at once is missed. Leaving the context early (a detach, a cancelled
         caller) unsubscribes; the process keeps running."""
+        schema.check(method, args)
         handle = arg(args, "handle", str)
         sub = Subscription(arg(args, "stdout", bool, False), arg(args, "stderr", bool, False))
         async with self.registry.using(handle) as container:
@@ -102,6 +106,7 @@ class Api:
         stdout, with the grace timer paused until the context ends. A relative path is
         relative to the user's home; ``path/`` streams out its contents. Leaving the
         context before tar ended kills tar."""
+        schema.check("stream_in" if extract else "stream_out", args)
         path = arg(args, "path", str)
         if not path:
             raise GardenError("invalid stream: 'path' must not be empty")

@@ -152,8 +152,11 @@ STREAM_TRANSITIONS: dict[Role, dict[StreamState, dict[type[StreamEvent], StreamS
 }
 
 # States in which each role stops tracking a stream. The server forgets a detached
-# stream at once; client frames still in flight for a stream the server has closed
-# (its id is below the newest) are dropped, since the client could not know yet.
+# stream at once. Client frames for a stream the server no longer tracks (it sent exit
+# or an error reply, or the client detached it: any id not above the newest) are
+# dropped, never violations: they race with the exit, and with the client's own tasks
+# (a reader returning credit while another detaches). The client itself sends nothing
+# once it has detached (its DETACHED row is empty). docs/protocol.md says the same.
 FORGOTTEN: dict[Role, frozenset[StreamState]] = {
     CLIENT: frozenset({CLOSED}),
     SERVER: frozenset({DETACHED, CLOSED}),
@@ -423,7 +426,7 @@ class Connection:
         entry = self._streams.get(n)
         if entry is None:
             if sender is CLIENT and self.role is SERVER and n <= self._newest_stream:
-                return False  # in flight before the client saw our exit or error
+                return False  # late: sent before it saw our exit or error, or after its detach
             raise _Broken(f"stream {n} is not open")
         following = STREAM_TRANSITIONS[sender][entry.state].get(type(event))
         if following is None:

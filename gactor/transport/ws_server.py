@@ -21,6 +21,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from ..actors.process import ProcessActor, Subscription
 from ..errors import ContainerNotFoundError, GardenError
 from . import protocol as P
+from . import schema
 from .methods import TAR_OUTPUT_LIMIT, Api, arg
 
 log = logging.getLogger("gactor.api")
@@ -255,6 +256,7 @@ class Peer:
         stream_id = call.args["stream"]
         try:
             try:
+                schema.check(call.method, call.args)
                 events = await self.api.registry.subscribe(arg(call.args, "handle", str, "") or None)
             except GardenError as err:
                 await self._reply_error(call.id, err)

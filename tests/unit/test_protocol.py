@@ -186,6 +186,44 @@ def test_client_frames_in_flight_after_exit_are_dropped() -> None:
     assert not server.broken
 
 
+def test_client_frames_after_detach_are_dropped_by_the_server() -> None:
+    """docs/protocol.md: late client frames for a stream the server no longer tracks
+    (here: detached) are dropped, not violations; they race with the detach."""
+    client, server = open_stream(3)
+    deliver(client, server, Detach(3))
+    late = [
+        {"t": "credit", "stream": 3, "bytes": 100},
+        {"t": "stdin", "stream": 3, "data": b"x"},
+        {"t": "stdin_close", "stream": 3},
+        {"t": "detach", "stream": 3},
+    ]
+    for frame in late:
+        assert raw(server, frame) is None
+    assert not server.broken
+    assert deliver(client, server, Call(2, "ping", {})) == Call(2, "ping", {})
+
+
+def test_the_client_sends_nothing_after_its_own_detach() -> None:
+    client, _ = open_stream(3)
+    client.send(Detach(3))
+    for event in (Credit(3, 1), Stdin(3, b"x"), StdinClose(3), Detach(3)):
+        with pytest.raises(LocalProtocolError, match="once it is detached"):
+            client.send(event)
+
+
+def test_a_frame_for_a_stream_above_the_newest_is_a_violation() -> None:
+    _, server = open_stream(3)
+    assert violation(server, {"t": "credit", "stream": 4, "bytes": 1}) == "stream 4 is not open"
+
+
+def test_both_directions_start_with_the_initial_window() -> None:
+    """The stdin window is INITIAL_WINDOW (4 MiB), like the output window."""
+    client, server = open_stream(3)
+    assert INITIAL_WINDOW == 4 << 20
+    for end in (client, server):
+        assert end.stdin_credit(3) == end.output_credit(3) == INITIAL_WINDOW
+
+
 def test_error_reply_closes_the_stream() -> None:
     client, server = pair()
     deliver(client, server, Call(1, "run", {"handle": "h", "stream": 4}))
