@@ -392,3 +392,42 @@ async def test_privileged_container_cannot_open_the_hosts_disk(create_container)
         assert EPERM_TEXT in err.decode(), (script, err)
     # The allowed devices still work.
     await sh_ok(container, "head -c 4 /dev/urandom > /dev/null && echo > /dev/null")
+
+
+# ---- pid 1 ---------------------------------------------------------------------------
+# What garden-init promises (and why it is not catatonit or tini: docs/architecture.md).
+
+
+async def test_pid1_ignores_signals_sent_from_inside(container):
+    init = await init_pid(container.handle)
+    for sig in ("TERM", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP"):
+        # Container root holds CAP_KILL; the kernel queues signals pid 1 blocks.
+        await sh_ok(container, f"kill -{sig} 1", user="root")
+        status = proc_status(init)
+        assert status.get("State", "gone")[0] in "SR", (sig, status.get("State"))
+    assert await sh_ok(container, "echo still here") == "still here\n"
+    assert proc_name(init) == "garden-init"
+
+
+async def test_pid1_reaps_orphans(container):
+    # The subshell exits at once; its sleep is reparented to pid 1 (the shim, a subreaper
+    # outside the pid namespace, cannot adopt it), which must reap it when it exits.
+    orphan = (await sh_ok(container, "(sleep 0.2 >/dev/null 2>&1 & echo $!)")).strip()
+
+    def orphan_left() -> list[str]:
+        return [f"{pid} {status.get('State')}" for pid in container_pids(container.handle)
+                if (status := proc_status(pid)).get("NSpid", "").split()[-1:] == [orphan]]
+
+    await wait_for(lambda: not orphan_left(), 10, what=f"the orphan (pid {orphan} inside) to be reaped")
+
+
+async def test_pid1_is_small_and_static(container):
+    init = await init_pid(container.handle)
+    # The busybox image has no libc: pid 1 runs there only because it is static.
+    assert not os.path.exists(f"/proc/{init}/root/lib/ld-linux-x86-64.so.2")
+    with open(f"/proc/{init}/smaps_rollup") as f:
+        fields = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f) if v.strip().endswith("kB")}
+    # Anonymous memory is what each container pays; the binary's pages are one copy in
+    # the page cache for all of them. garden-init: ~44 KiB; a forked Python pid 1 held
+    # ~14 MiB (the spawner's pages) and was the OOM killer's pick (docs/architecture.md).
+    assert fields["Anonymous"] < 256, fields
