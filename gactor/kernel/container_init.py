@@ -12,6 +12,7 @@ import errno
 import fcntl
 import glob
 import os
+import re
 import signal
 import socket
 import struct
@@ -40,6 +41,7 @@ DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
 
 _LOCKED = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC | L.MS_RDONLY
+_ATIME = ((os.ST_NOATIME, L.MS_NOATIME), (os.ST_NODIRATIME, L.MS_NODIRATIME), (os.ST_RELATIME, L.MS_RELATIME))
 
 
 def start_init(cfg: dict[str, Any]) -> int:
@@ -159,9 +161,27 @@ def _mount_at(root: str, rel: str, source: str, fstype: str | None, flags: int =
 
 
 def _remount_ro(target: str) -> None:
-    # In a user namespace a remount must keep the flags the kernel locked on the source.
-    locked = os.statvfs(target).f_flag & _LOCKED
-    L.mount("", target, None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | locked)
+    """Make the bind mount at ``target`` and every mount below it read-only: a remount
+    changes one mount, and a recursive bind brings the source's submounts along."""
+    top = os.path.realpath(target)
+    with open("/proc/self/mountinfo") as f:
+        points = [_unescape(line.split()[4]) for line in f]
+    for point in dict.fromkeys(p for p in points if p == top or p.startswith(top.rstrip("/") + "/")):
+        # In a user namespace a remount must keep the flags the kernel locked on the
+        # source: nosuid, nodev, noexec, rdonly (same bits in statvfs) and the atime mode.
+        flags = os.statvfs(point).f_flag
+        keep = flags & _LOCKED
+        for st_flag, ms_flag in _ATIME:
+            if flags & st_flag:
+                keep |= ms_flag
+        if not flags & (os.ST_NOATIME | os.ST_RELATIME):
+            keep |= L.MS_STRICTATIME
+        L.mount("", point, None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | keep)
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash come as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _bind_source(root: str, bm: dict[str, Any]) -> str:

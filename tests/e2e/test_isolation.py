@@ -161,6 +161,24 @@ async def test_ro_bind_mount_from_host_is_readable_and_not_writable(create_conta
         assert "ro" in options, options
 
 
+async def test_ro_bind_mount_is_read_only_in_its_submounts_too(create_container):
+    # The submount is noatime: in a user namespace a remount must keep the atime flags too.
+    with host_dir(mode=0o777) as src:
+        sub = os.path.join(src, "sub")
+        os.mkdir(sub)
+        await trio.run_process(["mount", "-t", "tmpfs", "-o", "mode=1777,size=1m,noatime", "gactor-e2e-sub", sub])
+        try:
+            container = await create_container(bind_mounts=[
+                BindMount(src_path=src, dst_path="/mnt/ro", mode=BindMountMode.RO)])
+            code, _, err = await sh(container, "touch /mnt/ro/sub/new", user="root")
+            assert (code, EROFS_TEXT in err.decode()) == (1, True), err
+            assert os.listdir(sub) == []
+            mounts = mountinfo(await init_pid(container.handle))
+            assert "ro" in mounts["/mnt/ro/sub"][0], mounts["/mnt/ro/sub"]
+        finally:
+            await trio.run_process(["umount", "-l", sub])
+
+
 async def test_rw_bind_mount_from_host_writes_reach_the_host(create_container):
     with host_dir(mode=0o777) as src:
         container = await create_container(bind_mounts=[
