@@ -18,11 +18,20 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from gactor import BindMount, BindMountMode, BindMountOrigin, ContainerSpec, GardenError
+from gactor import (
+    BindMount,
+    BindMountMode,
+    BindMountOrigin,
+    ContainerSpec,
+    GardenError,
+    ProcessIO,
+    ProcessSpec,
+)
 
 from .helpers import (
     E2E_MARKS,
     ROOTFS,
+    Sink,
     cgroup_dirs,
     container_pids,
     host_snapshot,
@@ -123,10 +132,6 @@ def devices_cgroup(handle: str) -> str:
 
 async def sleeper_pid(container) -> tuple[object, int]:
     """Start ``sleep 1000`` as root in ``container``; (process, its host pid)."""
-    from gactor import ProcessIO, ProcessSpec
-
-    from .helpers import Sink
-
     process = await container.run(ProcessSpec(path="sleep", args=["1000"], user="root"),
                                   ProcessIO(stdout=Sink(), stderr=Sink()))
 
@@ -231,7 +236,8 @@ async def test_bind_mounts_from_the_container(gactor_server, create_container):
     assert "rw" in mounts["/mnt/tmp"][0]
 
 
-async def test_container_paths_of_bind_mounts_resolve_symlinks_inside_the_rootfs(gactor_server, create_container):
+async def test_container_paths_of_bind_mounts_resolve_symlinks_inside_the_rootfs(gactor_server, client,
+                                                                                create_container):
     # A privileged container, whose pid 1 is host root: before pivot_root, an image's
     # absolute symlink followed on the host would bind the host's /etc in, or create
     # directories on the host's filesystem.
@@ -255,6 +261,7 @@ async def test_container_paths_of_bind_mounts_resolve_symlinks_inside_the_rootfs
         assert not os.path.exists(f"/tmp/{marker}")
         upper = os.path.join(gactor_server.container_dir(container.handle), "upper")
         assert os.path.isdir(os.path.join(upper, "tmp", marker))
+        await client.destroy(container.handle)  # before its lower dir is removed
 
 
 @pytest.mark.parametrize("origin", [BindMountOrigin.HOST, BindMountOrigin.CONTAINER])
