@@ -9,7 +9,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOTFS_DIR=${GACTOR_ROOTFS_DIR:-/var/lib/gactor/images/busybox}
 VENV=.venv
 STAMP=$VENV/.gactor-install-stamp
-# gcc + libc6-dev: the server compiles its static garden-init (pid 1 of every container).
+# gcc + libc6-dev: the server compiles its static garden-init (pid 1 of every container;
+# docs/architecture.md says why not Debian's tini or catatonit).
 PACKAGES=(busybox-static nftables conntrack socat iperf3 e2fsprogs util-linux iproute2 gcc libc6-dev)
 
 step() { printf 'setup: %s\n' "$*"; }

@@ -149,9 +149,12 @@ class CgroupV2(cg.Cgroup):
         cg.rmdir("cgroup.destroy", self.path)
 
     def setup_devices(self, allow: list[str]) -> None:
-        """No-op: v2 has no devices.* files. Device access is an eBPF program
-        (BPF_CGROUP_DEVICE) attached to the cgroup, which the container runtime installs
-        when it sets up the container, not a file write here."""
+        """No-op: on cgroup v2 gactor applies **no device control yet**. v2 has no
+        devices.* files; its device controller is an eBPF program (BPF_CGROUP_DEVICE)
+        attached to the cgroup, and nothing in gactor installs one, so ``allow`` is
+        ignored. What still keeps an unprivileged container off host devices is its user
+        namespace (no CAP_MKNOD outside it, and host device nodes it is not given are
+        not reachable); a privileged container on v2 can mknod and open any device."""
 
 
 class CgroupV2Driver(cg.CgroupDriver):

@@ -8,8 +8,11 @@ idling as ``garden-init``, or raises ``OSError``/``RuntimeError`` with the reaso
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import glob
 import os
+import re
 import signal
 import socket
 import struct
@@ -38,6 +41,7 @@ DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
 
 _LOCKED = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC | L.MS_RDONLY
+_ATIME = ((os.ST_NOATIME, L.MS_NOATIME), (os.ST_NODIRATIME, L.MS_NODIRATIME), (os.ST_RELATIME, L.MS_RELATIME))
 
 
 def start_init(cfg: dict[str, Any]) -> int:
@@ -145,7 +149,7 @@ def _init(cfg: dict[str, Any], report_fd: int) -> None:
 
 def _mount_at(root: str, rel: str, source: str, fstype: str | None, flags: int = 0,
               data: str | None = None, is_file: bool = False) -> str:
-    target = root + rel
+    target = in_root(root, rel)
     if is_file:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if not os.path.lexists(target):
@@ -157,9 +161,65 @@ def _mount_at(root: str, rel: str, source: str, fstype: str | None, flags: int =
 
 
 def _remount_ro(target: str) -> None:
-    # In a user namespace a remount must keep the flags the kernel locked on the source.
-    locked = os.statvfs(target).f_flag & _LOCKED
-    L.mount("", target, None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | locked)
+    """Make the bind mount at ``target`` and every mount below it read-only: a remount
+    changes one mount, and a recursive bind brings the source's submounts along."""
+    top = os.path.realpath(target)
+    with open("/proc/self/mountinfo") as f:
+        points = [_unescape(line.split()[4]) for line in f]
+    for point in dict.fromkeys(p for p in points if p == top or p.startswith(top.rstrip("/") + "/")):
+        # In a user namespace a remount must keep the flags the kernel locked on the
+        # source: nosuid, nodev, noexec, rdonly (same bits in statvfs) and the atime mode.
+        flags = os.statvfs(point).f_flag
+        keep = flags & _LOCKED
+        for st_flag, ms_flag in _ATIME:
+            if flags & st_flag:
+                keep |= ms_flag
+        if not flags & (os.ST_NOATIME | os.ST_RELATIME):
+            keep |= L.MS_STRICTATIME
+        L.mount("", point, None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | keep)
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash come as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _bind_source(root: str, bm: dict[str, Any]) -> str:
+    """Where a bind mount's source is, from pid 1 (still on the host's root): a
+    container-origin source is looked up in the rootfs, its symlinks resolved there."""
+    src = in_root(root, bm["src"]) if bm.get("from_container") else bm["src"]
+    if not os.path.exists(src):
+        where = "in the container" if bm.get("from_container") else "on the host"
+        raise RuntimeError(f"bind mount source {bm['src']!r} does not exist {where}")
+    return src
+
+
+def in_root(root: str, path: str) -> str:
+    """``path`` of the container as a host path under ``root``, following symlinks the
+    way the container will see them (an absolute link restarts at ``root``, ``..`` stops
+    there). Before pivot_root a plain ``root + path`` would follow an image's ``/x -> /``
+    onto the host's root. Nothing runs in the container yet, so nothing races this."""
+    parts = path.split("/")
+    resolved, hops = root, 0
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            resolved = os.path.dirname(resolved) if resolved != root else root
+            continue
+        candidate = os.path.join(resolved, part)
+        if not os.path.islink(candidate):
+            resolved = candidate
+            continue
+        hops += 1
+        if hops > 40:
+            raise OSError(errno.ELOOP, f"{path}: too many levels of symbolic links")
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            resolved = root
+        parts = target.split("/") + parts
+    return resolved
 
 
 def _setup_rootfs(cfg: dict[str, Any]) -> None:
@@ -183,12 +243,13 @@ def _setup_rootfs(cfg: dict[str, Any]) -> None:
     if cfg.get("hosts_file"):
         _mount_at(root, "/etc/hosts", cfg["hosts_file"], None, L.MS_BIND, is_file=True)
     for bm in cfg.get("bind_mounts", ()):
-        src = bm["src"] if not bm.get("from_container") else root + bm["src"]
+        src = _bind_source(root, bm)
         target = _mount_at(root, bm["dst"], src, None, L.MS_BIND | L.MS_REC, is_file=not os.path.isdir(src))
         if bm.get("ro"):
             _remount_ro(target)
-    for path in MASKED_FILES:
-        target = root + path
+    # Docker masks each CPU's thermal_throttle too (GHSA-6fw5-f8r9-fgfm).
+    throttles = sorted(glob.glob(f"{root}/sys/devices/system/cpu/cpu*/thermal_throttle"))
+    for target in [root + path for path in MASKED_FILES] + throttles:
         if os.path.isdir(target):
             L.mount("tmpfs", target, "tmpfs", L.MS_RDONLY, "size=0")
         elif os.path.exists(target):

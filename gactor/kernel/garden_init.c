@@ -4,7 +4,9 @@
  * lives as long as the container: a forked Python process there would cost ~2 MiB per
  * container and, being the largest process in a small memory cgroup, would be the OOM
  * killer's first pick (and its death takes the whole pid namespace down).
- * Built by gactor.kernel.init_binary with `cc -static`.
+ * Built by gactor.kernel.init_binary with `cc -static`. Not Debian's tini (it needs a child
+ * program and exits with it) nor catatonit -P (it exits on SIGTERM/SIGINT, so `kill 1` from
+ * inside would end the container): measurements in docs/architecture.md.
  */
 #include <signal.h>
 #include <sys/prctl.h>
