@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import ssl as _ssl  # connect() takes a parameter named ssl
+import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,12 +25,12 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
     wrap_client_stream,
 )
 
 from .errors import ConnectionLostError, GardenError, error_from_wire
 from .transport import protocol as P
+from .transport.listeners import WatchedStream
 from .types import (
     BandwidthLimits,
     Capacity,
@@ -562,7 +564,7 @@ class Client:
 
 
 UNIX_SCHEMES = ("unix://", "ws+unix://")
-CONNECT_TIMEOUT = 60.0  # trio-websocket's own handshake timeout, for unix sockets too
+CONNECT_TIMEOUT = 60.0  # to connect and complete the handshakes (trio-websocket's default)
 
 
 @asynccontextmanager
@@ -582,7 +584,8 @@ async def connect(url: str = "ws://127.0.0.1:7777", token: str | None = None,
             try:
                 ws_cm = _open_websocket(url, ssl, headers)
                 ws = await ws_cm.__aenter__()
-            except (OSError, HandshakeError, ConnectionClosed, BaseExceptionGroup) as err:
+            except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError,
+                    BaseExceptionGroup) as err:
                 raise ConnectionLostError(f"cannot connect to {url}: {_connect_failure(err)}") from None
             try:
                 conn = Connection(ws, nursery)
@@ -601,33 +604,50 @@ async def connect(url: str = "ws://127.0.0.1:7777", token: str | None = None,
         raise _unwrap(group) from None
 
 
-def _open_websocket(url: str, ssl_context: Any, headers: list[tuple[bytes, bytes]] | None
-                    ) -> contextlib.AbstractAsyncContextManager[WebSocketConnection]:
-    for scheme in UNIX_SCHEMES:
-        if url.startswith(scheme):
-            return _open_unix_websocket(url[len(scheme):], headers)
-    return open_websocket_url(url, ssl_context=ssl_context, extra_headers=headers,
-                              max_message_size=P.MAX_FRAME_BYTES,
-                              receive_buffer_size=RECEIVE_BUFFER)
-
-
 @asynccontextmanager
-async def _open_unix_websocket(path: str, headers: list[tuple[bytes, bytes]] | None
-                               ) -> AsyncIterator[WebSocketConnection]:
-    """A websocket over the unix socket at ``path`` (trio-websocket only dials TCP): the
-    same handshake at ``/``, its reader task in this block's nursery."""
-    if not path.startswith("/"):
-        raise HandshakeError(f"a unix socket URL needs an absolute path: unix:///{path}")
+async def _open_websocket(url: str, ssl_context: Any, headers: list[tuple[bytes, bytes]] | None
+                          ) -> AsyncIterator[WebSocketConnection]:
+    """A client websocket to ``url``, its reader task in this block's nursery.
+
+    The stream is opened here rather than by trio-websocket, which dials only TCP and
+    starts TLS lazily (a certificate it rejects shows up only at its 60 s timeout): a
+    unix socket is dialled directly, and TLS is handshaken before the websocket's.
+    """
+    target = _parse_url(url)
     async with trio.open_nursery() as nursery:
-        stream = await trio.open_unix_socket(path)
+        stream: trio.abc.Stream
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                ws = await wrap_client_stream(nursery, stream, "localhost", "/", extra_headers=headers,
-                                              max_message_size=P.MAX_FRAME_BYTES,
-                                              receive_buffer_size=RECEIVE_BUFFER)
+                if isinstance(target, str):
+                    stream = await trio.open_unix_socket(target)
+                    host_header, resource = "localhost", "/"
+                else:
+                    tls, host, port, host_header, resource = target
+                    stream = await trio.open_tcp_stream(host, port)
+                    if tls:
+                        stream = trio.SSLStream(stream, ssl_context or _ssl.create_default_context(),
+                                                server_hostname=host, https_compatible=True)
+                        try:
+                            await stream.do_handshake()
+                        except BaseException:
+                            await trio.aclose_forcefully(stream)
+                            raise
+                watched = WatchedStream(stream, None)
+                try:
+                    with trio.CancelScope() as handshake:
+                        watched.on_end = handshake.cancel
+                        ws = await wrap_client_stream(
+                            nursery, watched, host_header, resource, extra_headers=headers,  # type: ignore[arg-type]
+                            max_message_size=P.MAX_FRAME_BYTES, receive_buffer_size=RECEIVE_BUFFER)
+                        watched.on_end = None
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+                if handshake.cancelled_caught:
+                    await trio.aclose_forcefully(stream)
+                    raise HandshakeError("the server closed the connection during the handshake")
         except trio.TooSlowError:
-            await trio.aclose_forcefully(stream)
-            raise HandshakeError(f"no handshake within {CONNECT_TIMEOUT} s") from None
+            raise HandshakeError(f"no websocket handshake within {CONNECT_TIMEOUT} s") from None
         try:
             yield ws
         finally:
@@ -636,13 +656,33 @@ async def _open_unix_websocket(path: str, headers: list[tuple[bytes, bytes]] | N
             nursery.cancel_scope.cancel()
 
 
+def _parse_url(url: str) -> str | tuple[bool, str, int, str, str]:
+    """A unix socket's path, or (tls, host, port, Host header, resource) of a ws(s) URL."""
+    for scheme in UNIX_SCHEMES:
+        if url.startswith(scheme):
+            path = url[len(scheme):]
+            if not path.startswith("/"):
+                raise HandshakeError(f"a unix socket URL needs an absolute path: unix:///{path}")
+            return path
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise HandshakeError("the URL must be ws://HOST:PORT, wss://HOST:PORT or unix:///PATH")
+    tls = parts.scheme == "wss"
+    try:
+        port = parts.port or (443 if tls else 80)
+    except ValueError as err:
+        raise HandshakeError(str(err)) from None
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return tls, parts.hostname, port, parts.netloc.rpartition("@")[2], resource
+
+
 def _connect_failure(err: BaseException) -> str:
     """Why a connection attempt failed, in words (a refusal says the server's reason)."""
     if isinstance(err, BaseExceptionGroup):
         leaf = _unwrap(err)
         if isinstance(leaf, trio.Cancelled):
             raise leaf
-        if not isinstance(leaf, OSError | HandshakeError | ConnectionClosed):
+        if not isinstance(leaf, OSError | HandshakeError | ConnectionClosed | trio.BrokenResourceError):
             raise leaf
         err = leaf
     if isinstance(err, ConnectionRejected):

@@ -175,7 +175,6 @@ def run(config: ServerConfig) -> None:
     """Serve until SIGTERM/SIGINT. Blocks; raises ConfigError on a configuration it
     cannot serve (an unimplemented option, an address too open for its protection, a
     bad TLS key) and SystemExit on a host it cannot run on."""
-    _configure_logging(config)
     check_implemented(config)
     try:
         address = listeners.parse_listen(config.listen)
@@ -183,6 +182,12 @@ def run(config: ServerConfig) -> None:
         raise ConfigError(str(err)) from None
     check_access(config, address)
     ssl_context = _tls_context(config)
+    if isinstance(address, listeners.UnixAddress):
+        try:
+            listeners.check_unix_socket_path(address.path)
+        except listeners.ListenError as err:
+            raise ConfigError(str(err)) from None
+    _configure_logging(config)
     if os.geteuid() != 0:
         raise SystemExit("gactor server must run as root")
     if config.insecure and isinstance(address, listeners.TcpAddress) and not address.is_loopback \
@@ -199,10 +204,26 @@ def run(config: ServerConfig) -> None:
 
     try:
         trio.run(_serve, config, spawner, address, ssl_context)
+    except listeners.ListenError as err:
+        raise ConfigError(str(err)) from None
+    except BaseExceptionGroup as group:
+        # The address could not be bound (in use, a file in the way...): a configuration
+        # error like the others, not a crash.
+        matched, _ = group.split(listeners.ListenError)
+        if matched is None:
+            raise
+        raise ConfigError(str(_first_leaf(matched))) from None
     finally:
         spawner.sock.close()
         os.kill(spawner.pid, signal.SIGKILL)
         os.waitpid(spawner.pid, 0)
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listeners.ListenAddress,

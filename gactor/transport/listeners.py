@@ -19,7 +19,7 @@ import os
 import socket
 import ssl
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -94,12 +94,11 @@ def _probe_live(path: str) -> bool:
         return True
 
 
-def bind_unix_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
-    """A listening unix socket at ``path`` (mode 0660) and its (st_dev, st_ino).
+def check_unix_socket_path(path: str) -> None:
+    """Raise ListenError unless ``path`` is free, or a stale socket file to replace.
 
-    The socket is bound under a temporary name, given its mode, and renamed into place,
-    so it is never reachable with a looser mode and a stale file is replaced atomically.
-    Raises ListenError; the caller owns the socket and the file.
+    The server calls this before it starts anything, so a mistaken path costs nothing;
+    ``bind_unix_socket`` checks again when it binds.
     """
     try:
         existing = os.lstat(path)
@@ -113,6 +112,18 @@ def bind_unix_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
                               f"refusing to replace it")
         if _probe_live(path):
             raise ListenError(f"cannot listen on unix://{path}: another server is listening on it")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ListenError(f"cannot listen on unix://{path}: {os.path.dirname(path)} is not a directory")
+
+
+def bind_unix_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening unix socket at ``path`` (mode 0660) and its (st_dev, st_ino).
+
+    The socket is bound under a temporary name, given its mode, and renamed into place,
+    so it is never reachable with a looser mode and a stale file is replaced atomically.
+    Raises ListenError; the caller owns the socket and the file.
+    """
+    check_unix_socket_path(path)
     directory = os.path.dirname(path)
     temporary = os.path.join(directory, f".gactor-{os.getpid()}.sock.tmp")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -150,7 +161,7 @@ async def open_listeners(address: ListenAddress, ssl_context: ssl.SSLContext | N
     """Listeners on ``address`` (TLS-wrapped with ``ssl_context``) while the block runs.
 
     The caller may close them; this closes them too and removes a unix socket file on
-    the way out, also when cancelled. Raises ListenError or OSError when binding fails.
+    the way out, also when cancelled. Raises ListenError when binding fails.
     """
     import trio
 
@@ -161,7 +172,11 @@ async def open_listeners(address: ListenAddress, ssl_context: ssl.SSLContext | N
             sock, identity = await trio.to_thread.run_sync(bind_unix_socket, address.path)
             listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
         else:
-            listeners.extend(await trio.open_tcp_listeners(address.port, host=address.host))
+            try:
+                listeners.extend(await trio.open_tcp_listeners(address.port, host=address.host))
+            except OSError as err:
+                raise ListenError(f"cannot listen on {address.host}:{address.port}: "
+                                  f"{err.strerror or err}") from None
         if ssl_context is not None:
             listeners = [trio.SSLListener(listener, ssl_context, https_compatible=True)
                          for listener in listeners]
@@ -183,3 +198,58 @@ def bound_port(listeners: list[trio.abc.Listener[trio.abc.Stream]]) -> int:
         listener = listener.transport_listener
     assert isinstance(listener, trio.SocketListener)
     return int(listener.socket.getsockname()[1])
+
+
+class WatchedStream:
+    """A ``trio.abc.Stream`` wrapper that calls ``on_end`` once the peer's side ends
+    (end of file, a broken connection, a failed TLS handshake) while it is set.
+
+    trio-websocket waits for a handshake that a closed connection will never bring until
+    its timeout; watching the stream lets both ends give up at once instead. Set
+    ``on_end`` to None once the handshake is done.
+    """
+
+    def __init__(self, inner: trio.abc.Stream, on_end: Callable[[], object] | None) -> None:
+        self.inner = inner
+        self.on_end = on_end
+
+    def _ended(self) -> None:
+        if self.on_end is not None:
+            self.on_end()
+            self.on_end = None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        import trio
+
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._ended()
+            raise
+        if not data:
+            self._ended()
+        return bytes(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        import trio
+
+        try:
+            await self.inner.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._ended()
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def __aenter__(self) -> WatchedStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

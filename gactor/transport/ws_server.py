@@ -360,7 +360,7 @@ async def serve(api: Api, address: ListenAddress, access: Access = Access(),
 
     Each connection runs in its own task; one failing never affects another. On
     cancellation the listeners close (a unix socket file is removed) and every open
-    connection is dropped. Raises ListenError or OSError if the address cannot be bound.
+    connection is dropped. Raises ListenError if the address cannot be bound.
     """
 
     async def handle_connection(stream: trio.abc.Stream) -> None:
@@ -394,10 +394,13 @@ async def serve(api: Api, address: ListenAddress, access: Access = Access(),
 async def _handshake(nursery: trio.Nursery, stream: trio.abc.Stream, access: Access
                      ) -> WebSocketConnection | None:
     """The accepted websocket, or None if the handshake was refused, broken or too slow
-    (HANDSHAKE_TIMEOUT; a TLS failure shows up here as a handshake that never comes)."""
-    with trio.move_on_after(HANDSHAKE_TIMEOUT):
-        request = await wrap_server_stream(nursery, stream, max_message_size=P.MAX_FRAME_BYTES,
+    (HANDSHAKE_TIMEOUT), or the client went away first (a failed TLS handshake, say)."""
+    with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+        watched = listeners.WatchedStream(stream, scope.cancel)
+        request = await wrap_server_stream(nursery, watched,  # type: ignore[arg-type]
+                                           max_message_size=P.MAX_FRAME_BYTES,
                                            receive_buffer_size=None)  # 64 KiB reads, not 4 KiB
+        watched.on_end = None
         refusal = check_handshake(request.path, request.headers, access)
         if refusal is None:
             return await request.accept()
