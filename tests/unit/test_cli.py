@@ -299,3 +299,11 @@ def test_garden_error_is_one_line_exit_1(fake_client: FakeClient) -> None:
     assert result.exit_code == 1
     assert result.stderr == "error: unknown handle: missing\n"
     assert result.stdout == ""
+
+
+def test_server_token_from_the_environment(captured_config: list[Any]) -> None:
+    """GACTOR_TOKEN protects the server without putting the token on its command line."""
+    result = CliRunner().invoke(cli, ["server"], env={"GACTOR_TOKEN": "fr0m-env"})
+    assert result.exit_code == 0, result.output
+    [config] = captured_config
+    assert config.token == "fr0m-env"
