@@ -33,11 +33,18 @@ class CommandError(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
+class ConfigurationError(CommandError):
+    """A server configuration that cannot be served: ``error: <message>``, exit status 2."""
+
+    exit_code = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     target: str
     json: bool
     token: str | None
+    tls_ca: str | None = None
 
 
 pass_options = click.make_pass_decorator(Options)
@@ -45,13 +52,17 @@ pass_options = click.make_pass_decorator(Options)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--target", envvar="GACTOR_TARGET", default="ws://127.0.0.1:7777",
-              show_default=True, metavar="ws://HOST:PORT", help="Server to talk to.")
+              show_default=True, metavar="URL",
+              help="Server to talk to: ws://HOST:PORT, wss://HOST:PORT or unix:///PATH.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--token", envvar="GACTOR_TOKEN", help="Bearer token for the server.")
+@click.option("--tls-ca", envvar="GACTOR_TLS_CA", type=click.Path(dir_okay=False), metavar="FILE",
+              help="CA certificate(s) to verify a wss:// server by [the system's].")
 @click.pass_context
-def cli(ctx: click.Context, target: str, as_json: bool, token: str | None) -> None:
+def cli(ctx: click.Context, target: str, as_json: bool, token: str | None,
+        tls_ca: str | None) -> None:
     """gactor: a Garden-compatible container server and its client."""
-    ctx.obj = Options(target=target, json=as_json, token=token)
+    ctx.obj = Options(target=target, json=as_json, token=token, tls_ca=tls_ca)
 
 
 def main() -> None:
@@ -80,7 +91,8 @@ def _call(opts: Options, action: Callable[[Any], Awaitable[T]]) -> T:
     async def session() -> T:
         async with AsyncExitStack() as stack:
             try:
-                client = await stack.enter_async_context(connect(opts.target, token=opts.token))
+                client = await stack.enter_async_context(
+                    connect(opts.target, token=opts.token, ssl=_tls_context(opts)))
             except Exception as err:  # any failure here means we never reached the server
                 raise CommandError(_connect_failure(opts.target, err)) from err
             return await action(client)
@@ -96,6 +108,19 @@ def _call(opts: Options, action: Callable[[Any], Awaitable[T]]) -> T:
         if isinstance(leaf, KeyboardInterrupt):
             raise click.exceptions.Exit(130) from None
         raise
+
+
+def _tls_context(opts: Options) -> Any:
+    """The ssl.SSLContext for a wss:// target verified by ``--tls-ca``; None otherwise
+    (the client then uses the system's trust store for wss://)."""
+    if opts.tls_ca is None:
+        return None
+    import ssl
+
+    try:
+        return ssl.create_default_context(cafile=opts.tls_ca)
+    except (OSError, ssl.SSLError) as err:
+        raise CommandError(f"cannot read --tls-ca {opts.tls_ca}: {err}") from err
 
 
 def _connect_failure(target: str, err: Exception) -> str:
@@ -148,7 +173,7 @@ def _pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
 # ---------------------------------------------------------------- the server
 
 # TOML keys are the flag names with "-" or "_"; the repeatable flag is singular.
-_CONFIG_ALIASES = {"deny_network": "deny_networks"}
+_CONFIG_ALIASES = {"deny_network": "deny_networks", "allow_origin": "allow_origins"}
 
 
 def _read_config_file(path: Path, known: set[str]) -> dict[str, Any]:
@@ -170,7 +195,8 @@ def _read_config_file(path: Path, known: set[str]) -> dict[str, Any]:
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               metavar="FILE.toml", help="TOML file of these options; flags override it.")
-@click.option("--listen", metavar="HOST:PORT", help="Websocket API address [127.0.0.1:7777].")
+@click.option("--listen", metavar="HOST:PORT|unix:///PATH",
+              help="Websocket API address [127.0.0.1:7777]; a unix socket gets mode 0660.")
 @click.option("--garden-listen", metavar="HOST:PORT", help="Garden HTTP API address [off].")
 @click.option("--depot", metavar="DIR", help="State directory [/var/lib/gactor].")
 @click.option("--default-rootfs", metavar="PATH|URI", help="Image used when a spec names none.")
@@ -189,6 +215,13 @@ def _read_config_file(path: Path, known: set[str]) -> dict[str, Any]:
 @click.option("--destroy-containers-on-startup", is_flag=True,
               help="Destroy containers left by a previous run instead of restoring them.")
 @click.option("--token", help="Require this bearer token [the global --token].")
+@click.option("--tls-cert", metavar="FILE", help="Serve wss://: the certificate chain (PEM).")
+@click.option("--tls-key", metavar="FILE", help="The private key of --tls-cert (PEM).")
+@click.option("--insecure", is_flag=True,
+              help="Allow a non-loopback --listen without TLS and a token (logged loudly).")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="A browser origin allowed to open the websocket (https://host:port); "
+                   "repeatable. Handshakes from any other origin get 403.")
 @click.pass_context
 def server(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
     """Run the server in the foreground until SIGTERM."""
@@ -206,11 +239,16 @@ def server(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> Non
     options = ctx.find_object(Options)
     if "token" not in values and options is not None and options.token:
         values["token"] = options.token
+    for flag in server_module.unimplemented_options(values):
+        raise ConfigurationError(f"{flag} is not implemented yet")
     try:
         config = msgspec.convert(values, server_module.ServerConfig)
     except msgspec.ValidationError as err:
         raise CommandError(f"invalid configuration: {err}") from err
-    server_module.run(config)
+    try:
+        server_module.run(config)
+    except server_module.ConfigError as err:
+        raise ConfigurationError(str(err)) from None
 
 
 # ---------------------------------------------------------------- containers

@@ -12,17 +12,26 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import ssl as _ssl  # connect() takes a parameter named ssl
+import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+)
 
 from .errors import ConnectionLostError, GardenError, error_from_wire
 from .transport import protocol as P
 from .transport import schema
+from .transport.listeners import WatchedStream
 from .types import (
     BandwidthLimits,
     Capacity,
@@ -167,6 +176,12 @@ class Connection:
             stream.output_send.send_nowait((0, event.data))
 
     async def call(self, method: str, **args: Any) -> Any:
+        """Send a call and wait for its answer; raises the server's GardenError.
+
+        Cancelled, it raises ``trio.Cancelled``; the call has then been sent (frames are
+        never half-written) and runs to completion on the server, whose answer this
+        client drops. The connection stays usable.
+        """
         call_id = next(self._ids)
         call = self.calls[call_id] = _Call()
         try:
@@ -180,7 +195,12 @@ class Connection:
 
     async def stream_in(self, tar: bytes | AsyncIterable[bytes], **args: Any) -> None:
         """A stream_in call: the reply only comes once the server has extracted the whole
-        archive, so stdin flows while the call is outstanding."""
+        archive, so stdin flows while the call is outstanding.
+
+        Cancelled, it raises ``trio.Cancelled`` and ends the server's input with
+        ``stdin_close``: the server extracts what it received (a truncated archive, so
+        usually it fails) and its answer is dropped. The connection stays usable.
+        """
         stream_id = next(self._stream_ids)
         stream = self.streams[stream_id] = _Stream(ProcessIO(stdin=tar))
         call_id = next(self._ids)
@@ -196,18 +216,49 @@ class Connection:
         finally:
             self.calls.pop(call_id, None)
             self.streams.pop(stream_id, None)
+            if not call.done.is_set():
+                # Cancelled (or the feeder failed): tell the server no more input comes.
+                # Not detach: the server answers stream_in after stdin_close either way.
+                await self._abandon(stream_id, P.StdinClose)
         if call.error is not None:
             raise call.error
 
-    async def open_process(self, method: str, io: ProcessIO, **args: Any) -> tuple[str, _Stream, int]:
+    async def _abandon(self, stream_id: int, *frames: type[P.StdinClose | P.Detach]) -> None:
+        """Send ``frames`` for a stream this client stopped following (a cancelled call),
+        those the stream's state still allows; shielded, never raises."""
+        allowed = {P.StreamState.OPEN: (P.StdinClose, P.Detach), P.StreamState.STDIN_CLOSED: (P.Detach,)}
+        with trio.CancelScope(shield=True):
+            for frame in frames:
+                if self.lost is not None or frame not in allowed.get(self.proto.stream_state(stream_id), ()):
+                    continue
+                with contextlib.suppress(GardenError):
+                    await self.send(frame(stream_id))
+
+    async def open_stream(self, method: str, stream: _Stream, **args: Any) -> tuple[Any, int]:
+        """Send a call that opens a stream (run, attach, stream_out, events) and wait for
+        its reply: the result and the stream id, the stream registered for its frames.
+
+        Cancelled or failed, the stream is forgotten; if the server may still open it,
+        this client detaches (and ends stdin it would have sent), so the server stops
+        sending on it: a process keeps running, unattached.
+        """
         stream_id = next(self._stream_ids)
-        stream = self.streams[stream_id] = _Stream(io)
+        self.streams[stream_id] = stream
         try:
-            result = await self.call(method, stream=stream_id, stdin=io.stdin is not None,
-                                     stdout=io.stdout is not None, stderr=io.stderr is not None, **args)
+            result = await self.call(method, stream=stream_id, **args)
         except BaseException:
             self.streams.pop(stream_id, None)
+            closing = (P.StdinClose, P.Detach) if stream.io.stdin is not None else (P.Detach,)
+            await self._abandon(stream_id, *closing)
             raise
+        return result, stream_id
+
+    async def open_process(self, method: str, io: ProcessIO, **args: Any) -> tuple[str, _Stream, int]:
+        """Run or attach; see ``open_stream`` for what a cancelled call leaves behind."""
+        stream = _Stream(io)
+        result, stream_id = await self.open_stream(
+            method, stream, stdin=io.stdin is not None, stdout=io.stdout is not None,
+            stderr=io.stderr is not None, **args)
         self.nursery.start_soon(self._deliver, stream_id, stream)
         if io.stdin is not None:
             self.nursery.start_soon(self._feed_stdin, stream_id, stream, io.stdin)
@@ -216,13 +267,8 @@ class Connection:
     @asynccontextmanager
     async def subscribe(self, handle: str | None) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """An ``events`` stream: ``(handle, event)`` pairs for one container or for all."""
-        stream_id = next(self._stream_ids)
-        stream = self.streams[stream_id] = _Stream(ProcessIO())
-        try:
-            await self.call("events", handle=handle or "", stream=stream_id)
-        except BaseException:
-            self.streams.pop(stream_id, None)
-            raise
+        stream = _Stream(ProcessIO())
+        _, stream_id = await self.open_stream("events", stream, handle=handle or "")
 
         async def pairs() -> AsyncIterator[tuple[str, str]]:
             async for item in stream.output_receive:
@@ -296,7 +342,10 @@ class Process:
         self._stream = stream
 
     async def wait(self) -> int:
-        """The exit code, once every byte of output has reached the sinks."""
+        """The exit code, once every byte of output has reached the sinks.
+
+        Cancelling a wait cancels only the wait: the process runs on, its output still
+        flows to the sinks, and a later ``wait()`` returns the code."""
         await self._stream.finished.wait()
         if self._stream.code is None:
             raise self._stream.error or GardenError(f"process {self.id}: stream ended without an exit status")
@@ -327,6 +376,11 @@ class Container:
         return from_wire(ContainerInfo, await self._call("info"))
 
     async def run(self, spec: ProcessSpec, io: ProcessIO | None = None) -> Process:
+        """Start a process; its output flows to ``io``'s sinks until it exits.
+
+        Cancelled, it raises ``trio.Cancelled``. If the server started the process it
+        keeps running, unattached (``attach`` finds it by ``spec.id``): the client
+        detaches from its stream and, if ``io.stdin`` was given, ends its stdin."""
         process_id, stream, _ = await self._conn.open_process("run", io or ProcessIO(), handle=self.handle,
                                                               spec=to_wire(spec))
         return Process(self, process_id, stream)
@@ -402,7 +456,10 @@ class Container:
 
     async def stream_in(self, spec: StreamInSpec) -> None:
         """Extract ``spec.tar_stream`` (bytes or an async iterable of bytes, an uncompressed
-        tar) into ``spec.path`` as ``spec.user``; returns once it is all written."""
+        tar) into ``spec.path`` as ``spec.user``; returns once it is all written.
+
+        Cancelled, it raises ``trio.Cancelled`` and ends the input early: files the
+        server extracted before it stay, the rest of the archive is not sent."""
         if spec.tar_stream is None:
             raise GardenError("stream_in needs a tar_stream")
         await self._conn.stream_in(spec.tar_stream, handle=self.handle, path=spec.path, user=spec.user)
@@ -410,17 +467,14 @@ class Container:
     async def stream_out(self, spec: StreamOutSpec) -> TarStream:
         """A tar of ``spec.path`` (``path/`` for its contents): iterate it for bytes chunks.
 
-        Raises GardenError if the path cannot be archived (it does not exist, say)."""
-        conn = self._conn
-        stream_id = next(conn._stream_ids)
-        stream = conn.streams[stream_id] = _Stream(ProcessIO())
-        try:
-            await conn.call("stream_out", handle=self.handle, path=spec.path, user=spec.user,
-                            stream=stream_id)
-        except BaseException:
-            conn.streams.pop(stream_id, None)
-            raise
-        return TarStream(conn, stream_id, stream)
+        Raises GardenError if the path cannot be archived (it does not exist, say).
+        Cancelled, it raises ``trio.Cancelled`` and detaches from the stream, which
+        makes the server stop sending; the connection stays usable. Cancelling the
+        iteration leaves the stream open until it is closed (``async with`` does)."""
+        stream = _Stream(ProcessIO())
+        _, stream_id = await self._conn.open_stream("stream_out", stream, handle=self.handle,
+                                                    path=spec.path, user=spec.user)
+        return TarStream(self._conn, stream_id, stream)
 
 
 class TarStream:
@@ -473,6 +527,11 @@ class Client:
         return from_wire(Capacity, await self._conn.call("capacity"))
 
     async def create(self, spec: ContainerSpec | None = None) -> Container:
+        """Create a container; raises GardenError if the server cannot.
+
+        Cancelled, it raises ``trio.Cancelled`` and the create goes on on the server: the
+        container appears (and its grace time applies) or the create fails; only a
+        ``spec.handle`` given here lets this client find it."""
         result = await self._conn.call("create", spec=to_wire(spec or ContainerSpec()))
         return Container(self._conn, result["handle"])
 
@@ -507,21 +566,30 @@ class Client:
             err=error_from_wire(e["err"]) if e.get("err") else None) for h, e in raw.items()}
 
 
+UNIX_SCHEMES = ("unix://", "ws+unix://")
+CONNECT_TIMEOUT = 60.0  # to connect and complete the handshakes (trio-websocket's default)
+
+
 @asynccontextmanager
 async def connect(url: str = "ws://127.0.0.1:7777", token: str | None = None,
                   ssl: Any = None) -> AsyncIterator[Client]:
-    """Connect to a gactor server. Raises GardenError (never a transport error or group)."""
+    """Connect to a gactor server: ``ws://HOST:PORT``, ``wss://HOST:PORT`` (verified with
+    the ``ssl.SSLContext`` given as ``ssl``, else the system's trust store), or a unix
+    socket, ``unix:///PATH`` or ``ws+unix:///PATH``. ``token`` is sent as a bearer token.
+
+    Raises GardenError (never a transport error or group); a cancelled connect or a
+    cancelled block raises ``trio.Cancelled``. Leaving the block closes the connection:
+    streams still open end, processes on the server keep running.
+    """
     headers = [(b"Authorization", f"Bearer {token}".encode())] if token else None
     try:
         async with trio.open_nursery() as nursery:
             try:
-                ws_cm = open_websocket_url(url, ssl_context=ssl, extra_headers=headers,
-                                           max_message_size=P.MAX_FRAME_BYTES,
-                                           receive_buffer_size=RECEIVE_BUFFER)
+                ws_cm = _open_websocket(url, ssl, headers)
                 ws = await ws_cm.__aenter__()
-            except (OSError, HandshakeError, ConnectionClosed) as err:
-                reason = str(err) or str(err.__cause__ or err.__context__ or type(err).__name__)
-                raise ConnectionLostError(f"cannot connect to {url}: {reason}") from None
+            except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError,
+                    BaseExceptionGroup) as err:
+                raise ConnectionLostError(f"cannot connect to {url}: {_connect_failure(err)}") from None
             try:
                 conn = Connection(ws, nursery)
                 nursery.start_soon(conn.read_forever)
@@ -539,8 +607,99 @@ async def connect(url: str = "ws://127.0.0.1:7777", token: str | None = None,
         raise _unwrap(group) from None
 
 
+@asynccontextmanager
+async def _open_websocket(url: str, ssl_context: Any, headers: list[tuple[bytes, bytes]] | None
+                          ) -> AsyncIterator[WebSocketConnection]:
+    """A client websocket to ``url``, its reader task in this block's nursery.
+
+    The stream is opened here rather than by trio-websocket, which dials only TCP and
+    starts TLS lazily (a certificate it rejects shows up only at its 60 s timeout): a
+    unix socket is dialled directly, and TLS is handshaken before the websocket's.
+    """
+    target = _parse_url(url)
+    async with trio.open_nursery() as nursery:
+        stream: trio.abc.Stream
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                if isinstance(target, str):
+                    stream = await trio.open_unix_socket(target)
+                    host_header, resource = "localhost", "/"
+                else:
+                    tls, host, port, host_header, resource = target
+                    stream = await trio.open_tcp_stream(host, port)
+                    if tls:
+                        stream = trio.SSLStream(stream, ssl_context or _ssl.create_default_context(),
+                                                server_hostname=host, https_compatible=True)
+                        try:
+                            await stream.do_handshake()
+                        except BaseException:
+                            await trio.aclose_forcefully(stream)
+                            raise
+                watched = WatchedStream(stream, None)
+                try:
+                    with trio.CancelScope() as handshake:
+                        watched.on_end = handshake.cancel
+                        ws = await wrap_client_stream(
+                            nursery, watched, host_header, resource, extra_headers=headers,  # type: ignore[arg-type]
+                            max_message_size=P.MAX_FRAME_BYTES, receive_buffer_size=RECEIVE_BUFFER)
+                        watched.on_end = None
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+                if handshake.cancelled_caught:
+                    await trio.aclose_forcefully(stream)
+                    raise HandshakeError("the server closed the connection during the handshake")
+        except trio.TooSlowError:
+            raise HandshakeError(f"no websocket handshake within {CONNECT_TIMEOUT} s") from None
+        try:
+            yield ws
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
+def _parse_url(url: str) -> str | tuple[bool, str, int, str, str]:
+    """A unix socket's path, or (tls, host, port, Host header, resource) of a ws(s) URL."""
+    for scheme in UNIX_SCHEMES:
+        if url.startswith(scheme):
+            path = url[len(scheme):]
+            if not path.startswith("/"):
+                raise HandshakeError(f"a unix socket URL needs an absolute path: unix:///{path}")
+            return path
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise HandshakeError("the URL must be ws://HOST:PORT, wss://HOST:PORT or unix:///PATH")
+    tls = parts.scheme == "wss"
+    try:
+        port = parts.port or (443 if tls else 80)
+    except ValueError as err:
+        raise HandshakeError(str(err)) from None
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return tls, parts.hostname, port, parts.netloc.rpartition("@")[2], resource
+
+
+def _connect_failure(err: BaseException) -> str:
+    """Why a connection attempt failed, in words (a refusal says the server's reason)."""
+    if isinstance(err, BaseExceptionGroup):
+        leaf = _unwrap(err)
+        if isinstance(leaf, trio.Cancelled):
+            raise leaf
+        if not isinstance(leaf, OSError | HandshakeError | ConnectionClosed | trio.BrokenResourceError):
+            raise leaf
+        err = leaf
+    if isinstance(err, ConnectionRejected):
+        body = (err.body or b"").decode("utf-8", "replace").strip()
+        return f"the server refused the handshake ({err.status_code})" + (f": {body}" if body else "")
+    return str(err) or str(err.__cause__ or err.__context__ or type(err).__name__)
+
+
 def _unwrap(group: BaseExceptionGroup) -> BaseException:
-    """The single meaningful exception inside trio's groups; GardenError if several."""
+    """The single meaningful exception inside trio's groups; GardenError if several.
+
+    Cancellation is never turned into an error: a group of nothing but ``Cancelled``
+    yields one of them, and errors win over cancellation as they do in trio.
+    """
     leaves: list[BaseException] = []
 
     def walk(exc: BaseException) -> None:
@@ -551,10 +710,17 @@ def _unwrap(group: BaseExceptionGroup) -> BaseException:
             leaves.append(exc)
 
     walk(group)
-    leaves = [e for e in leaves if not isinstance(e, trio.Cancelled)] or leaves
-    if len(leaves) == 1:
+    errors = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if not errors:
+        # Only cancellation: re-raise trio's own Cancelled so the cancel scope that
+        # caused it catches it, exactly as if there had been no nursery in between.
         return leaves[0]
-    return GardenError("; ".join(str(e) for e in leaves))
+    if len(errors) == 1:
+        return errors[0]
+    for error in errors:
+        if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: keep them
+            return error
+    return GardenError("; ".join(str(e) for e in errors))
 
 
 __all__ = ["Client", "Container", "Process", "ProcessIO", "TarStream", "connect"]

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 import logging
 import os
 import signal
+import ssl
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .kernel.spawner import SpawnerHandle, fork_spawner
+from .transport import listeners
 
 log = logging.getLogger("gactor.server")
 
@@ -38,7 +40,41 @@ class ServerConfig:
     cpu_quota_per_share: int = 0
     destroy_containers_on_startup: bool = False
     token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure: bool = False  # allow a non-loopback listener without TLS and a token
+    allow_origins: list[str] = field(default_factory=list)
     cgroup_parent: str = ""  # default: derived from the depot, see cgroup_parent_for
+
+
+# Options the contract names and the command line parses, but that no code acts on yet
+# (the Garden HTTP front end, networking): refused at startup, naming the flag, rather
+# than silently ignored. Remove an entry in the change that implements it.
+NOT_IMPLEMENTED: dict[str, str] = {
+    "garden_listen": "--garden-listen",
+    "port_pool_start": "--port-pool-start",
+    "port_pool_size": "--port-pool-size",
+    "deny_networks": "--deny-network",
+    "external_ip": "--external-ip",
+}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be served; the message names the option at fault."""
+
+
+def unimplemented_options(given: Iterable[str]) -> list[str]:
+    """The flags among the config fields ``given`` that are not implemented yet."""
+    return [flag for name, flag in NOT_IMPLEMENTED.items() if name in set(given)]
+
+
+def check_implemented(config: ServerConfig) -> None:
+    """Raise ConfigError naming the first option set (to anything but its default) that
+    the server does not implement yet."""
+    default = ServerConfig()
+    changed = [name for name in NOT_IMPLEMENTED if getattr(config, name) != getattr(default, name)]
+    for flag in unimplemented_options(changed):
+        raise ConfigError(f"{flag} is not implemented yet")
 
 
 DEFAULT_DEPOT = "/var/lib/gactor"
@@ -58,10 +94,69 @@ def cgroup_parent_for(config: ServerConfig) -> str:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    """HOST and PORT of a TCP ``--listen`` value; ValueError for anything else."""
+    parsed = listeners.parse_listen(address)
+    if not isinstance(parsed, listeners.TcpAddress):
         raise ValueError(f"listen address {address!r} must be HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return parsed.host, parsed.port
+
+
+def check_access(config: ServerConfig, address: listeners.ListenAddress) -> None:
+    """Raise ConfigError unless the API is as private as its address requires.
+
+    Anyone who can open the API runs code as root. A unix socket (mode 0660) and a
+    loopback address reach only this host; any other address needs TLS (so the token
+    is not sent in clear) and a token, or ``--insecure`` (which run() logs loudly).
+    """
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if isinstance(address, listeners.UnixAddress):
+        if config.tls_cert is not None:
+            raise ConfigError("--tls-cert serves wss:// on a TCP --listen address; a unix socket "
+                              "is protected by its file mode (0660) instead")
+        return
+    if address.is_loopback or config.insecure:
+        return
+    missing = [what for what, given in (("--tls-cert/--tls-key", config.tls_cert is not None),
+                                        ("--token", bool(config.token))) if not given]
+    if missing:
+        raise ConfigError(
+            f"refusing to serve on {address.host} without {' and '.join(missing)}: anyone who "
+            f"can reach it could run code as root (give them, or --insecure to accept that)")
+
+
+def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"cannot load --tls-cert {config.tls_cert} / --tls-key "
+                          f"{config.tls_key}: {err}") from None
+    return context
+
+
+class _Redacting(logging.Formatter):
+    """Replaces the token wherever it would appear in a log line (tracebacks included)."""
+
+    def __init__(self, fmt: str, secret: str) -> None:
+        super().__init__(fmt)
+        self._secret = secret
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace(self._secret, "<token>")
+
+
+def _configure_logging(config: ServerConfig) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=config.log_level.upper(), format=fmt)
+    if config.token:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_Redacting(fmt, config.token))
+    # trio-websocket's debug lines describe every frame; they never help an operator.
+    websocket_log = logging.getLogger("trio-websocket")
+    websocket_log.setLevel(max(websocket_log.getEffectiveLevel(), logging.INFO))
 
 
 def _check_traversable(depot: str) -> None:
@@ -76,22 +171,30 @@ def _check_traversable(depot: str) -> None:
         path = os.path.dirname(path)
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def run(config: ServerConfig) -> None:
-    """Serve until SIGTERM/SIGINT. Blocks; raises SystemExit on bad configuration."""
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Serve until SIGTERM/SIGINT. Blocks; raises ConfigError on a configuration it
+    cannot serve (an unimplemented option, an address too open for its protection, a
+    bad TLS key) and SystemExit on a host it cannot run on."""
+    check_implemented(config)
+    try:
+        address = listeners.parse_listen(config.listen)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    check_access(config, address)
+    ssl_context = _tls_context(config)
+    if isinstance(address, listeners.UnixAddress):
+        try:
+            listeners.check_unix_socket_path(address.path)
+        except listeners.ListenError as err:
+            raise ConfigError(str(err)) from None
+    _configure_logging(config)
     if os.geteuid() != 0:
         raise SystemExit("gactor server must run as root")
-    host, port = split_address(config.listen)
-    if not config.token and not _is_loopback(host):
-        raise SystemExit(f"refusing to serve on {host} without --token: anyone who can reach it could run code as root")
+    if config.insecure and isinstance(address, listeners.TcpAddress) and not address.is_loopback \
+            and not (config.tls_cert and config.token):
+        log.warning("INSECURE: --insecure serves the root API on %s without %s: anyone who can "
+                    "reach this address can run code as root on this host", config.listen,
+                    "TLS" if config.token else ("a token" if config.tls_cert else "TLS or a token"))
     # Traversable but not listable: unprivileged container roots must reach their rootfs mount.
     os.makedirs(config.depot, mode=0o711, exist_ok=True)
     os.chmod(config.depot, 0o711)
@@ -100,14 +203,31 @@ def run(config: ServerConfig) -> None:
     import trio  # noqa: PLC0415 - only after the spawner fork: trio may start threads
 
     try:
-        trio.run(_serve, config, spawner, host, port)
+        trio.run(_serve, config, spawner, address, ssl_context)
+    except listeners.ListenError as err:
+        raise ConfigError(str(err)) from None
+    except BaseExceptionGroup as group:
+        # The address could not be bound (in use, a file in the way...): a configuration
+        # error like the others, not a crash.
+        matched, _ = group.split(listeners.ListenError)
+        if matched is None:
+            raise
+        raise ConfigError(str(_first_leaf(matched))) from None
     finally:
         spawner.sock.close()
         os.kill(spawner.pid, signal.SIGKILL)
         os.waitpid(spawner.pid, 0)
 
 
-async def _serve(config: ServerConfig, spawner: SpawnerHandle, host: str, port: int) -> None:
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listeners.ListenAddress,
+                 ssl_context: ssl.SSLContext | None) -> None:
     import trio
 
     from .actors.container import Environment
@@ -138,8 +258,10 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, host: str, port: 
         registry_ref = await nursery.start(functools.partial(
             registry.run, destroy_existing=config.destroy_containers_on_startup))
         api = Api(registry_ref, config.network_pool)
-        bound = await nursery.start(ws_server.serve, api, host, port, config.token)
-        log.info("gactor serving the websocket API on ws://%s:%d/", host, bound)
+        access = ws_server.Access(token=config.token or None,
+                                  allow_origins=frozenset(config.allow_origins))
+        url = await nursery.start(ws_server.serve, api, address, access, ssl_context)
+        log.info("gactor serving the websocket API on %s", url)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("received %s: shutting down, containers keep running", signal.Signals(signum).name)

@@ -12,16 +12,18 @@ import contextlib
 import hmac
 import logging
 import math
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from ..actors.process import ProcessActor, Subscription
 from ..errors import ContainerNotFoundError, GardenError
+from . import listeners, schema
 from . import protocol as P
-from . import schema
+from .listeners import ListenAddress
 from .methods import TAR_OUTPUT_LIMIT, Api, arg
 
 log = logging.getLogger("gactor.api")
@@ -319,46 +321,99 @@ async def _first_archive_bytes(sub: Subscription, errors: bytearray) -> bytes | 
     return bytes(head) or None
 
 
-async def serve(api: Api, host: str, port: int, token: str | None = None, *,
-                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the websocket API on host:port; ``started`` reports the bound port.
+HANDSHAKE_TIMEOUT = 10.0  # seconds a new connection may take to complete its handshake
+CLOSE_TIMEOUT = 5.0  # seconds the websocket close handshake may take
 
-    With ``token``, a handshake must carry ``Authorization: Bearer <token>``.
+
+@dataclass(frozen=True)
+class Access:
+    """Who may open the API: a bearer token (None: anyone who can connect) and the
+    browser origins allowed to (a handshake carrying any other ``Origin`` is refused)."""
+
+    token: str | None = None
+    allow_origins: frozenset[str] = frozenset()
+
+
+def check_handshake(request_path: str, headers: list[tuple[bytes, bytes]], access: Access
+                    ) -> tuple[int, bytes] | None:
+    """None if the handshake may proceed, else the HTTP status and body to refuse it with.
+
+    Browsers send ``Origin`` on every websocket handshake and let any page open one, so a
+    handshake with an ``Origin`` not listed is refused before the token is looked at: a
+    page must not be able to drive the root API even where a token leaked to it. The
+    token is compared in constant time and never echoed.
     """
-    expected = f"Bearer {token}".encode() if token else None
+    if request_path.split("?")[0] not in ("/", ""):
+        return 404, b"the gactor API is served at /\n"
+    origins = [v for k, v in headers if k.lower() == b"origin"]
+    if origins:
+        origin = origins[0].decode("latin-1")
+        if len(origins) > 1 or origin not in access.allow_origins:
+            shown = origin.encode("ascii", "replace")[:200]
+            return 403, (b"websocket handshakes from browsers are refused: origin " + shown +
+                         b" is not allowed (start the server with --allow-origin ORIGIN)\n")
+    if access.token is not None:
+        expected = f"Bearer {access.token}".encode()
+        given = next((v for k, v in headers if k.lower() == b"authorization"), b"")
+        if not hmac.compare_digest(given, expected):
+            return 401, b"a valid bearer token is required\n"
+    return None
 
-    async def handler(request: WebSocketRequest) -> None:
-        if request.path.split("?")[0] not in ("/", ""):
-            await request.reject(404, body=b"the gactor API is served at /\n")
-            return
-        if expected is not None:
-            given = next((v for k, v in request.headers if k.lower() == b"authorization"), b"")
-            if not hmac.compare_digest(given, expected):
-                await request.reject(401, body=b"a valid bearer token is required\n")
-                return
-        ws = await request.accept()
+
+async def serve(api: Api, address: ListenAddress, access: Access = Access(),
+                ssl_context: ssl.SSLContext | None = None, *,
+                task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the websocket API on ``address`` until cancelled; ``started`` reports the URL
+    clients connect to (with the port the kernel picked for port 0).
+
+    Each connection runs in its own task; one failing never affects another. On
+    cancellation the listeners close (a unix socket file is removed) and every open
+    connection is dropped. Raises ListenError if the address cannot be bound.
+    """
+
+    async def handle_connection(stream: trio.abc.Stream) -> None:
         try:
-            await Peer(ws, api).run()
+            async with trio.open_nursery() as nursery:  # holds the websocket's reader task
+                ws = await _handshake(nursery, stream, access)
+                if ws is not None:
+                    try:
+                        await Peer(ws, api).run()
+                    finally:
+                        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                            await ws.aclose()
+                nursery.cancel_scope.cancel()
         except Exception:
             # One connection's failure must never take the server (and every other client) down.
             log.exception("a client connection failed")
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await stream.aclose()  # closes the stream even when cut short
 
-    async def serve_with_port() -> None:
-        await serve_websocket(handler, host, port, ssl_context=None,
-                              handler_nursery=None, max_message_size=P.MAX_FRAME_BYTES,
-                              receive_buffer_size=None,  # 64 KiB reads instead of 4 KiB
-                              task_status=task_status_proxy)
+    async with listeners.open_listeners(address, ssl_context) as opened:
+        if isinstance(address, listeners.UnixAddress):
+            url = address.url()
+        else:
+            url = address.url(listeners.bound_port(opened), tls=ssl_context is not None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, handle_connection, opened)
+            task_status.started(url)
 
-    task_status_proxy = _PortStatus(task_status)
-    await serve_with_port()
 
-
-class _PortStatus:
-    """Turn serve_websocket's started(server) into started(port)."""
-
-    def __init__(self, inner: trio.TaskStatus[int]) -> None:
-        self._inner = inner
-
-    def started(self, server: Any = None) -> None:
-        self._inner.started(server.port if server is not None else 0)
-
+async def _handshake(nursery: trio.Nursery, stream: trio.abc.Stream, access: Access
+                     ) -> WebSocketConnection | None:
+    """The accepted websocket, or None if the handshake was refused, broken or too slow
+    (HANDSHAKE_TIMEOUT), or the client went away first (a failed TLS handshake, say)."""
+    with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+        watched = listeners.WatchedStream(stream, scope.cancel)
+        request = await wrap_server_stream(nursery, watched,  # type: ignore[arg-type]
+                                           max_message_size=P.MAX_FRAME_BYTES,
+                                           receive_buffer_size=None)  # 64 KiB reads, not 4 KiB
+        watched.on_end = None
+        refusal = check_handshake(request.path, request.headers, access)
+        if refusal is None:
+            return await request.accept()
+        status, body = refusal
+        log.info("refused a websocket handshake (%d): %s", status,
+                 body.decode("ascii", "replace").strip())
+        await request.reject(status, body=body)
+    return None

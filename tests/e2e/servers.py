@@ -38,6 +38,7 @@ from .helpers import (
     server_shims,
     wait_until_equal,
 )
+from .tls import TlsFiles
 
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -65,11 +66,14 @@ class ServerProcess:
 
     ``args`` are extra server flags for every start (``--max-containers 3``,
     ``--cpu-quota-per-share 100``...); ``token`` is passed as ``--token`` and used by
-    every client this object connects. Each start listens on a fresh free port.
+    every client this object connects. Each start listens on a fresh free port, or with
+    ``unix_socket`` on ``api.sock`` in the server's temp dir; ``tls`` (a ``TlsFiles``)
+    serves ``wss://`` and makes ``connect`` verify the server with its certificate.
     """
 
     def __init__(
-        self, name: str, pool: str, args: Sequence[str] = (), *, token: str | None = None
+        self, name: str, pool: str, args: Sequence[str] = (), *, token: str | None = None,
+        unix_socket: bool = False, tls: TlsFiles | None = None,
     ) -> None:
         self.name = name
         # A short path: unix sockets and overlay options under the depot have length limits.
@@ -82,6 +86,8 @@ class ServerProcess:
         self.pool = pool
         self.args = list(args)
         self.token = token
+        self.tls = tls
+        self.socket_path = os.path.join(self.base, "api.sock") if unix_socket else None
         self.log_path = os.path.join(self.base, "server.log")
         self.cgroup_parent = cgroup_parent_for(ServerConfig(depot=self.depot))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -115,7 +121,10 @@ class ServerProcess:
         return "".join(self.log_text().splitlines(keepends=True)[-lines:])
 
     def note(self, text: str) -> None:
-        """A line in the server log, to find a test's steps among the server's."""
+        """A line in the server log, to find a test's steps among the server's (the token
+        shown as ``<token>``: tests check that the server itself never logs it)."""
+        if self.token:
+            text = text.replace(self.token, "<token>")
         with open(self.log_path, "a") as log:
             log.write(f"==== {text}\n")
 
@@ -126,10 +135,12 @@ class ServerProcess:
         assert not self.running, "already running"
         port = free_port()
         token = ["--token", self.token] if self.token else []
+        tls = ["--tls-cert", self.tls.cert, "--tls-key", self.tls.key] if self.tls else []
+        listen = f"unix://{self.socket_path}" if self.socket_path else f"{host}:{port}"
         cmd = gactor_command(
-            "server", "--listen", f"{host}:{port}", "--depot", self.depot,
+            "server", "--listen", listen, "--depot", self.depot,
             "--default-rootfs", ROOTFS, "--network-pool", self.pool, "--log-level", "info",
-            *token, *self.args, *extra,
+            *token, *tls, *self.args, *extra,
         )  # fmt: skip
         self.note(" ".join(cmd))
         with open(self.log_path, "ab") as log:
@@ -137,7 +148,10 @@ class ServerProcess:
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
-        self.url = f"ws://127.0.0.1:{port}"
+        if self.socket_path:
+            self.url = f"unix://{self.socket_path}"
+        else:
+            self.url = f"{'wss' if self.tls else 'ws'}://127.0.0.1:{port}"
 
     async def pings(self) -> bool:
         """Whether the server answers ping within 2 s."""
@@ -201,7 +215,8 @@ class ServerProcess:
 
     def connect(self) -> Any:
         """``gactor.connect`` to this server (with its token): an async context manager."""
-        return gactor.connect(self.url, token=self.token)
+        return gactor.connect(self.url, token=self.token,
+                              ssl=self.tls.client_context() if self.tls else None)
 
     # ---- what is on the host -----------------------------------------------------------
 
@@ -296,12 +311,13 @@ class ServerProcess:
 
 @contextlib.asynccontextmanager
 async def own_server_factory() -> AsyncIterator[Callable[..., ServerProcess]]:
-    """A factory ``make(name, pool, *args, token=None)`` (not started); every server it
-    made is torn down on exit."""
+    """A factory ``make(name, pool, *args, token=None, **options)`` (not started; options
+    as ServerProcess takes them); every server it made is torn down on exit."""
     made: list[ServerProcess] = []
 
-    def make(name: str, pool: str, *args: str, token: str | None = None) -> ServerProcess:
-        server = ServerProcess(name, pool, args, token=token)
+    def make(name: str, pool: str, *args: str, token: str | None = None,
+             **options: Any) -> ServerProcess:
+        server = ServerProcess(name, pool, args, token=token, **options)
         made.append(server)
         return server
 
@@ -314,10 +330,10 @@ async def own_server_factory() -> AsyncIterator[Callable[..., ServerProcess]]:
 
 @contextlib.contextmanager
 def running_server(
-    name: str, pool: str, *args: str, token: str | None = None
+    name: str, pool: str, *args: str, token: str | None = None, **options: Any
 ) -> Iterator[ServerProcess]:
     """For sync fixtures: a started server, torn down on exit (each step its own trio.run)."""
-    server = ServerProcess(name, pool, args, token=token)
+    server = ServerProcess(name, pool, args, token=token, **options)
     try:
         trio.run(server.start)
         yield server

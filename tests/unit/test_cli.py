@@ -20,7 +20,7 @@ COMMAND_OPTIONS = {
                "--network-pool", "--port-pool-start", "--port-pool-size",
                "--default-grace-time", "--max-containers", "--deny-network", "--external-ip",
                "--log-level", "--cpu-quota-per-share", "--destroy-containers-on-startup",
-               "--token"],
+               "--token", "--tls-cert", "--tls-key", "--insecure", "--allow-origin"],
     "ping": [],
     "capacity": [],
     "create": ["--handle", "--rootfs", "--property", "--memory", "--env", "--grace-time",
@@ -71,22 +71,25 @@ def test_server_config_file_is_overridden_by_flags(
     config_file.write_text(
         'listen = "127.0.0.1:9000"\n'
         'depot = "/srv/depot"\n'
-        'port-pool-start = 40000\n'
+        'cpu-quota-per-share = 100\n'
         'default_grace_time = 30\n'
-        'deny-network = ["10.0.0.0/8"]\n'
+        'allow-origin = ["https://a.example"]\n'
         'destroy-containers-on-startup = true\n'
+        'tls-key = "/etc/gactor/key.pem"\n'
     )
     result = CliRunner().invoke(cli, [
         "server", "--config", str(config_file), "--listen", "127.0.0.1:9001",
-        "--deny-network", "192.168.0.0/16", "--deny-network", "172.16.0.0/12",
-        "--max-containers", "5", "--token", "s3cret",
+        "--allow-origin", "https://b.example", "--allow-origin", "http://localhost:3000",
+        "--max-containers", "5", "--token", "s3cret", "--tls-cert", "/etc/gactor/cert.pem",
+        "--insecure",
     ])
     assert result.exit_code == 0, result.output
     [config] = captured_config
     expected = type(config)(
-        listen="127.0.0.1:9001", depot="/srv/depot", port_pool_start=40000,
-        default_grace_time=30.0, deny_networks=["192.168.0.0/16", "172.16.0.0/12"],
+        listen="127.0.0.1:9001", depot="/srv/depot", cpu_quota_per_share=100,
+        default_grace_time=30.0, allow_origins=["https://b.example", "http://localhost:3000"],
         destroy_containers_on_startup=True, max_containers=5, token="s3cret",
+        tls_cert="/etc/gactor/cert.pem", tls_key="/etc/gactor/key.pem", insecure=True,
     )
     assert dataclasses.asdict(config) == dataclasses.asdict(expected)
 
@@ -96,6 +99,74 @@ def test_server_defaults_and_global_token(captured_config: list[Any]) -> None:
     assert result.exit_code == 0, result.output
     [config] = captured_config
     assert dataclasses.asdict(config) == dataclasses.asdict(type(config)(token="t0k"))
+
+
+UNIMPLEMENTED = [
+    (["--garden-listen", "127.0.0.1:7778"], "--garden-listen"),
+    (["--port-pool-start", "40000"], "--port-pool-start"),
+    (["--port-pool-size", "10"], "--port-pool-size"),
+    (["--deny-network", "10.0.0.0/8"], "--deny-network"),
+    (["--external-ip", "192.0.2.1"], "--external-ip"),
+    (["--port-pool-start", "61001"], "--port-pool-start"),  # the default value, given
+]
+
+
+@pytest.mark.parametrize(("args", "flag"), UNIMPLEMENTED)
+def test_server_refuses_unimplemented_flags(
+    captured_config: list[Any], args: list[str], flag: str
+) -> None:
+    result = CliRunner().invoke(cli, ["server", *args])
+    assert (result.exit_code, result.stderr) == (2, f"error: {flag} is not implemented yet\n")
+    assert captured_config == []
+
+
+@pytest.mark.parametrize(("key", "flag"), [("garden-listen = \"127.0.0.1:1\"", "--garden-listen"),
+                                           ("deny_network = [\"10.0.0.0/8\"]", "--deny-network"),
+                                           ("external-ip = \"192.0.2.1\"", "--external-ip")])
+def test_server_refuses_unimplemented_config_keys(
+    captured_config: list[Any], tmp_path: Path, key: str, flag: str
+) -> None:
+    config_file = tmp_path / "gactor.toml"
+    config_file.write_text(key + "\n")
+    result = CliRunner().invoke(cli, ["server", "--config", str(config_file)])
+    assert (result.exit_code, result.stderr) == (2, f"error: {flag} is not implemented yet\n")
+    assert captured_config == []
+
+
+def test_server_process_refuses_garden_listen_with_exit_2() -> None:
+    """The real entry point, before it checks for root or forks anything."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gactor", "server", "--garden-listen", "127.0.0.1:7778"],
+        capture_output=True, timeout=60, check=False,
+    )
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert result.stderr == b"error: --garden-listen is not implemented yet\n"
+
+
+def test_the_server_module_refuses_them_too() -> None:
+    server = pytest.importorskip("gactor.server")
+    server.check_implemented(server.ServerConfig())
+    for name, flag in server.NOT_IMPLEMENTED.items():
+        value = {"deny_networks": ["10.0.0.0/8"], "garden_listen": "127.0.0.1:1",
+                 "external_ip": "192.0.2.1"}.get(name, 1)
+        with pytest.raises(server.ConfigError, match=f"^{flag} is not implemented yet$"):
+            server.check_implemented(server.ServerConfig(**{name: value}))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--listen", "0.0.0.0:7777"], "refusing to serve on 0.0.0.0 without --tls-cert/--tls-key and --token"),
+    (["--listen", "0.0.0.0:7777", "--token", "t"], "refusing to serve on 0.0.0.0 without --tls-cert/--tls-key:"),
+    (["--tls-cert", "/nonexistent.pem"], "--tls-cert and --tls-key go together"),
+    (["--listen", "unix:///run/x.sock", "--tls-cert", "/c", "--tls-key", "/k"],
+     "a unix socket is protected by its file mode"),
+    (["--listen", "unix://relative.sock"], "a unix socket needs an absolute path"),
+    (["--listen", "localhost"], "must be HOST:PORT or unix:///PATH"),
+])
+def test_server_access_rules_exit_2(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["server", *args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ")
+    assert message in result.stderr
 
 
 def test_server_unknown_config_key_is_named(tmp_path: Path) -> None:
@@ -228,3 +299,11 @@ def test_garden_error_is_one_line_exit_1(fake_client: FakeClient) -> None:
     assert result.exit_code == 1
     assert result.stderr == "error: unknown handle: missing\n"
     assert result.stdout == ""
+
+
+def test_server_token_from_the_environment(captured_config: list[Any]) -> None:
+    """GACTOR_TOKEN protects the server without putting the token on its command line."""
+    result = CliRunner().invoke(cli, ["server"], env={"GACTOR_TOKEN": "fr0m-env"})
+    assert result.exit_code == 0, result.output
+    [config] = captured_config
+    assert config.token == "fr0m-env"
