@@ -10,6 +10,7 @@ releases it all in ``destroy``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 import trio
 
 from ..errors import GardenError, ProcessNotFoundError
-from ..kernel import depot, rootfs, shims
+from ..kernel import depot, image_copies, rootfs, shims
 from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.errors import KernelError
 from ..types import (
@@ -58,8 +59,10 @@ class Environment:
     cpu_quota_per_share: int = 0
     # Percent of a CPU per share, Garden's default: cores * 100 / host memory in MiB.
     entitlement_per_share: float = 0.0
-    image_locks: dict[str, trio.Lock] = field(default_factory=dict)
-    image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Image copies (image_copies): which copy (lower dir) each container uses; one lock
+    # serializes preparing a copy and taking its reference against collecting unused ones.
+    image_users: dict[str, str] = field(default_factory=dict)
+    image_lock: trio.Lock = field(default_factory=trio.Lock)
     init_binary: str = ""  # the static garden-init; empty means pid 1 stays a forked Python
     tar_binary: str = "/bin/busybox"  # static, so it runs in any image (as Garden ships its tar)
     # How a container reports an event (e.g. an OOM); the registry delivers it.
@@ -73,6 +76,7 @@ class ContainerActor:
         self.handle = spec.handle
         self.dir = os.path.join(env.depot, depot.CONTAINERS, spec.handle)
         self.rootfs_source = rootfs_path
+        self.image_copy = ""  # the overlay's lower dir, a copy in env.image_store
         self.properties = dict(spec.properties)
         self.grace_time = spec.grace_time
         self.state = "active"
@@ -101,6 +105,11 @@ class ContainerActor:
         record = depot.read_json(os.path.join(env.depot, depot.CONTAINERS, handle, "container.json"))
         spec = from_wire(ContainerSpec, record["spec"])
         actor = cls(env, spec, record["rootfs"])
+        # Records older than image copies have none: their overlay's lower dir is protected
+        # from collection by being mounted (image_copies.collect).
+        actor.image_copy = record.get("image_copy", "")
+        if actor.image_copy:
+            env.image_users[handle] = actor.image_copy
         actor.properties = dict(record["properties"])
         actor.grace_time = float(record["grace_time"])
         actor.state = record["state"]
@@ -165,8 +174,10 @@ class ContainerActor:
         # The shim's pid from the socket it listens on, never from shim.pid: after a crash
         # or a reboot that file may name an unrelated process.
         self._own_shim(self._link.peer_pid(), undo)
-        lower = self.rootfs_source if self.spec.privileged else None
-        self.image_bytes, self.image_inodes = self.env.image_sizes.get(lower or "", (0, 0))
+        if self.image_copy:
+            with contextlib.suppress(KernelError):
+                copy = await trio.to_thread.run_sync(image_copies.read, self.image_copy)
+                self.image_bytes, self.image_inodes = copy.bytes, copy.inodes
 
     async def _adopt_processes(self) -> None:
         assert self._link is not None
@@ -178,15 +189,18 @@ class ContainerActor:
                               reply["exit"], bool(reply["stdin"]))
 
     async def _image(self) -> str:
-        """The overlay's lower dir: the source itself, or (unprivileged) its uid-shifted copy."""
-        lower = self.rootfs_source
-        if not self.spec.privileged:
-            async with self.env.image_locks.setdefault(lower, trio.Lock()):
-                lower = await trio.to_thread.run_sync(rootfs.shifted_image, lower, self.env.image_store)
-        if lower not in self.env.image_sizes:
-            self.env.image_sizes[lower] = await trio.to_thread.run_sync(depot.disk_usage, lower)
-        self.image_bytes, self.image_inodes = self.env.image_sizes[lower]
-        return lower
+        """The overlay's lower dir: a copy of the source as it is now (uid-shifted unless
+        privileged) that never changes. This container holds a reference to it from here
+        on, released by the registry (``release_image``) when it is destroyed or its
+        creation fails; a cancelled call still takes the reference."""
+        prepare = functools.partial(image_copies.prepare, self.rootfs_source, self.env.image_store,
+                                    shift=not self.spec.privileged)
+        async with self.env.image_lock:
+            copy = await trio.to_thread.run_sync(prepare)
+            self.env.image_users[self.handle] = copy.path
+        self.image_copy = copy.path
+        self.image_bytes, self.image_inodes = copy.bytes, copy.inodes
+        return copy.path
 
     def _prepare(self, lower: str, undo: Cleanup) -> dict[str, Any]:
         """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread)."""
@@ -248,6 +262,7 @@ class ContainerActor:
         return {
             "spec": to_wire(self.spec),
             "rootfs": self.rootfs_source,
+            "image_copy": self.image_copy,
             "properties": dict(self.properties),
             "grace_time": self.grace_time,
             "state": self.state,
@@ -459,6 +474,27 @@ def remove_orphan(env: Environment, handle: str, shim_pid: int | None = None) ->
         ContainerActor._destroy_cgroup(env.cgroups.open(handle))
     rootfs.unmount(os.path.join(container_dir, "rootfs"))
     depot.remove_tree(container_dir)
+
+
+async def release_image(env: Environment, handle: str) -> None:
+    """Drop ``handle``'s image reference (if any), then remove every copy no container uses."""
+    env.image_users.pop(handle, None)
+    await collect_images(env)
+
+
+async def collect_images(env: Environment) -> None:
+    """Remove every image copy no container references (and half-built ones). Shielded:
+    once references are dropped, the copies go even if the caller is cancelled."""
+    with trio.CancelScope(shield=True):
+        async with env.image_lock:
+            in_use = set(env.image_users.values())
+            try:
+                removed = await trio.to_thread.run_sync(image_copies.collect, env.image_store, in_use)
+            except (KernelError, OSError) as err:
+                log.warning("image copies left in place: %s", err)
+                return
+    for path in removed:
+        log.info("removed image copy %s: no container uses it", path)
 
 
 def _kill_quietly(pidfd: int) -> None:

@@ -22,7 +22,7 @@ from ..errors import ContainerNotFoundError, GardenError
 from ..kernel import depot, shims
 from ..kernel.errors import KernelError
 from ..types import Capacity, ContainerSpec
-from .container import ContainerActor, Environment, remove_orphan
+from .container import ContainerActor, Environment, collect_images, release_image, remove_orphan
 
 log = logging.getLogger("gactor.registry")
 
@@ -116,6 +116,7 @@ class Registry:
         for name in set(self.env.cgroups.names()) - set(self.containers):
             log.warning("removing cgroup %s: no container owns it", name)
             await trio.to_thread.run_sync(remove_orphan, self.env, name)
+        await collect_images(self.env)  # image references: exactly the re-adopted containers'
         log.info("re-adopted %d containers", len(self.containers))
         if destroy_existing:
             for handle in list(self.containers):
@@ -134,6 +135,7 @@ class Registry:
                 self._add(container)
                 return
         log.warning("removing container %s: it cannot be re-adopted: %s", handle, reason)
+        self.env.image_users.pop(handle, None)
         await trio.to_thread.run_sync(remove_orphan, self.env, handle, shim_pid)
 
     async def _supervise(self, actor: ContainerActor, adopt: bool,
@@ -183,6 +185,9 @@ class Registry:
         try:
             container: ContainerActor = await self._nursery.start(
                 self._supervise, ContainerActor(self.env, spec, source), False)
+        except BaseException:
+            await release_image(self.env, spec.handle)
+            raise
         finally:
             self._creating.discard(spec.handle)
         self._add(container)
@@ -200,6 +205,7 @@ class Registry:
                 # The container stays listed; a retry resumes with the steps that failed.
                 raise GardenError(f"destroying {handle}: {err}") from err
             del self.containers[handle]
+            await release_image(self.env, handle)
             self._end_subscriptions(handle)
             timer = self._timers.pop(handle, None)
             if timer is not None:

@@ -1,0 +1,272 @@
+"""Image copies: immutable, generation-addressed snapshots of rootfs directories.
+
+A container's overlay never uses an image directory itself as its lower dir: overlayfs
+leaves the result of changing a lower layer under a mounted overlay undefined, and an
+image directory is the operator's to change (or the busybox builder's to rebuild) at any
+time. Instead ``prepare`` returns a copy in the image store, uid-shifted for a user
+namespace (``shift=True``: uid/gid 0 become ``MAX_UID``, as Garden's grootfs does at
+unpack) or not (privileged containers), laid out as::
+
+    <store>/<key>/rootfs      the lower dir (ImageCopy.path)
+    <store>/<key>/image.json  what it was copied from, its size
+    <store>/<key>.tmp-*       a copy being built, or being removed
+
+A copy is never modified once it has its name. The key is a hash of the source's real
+path, ``shift`` and the (st_dev, st_ino, mtime_ns, ctime_ns) of every directory in the
+tree: any entry created, removed or renamed anywhere changes its directory's mtime and
+ctime, a chmod/chown/touch of a directory its ctime, and a directory replaced by another
+(``rm -rf && cp``, a symlink switched to a new generation) its inode or real path. So a
+changed tree gets a new key and a new copy, while containers keep the copy they mounted.
+What the key does not see: a file rewritten in place (same inode, no rename). Image tools
+write a new file and rename it, which the key sees; an in-place rewrite only means later
+containers get the copy from before it, never that a running container's files change.
+Files are not part of the key because statting every file is a walk of the whole tree,
+which a create must not pay: the directories alone are statted, without reading them.
+
+Who uses which copy is the caller's (the registry's) to know: ``collect`` removes every
+copy not in the set it is given (and not still a lower dir of a mounted overlay, as a
+safety net for records older than this scheme), and must not run concurrently with
+``prepare`` on the same store, whose result is not referenced yet.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .container_init import MAX_UID
+from .errors import KernelError
+
+ROOTFS = "rootfs"
+META = "image.json"
+TMP = ".tmp-"
+COPY_ATTEMPTS = 3  # a source changing under every attempt is refused, not chased forever
+_KNOWN_SOURCES = 256  # cached signatures; beyond this the oldest is forgotten (and rescanned)
+
+DirStat = tuple[str, int, int, int, int]  # relative path, st_dev, st_ino, mtime_ns, ctime_ns
+
+
+@dataclass(frozen=True)
+class ImageCopy:
+    """A copy in the store. ``path`` is the overlay lower dir; the store owns the files
+    until ``collect`` is called without it."""
+
+    path: str
+    key: str
+    source: str  # the real path it was copied from
+    shifted: bool
+    bytes: int  # allocated bytes and inodes under ``path``, for metrics
+    inodes: int
+
+
+_known: dict[tuple[str, str, bool], tuple[tuple[DirStat, ...], ImageCopy]] = {}
+_known_lock = threading.Lock()
+
+
+def prepare(source: str, store: str, *, shift: bool = True) -> ImageCopy:
+    """The copy of ``source`` as it is now; built (in a temp dir, then renamed) only if
+    no copy of this generation exists. Blocking; safe to call from several threads and
+    processes at once (a builder that loses the rename race uses the winner's copy).
+
+    Unchanged since the last call in this process costs one lstat per directory.
+    Raises KernelError if ``source`` is not a directory, the copy fails, or the source
+    kept changing while it was copied. Interrupted (the process killed), it leaves a
+    ``.tmp-`` directory that ``collect`` removes.
+    """
+    store = os.path.realpath(store)
+    for _ in range(COPY_ATTEMPTS):
+        real = os.path.realpath(source)
+        if not os.path.isdir(real):
+            raise KernelError("image copy", errno.ENOENT, f"rootfs {source} is not a directory")
+        cache_key = (store, real, shift)
+        with _known_lock:
+            cached = _known.get(cache_key)
+        if cached is not None and _unchanged(real, cached[0]) and os.path.isdir(cached[1].path):
+            return cached[1]
+        dirs = _scan(real)
+        copy = _existing(store, _key(real, shift, dirs)) or _build(real, store, shift, dirs)
+        if copy is not None:
+            with _known_lock:
+                _known.pop(cache_key, None)
+                _known[cache_key] = (dirs, copy)
+                while len(_known) > _KNOWN_SOURCES:
+                    del _known[next(iter(_known))]
+            return copy
+    raise KernelError("image copy", errno.EAGAIN, f"{source} kept changing while it was copied")
+
+
+def read(path: str) -> ImageCopy:
+    """The copy whose lower dir is ``path`` (from a container record), from its metadata.
+    Raises KernelError if ``path`` is not a copy in a store (e.g. a record older than
+    this scheme)."""
+    meta_path = os.path.join(os.path.dirname(path), META)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        return ImageCopy(path, meta["key"], meta["source"], bool(meta["shifted"]),
+                         int(meta["bytes"]), int(meta["inodes"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise KernelError("image copy", getattr(err, "errno", 0) or 0, f"no image copy at {path}: {err}") from err
+
+
+def collect(store: str, in_use: Iterable[str]) -> list[str]:
+    """Remove every copy in ``store`` whose lower dir is not in ``in_use``, and every
+    half-built or half-removed one; return the removed paths. A copy that is still the
+    lower dir of a mounted overlay in this mount namespace is kept whatever ``in_use``
+    says. The caller guarantees no ``prepare`` on this store runs meanwhile.
+
+    Each copy is first renamed to a ``.tmp-`` name, so one interrupted mid-removal is
+    never found again under its key, only removed by the next collect.
+    """
+    store = os.path.realpath(store)
+    try:
+        names = sorted(os.listdir(store))
+    except FileNotFoundError:
+        return []
+    keep = {os.path.basename(os.path.dirname(os.path.realpath(p))) for p in in_use}
+    mounted = mounted_lower_dirs()
+    removed = []
+    for name in names:
+        path = os.path.join(store, name)
+        if name in keep or any(m == path or m.startswith(path + os.sep) for m in mounted):
+            continue
+        doomed = path if TMP in name else f"{path}{TMP}gc-{os.urandom(4).hex()}"
+        try:
+            if doomed != path:
+                os.rename(path, doomed)
+            if os.path.isdir(doomed) and not os.path.islink(doomed):
+                shutil.rmtree(doomed)
+            else:
+                os.unlink(doomed)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise KernelError.from_os_error("image collect", err, doomed) from err
+        removed.append(path)
+    return removed
+
+
+def mounted_lower_dirs(mountinfo: str = "/proc/self/mountinfo") -> set[str]:
+    """Every lower dir of every overlay mounted in this mount namespace."""
+    with open(mountinfo) as f:
+        lines = f.read().splitlines()
+    found: set[str] = set()
+    for line in lines:
+        _, sep, tail = line.partition(" - ")
+        fields = tail.split(" ", 2)
+        if not sep or len(fields) < 3 or fields[0] != "overlay":
+            continue
+        for option in fields[2].split(","):
+            name, _, value = option.partition("=")
+            if name in ("lowerdir", "lowerdir+"):
+                found.update(_unescape(layer) for layer in value.split(":") if layer)
+    return found
+
+
+# ---- the key ------------------------------------------------------------------------
+
+
+def _scan(real: str) -> tuple[DirStat, ...]:
+    """Every directory under ``real`` (itself first), not following symlinks."""
+    found: list[DirStat] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        top = os.path.join(real, rel) if rel else real
+        st = os.lstat(top)
+        found.append((rel, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+        with os.scandir(top) as entries:
+            stack.extend(os.path.join(rel, e.name) for e in entries if e.is_dir(follow_symlinks=False))
+    return tuple(sorted(found))
+
+
+def _unchanged(real: str, dirs: tuple[DirStat, ...]) -> bool:
+    """Whether every directory scanned last time is still exactly as it was. No
+    directory can have appeared unless one of these changed its mtime."""
+    for rel, dev, ino, mtime, ctime in dirs:
+        try:
+            st = os.lstat(os.path.join(real, rel) if rel else real)
+        except OSError:
+            return False
+        if (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) != (dev, ino, mtime, ctime):
+            return False
+    return True
+
+
+def _key(real: str, shift: bool, dirs: tuple[DirStat, ...]) -> str:
+    digest = hashlib.sha256(f"gactor image copy v1\0{real}\0{int(shift)}\0".encode())
+    for entry in dirs:
+        digest.update("\0".join(map(str, entry)).encode() + b"\n")
+    return digest.hexdigest()[:32]
+
+
+# ---- building -------------------------------------------------------------------------
+
+
+def _existing(store: str, key: str) -> ImageCopy | None:
+    path = os.path.join(store, key, ROOTFS)
+    return read(path) if os.path.isdir(os.path.join(store, key)) else None
+
+
+def _build(real: str, store: str, shift: bool, dirs: tuple[DirStat, ...]) -> ImageCopy | None:
+    """Copy, shift, check the source did not change meanwhile (None if it did), rename."""
+    key = _key(real, shift, dirs)
+    os.makedirs(store, mode=0o711, exist_ok=True)
+    tmp = os.path.join(store, f"{key}{TMP}{os.getpid()}-{os.urandom(4).hex()}")
+    os.mkdir(tmp, 0o711)
+    try:
+        os.chmod(tmp, 0o711)  # the umask may have taken bits the container root needs
+        lower = os.path.join(tmp, ROOTFS)
+        result = subprocess.run(["cp", "-a", "--reflink=auto", real, lower], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelError("image copy", errno.EIO, f"copying {real}: {result.stderr.strip()}")
+        used_bytes, inodes = _shift_and_count(lower, shift)
+        if _scan(real) != dirs:
+            shutil.rmtree(tmp)
+            return None
+        copy = ImageCopy(os.path.join(store, key, ROOTFS), key, real, shift, used_bytes, inodes)
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump({"key": key, "source": real, "shifted": shift, "bytes": used_bytes,
+                       "inodes": inodes, "directories": len(dirs)}, f)
+        try:
+            os.rename(tmp, os.path.join(store, key))
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(tmp)  # another builder got there first: its copy is the same
+            return read(copy.path)
+        return copy
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _shift_and_count(lower: str, shift: bool) -> tuple[int, int]:
+    """Shift uid/gid 0 to MAX_UID (if ``shift``); allocated bytes and inodes under ``lower``."""
+    used_bytes = inodes = 0
+    # Each directory but the top is one of its parent's ``dirs``: seen once, as an entry.
+    for top, dirs, files in os.walk(lower):
+        for name in ((lower,) if top == lower else ()) + tuple(os.path.join(top, n) for n in dirs + files):
+            st = os.lstat(name)
+            if name != lower:
+                used_bytes += st.st_blocks * 512
+                inodes += 1
+            if shift and (st.st_uid == 0 or st.st_gid == 0):
+                os.lchown(name, MAX_UID if st.st_uid == 0 else -1, MAX_UID if st.st_gid == 0 else -1)
+                if not os.path.islink(name) and st.st_mode & 0o6000:
+                    os.chmod(name, st.st_mode & 0o7777)  # chown clears setuid/setgid; put them back
+    return used_bytes, inodes
+
+
+def _unescape(path: str) -> str:
+    r"""mountinfo writes space, tab, newline and backslash as \040, \011, \012, \134."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        path = path.replace(code, char)
+    return path
