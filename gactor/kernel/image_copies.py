@@ -24,13 +24,16 @@ Files are not part of the key because statting every file is a walk of the whole
 which a create must not pay: the directories alone are statted, without reading them.
 
 Who uses which copy is the caller's (the registry's) to know: ``collect`` removes every
-copy not in the set it is given (and not still a lower dir of a mounted overlay, as a
-safety net for records older than this scheme), and must not run concurrently with
-``prepare`` on the same store, whose result is not referenced yet.
+copy not in the set it is given, except one still the lower dir of a mounted overlay (a
+safety net, e.g. for records older than this scheme) and one that is still current for
+its source (a cache: creating and destroying containers of an unchanged image copies it
+once). It must not run concurrently with ``prepare`` on the same store, whose result is
+not referenced yet.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -49,6 +52,13 @@ META = "image.json"
 TMP = ".tmp-"
 COPY_ATTEMPTS = 3  # a source changing under every attempt is refused, not chased forever
 _KNOWN_SOURCES = 256  # cached signatures; beyond this the oldest is forgotten (and rescanned)
+# Sources watched with inotify. Each takes an inotify instance, of which a user has 128
+# (fs.inotify.max_user_instances), shared with every container's OOM watch (cgroup v2).
+WATCHED_SOURCES = 4
+_IN_CHANGED = 0x4 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # attrib, moved from/to,
+# create, delete, delete self, move self: whatever changes a directory's mtime or ctime
+_IN_ONLYDIR_DONT_FOLLOW = 0x01000000 | 0x02000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 DirStat = tuple[str, int, int, int, int]  # relative path, st_dev, st_ino, mtime_ns, ctime_ns
 
@@ -66,7 +76,17 @@ class ImageCopy:
     inodes: int
 
 
-_known: dict[tuple[str, str, bool], tuple[tuple[DirStat, ...], ImageCopy]] = {}
+@dataclass
+class _Known:
+    """A source's last scan: its directories, its copy, and an inotify fd watching every
+    one of those directories since before it was listed (-1: check them with lstat)."""
+
+    dirs: tuple[DirStat, ...]
+    copy: ImageCopy
+    watch: int
+
+
+_known: dict[tuple[str, str, bool], _Known] = {}
 _known_lock = threading.Lock()
 
 
@@ -75,7 +95,9 @@ def prepare(source: str, store: str, *, shift: bool = True) -> ImageCopy:
     no copy of this generation exists. Blocking; safe to call from several threads and
     processes at once (a builder that loses the rename race uses the winner's copy).
 
-    Unchanged since the last call in this process costs one lstat per directory.
+    Unchanged since the last call in this process, it costs one read of an inotify fd
+    that watches the tree's directories (for the WATCHED_SOURCES most recent sources;
+    older ones, or with inotify unavailable: one lstat per directory).
     Raises KernelError if ``source`` is not a directory, the copy fails, or the source
     kept changing while it was copied. Interrupted (the process killed), it leaves a
     ``.tmp-`` directory that ``collect`` removes.
@@ -86,20 +108,42 @@ def prepare(source: str, store: str, *, shift: bool = True) -> ImageCopy:
         if not os.path.isdir(real):
             raise KernelError("image copy", errno.ENOENT, f"rootfs {source} is not a directory")
         cache_key = (store, real, shift)
-        with _known_lock:
+        with _known_lock:  # checked and forgotten in one step: one reader sees the events
             cached = _known.get(cache_key)
-        if cached is not None and _unchanged(real, cached[0]) and os.path.isdir(cached[1].path):
-            return cached[1]
-        dirs = _scan(real)
-        copy = _existing(store, _key(real, shift, dirs)) or _build(real, store, shift, dirs)
-        if copy is not None:
-            with _known_lock:
-                _known.pop(cache_key, None)
-                _known[cache_key] = (dirs, copy)
-                while len(_known) > _KNOWN_SOURCES:
-                    del _known[next(iter(_known))]
-            return copy
+            if cached is not None and cached.watch >= 0 and not _quiet(cached.watch):
+                _forget(cache_key)
+                cached = None
+        if (cached is not None and (cached.watch >= 0 or _unchanged(real, cached.dirs))
+                and os.path.isdir(cached.copy.path)):
+            return cached.copy
+        dirs, watch = _scan(real, _watcher())
+        try:
+            copy = _existing(store, _key(real, shift, dirs)) or _build(source, real, store, shift, dirs)
+        except BaseException:
+            _close(watch)
+            raise
+        if copy is None:
+            _close(watch)
+            continue
+        with _known_lock:
+            _forget(cache_key)
+            _known[cache_key] = _Known(dirs, copy, watch)
+            watched = [k for k in _known.values() if k.watch >= 0]
+            for old in watched[:-WATCHED_SOURCES]:  # inotify instances are scarce (128 a user)
+                _close(old.watch)
+                old.watch = -1
+            while len(_known) > _KNOWN_SOURCES:
+                _forget(next(iter(_known)))
+        return copy
     raise KernelError("image copy", errno.EAGAIN, f"{source} kept changing while it was copied")
+
+
+def forget_sources() -> None:
+    """Drop every cached scan and close its watch; each source is scanned again by its
+    next ``prepare``."""
+    with _known_lock:
+        while _known:
+            _forget(next(iter(_known)))
 
 
 def read(path: str) -> ImageCopy:
@@ -116,11 +160,14 @@ def read(path: str) -> ImageCopy:
         raise KernelError("image copy", getattr(err, "errno", 0) or 0, f"no image copy at {path}: {err}") from err
 
 
-def collect(store: str, in_use: Iterable[str]) -> list[str]:
+def collect(store: str, in_use: Iterable[str], *, keep_current: bool = True) -> list[str]:
     """Remove every copy in ``store`` whose lower dir is not in ``in_use``, and every
-    half-built or half-removed one; return the removed paths. A copy that is still the
-    lower dir of a mounted overlay in this mount namespace is kept whatever ``in_use``
-    says. The caller guarantees no ``prepare`` on this store runs meanwhile.
+    half-built or half-removed one; return the removed paths. The caller guarantees no
+    ``prepare`` on this store runs meanwhile. Kept whatever ``in_use`` says: a copy that
+    is still the lower dir of a mounted overlay in this mount namespace, and (with
+    ``keep_current``) an unused copy that is what ``prepare`` of the path it was built
+    for would return now, so create/destroy cycles on an unchanged image copy it once;
+    it goes at the first collect after its source changes or disappears.
 
     Each copy is first renamed to a ``.tmp-`` name, so one interrupted mid-removal is
     never found again under its key, only removed by the next collect.
@@ -136,6 +183,8 @@ def collect(store: str, in_use: Iterable[str]) -> list[str]:
     for name in names:
         path = os.path.join(store, name)
         if name in keep or any(m == path or m.startswith(path + os.sep) for m in mounted):
+            continue
+        if keep_current and TMP not in name and _current(path):
             continue
         doomed = path if TMP in name else f"{path}{TMP}gc-{os.urandom(4).hex()}"
         try:
@@ -170,21 +219,63 @@ def mounted_lower_dirs(mountinfo: str = "/proc/self/mountinfo") -> set[str]:
     return found
 
 
+def _current(path: str) -> bool:
+    """Whether the copy at ``<store>/<key>`` is what its requested source gives now."""
+    try:
+        with open(os.path.join(path, META)) as f:
+            meta = json.load(f)
+        real = os.path.realpath(meta["requested"])
+        dirs = tuple(tuple(d) for d in meta["dirs"])
+        return bool(real == meta["source"] and _unchanged(real, dirs)
+                    and os.path.basename(path) == _key(real, bool(meta["shifted"]), dirs))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 # ---- the key ------------------------------------------------------------------------
 
 
-def _scan(real: str) -> tuple[DirStat, ...]:
-    """Every directory under ``real`` (itself first), not following symlinks."""
+def _scan(real: str, watch: int = -1) -> tuple[tuple[DirStat, ...], int]:
+    """Every directory under ``real`` (sorted), not following symlinks; and ``watch``
+    watching each one from before it is statted and listed, or -1 if a watch could not
+    be added (``watch`` is then closed)."""
     found: list[DirStat] = []
     stack = [""]
     while stack:
         rel = stack.pop()
         top = os.path.join(real, rel) if rel else real
+        if watch >= 0 and _libc.inotify_add_watch(watch, os.fsencode(top), _IN_CHANGED | _IN_ONLYDIR_DONT_FOLLOW) < 0:
+            _close(watch)  # e.g. fs.inotify.max_user_watches reached
+            watch = -1
         st = os.lstat(top)
         found.append((rel, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
         with os.scandir(top) as entries:
             stack.extend(os.path.join(rel, e.name) for e in entries if e.is_dir(follow_symlinks=False))
-    return tuple(sorted(found))
+    return tuple(sorted(found)), watch
+
+
+def _watcher() -> int:
+    """A non-blocking inotify fd, or -1 if there is none to be had."""
+    return max(-1, int(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)))
+
+
+def _quiet(watch: int) -> bool:
+    """Whether no event (an overflow is one too) arrived since the watches were added."""
+    try:
+        return not os.read(watch, 4096)
+    except BlockingIOError:
+        return True
+
+
+def _close(watch: int) -> None:
+    if watch >= 0:
+        os.close(watch)
+
+
+def _forget(cache_key: tuple[str, str, bool]) -> None:
+    known = _known.pop(cache_key, None)
+    if known is not None:
+        _close(known.watch)
 
 
 def _unchanged(real: str, dirs: tuple[DirStat, ...]) -> bool:
@@ -215,7 +306,7 @@ def _existing(store: str, key: str) -> ImageCopy | None:
     return read(path) if os.path.isdir(os.path.join(store, key)) else None
 
 
-def _build(real: str, store: str, shift: bool, dirs: tuple[DirStat, ...]) -> ImageCopy | None:
+def _build(source: str, real: str, store: str, shift: bool, dirs: tuple[DirStat, ...]) -> ImageCopy | None:
     """Copy, shift, check the source did not change meanwhile (None if it did), rename."""
     key = _key(real, shift, dirs)
     os.makedirs(store, mode=0o711, exist_ok=True)
@@ -228,13 +319,13 @@ def _build(real: str, store: str, shift: bool, dirs: tuple[DirStat, ...]) -> Ima
         if result.returncode != 0:
             raise KernelError("image copy", errno.EIO, f"copying {real}: {result.stderr.strip()}")
         used_bytes, inodes = _shift_and_count(lower, shift)
-        if _scan(real) != dirs:
+        if _scan(real)[0] != dirs:
             shutil.rmtree(tmp)
             return None
         copy = ImageCopy(os.path.join(store, key, ROOTFS), key, real, shift, used_bytes, inodes)
         with open(os.path.join(tmp, META), "w") as f:
             json.dump({"key": key, "source": real, "shifted": shift, "bytes": used_bytes,
-                       "inodes": inodes, "directories": len(dirs)}, f)
+                       "inodes": inodes, "requested": os.path.abspath(source), "dirs": dirs}, f)
         try:
             os.rename(tmp, os.path.join(store, key))
         except OSError as err:

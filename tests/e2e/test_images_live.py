@@ -105,7 +105,11 @@ async def test_changing_an_image_leaves_running_containers_alone(own_servers, pr
         assert store(server) == [kept]  # still used by the third
         assert await bin_entries(third) == after
         await client.destroy("third")
-        assert store(server) == []
+        assert store(server) == [kept]  # unused, but still current: the next create reuses it
+    shutil.rmtree(image)
+    await server.stop()
+    await server.start()
+    assert store(server) == []  # its source is gone: collected at startup
     await server.finish()
 
 
@@ -146,7 +150,10 @@ async def test_image_references_survive_kill_9(own_servers):
         await client.destroy("second")
         assert store(server) == [new]
         await client.destroy("again")
-        assert store(server) == []
+        assert store(server) == [new]  # current for the image: kept for the next create
+        os.utime(os.path.join(image, "bin"))
+        await client.destroy((await client.create(ContainerSpec())).handle)  # a collect
+        assert new not in store(server)
     await server.finish()
 
 
@@ -180,7 +187,9 @@ async def test_busybox_rebuilds_leave_running_containers_intact(own_servers):
             assert (await sh_ok(container, "echo ok; cat /etc/os-release")).startswith("ok\n")
         fresh = await client.create(ContainerSpec(handle="fresh", rootfs_path=dest))
         assert await bin_entries(fresh) == listed
+        current = copy_of(server, "fresh")
+        assert len({copy_of(server, h) for h in ("plain", "priv", "fresh")}) == 3
         for handle in ("plain", "priv", "fresh"):
             await client.destroy(handle)
-        assert store(server) == []
+        assert store(server) == [current]  # the older generations' copies are gone
     await server.finish()

@@ -4,9 +4,11 @@ generation, never modified once built, collected only when unused and unmounted.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,8 +31,23 @@ def source(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> str:
-    return str(tmp_path / "store")
+def store(tmp_path: Path) -> Iterator[str]:
+    yield str(tmp_path / "store")
+    image_copies.forget_sources()
+
+
+def inotify_fds() -> int:
+    return sum(os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify" for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}"))
+
+
+@pytest.fixture(params=["inotify", "lstat"])
+def check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How an unchanged source is recognised: its inotify watch, or (no watch to be had)
+    one lstat per directory."""
+    if request.param == "lstat":
+        monkeypatch.setattr(image_copies, "WATCHED_SOURCES", 0)
+    return str(request.param)
 
 
 def listing(path: str) -> list[str]:
@@ -77,7 +94,7 @@ def test_privileged_copy_is_not_shifted_and_has_its_own_key(source: Path, store:
 def test_unchanged_source_reuses_the_copy(source: Path, store: str) -> None:
     first = image_copies.prepare(str(source), store)
     before = tree(first.path)
-    image_copies._known.clear()  # as after a restart: found again by scanning, not rebuilt
+    image_copies.forget_sources()  # as after a restart: found again by scanning, not rebuilt
     assert image_copies.prepare(str(source), store) == first
     assert image_copies.prepare(str(source), store) == first
     assert tree(first.path) == before
@@ -86,7 +103,7 @@ def test_unchanged_source_reuses_the_copy(source: Path, store: str) -> None:
 
 @pytest.mark.parametrize("change", ["add", "remove", "touch", "chmod", "nested", "replace"])
 def test_a_change_makes_a_new_copy_and_leaves_the_old_one(
-    source: Path, store: str, tmp_path: Path, change: str
+    source: Path, store: str, tmp_path: Path, change: str, check: str
 ) -> None:
     old = image_copies.prepare(str(source), store)
     old_tree = tree(old.path)
@@ -110,6 +127,7 @@ def test_a_change_makes_a_new_copy_and_leaves_the_old_one(
         link.symlink_to(other)
     new = image_copies.prepare(str(link), store)
     assert new.key != old.key
+    assert image_copies.prepare(str(link), store) == new
     assert tree(old.path) == old_tree  # the old copy is exactly as it was
     assert listing(store) == sorted([old.key, new.key])
     names = set(os.listdir(os.path.join(new.path, "bin")))
@@ -118,27 +136,65 @@ def test_a_change_makes_a_new_copy_and_leaves_the_old_one(
     assert ("only-here" in names) == (change == "replace")
 
 
+def test_watches_are_bounded_and_closed(source: Path, store: str, tmp_path: Path) -> None:
+    before = inotify_fds()
+    image_copies.prepare(str(source), store)
+    assert inotify_fds() == before + 1
+    for n in range(image_copies.WATCHED_SOURCES + 2):
+        image_copies.prepare(str(build_rootfs(tmp_path / f"more-{n}")), store)
+    assert inotify_fds() == before + image_copies.WATCHED_SOURCES
+    # The source that lost its watch is still checked, by lstat.
+    old = image_copies.prepare(str(source), store)
+    (source / "usr/local/bin/new").write_text("")
+    assert image_copies.prepare(str(source), store).key != old.key
+    image_copies.forget_sources()
+    assert inotify_fds() == before
+
+
+def test_a_touched_file_rescans_and_keeps_the_copy(source: Path, store: str) -> None:
+    first = image_copies.prepare(str(source), store)
+    os.utime(source / "etc/passwd")  # an event on /etc's watch, but no directory changed
+    assert image_copies.prepare(str(source), store) == first
+    assert listing(store) == [first.key]
+
+
 def test_collect_removes_unused_copies_and_temp_dirs(source: Path, store: str) -> None:
-    keep = image_copies.prepare(str(source), store)
+    old = image_copies.prepare(str(source), store)
     (source / "bin/x").write_text("")
-    unused = image_copies.prepare(str(source), store)
-    half_built = os.path.join(store, f"{unused.key}.tmp-1-abcd")
+    current = image_copies.prepare(str(source), store)
+    half_built = os.path.join(store, f"{current.key}.tmp-1-abcd")
     os.makedirs(os.path.join(half_built, "rootfs/bin"))
     legacy = os.path.join(store, "0123456789abcdef01234567")  # the layout before generations
     os.makedirs(os.path.join(legacy, "bin"))
-    removed = image_copies.collect(store, {keep.path})
-    assert sorted(removed) == sorted(
-        os.path.join(os.path.realpath(store), n)
-        for n in (unused.key, os.path.basename(half_built), os.path.basename(legacy))
-    )
-    assert listing(store) == [keep.key]
-    assert image_copies.collect(store, {keep.path}) == []
-    assert image_copies.collect(store, set()) == [os.path.dirname(keep.path)]
-    assert listing(store) == []
+    real_store = os.path.realpath(store)
+    removed = image_copies.collect(store, {old.path})
+    assert sorted(removed) == sorted(os.path.join(real_store, n) for n in (half_built, legacy))
+    assert listing(store) == sorted([old.key, current.key])  # in use; current for its source
+    assert image_copies.collect(store, {old.path}) == []
+    assert image_copies.collect(store, set()) == [os.path.dirname(old.path)]  # unused and stale
+    assert listing(store) == [current.key]
+    assert image_copies.prepare(str(source), store) == current
+    (source / "bin/y").write_text("")
+    assert image_copies.collect(store, set()) == [os.path.dirname(current.path)]  # stale now
     # A collected copy is rebuilt, not found in the cache.
-    again = image_copies.prepare(str(source), store)
-    assert os.path.isdir(os.path.join(again.path, "bin"))
+    newest = image_copies.prepare(str(source), store)
+    assert os.path.isdir(os.path.join(newest.path, "bin"))
+    assert image_copies.collect(store, set(), keep_current=False) == [os.path.dirname(newest.path)]
+    assert listing(store) == []
     assert image_copies.collect(os.path.join(store, "never-made"), set()) == []
+
+
+def test_a_copy_whose_source_is_gone_is_collected(source: Path, store: str, tmp_path: Path) -> None:
+    link = tmp_path / "current"
+    link.symlink_to(source)
+    copy = image_copies.prepare(str(link), store)
+    assert image_copies.collect(store, set()) == []
+    link.unlink()
+    link.symlink_to(build_rootfs(tmp_path / "next"))  # the link now names another tree
+    assert image_copies.collect(store, set()) == [os.path.dirname(copy.path)]
+    other = image_copies.prepare(str(link), store)
+    shutil.rmtree((tmp_path / "next").resolve())  # the tree it was copied from is gone
+    assert image_copies.collect(store, set()) == [os.path.dirname(other.path)]
 
 
 def test_collect_keeps_a_copy_a_mounted_overlay_uses(source: Path, store: str, tmp_path: Path) -> None:
@@ -150,11 +206,11 @@ def test_collect_keeps_a_copy_a_mounted_overlay_uses(source: Path, store: str, t
                     f"lowerdir={copy.path},upperdir={upper},workdir={work}", str(merged)], check=True)
     try:
         assert copy.path in image_copies.mounted_lower_dirs()
-        assert image_copies.collect(store, set()) == []
+        assert image_copies.collect(store, set(), keep_current=False) == []
         assert (merged / "bin/busybox").is_file()
     finally:
         subprocess.run(["umount", str(merged)], check=True)
-    assert image_copies.collect(store, set()) == [os.path.dirname(copy.path)]
+    assert image_copies.collect(store, set(), keep_current=False) == [os.path.dirname(copy.path)]
 
 
 def test_concurrent_prepares_make_one_copy(source: Path, store: str) -> None:
