@@ -21,7 +21,9 @@ What the key does not see: a file rewritten in place (same inode, no rename). Im
 write a new file and rename it, which the key sees; an in-place rewrite only means later
 containers get the copy from before it, never that a running container's files change.
 Files are not part of the key because statting every file is a walk of the whole tree,
-which a create must not pay: the directories alone are statted, without reading them.
+which a create must not pay. Nor does it pay a walk of the directories: after a scan,
+an inotify watch on each directory reports any change that would alter the key, so an
+unchanged source costs one read of that fd (or, without a watch, one lstat per directory).
 
 Who uses which copy is the caller's (the registry's) to know: ``collect`` removes every
 copy not in the set it is given, except one still the lower dir of a mounted overlay (a
@@ -116,9 +118,13 @@ def prepare(source: str, store: str, *, shift: bool = True) -> ImageCopy:
         if (cached is not None and (cached.watch >= 0 or _unchanged(real, cached.dirs))
                 and os.path.isdir(cached.copy.path)):
             return cached.copy
-        dirs, watch = _scan(real, _watcher())
+        watch = -1
         try:
+            dirs, watch = _scan(real, _watcher())
             copy = _existing(store, _key(real, shift, dirs)) or _build(source, real, store, shift, dirs)
+        except OSError as err:
+            _close(watch)
+            raise KernelError.from_os_error("image copy", err, f"{source}: {err}") from err
         except BaseException:
             _close(watch)
             raise
@@ -129,7 +135,7 @@ def prepare(source: str, store: str, *, shift: bool = True) -> ImageCopy:
             _forget(cache_key)
             _known[cache_key] = _Known(dirs, copy, watch)
             watched = [k for k in _known.values() if k.watch >= 0]
-            for old in watched[:-WATCHED_SOURCES]:  # inotify instances are scarce (128 a user)
+            for old in watched[:max(0, len(watched) - WATCHED_SOURCES)]:  # scarce: 128 a user
                 _close(old.watch)
                 old.watch = -1
             while len(_known) > _KNOWN_SOURCES:
@@ -241,16 +247,21 @@ def _scan(real: str, watch: int = -1) -> tuple[tuple[DirStat, ...], int]:
     be added (``watch`` is then closed)."""
     found: list[DirStat] = []
     stack = [""]
-    while stack:
-        rel = stack.pop()
-        top = os.path.join(real, rel) if rel else real
-        if watch >= 0 and _libc.inotify_add_watch(watch, os.fsencode(top), _IN_CHANGED | _IN_ONLYDIR_DONT_FOLLOW) < 0:
-            _close(watch)  # e.g. fs.inotify.max_user_watches reached
-            watch = -1
-        st = os.lstat(top)
-        found.append((rel, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
-        with os.scandir(top) as entries:
-            stack.extend(os.path.join(rel, e.name) for e in entries if e.is_dir(follow_symlinks=False))
+    try:
+        while stack:
+            rel = stack.pop()
+            top = os.path.join(real, rel) if rel else real
+            mask = _IN_CHANGED | _IN_ONLYDIR_DONT_FOLLOW
+            if watch >= 0 and _libc.inotify_add_watch(watch, os.fsencode(top), mask) < 0:
+                _close(watch)  # e.g. fs.inotify.max_user_watches reached
+                watch = -1
+            st = os.lstat(top)
+            found.append((rel, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+            with os.scandir(top) as entries:
+                stack.extend(os.path.join(rel, e.name) for e in entries if e.is_dir(follow_symlinks=False))
+    except BaseException:
+        _close(watch)
+        raise
     return tuple(sorted(found)), watch
 
 
