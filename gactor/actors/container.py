@@ -190,9 +190,11 @@ class ContainerActor:
 
     async def _image(self) -> str:
         """The overlay's lower dir: a copy of the source as it is now (uid-shifted unless
-        privileged) that never changes. This container holds a reference to it from here
+        privileged) that never changes, so a privileged container does not see later
+        changes to its source either. This container holds a reference to it from here
         on, released by the registry (``release_image``) when it is destroyed or its
-        creation fails; a cancelled call still takes the reference."""
+        creation fails. Cancelled while the copy is being prepared, it still takes the
+        reference (the thread runs to the end); the creation's rollback releases it."""
         prepare = functools.partial(image_copies.prepare, self.rootfs_source, self.env.image_store,
                                     shift=not self.spec.privileged)
         async with self.env.image_lock:
