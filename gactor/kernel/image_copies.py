@@ -205,6 +205,9 @@ def collect(store: str, in_use: Iterable[str], *, keep_current: bool = True) -> 
         except OSError as err:
             raise KernelError.from_os_error("image collect", err, doomed) from err
         removed.append(path)
+    with _known_lock:  # the scans of removed copies' sources, and their watches, go too
+        for cache_key in [k for k, known in _known.items() if os.path.dirname(known.copy.path) in removed]:
+            _forget(cache_key)
     return removed
 
 

@@ -149,6 +149,10 @@ def test_watches_are_bounded_and_closed(source: Path, store: str, tmp_path: Path
     assert image_copies.prepare(str(source), store).key != old.key
     image_copies.forget_sources()
     assert inotify_fds() == before
+    image_copies.prepare(str(source), store)
+    assert inotify_fds() == before + 1
+    image_copies.collect(store, set(), keep_current=False)  # removes its copy: and its watch
+    assert inotify_fds() == before
 
 
 def test_a_touched_file_rescans_and_keeps_the_copy(source: Path, store: str) -> None:
