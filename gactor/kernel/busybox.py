@@ -137,7 +137,7 @@ def _current(dest: Path) -> Path | None:
 
 
 def generations(dest: Path) -> list[Path]:
-    """Every generation directory of ``dest``, and half-built ones, oldest name first."""
+    """Every generation directory of ``dest``, and half-built ones, sorted by name."""
     return sorted(p for p in dest.parent.glob(f".{dest.name}.*")
                   if p.name.startswith((f".{dest.name}.gen-", f".{dest.name}.build-")))
 
