@@ -17,7 +17,9 @@ tree: any entry created, removed or renamed anywhere changes its directory's mti
 ctime, a chmod/chown/touch of a directory its ctime, and a directory replaced by another
 (``rm -rf && cp``, a symlink switched to a new generation) its inode or real path. So a
 changed tree gets a new key and a new copy, while containers keep the copy they mounted.
-What the key does not see: a file rewritten in place (same inode, no rename). Image tools
+A scan is used only once the newest ctime is SETTLE_NS old, so no
+later change can leave the stamps as they were (timestamps as fine as the kernel's tick,
+as on ext4, xfs, btrfs, tmpfs). What the key does not see: a file rewritten in place (same inode, no rename). Image tools
 write a new file and rename it, which the key sees; an in-place rewrite only means later
 containers get the copy from before it, never that a running container's files change.
 Files are not part of the key because statting every file is a walk of the whole tree,
@@ -43,6 +45,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,7 +55,11 @@ from .errors import KernelError
 ROOTFS = "rootfs"
 META = "image.json"
 TMP = ".tmp-"
-COPY_ATTEMPTS = 3  # a source changing under every attempt is refused, not chased forever
+COPY_ATTEMPTS = 5  # a source changing under every attempt is refused, not chased forever
+# The kernel stamps changes with a clock that advances once a tick (1-10 ms): a directory
+# changed within a tick before it is statted could change again with the same stamps. A
+# scan is trusted only if every directory's ctime is this much older than its start.
+SETTLE_NS = 50_000_000
 _KNOWN_SOURCES = 256  # cached signatures; beyond this the oldest is forgotten (and rescanned)
 # Sources watched with inotify. Each takes an inotify instance, of which a user has 128
 # (fs.inotify.max_user_instances), shared with every container's OOM watch (cgroup v2).
@@ -119,8 +126,14 @@ def prepare(source: str, store: str, *, shift: bool = True) -> ImageCopy:
                 and os.path.isdir(cached.copy.path)):
             return cached.copy
         watch = -1
+        started = time.time_ns()
         try:
             dirs, watch = _scan(real, _watcher())
+            wait = unsettled_ns(dirs, started)
+            if wait:  # changed just now: wait until a further change would show, then rescan
+                _close(watch)
+                time.sleep(wait / 1e9)
+                continue
             copy = _existing(store, _key(real, shift, dirs)) or _build(source, real, store, shift, dirs)
         except OSError as err:
             _close(watch)
@@ -290,6 +303,15 @@ def _forget(cache_key: tuple[str, str, bool]) -> None:
     known = _known.pop(cache_key, None)
     if known is not None:
         _close(known.watch)
+
+
+def unsettled_ns(dirs: tuple[DirStat, ...], started: int) -> int:
+    """How long (ns) to wait before a scan started at ``started`` (``time.time_ns()``)
+    can be trusted: 0 once the newest directory ctime is SETTLE_NS older than the start.
+    A ctime more than SETTLE_NS ahead means the clock was set back, where waiting would
+    not help: 0 too."""
+    newest = max(d[4] for d in dirs)
+    return newest + SETTLE_NS - started if started - SETTLE_NS < newest < started + SETTLE_NS else 0
 
 
 def _unchanged(real: str, dirs: tuple[DirStat, ...]) -> bool:

@@ -136,6 +136,28 @@ def test_a_change_makes_a_new_copy_and_leaves_the_old_one(
     assert ("only-here" in names) == (change == "replace")
 
 
+def test_a_scan_is_trusted_only_once_the_tree_has_settled() -> None:
+    """Within a clock tick of a change, another change can leave a directory's stamps as
+    they were, so a scan taken then could miss it: prepare waits that window out."""
+    settle = image_copies.SETTLE_NS
+    start = 10**18
+
+    def dirs(*ctimes: int) -> tuple[image_copies.DirStat, ...]:
+        return tuple((f"d{i}", 1, i, 0, c) for i, c in enumerate(ctimes))
+
+    assert image_copies.unsettled_ns(dirs(start - settle, start - 5 * settle), start) == 0
+    assert image_copies.unsettled_ns(dirs(start - settle + 1, 0), start) == 1
+    assert image_copies.unsettled_ns(dirs(0, start - 10), start) == settle - 10
+    assert image_copies.unsettled_ns(dirs(start + 3), start) == settle + 3
+    assert image_copies.unsettled_ns(dirs(start + settle), start) == 0  # clock set back
+
+
+def test_a_fresh_change_is_in_the_copy(source: Path, store: str) -> None:
+    (source / "bin/fresh").write_text("")
+    copy = image_copies.prepare(str(source), store)
+    assert os.path.exists(os.path.join(copy.path, "bin/fresh"))
+
+
 def test_watches_are_bounded_and_closed(source: Path, store: str, tmp_path: Path) -> None:
     before = inotify_fds()
     image_copies.prepare(str(source), store)
