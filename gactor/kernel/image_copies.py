@@ -11,21 +11,14 @@ unpack) or not (privileged containers), laid out as::
     <store>/<key>/image.json  what it was copied from, its size
     <store>/<key>.tmp-*       a copy being built, or being removed
 
-A copy is never modified once it has its name. The key is a hash of the source's real
-path, ``shift`` and the (st_dev, st_ino, mtime_ns, ctime_ns) of every directory in the
-tree: any entry created, removed or renamed anywhere changes its directory's mtime and
-ctime, a chmod/chown/touch of a directory its ctime, and a directory replaced by another
-(``rm -rf && cp``, a symlink switched to a new generation) its inode or real path. So a
-changed tree gets a new key and a new copy, while containers keep the copy they mounted.
-A scan is used only once the newest ctime is SETTLE_NS old, so no
-later change can leave the stamps as they were (timestamps as fine as the kernel's tick,
-as on ext4, xfs, btrfs, tmpfs). What the key does not see: a file rewritten in place (same inode, no rename). Image tools
-write a new file and rename it, which the key sees; an in-place rewrite only means later
-containers get the copy from before it, never that a running container's files change.
-Files are not part of the key because statting every file is a walk of the whole tree,
-which a create must not pay. Nor does it pay a walk of the directories: after a scan,
-an inotify watch on each directory reports any change that would alter the key, so an
-unchanged source costs one read of that fd (or, without a watch, one lstat per directory).
+A copy is never modified once it has its name. Its key is a hash of the source's real
+path, ``shift`` and the source's generation (``generations``: the dev, inode, mtime and
+ctime of every directory), so a changed tree gets a new key and a new copy, while
+containers keep the copy they mounted. What the key does not see is a file rewritten in
+place (same inode, no rename). Image tools write a new file and rename it, which the key
+sees; an in-place rewrite only means later containers get the copy from before it, never
+that a running container's files change. An unchanged source costs a create one read of
+an inotify fd (or one lstat per directory), never a walk of the tree.
 
 Who uses which copy is the caller's (the registry's) to know: ``collect`` removes every
 copy not in the set it is given, except one still the lower dir of a mounted overlay (a
@@ -37,9 +30,7 @@ not referenced yet.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -49,6 +40,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from . import generations
 from .container_init import MAX_UID
 from .errors import KernelError
 
@@ -56,20 +48,10 @@ ROOTFS = "rootfs"
 META = "image.json"
 TMP = ".tmp-"
 COPY_ATTEMPTS = 5  # a source changing under every attempt is refused, not chased forever
-# The kernel stamps changes with a clock that advances once a tick (1-10 ms): a directory
-# changed within a tick before it is statted could change again with the same stamps. A
-# scan is trusted only if every directory's ctime is this much older than its start.
-SETTLE_NS = 50_000_000
 _KNOWN_SOURCES = 256  # cached signatures; beyond this the oldest is forgotten (and rescanned)
 # Sources watched with inotify. Each takes an inotify instance, of which a user has 128
 # (fs.inotify.max_user_instances), shared with every container's OOM watch (cgroup v2).
 WATCHED_SOURCES = 4
-_IN_CHANGED = 0x4 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # attrib, moved from/to,
-# create, delete, delete self, move self: whatever changes a directory's mtime or ctime
-_IN_ONLYDIR_DONT_FOLLOW = 0x01000000 | 0x02000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-DirStat = tuple[str, int, int, int, int]  # relative path, st_dev, st_ino, mtime_ns, ctime_ns
 
 
 @dataclass(frozen=True)
@@ -90,7 +72,7 @@ class _Known:
     """A source's last scan: its directories, its copy, and an inotify fd watching every
     one of those directories since before it was listed (-1: check them with lstat)."""
 
-    dirs: tuple[DirStat, ...]
+    dirs: tuple[generations.DirStat, ...]
     copy: ImageCopy
     watch: int
 
@@ -119,37 +101,38 @@ def prepare(source: str, store: str, *, shift: bool = True) -> ImageCopy:
         cache_key = (store, real, shift)
         with _known_lock:  # checked and forgotten in one step: one reader sees the events
             cached = _known.get(cache_key)
-            if cached is not None and cached.watch >= 0 and not _quiet(cached.watch):
+            if cached is not None and cached.watch >= 0 and not generations.quiet(cached.watch):
                 _forget(cache_key)
                 cached = None
-        if (cached is not None and (cached.watch >= 0 or _unchanged(real, cached.dirs))
+        if (cached is not None and (cached.watch >= 0 or generations.unchanged(real, cached.dirs))
                 and os.path.isdir(cached.copy.path)):
             return cached.copy
         watch = -1
         started = time.time_ns()
         try:
-            dirs, watch = _scan(real, _watcher())
-            wait = unsettled_ns(dirs, started)
+            dirs, watch = generations.scan(real, generations.watcher())
+            wait = generations.unsettled_ns(dirs, started)
             if wait:  # changed just now: wait until a further change would show, then rescan
-                _close(watch)
+                generations.close(watch)
                 time.sleep(wait / 1e9)
                 continue
-            copy = _existing(store, _key(real, shift, dirs)) or _build(source, real, store, shift, dirs)
+            key = generations.key(real, shift, dirs)
+            copy = _existing(store, key) or _build(source, real, store, shift, dirs)
         except OSError as err:
-            _close(watch)
+            generations.close(watch)
             raise KernelError.from_os_error("image copy", err, f"{source}: {err}") from err
         except BaseException:
-            _close(watch)
+            generations.close(watch)
             raise
         if copy is None:
-            _close(watch)
+            generations.close(watch)
             continue
         with _known_lock:
             _forget(cache_key)
             _known[cache_key] = _Known(dirs, copy, watch)
             watched = [k for k in _known.values() if k.watch >= 0]
             for old in watched[:max(0, len(watched) - WATCHED_SOURCES)]:  # scarce: 128 a user
-                _close(old.watch)
+                generations.close(old.watch)
                 old.watch = -1
             while len(_known) > _KNOWN_SOURCES:
                 _forget(next(iter(_known)))
@@ -248,90 +231,16 @@ def _current(path: str) -> bool:
             meta = json.load(f)
         real = os.path.realpath(meta["requested"])
         dirs = tuple(tuple(d) for d in meta["dirs"])
-        return bool(real == meta["source"] and _unchanged(real, dirs)
-                    and os.path.basename(path) == _key(real, bool(meta["shifted"]), dirs))
+        return bool(real == meta["source"] and generations.unchanged(real, dirs)
+                    and os.path.basename(path) == generations.key(real, bool(meta["shifted"]), dirs))
     except (OSError, ValueError, KeyError, TypeError):
         return False
-
-
-# ---- the key ------------------------------------------------------------------------
-
-
-def _scan(real: str, watch: int = -1) -> tuple[tuple[DirStat, ...], int]:
-    """Every directory under ``real`` (sorted), not following symlinks; and ``watch``
-    watching each one from before it is statted and listed, or -1 if a watch could not
-    be added (``watch`` is then closed)."""
-    found: list[DirStat] = []
-    stack = [""]
-    try:
-        while stack:
-            rel = stack.pop()
-            top = os.path.join(real, rel) if rel else real
-            mask = _IN_CHANGED | _IN_ONLYDIR_DONT_FOLLOW
-            if watch >= 0 and _libc.inotify_add_watch(watch, os.fsencode(top), mask) < 0:
-                _close(watch)  # e.g. fs.inotify.max_user_watches reached
-                watch = -1
-            st = os.lstat(top)
-            found.append((rel, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
-            with os.scandir(top) as entries:
-                stack.extend(os.path.join(rel, e.name) for e in entries if e.is_dir(follow_symlinks=False))
-    except BaseException:
-        _close(watch)
-        raise
-    return tuple(sorted(found)), watch
-
-
-def _watcher() -> int:
-    """A non-blocking inotify fd, or -1 if there is none to be had."""
-    return max(-1, int(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)))
-
-
-def _quiet(watch: int) -> bool:
-    """Whether no event (an overflow is one too) arrived since the watches were added."""
-    try:
-        return not os.read(watch, 4096)
-    except BlockingIOError:
-        return True
-
-
-def _close(watch: int) -> None:
-    if watch >= 0:
-        os.close(watch)
 
 
 def _forget(cache_key: tuple[str, str, bool]) -> None:
     known = _known.pop(cache_key, None)
     if known is not None:
-        _close(known.watch)
-
-
-def unsettled_ns(dirs: tuple[DirStat, ...], started: int) -> int:
-    """How long (ns) to wait before a scan started at ``started`` (``time.time_ns()``)
-    can be trusted: 0 once the newest directory ctime is SETTLE_NS older than the start.
-    A ctime more than SETTLE_NS ahead means the clock was set back, where waiting would
-    not help: 0 too."""
-    newest = max(d[4] for d in dirs)
-    return newest + SETTLE_NS - started if started - SETTLE_NS < newest < started + SETTLE_NS else 0
-
-
-def _unchanged(real: str, dirs: tuple[DirStat, ...]) -> bool:
-    """Whether every directory scanned last time is still exactly as it was. No
-    directory can have appeared unless one of these changed its mtime."""
-    for rel, dev, ino, mtime, ctime in dirs:
-        try:
-            st = os.lstat(os.path.join(real, rel) if rel else real)
-        except OSError:
-            return False
-        if (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) != (dev, ino, mtime, ctime):
-            return False
-    return True
-
-
-def _key(real: str, shift: bool, dirs: tuple[DirStat, ...]) -> str:
-    digest = hashlib.sha256(f"gactor image copy v1\0{real}\0{int(shift)}\0".encode())
-    for entry in dirs:
-        digest.update("\0".join(map(str, entry)).encode() + b"\n")
-    return digest.hexdigest()[:32]
+        generations.close(known.watch)
 
 
 # ---- building -------------------------------------------------------------------------
@@ -342,9 +251,9 @@ def _existing(store: str, key: str) -> ImageCopy | None:
     return read(path) if os.path.isdir(os.path.join(store, key)) else None
 
 
-def _build(source: str, real: str, store: str, shift: bool, dirs: tuple[DirStat, ...]) -> ImageCopy | None:
+def _build(source: str, real: str, store: str, shift: bool, dirs: tuple[generations.DirStat, ...]) -> ImageCopy | None:
     """Copy, shift, check the source did not change meanwhile (None if it did), rename."""
-    key = _key(real, shift, dirs)
+    key = generations.key(real, shift, dirs)
     os.makedirs(store, mode=0o711, exist_ok=True)
     tmp = os.path.join(store, f"{key}{TMP}{os.getpid()}-{os.urandom(4).hex()}")
     os.mkdir(tmp, 0o711)
@@ -355,7 +264,7 @@ def _build(source: str, real: str, store: str, shift: bool, dirs: tuple[DirStat,
         if result.returncode != 0:
             raise KernelError("image copy", errno.EIO, f"copying {real}: {result.stderr.strip()}")
         used_bytes, inodes = _shift_and_count(lower, shift)
-        if _scan(real)[0] != dirs:
+        if generations.scan(real)[0] != dirs:
             shutil.rmtree(tmp)
             return None
         copy = ImageCopy(os.path.join(store, key, ROOTFS), key, real, shift, used_bytes, inodes)

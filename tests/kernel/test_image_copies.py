@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gactor.kernel import image_copies
+from gactor.kernel import generations, image_copies
 from gactor.kernel.busybox import build_rootfs
 from gactor.kernel.container_init import MAX_UID
 from gactor.kernel.depot import disk_usage
@@ -139,17 +139,17 @@ def test_a_change_makes_a_new_copy_and_leaves_the_old_one(
 def test_a_scan_is_trusted_only_once_the_tree_has_settled() -> None:
     """Within a clock tick of a change, another change can leave a directory's stamps as
     they were, so a scan taken then could miss it: prepare waits that window out."""
-    settle = image_copies.SETTLE_NS
+    settle = generations.SETTLE_NS
     start = 10**18
 
-    def dirs(*ctimes: int) -> tuple[image_copies.DirStat, ...]:
+    def dirs(*ctimes: int) -> tuple[generations.DirStat, ...]:
         return tuple((f"d{i}", 1, i, 0, c) for i, c in enumerate(ctimes))
 
-    assert image_copies.unsettled_ns(dirs(start - settle, start - 5 * settle), start) == 0
-    assert image_copies.unsettled_ns(dirs(start - settle + 1, 0), start) == 1
-    assert image_copies.unsettled_ns(dirs(0, start - 10), start) == settle - 10
-    assert image_copies.unsettled_ns(dirs(start + 3), start) == settle + 3
-    assert image_copies.unsettled_ns(dirs(start + settle), start) == 0  # clock set back
+    assert generations.unsettled_ns(dirs(start - settle, start - 5 * settle), start) == 0
+    assert generations.unsettled_ns(dirs(start - settle + 1, 0), start) == 1
+    assert generations.unsettled_ns(dirs(0, start - 10), start) == settle - 10
+    assert generations.unsettled_ns(dirs(start + 3), start) == settle + 3
+    assert generations.unsettled_ns(dirs(start + settle), start) == 0  # clock set back
 
 
 def test_a_fresh_change_is_in_the_copy(source: Path, store: str) -> None:
