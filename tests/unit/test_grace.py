@@ -192,7 +192,8 @@ class NoCgroups:
 
 @pytest.fixture
 async def registry(tmp_path) -> Any:
-    env: Any = SimpleNamespace(depot=str(tmp_path), cgroups=NoCgroups())
+    env: Any = SimpleNamespace(depot=str(tmp_path), cgroups=NoCgroups(), image_store=str(tmp_path / "images"),
+                               image_users={}, image_lock=trio.Lock())
     async with trio.open_nursery() as nursery:
         reg = await nursery.start(Registry(env, "", 0.0, 0).run)
         yield reg
