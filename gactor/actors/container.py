@@ -34,7 +34,7 @@ from typing import Any
 import trio
 
 from ..errors import GardenError, ProcessNotFoundError
-from ..kernel import depot, rootfs, shims
+from ..kernel import depot, image_copies, rootfs, shims
 from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.errors import KernelError
 from ..types import (
@@ -105,15 +105,21 @@ class Environment:
     cpu_quota_per_share: int = 0
     # Percent of a CPU per share, Garden's default: cores * 100 / host memory in MiB.
     entitlement_per_share: float = 0.0
-    image_locks: dict[str, trio.Lock] = field(default_factory=dict)
-    image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     init_binary: str = ""  # the static garden-init; empty means pid 1 stays a forked Python
     tar_binary: str = "/bin/busybox"  # static, so it runs in any image (as Garden ships its tar)
     publish: Callable[[str, str], Awaitable[None]] = field(default=lambda handle, event: _nothing())
+    # How a container gets its image copy, ``(handle, source, shift) -> ImageCopy``: the
+    # registry owns image references (it prepares the copy and records the reference).
+    acquire_image: Callable[[str, str, bool], Awaitable[image_copies.ImageCopy]] = field(
+        default=lambda handle, source, shift: _no_images())
 
 
 async def _nothing() -> None:
     return None
+
+
+async def _no_images() -> image_copies.ImageCopy:
+    raise GardenError("no image store")
 
 
 # ---- commands --------------------------------------------------------------------------
@@ -213,6 +219,7 @@ class ContainerActor:
         self.name = name or depot.dir_name(spec.handle)  # of its depot directory and cgroup
         self.dir = os.path.join(env.depot, depot.CONTAINERS, self.name)
         self.rootfs_source = rootfs_path
+        self.image_copy = ""  # the overlay's lower dir: an immutable copy in env.image_store
         self.properties = dict(spec.properties)
         self.grace_time = spec.grace_time
         self.state = State.CREATING
@@ -247,6 +254,9 @@ class ContainerActor:
         spec = from_wire(ContainerSpec, record["spec"])
         spec.handle = record.get("handle", spec.handle or name)
         actor = cls(env, spec, record["rootfs"], name)
+        # Records older than image copies have none: their overlay's lower dir is protected
+        # from collection by being mounted (image_copies.collect).
+        actor.image_copy = record.get("image_copy", "")
         actor.properties = dict(record["properties"])
         actor.grace_time = float(record["grace_time"])
         actor._record_state = State(record["state"])
@@ -406,8 +416,10 @@ class ContainerActor:
         # The shim's pid from the socket it listens on, never from shim.pid: after a crash
         # or a reboot that file may name an unrelated process.
         self._own_shim(self._link.peer_pid(), undo)
-        lower = self.rootfs_source if self.spec.privileged else None
-        self.image_bytes, self.image_inodes = self.env.image_sizes.get(lower or "", (0, 0))
+        if self.image_copy:
+            with contextlib.suppress(KernelError, OSError):
+                copy = await trio.to_thread.run_sync(image_copies.read, self.image_copy)
+                self.image_bytes, self.image_inodes = copy.bytes, copy.inodes
 
     async def _adopt_processes(self) -> None:
         assert self._link is not None
@@ -419,15 +431,14 @@ class ContainerActor:
                 entry["id"], int(reply["pid"]), bool(reply["tty"]), fds, reply["exit"], bool(reply["stdin"])))
 
     async def _image(self) -> str:
-        """The overlay's lower dir: the source itself, or (unprivileged) its uid-shifted copy."""
-        lower = self.rootfs_source
-        if not self.spec.privileged:
-            async with self.env.image_locks.setdefault(lower, trio.Lock()):
-                lower = await trio.to_thread.run_sync(rootfs.shifted_image, lower, self.env.image_store)
-        if lower not in self.env.image_sizes:
-            self.env.image_sizes[lower] = await trio.to_thread.run_sync(depot.disk_usage, lower)
-        self.image_bytes, self.image_inodes = self.env.image_sizes[lower]
-        return lower
+        """The overlay's lower dir: a copy of the source as it is now (uid-shifted unless
+        privileged) that never changes, so no container sees later changes to its source.
+        The registry holds this container's reference to it from here on and releases it
+        when the container is destroyed or its creation fails."""
+        copy = await self.env.acquire_image(self.handle, self.rootfs_source, not self.spec.privileged)
+        self.image_copy = copy.path
+        self.image_bytes, self.image_inodes = copy.bytes, copy.inodes
+        return copy.path
 
     def _prepare(self, lower: str, undo: Cleanup) -> dict[str, Any]:
         """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread)."""
@@ -508,6 +519,7 @@ class ContainerActor:
             "handle": self.handle,
             "spec": to_wire(self.spec),
             "rootfs": self.rootfs_source,
+            "image_copy": self.image_copy,
             "properties": dict(self.properties),
             "grace_time": self.grace_time,
             "state": state.value,
@@ -782,6 +794,10 @@ class ContainerRef:
     @property
     def grace_time(self) -> float:
         return self._actor.grace_time
+
+    @property
+    def image_copy(self) -> str:
+        return self._actor.image_copy
 
     async def info(self) -> ContainerInfo:
         await self._mailbox.ask(CheckOom())  # an OOM the kernel did not announce still shows

@@ -28,7 +28,8 @@ from typing import Any, Protocol
 import trio
 
 from ..errors import ContainerNotFoundError, GardenError
-from ..kernel import depot, shims
+from ..kernel import depot, image_copies, shims
+from ..kernel.errors import KernelError
 from ..types import Capacity, ContainerSpec
 from .container import ContainerActor, ContainerRef, Environment, State, remove_orphan
 from .mailbox import DEFERRED, ActorGone, Mailbox, Request
@@ -96,6 +97,8 @@ class Container(Protocol):
     def properties(self) -> Mapping[str, str]: ...
     @property
     def grace_time(self) -> float: ...
+    @property
+    def image_copy(self) -> str: ...
     async def destroy(self) -> None: ...
     async def set_grace_time(self, seconds: float) -> None: ...
 
@@ -154,6 +157,29 @@ class Adopted:
 
 
 @dataclass(frozen=True)
+class AcquireImage:
+    handle: str
+    source: str
+    shift: bool
+
+
+@dataclass(frozen=True)
+class _ImageTaken:
+    handle: str
+    path: str
+
+
+@dataclass(frozen=True)
+class _ImagesInUse:
+    pass
+
+
+@dataclass(frozen=True)
+class _ReleaseImage:
+    handle: str
+
+
+@dataclass(frozen=True)
 class _Created:
     reply_to: Request[Container]
     handle: str
@@ -191,8 +217,14 @@ class Registry:
         self._nursery: trio.Nursery | None = None
         # Event subscribers by handle; the key None subscribes to every container.
         self._subscribers: dict[str | None, set[trio.MemorySendChannel[tuple[str, str]]]] = {}
+        # Image references: the copy (overlay lower dir) each container uses. Copies are
+        # prepared and collected by registry tasks holding _image_lock, so a collect never
+        # runs between a prepare and the reference it leads to.
+        self._image_users: dict[str, str] = {}
+        self._image_lock = trio.Lock()
         self.mailbox = Mailbox("the registry")
         env.publish = self._publish_from_container
+        env.acquire_image = self._acquire_image
 
     async def run(self, *, destroy_existing: bool = False,
                   task_status: trio.TaskStatus[RegistryRef] = trio.TASK_STATUS_IGNORED) -> None:
@@ -238,6 +270,15 @@ class Registry:
                 self._creating.add(spec.handle)
                 self._spawn(self._create, spec, source, request)
                 return DEFERRED
+            case AcquireImage():
+                self._spawn(self._prepare_image, request)
+                return DEFERRED
+            case _ImageTaken(handle, path):
+                self._image_users[handle] = path
+            case _ImagesInUse():
+                return set(self._image_users.values())
+            case _ReleaseImage(handle):
+                return self._image_users.pop(handle, None) is not None
             case _Created(reply_to, handle, container, error):
                 self._creating.discard(handle)
                 if container is None:
@@ -300,6 +341,8 @@ class Registry:
                 nursery.start_soon(self._readopt, name, live_shims.get(name), adopted)
         for container in adopted:
             self._add(container)
+            if container.image_copy:
+                self._image_users[container.handle] = container.image_copy
         owned = {c.name for c in self.containers.values()}
         for name, pid in live_shims.items():
             if name not in owned:
@@ -308,6 +351,8 @@ class Registry:
         for name in set(self.env.cgroups.names()) - owned:
             log.warning("removing cgroup %s: no container owns it", name)
             await trio.to_thread.run_sync(remove_orphan, self.env, name)
+        async with self._image_lock:
+            await self._collect_images(set(self._image_users.values()))
         log.info("re-adopted %d containers", len(self.containers))
 
     async def _readopt(self, name: str, shim_pid: int | None, adopted: list[ContainerRef]) -> None:
@@ -356,6 +401,7 @@ class Registry:
             container = await self._nursery.start(self._supervise, ContainerActor(self.env, spec, source), False)
         except Exception as err:  # noqa: BLE001 - reported to the caller; the actor rolled back
             error = err
+            await self._release_image(spec.handle)
         await self.mailbox.tell(_Created(request, spec.handle, container, error))
 
     def _start_destroy(self, container: Container, request: Request[None] | None) -> None:
@@ -379,7 +425,49 @@ class Registry:
             error = err  # the container stays listed; a retry resumes with the steps that failed
         except OSError as err:
             error = GardenError(f"destroying {container.handle}: {err}")
+        if error is None:
+            await self._release_image(container.handle)
         await self.mailbox.tell(_Destroyed(request, container, error))
+
+    # ---- image references ----------------------------------------------------------
+
+    async def _acquire_image(self, handle: str, source: str, shift: bool) -> image_copies.ImageCopy:
+        copy: image_copies.ImageCopy = await self.mailbox.ask(AcquireImage(handle, source, shift))
+        return copy
+
+    async def _prepare_image(self, request: Request[image_copies.ImageCopy]) -> None:
+        """Prepare the copy and record the reference before another collect can run.
+        Shielded: a reference is never half-taken."""
+        command: AcquireImage = request.command
+        with trio.CancelScope(shield=True):
+            async with self._image_lock:
+                try:
+                    copy = await trio.to_thread.run_sync(
+                        lambda: image_copies.prepare(command.source, self.env.image_store, shift=command.shift))
+                except (KernelError, OSError) as err:
+                    request.fail(GardenError(f"preparing image {command.source!r}: {err}"))
+                    return
+                await self.mailbox.ask(_ImageTaken(command.handle, copy.path))
+            request.reply(copy)
+
+    async def _release_image(self, handle: str) -> None:
+        """Drop ``handle``'s image reference, then remove the copies nobody uses (so a
+        destroy returns with the disk freed). Shielded; from registry tasks only."""
+        with trio.CancelScope(shield=True):
+            if await self.mailbox.ask(_ReleaseImage(handle)):
+                async with self._image_lock:
+                    await self._collect_images(await self.mailbox.ask(_ImagesInUse()))
+
+    async def _collect_images(self, in_use: set[str]) -> None:
+        """Remove every image copy no container references (and half-built ones); a
+        failure is logged, never raised. Called with _image_lock held."""
+        try:
+            removed = await trio.to_thread.run_sync(image_copies.collect, self.env.image_store, in_use)
+        except (KernelError, OSError) as err:
+            log.warning("image copies left in place: %s", err)
+            return
+        for path in removed:
+            log.info("removed image copy %s: no container uses it", path)
 
     def _add(self, container: Container) -> None:
         assert self._nursery is not None

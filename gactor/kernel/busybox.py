@@ -1,4 +1,13 @@
-"""Default test rootfs from Debian's static busybox: ``python -m gactor.kernel.busybox DEST``."""
+"""Default test rootfs from Debian's static busybox: ``python -m gactor.kernel.busybox DEST``.
+
+``DEST`` is a symlink to the current generation, a sibling ``.<name>.gen-<version>-<id>``
+directory that is never modified once built: a rebuild builds a new generation and
+switches the symlink atomically (rename), so whatever resolved ``DEST`` before (a server
+copying the image, an overlay) keeps a complete tree. ``DEST`` as a plain directory (the
+layout before generations) is renamed aside as a generation of its own, never deleted.
+Old generations are removed by later rebuilds: never the current one or the one it
+replaced, and never one an overlay in this mount namespace has as a lower dir.
+"""
 
 import hashlib
 import os
@@ -6,6 +15,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from .image_copies import mounted_lower_dirs
 
 VERSION_FILE = ".gactor-rootfs-version"
 DIRS = {  # mode -> directories
@@ -66,7 +77,9 @@ def _version(busybox: Path) -> str:
 
 
 def build_rootfs(dest: Path, busybox: Path = Path("/bin/busybox")) -> Path:
-    """Build (or reuse) a busybox rootfs at ``dest`` and return ``dest``."""
+    """Make ``dest`` a busybox rootfs (see the module docstring) and return ``dest``; a
+    no-op when its version is current. Killed midway, it leaves a ``.<name>.build-*``
+    directory that the next rebuild removes, and ``dest`` as it was."""
     if not busybox.is_file():
         raise FileNotFoundError(f"{busybox} missing: apt-get install busybox-static")
     applets = subprocess.run(
@@ -78,13 +91,33 @@ def build_rootfs(dest: Path, busybox: Path = Path("/bin/busybox")) -> Path:
     stamp = dest / VERSION_FILE
     if stamp.is_file() and stamp.read_text().strip() == version:
         return dest
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.build-{os.getpid()}-{os.urandom(3).hex()}")
+    try:
+        _fill(tmp, busybox, applets, version)
+        generation = dest.with_name(f".{dest.name}.gen-{version[:12]}-{os.urandom(3).hex()}")
+        tmp.rename(generation)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replaced = _current(dest)
+    if dest.is_dir() and not dest.is_symlink():
+        replaced = dest.with_name(f".{dest.name}.gen-moved-{os.urandom(3).hex()}")
+        dest.rename(replaced)  # a directory cannot be replaced by a symlink in one rename
+    link = dest.with_name(f".{dest.name}.link-{os.getpid()}-{os.urandom(3).hex()}")
+    link.symlink_to(generation.name)
+    link.replace(dest)
+    _remove_old_generations(dest, keep={generation, replaced})
+    return dest
+
+
+def _fill(tmp: Path, busybox: Path, applets: list[str], version: str) -> None:
+    tmp.mkdir()
     for mode, names in DIRS.items():
         for rel in names.split():
             (tmp / rel).mkdir(parents=True, exist_ok=True)
             (tmp / rel).chmod(mode)
+    tmp.chmod(0o755)
     shutil.copy(busybox, tmp / "bin/busybox")  # keeps the 0755 mode
     for rel in applets:
         if "/" in rel and rel != "bin/busybox":
@@ -96,12 +129,25 @@ def build_rootfs(dest: Path, busybox: Path = Path("/bin/busybox")) -> Path:
     (tmp / "usr/sbin/adduser").chmod(0o755)
     (tmp / "usr/sbin/addgroup").symlink_to("adduser")
     (tmp / VERSION_FILE).write_text(version + "\n")
-    old = dest.with_name(f"{dest.name}.old-{os.getpid()}")
-    if dest.exists() or dest.is_symlink():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
+
+
+def _current(dest: Path) -> Path | None:
+    """The generation ``dest`` points to, if it is a symlink."""
+    return dest.parent / os.readlink(dest) if dest.is_symlink() else None
+
+
+def generations(dest: Path) -> list[Path]:
+    """Every generation directory of ``dest``, and half-built ones, sorted by name."""
+    return sorted(p for p in dest.parent.glob(f".{dest.name}.*")
+                  if p.name.startswith((f".{dest.name}.gen-", f".{dest.name}.build-")))
+
+
+def _remove_old_generations(dest: Path, keep: set[Path | None]) -> None:
+    mounted = mounted_lower_dirs()
+    for old in generations(dest):
+        if old in keep or any(m == str(old) or m.startswith(f"{old}/") for m in mounted):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:
@@ -109,10 +155,9 @@ def main(argv: list[str]) -> int:
         print("usage: python -m gactor.kernel.busybox DEST", file=sys.stderr)
         return 2
     dest = Path(argv[0]).absolute()
-    stamp = dest / VERSION_FILE
-    before = stamp.stat().st_ino if stamp.exists() else None
+    before = os.path.realpath(dest) if dest.exists() else None
     build_rootfs(dest)
-    print(f"busybox rootfs {'up to date' if stamp.stat().st_ino == before else 'built'}: {dest}")
+    print(f"busybox rootfs {'up to date' if os.path.realpath(dest) == before else 'built'}: {dest}")
     return 0
 
 

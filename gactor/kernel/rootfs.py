@@ -1,68 +1,33 @@
-"""Container root filesystems: uid-shifted image copies and per-container overlays.
+"""Container root filesystems: per-container overlays over immutable image copies.
 
-An unprivileged container's root maps to host uid ``MAX_UID``, so files the image
-owns as uid/gid 0 must be owned by ``MAX_UID`` on the host (Garden's grootfs does
-the same at unpack). Shifted copies are cached per source directory; each
-container then gets an overlay with its own upper and work dirs in the depot.
+The lower dir of every overlay is a copy in the image store (``image_copies``):
+uid-shifted for unprivileged containers (their root maps to host uid ``MAX_UID``, so
+files the image owns as uid/gid 0 must be owned by ``MAX_UID`` on the host, as Garden's
+grootfs does at unpack), unshifted for privileged ones. Each container then gets an
+overlay with its own upper and work dirs in the depot.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import subprocess
 
+from . import image_copies
 from . import linux as L
-from .container_init import MAX_UID
 from .errors import KernelError
-
-_VERSION_FILE = ".gactor-shifted-from"
 
 
 def shifted_image(source: str, store: str) -> str:
-    """A copy of ``source`` with uid/gid 0 shifted to MAX_UID, built once and cached.
+    """The lower dir of the uid-shifted copy of ``source`` as it is now (``image_copies.prepare``).
 
-    The cache is keyed by the source's real path and invalidated when the source
-    directory's mtime changes. Safe against concurrent builders (build, then rename).
-    """
-    real = os.path.realpath(source)
-    if not os.path.isdir(real):
-        raise KernelError("rootfs", 2, f"rootfs {source} is not a directory")
-    stamp = f"{real}\n{os.stat(real).st_mtime_ns}\n"
-    dest = os.path.join(store, hashlib.sha256(real.encode()).hexdigest()[:24])
-    try:
-        with open(os.path.join(dest, _VERSION_FILE)) as f:
-            if f.read() == stamp:
-                return dest
-    except FileNotFoundError:
-        pass
-    os.makedirs(store, exist_ok=True)
-    tmp = f"{dest}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    result = subprocess.run(["cp", "-a", "--reflink=auto", real, tmp], capture_output=True, text=True)
-    if result.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise KernelError("rootfs", 5, f"copying {source}: {result.stderr.strip()}")
-    for top, dirs, files in os.walk(tmp):
-        for name in (top, *(os.path.join(top, n) for n in dirs + files)):
-            st = os.lstat(name)
-            if st.st_uid == 0 or st.st_gid == 0:
-                mode = st.st_mode
-                os.lchown(name, MAX_UID if st.st_uid == 0 else -1, MAX_UID if st.st_gid == 0 else -1)
-                if not os.path.islink(name) and mode & 0o6000:
-                    os.chmod(name, mode & 0o7777)  # chown clears setuid/setgid; put them back
-    with open(os.path.join(tmp, _VERSION_FILE), "w") as f:
-        f.write(stamp)
-    old = f"{dest}.old-{os.getpid()}"
-    if os.path.exists(dest):
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
+    For callers that do not track references: the copy stays until a ``collect`` that
+    does not name it (and no overlay mounts it)."""
+    return image_copies.prepare(source, store, shift=True).path
 
 
 def remove_partial_images(store: str) -> None:
-    """Remove copies a killed server left half-built or half-replaced (startup only)."""
+    """Remove copies a killed server left half-built or half-removed (startup only, before
+    any ``prepare``; ``image_copies.collect`` does this too)."""
     if not os.path.isdir(store):
         return
     for name in os.listdir(store):

@@ -1,11 +1,13 @@
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from gactor.kernel.busybox import VERSION_FILE, build_rootfs
+from gactor.kernel.busybox import VERSION_FILE, build_rootfs, generations
+from gactor.kernel.image_copies import mounted_lower_dirs
 
 BUSYBOX = Path("/bin/busybox")
 
@@ -76,12 +78,79 @@ def test_rebuild_is_noop(rootfs: Path) -> None:
 
 
 def test_stale_version_is_rebuilt(rootfs: Path) -> None:
+    old = rootfs.resolve()
     (rootfs / VERSION_FILE).write_text("stale\n")
     (rootfs / "junk").write_text("x")
     build_rootfs(rootfs)
     assert not (rootfs / "junk").exists()
     assert (rootfs / "bin/sh").is_symlink()
     assert not list(rootfs.parent.glob("rootfs.*"))
+    assert rootfs.resolve() != old
+    assert (old / "junk").read_text() == "x"  # the replaced generation is left as it was
+    assert (old / "bin/sh").is_symlink()
+
+
+def test_dest_is_a_symlink_to_a_generation(rootfs: Path) -> None:
+    assert rootfs.is_symlink()
+    target = os.readlink(rootfs)
+    assert "/" not in target  # relative: the parent directory can move
+    assert generations(rootfs) == [rootfs.parent / target]
+    assert target.startswith(".rootfs.gen-")
+
+
+def _stale_rebuild(rootfs: Path) -> Path:
+    (rootfs / VERSION_FILE).write_text("stale\n")
+    build_rootfs(rootfs)
+    return rootfs.resolve()
+
+
+def test_old_generations_go_two_rebuilds_later(rootfs: Path) -> None:
+    first = rootfs.resolve()
+    second = _stale_rebuild(rootfs)
+    assert generations(rootfs) == sorted([first, second])
+    third = _stale_rebuild(rootfs)
+    assert generations(rootfs) == sorted([second, third])
+
+
+@needs_root
+def test_a_mounted_generation_is_never_removed(rootfs: Path, tmp_path: Path) -> None:
+    lower = rootfs.resolve()
+    before = sorted(p.name for p in (lower / "bin").iterdir())
+    upper, work, merged = (tmp_path / n for n in ("upper", "work", "merged"))
+    for d in (upper, work, merged):
+        d.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)], check=True)
+    try:
+        assert str(lower) in mounted_lower_dirs()
+        for _ in range(3):
+            _stale_rebuild(rootfs)
+        assert sorted(p.name for p in (merged / "bin").iterdir()) == before
+        assert lower in generations(rootfs)
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+    _stale_rebuild(rootfs)
+    assert lower not in generations(rootfs)
+
+
+def test_plain_directory_is_moved_aside_not_deleted(tmp_path: Path) -> None:
+    dest = tmp_path / "rootfs"
+    (dest / "bin").mkdir(parents=True)
+    (dest / "bin/old-tool").write_text("x")
+    build_rootfs(dest)
+    assert dest.is_symlink()
+    moved = [g for g in generations(dest) if g.name.startswith(".rootfs.gen-moved-")]
+    assert len(moved) == 1
+    assert (moved[0] / "bin/old-tool").read_text() == "x"
+    assert not (dest / "bin/old-tool").exists()
+
+
+def test_cli_reports_built_then_up_to_date(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "gactor.kernel.busybox", str(tmp_path / "bb")]
+    first = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    second = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    assert first.startswith("busybox rootfs built:")
+    assert second.startswith("busybox rootfs up to date:")
 
 
 @needs_root

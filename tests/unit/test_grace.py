@@ -169,6 +169,7 @@ class FakeContainer:
     def __init__(self, handle: str, grace_time: float, fail: bool = False) -> None:
         self.handle = self.name = handle
         self.grace_time = grace_time
+        self.image_copy = ""
         self.properties: dict[str, str] = {}
         self.destroyed_at: list[float] = []
         self.persisted = 0
@@ -194,7 +195,7 @@ class NoCgroups:
 
 @pytest.fixture
 async def registry(tmp_path) -> Any:
-    env: Any = SimpleNamespace(depot=str(tmp_path), cgroups=NoCgroups())
+    env: Any = SimpleNamespace(depot=str(tmp_path), cgroups=NoCgroups(), image_store=str(tmp_path / "images"))
     async with trio.open_nursery() as nursery:
         reg = await nursery.start(Registry(env, "", 0.0, 0).run)
         yield reg
