@@ -170,12 +170,13 @@ class ContainerActor:
 
     async def _adopt_processes(self) -> None:
         assert self._link is not None
-        listing, _ = await self._link.request("list")
-        self._init_pid = int(listing["init"])
-        for entry in listing["processes"]:
-            reply, fds = await self._link.request("attach", id=entry["id"])
-            await self._adopt(entry["id"], int(reply["pid"]), bool(reply["tty"]), fds,
-                              reply["exit"], bool(reply["stdin"]))
+        self._init_pid, entries = await self._link.list_processes()
+        for entry in entries:
+            try:
+                found = await self._link.attach(entry["id"])
+            except ProcessNotFoundError:
+                continue  # collected and forgotten since the listing (bounded history)
+            await self._adopt(entry["id"], found.pid, found.tty, found.fds, found.exit, found.stdin_open)
 
     async def _image(self) -> str:
         """The overlay's lower dir: the source itself, or (unprivileged) its uid-shifted copy."""
