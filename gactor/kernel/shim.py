@@ -230,9 +230,11 @@ class Shim:
     def _broadcast(self, event: dict[str, Any]) -> None:
         for conn in list(self.conns):
             try:
-                wire.send(conn, event)
+                wire.send(conn, event, what="shim event")
             except OSError:
                 self._drop(conn)
+            except ValueError:
+                _log(f"sending {event.get('event')!r}")
 
     # ---- operations ------------------------------------------------------------
 
@@ -317,8 +319,8 @@ class Shim:
                 _log(f"removing the exit code file of {old_id!r}")
 
     def op_list(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-        after = msg.get("after") or 0
-        limit = msg.get("limit") or LIST_PAGE
+        after = msg.get("after", 0)
+        limit = msg.get("limit", LIST_PAGE)
         if not isinstance(after, int) or not isinstance(limit, int) or limit < 1:
             raise SpawnError("", "list: after and limit must be integers (limit at least 1)")
         limit = min(limit, LIST_PAGE)

@@ -80,10 +80,10 @@ def _serve(sock: socket.socket) -> None:
     while True:
         try:
             got = wire.recv(sock)
-        except ConnectionResetError:
+        except OSError:
             got = None  # the server died: so do we (PDEATHSIG is on its way anyway)
-        except (OSError, ValueError):
-            traceback.print_exc()
+        except ValueError:
+            traceback.print_exc()  # a garbled request has no rid to answer; its caller times out
             continue
         if got is None:
             return

@@ -12,6 +12,7 @@ import signal
 import socket
 from typing import Any
 
+import pytest
 import trio
 
 from gactor import ContainerSpec, ProcessIO, ProcessSpec
@@ -151,6 +152,7 @@ async def test_shim_survives_a_failing_exit_record_and_bad_requests(own_servers)
 # ---- bounded history: a restart after 10,000 processes --------------------------------
 
 
+@pytest.mark.slow
 async def test_restart_after_ten_thousand_processes(own_servers):
     server = own_servers("history", "10.247.72.0/24")
     await server.start()
