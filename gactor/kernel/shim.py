@@ -174,6 +174,8 @@ class Shim:
         self.sel.register(conn, selectors.EVENT_READ, self._on_message)
 
     def _drop(self, conn: socket.socket) -> None:
+        if conn not in self.conns:
+            return  # already dropped (a failed event send while handling its request)
         self.sel.unregister(conn)
         self.conns.discard(conn)
         conn.close()
@@ -210,6 +212,8 @@ class Shim:
     def _reply(self, conn: socket.socket, reply: dict[str, Any], fds: list[int]) -> None:
         """Send ``reply``; if it cannot go (too large, a bad fd), send an error reply
         naming why instead. Only a broken connection is dropped."""
+        if conn not in self.conns:
+            return
         try:
             wire.send(conn, reply, fds, "shim reply")
             return
