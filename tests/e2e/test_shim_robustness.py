@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from gactor import ContainerSpec, ProcessIO, ProcessSpec
+from gactor import ContainerSpec, ProcessIO, ProcessSpec, TTYSpec
 from gactor.errors import GardenError, ProcessNotFoundError
 from gactor.kernel import shim_wire as wire
 from gactor.kernel.shim import KEEP_COLLECTED
@@ -226,6 +226,34 @@ async def test_restart_with_a_process_whose_stdin_was_closed(own_servers):
         with trio.fail_after(15):
             assert await again.wait() == 4
         assert await sh_ok(c, "echo back") == "back\n"
+    await server.finish()
+
+
+async def test_restart_reattaches_a_tty_process_and_a_drained_one(own_servers):
+    """attach names the fds it sends: a tty's one master, none for a drained process."""
+    server = own_servers("ttyre", "10.247.75.0/24")
+    await server.start()
+    async with server.connect() as client:
+        c = await client.create(ContainerSpec(handle="ttyre", grace_time=3600))
+        out = Sink()
+        await c.run(ProcessSpec(id="term", path="sh", tty=TTYSpec(), args=["-c",
+            "echo up; while [ ! -e /tmp/go ]; do sleep 0.02; done; echo after; exit 6"]),
+            ProcessIO(stdout=out))  # fmt: skip
+        done = await c.run(ProcessSpec(id="done", path="sh", args=["-c", "exit 9"]), ProcessIO())
+        with trio.fail_after(15):
+            assert await done.wait() == 9
+        await wait_for(lambda: b"up" in out.data, what="the tty process to start")
+    await server.kill(signal.SIGKILL)
+    await server.start()
+    async with server.connect() as client:
+        c = await client.lookup("ttyre")
+        again = Sink()
+        term = await c.attach("term", ProcessIO(stdout=again))
+        await sh_ok(c, "touch /tmp/go")
+        with trio.fail_after(15):
+            assert await term.wait() == 6
+            assert await (await c.attach("done", ProcessIO())).wait() == 9
+        assert b"after" in again.data
     await server.finish()
 
 

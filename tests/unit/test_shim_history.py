@@ -141,3 +141,28 @@ def test_message_too_large_is_refused_before_sending() -> None:
     with pytest.raises(wire.MessageTooLarge, match="more than"):
         wire.encode({"blob": b"x" * wire.MAX_MESSAGE})
     assert len(msgpack.packb({"blob": b"x" * 100})) < wire.MAX_MESSAGE
+
+
+def test_a_reply_that_cannot_be_sent_becomes_an_error_reply(shim: Shim) -> None:
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        shim.conns.add(ours)
+        r, w = os.pipe()
+        os.close(r)
+        os.close(w)  # a closed fd: sendmsg fails with EBADF
+        shim._reply(ours, {"rid": 3, "pid": 1}, [w])
+        got = wire.recv(theirs)
+        assert got is not None
+        reply, fds = got
+        assert fds == []
+        assert reply["rid"] == 3
+        assert "Bad file descriptor" in reply["error"]["message"]
+        shim._reply(ours, {"rid": 4, "blob": b"x" * wire.MAX_MESSAGE}, [])
+        got = wire.recv(theirs)
+        assert got is not None
+        assert got[0]["rid"] == 4
+        assert "more than the" in got[0]["error"]["message"]
+        assert ours in shim.conns  # the connection stays
+        shim.conns.discard(ours)
