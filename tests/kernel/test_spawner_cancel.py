@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import struct
 import subprocess
@@ -41,6 +42,7 @@ def test_cancelled_starts_leave_nothing_and_never_confuse_later_ones(tmp_path, s
     assert report["cancelled"] >= 15, report  # the random delays did cut starts short
     assert report["leftovers"] == [], report
     assert report["good"] == report["wanted"], report
+    assert "did not answer within 0.3 s" in report["stale"], report
     assert report["shims_at_end"] == {}, report
     assert report["pids_at_end"] == [], report
     assert not os.path.exists(os.path.join("/proc/self/root/sys/fs/cgroup", cgroup_parent))
@@ -67,7 +69,9 @@ def _scenario(base: str, cgroup_parent: str, seed: int) -> dict[str, object]:
     handle = fork_spawner()  # before trio, which may start threads
     import trio
 
+    from gactor.actors import spawner_client
     from gactor.actors.spawner_client import SpawnerClient
+    from gactor.errors import GardenError
     from gactor.kernel import cgroups, rootfs, shim_wire, shims
 
     rng = random.Random(seed)
@@ -90,6 +94,7 @@ def _scenario(base: str, cgroup_parent: str, seed: int) -> dict[str, object]:
 
     async def destroy(d: str) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(10)
             s.connect(os.path.join(d, "shim.sock"))
             shim_wire.send(s, {"op": "destroy", "rid": 1})
             assert shim_wire.recv(s) is not None
@@ -124,6 +129,18 @@ def _scenario(base: str, cgroup_parent: str, seed: int) -> dict[str, object]:
             async with trio.open_nursery() as nursery:
                 for _ in range(4):
                     nursery.start_soon(cancelled_start, rng.uniform(0, 4 * took))
+        # A reply that comes after its request gave up (a stopped spawner) is never taken
+        # by the next request, and its shim gives up once that reply is discarded.
+        os.kill(handle.pid, signal.SIGSTOP)
+        spawner_client.SPAWNER_REPLY_TIMEOUT = 0.3
+        try:
+            await cancelled_start(60)
+            report["stale"] = "no error"
+        except GardenError as err:
+            report["stale"] = str(err)
+        finally:
+            spawner_client.SPAWNER_REPLY_TIMEOUT = 60.0
+            os.kill(handle.pid, signal.SIGCONT)
         # Later starts, sequential and concurrent, each get their own shim.
         for _ in range(3):
             await cancelled_start(60)
@@ -135,16 +152,23 @@ def _scenario(base: str, cgroup_parent: str, seed: int) -> dict[str, object]:
                 break
             await trio.sleep(0.02)
 
+    async def bounded_main() -> None:
+        with trio.fail_after(150):
+            await main()
+
     try:
-        trio.run(main)
+        trio.run(bounded_main)
     finally:
-        report["shims_at_end"] = shims.find(os.path.join(base, "containers"))
+        containers = os.path.join(base, "containers")
+        report["shims_at_end"] = shims.find(containers)
         report["pids_at_end"] = cgroup.pids()
+        for name, pid in shims.find(containers).items():  # only after a failure
+            shims.kill(pid, os.path.join(containers, name))
         cgroup.kill_all()
         cgroup.destroy()
         driver.remove_parent()
-        for d in os.listdir(os.path.join(base, "containers")):
-            rootfs.unmount(os.path.join(base, "containers", d, "rootfs"))
+        for d in os.listdir(containers):
+            rootfs.unmount(os.path.join(containers, d, "rootfs"))
         handle.sock.close()
         os.kill(handle.pid, 9)
         os.waitpid(handle.pid, 0)
