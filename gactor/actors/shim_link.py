@@ -164,10 +164,11 @@ class ShimLink:
         Raises ProcessNotFoundError if the shim no longer knows it (its history was
         pruned). Cancelled: no fd is left open."""
         reply, fds = await self.request("attach", id=process_id)
-        names = list(reply.get("fds", ["stdin", "stdout", "stderr"][: len(fds)]))
         tty = bool(reply["tty"])
-        expected = (["stdout"],) if tty else (["stdin", "stdout", "stderr"], ["stdout", "stderr"], ["stdout"])
-        if fds and names not in expected or len(names) != len(fds):
+        # A shim started by an older server names nothing: it sends all it has, in order.
+        names = list(reply.get("fds", (["stdout"] if tty else ["stdin", "stdout", "stderr"])[: len(fds)]))
+        expected = (["stdout"],) if tty else (["stdin", "stdout", "stderr"], ["stdout", "stderr"])
+        if (fds and names not in expected) or len(names) != len(fds):
             for fd in fds:
                 os.close(fd)
             raise GardenError(f"container {self.handle}: process {process_id}: the shim sent fds {names} for {len(fds)}")
