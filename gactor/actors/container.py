@@ -34,7 +34,7 @@ from typing import Any
 import trio
 
 from ..errors import GardenError, ProcessNotFoundError
-from ..kernel import depot, image_copies, rootfs, shims
+from ..kernel import depot, image_copies, rootfs, shim_wire, shims
 from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.errors import KernelError
 from ..types import (
@@ -88,7 +88,7 @@ STOP_GRACE = 10.0
 OOM_EVENT = "Out of memory"  # Garden's text in ContainerInfo.events
 SHIM_DIED_EVENT = "container shim exited unexpectedly: its processes are lost"
 OOM_POLL = 2.0  # seconds between reads of the oom_kill counter when nothing else prompts one
-KEEP_EXITED = 1000  # exited processes remembered (for attach and wait), newest first
+KEEP_EXITED = shim_wire.KEEP_COLLECTED  # exited processes remembered, newest first, as in the shim
 DEVICE_ALLOW = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm",
                 "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm"]
 
@@ -423,12 +423,14 @@ class ContainerActor:
 
     async def _adopt_processes(self) -> None:
         assert self._link is not None
-        listing, _ = await self._link.request("list")
-        self._init_pid = int(listing["init"])
-        for entry in listing["processes"]:
-            reply, fds = await self._link.request("attach", id=entry["id"])
+        self._init_pid, entries = await self._link.list_processes()
+        for entry in entries:
+            try:
+                found = await self._link.attach(entry["id"])
+            except ProcessNotFoundError:
+                continue  # collected and forgotten since the listing (bounded history)
             await self._add_process(self._process_actor(
-                entry["id"], int(reply["pid"]), bool(reply["tty"]), fds, reply["exit"], bool(reply["stdin"])))
+                entry["id"], found.pid, found.tty, found.fds, found.exit, found.stdin_open))
 
     async def _image(self) -> str:
         """The overlay's lower dir: a copy of the source as it is now (uid-shifted unless

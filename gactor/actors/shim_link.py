@@ -2,7 +2,10 @@
 
 ``ShimLink.request`` sends one op and returns its reply and any fds (the caller
 owns them). Exit events are handed to ``on_exit`` by the reader, which runs in
-the owning container actor's task via ``ShimLink.run``.
+the owning container actor's task via ``ShimLink.run``. ``list_processes`` fetches
+every page of the shim's paged ``list``; ``attach`` returns a process's fds in the
+positional order the process actor expects. A request too large for one shim
+message fails with a GardenError naming its size; nothing is cut or dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -34,6 +38,20 @@ class ShimGone(ServiceUnavailableError):
         super().__init__(f"container {handle}: its shim is gone")
 
 
+@dataclass(frozen=True)
+class Attached:
+    """A process as ``attach`` found it; ``fds`` (owned by the caller) are positional:
+    [stdin, stdout, stderr] for pipes, [master] for a tty, [] once drained. Where the shim
+    no longer holds stdin (it was closed), a /dev/null placeholder takes its place, so
+    the order holds; ``stdin_open`` is then False and nothing may be written to it."""
+
+    pid: int
+    exit: int | None
+    tty: bool
+    stdin_open: bool
+    fds: list[int]
+
+
 class ShimLink:
     def __init__(self, handle: str, sock: trio.socket.SocketType, on_exit: Callable[[str, int], None]) -> None:
         self.handle = handle
@@ -46,7 +64,9 @@ class ShimLink:
 
     @classmethod
     async def connect(cls, handle: str, container_dir: str, on_exit: Callable[[str, int], None]) -> ShimLink:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        wire.size_socket(raw)
+        sock = trio.socket.from_stdlib_socket(raw)
         dir_fd = os.open(container_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             await sock.connect(wire.socket_path(dir_fd, "shim.sock"))
@@ -99,9 +119,12 @@ class ShimLink:
         if self.closed.is_set():
             raise ShimGone(self.handle)
         rid = next(self._rids)
+        try:
+            buffers, anc = wire.encode({"op": op, "rid": rid, **fields}, what=f"the shim request {op!r}")
+        except ValueError as err:
+            raise GardenError(f"container {self.handle}: {err}") from err
         send, receive = trio.open_memory_channel[tuple[dict[str, Any], list[int]]](1)
         self._waiting[rid] = send
-        buffers, anc = wire.encode({"op": op, "rid": rid, **fields})
         try:
             async with self._send_lock:
                 await self._sock.sendmsg(buffers, anc)
@@ -121,6 +144,44 @@ class ShimLink:
             error = reply["error"]
             raise garden_error(error.get("type", ""), error.get("message", "shim error"))
         return reply, fds
+
+    async def list_processes(self) -> tuple[int, list[dict[str, Any]]]:
+        """The container's pid 1 and every process the shim remembers, in spawn order
+        (``{"id", "pid", "exit", "tty"}`` each), fetched page by page. A process spawned
+        meanwhile may be listed; one forgotten meanwhile (history pruning) may be too."""
+        entries: list[dict[str, Any]] = []
+        after: int | None = None
+        while True:
+            page, _ = await self.request("list", **({} if after is None else {"after": after}))
+            entries.extend(page["processes"])
+            after = page.get("next")
+            if after is None:
+                return int(page["init"]), entries
+
+    async def attach(self, process_id: str) -> Attached:
+        """Take the server's copies of a process's fds again (after a restart).
+
+        Raises ProcessNotFoundError if the shim no longer knows it (its history was
+        pruned). Cancelled: no fd is left open."""
+        reply, fds = await self.request("attach", id=process_id)
+        tty = bool(reply["tty"])
+        # A shim started by an older server names nothing: it sends all it has, in order.
+        names = list(reply.get("fds", (["stdout"] if tty else ["stdin", "stdout", "stderr"])[: len(fds)]))
+        expected = (["stdout"],) if tty else (["stdin", "stdout", "stderr"], ["stdout", "stderr"])
+        if (fds and names not in expected) or len(names) != len(fds):
+            for fd in fds:
+                os.close(fd)
+            raise GardenError(f"container {self.handle}: process {process_id}: the shim sent fds {names} for {len(fds)}")
+        by_name = dict(zip(names, fds, strict=True))
+        if tty or not by_name:
+            positional = list(by_name.values())
+        else:
+            stdin = by_name.get("stdin")
+            if stdin is None:
+                stdin = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+            positional = [stdin, by_name["stdout"], *([by_name["stderr"]] if "stderr" in by_name else [])]
+        return Attached(int(reply["pid"]), reply["exit"], tty, bool(reply["stdin"]) and "stdin" in by_name,
+                        positional)
 
     def close(self) -> None:
         self._sock.close()

@@ -1,8 +1,26 @@
-"""Asking the spawner (``gactor.kernel.spawner``) for a new shim, from trio."""
+"""Asking the spawner (``gactor.kernel.spawner``) for a new shim, from trio.
+
+Cancellation safety. Requests carry an id (``rid``) and the spawner answers each with
+the same id, so a reply is never taken by another request. The send and its reply
+form one short exchange (the spawner answers right after two forks) that runs shielded,
+under one lock, with a deadline (``SPAWNER_REPLY_TIMEOUT``): whoever holds the lock is
+the only reader, and a reply left over from a request that timed out is recognised by
+its id and discarded, which (closing its status socket) makes its shim give up.
+
+After the reply the shim is started but not yet taken over: it reports on its status
+socket, then waits for ``COMMIT``. A request that fails or is cancelled before sending
+``COMMIT`` closes that socket, so the shim kills its container's pid 1 and exits, and
+waits (shielded, at most ``ABANDON_TIMEOUT``, then SIGKILL through the pidfd) until the
+shim is gone. Sending ``COMMIT`` and returning involve no checkpoint, so a started
+container is either handed to the caller or not started at all.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
+import signal
 import socket
 from typing import Any
 
@@ -11,35 +29,119 @@ import trio
 
 from ..errors import GardenError
 from ..kernel import shim_wire as wire
+from ..kernel.spawner import COMMIT
+
+SPAWNER_REPLY_TIMEOUT = 10.0  # seconds for the spawner to fork a shim and answer
+ABANDON_TIMEOUT = 10.0  # seconds for a shim nobody took over to end its pid 1 and exit
+_REPORT_LIMIT = 64 << 10
 
 
 class SpawnerClient:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = trio.socket.from_stdlib_socket(sock)
-        self._lock = trio.Lock()  # one request/reply at a time on the shared socket
+        self._lock = trio.Lock()  # one exchange at a time; its holder is the only reader
+        self._rids = itertools.count(1)
+        self._gone = False
 
     async def start_shim(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        """Start a shim for ``cfg``; return its report ``{"shim", "init"}`` once the container is up."""
-        buffers, anc = wire.encode(cfg)
+        """Start a shim for ``cfg``; return its report ``{"shim", "init"}`` once the container is up.
+
+        The caller owns the shim from the return on (it serves on ``<dir>/shim.sock``).
+        Raises GardenError if the spawner or the shim fails. If cancelled (or on any
+        error), the shim of this request, if one was forked, has exited and killed its
+        pid 1 before this returns (bounded by ``ABANDON_TIMEOUT``; past it the shim is
+        SIGKILLed, and a pid 1 it had started is left to the caller's cgroup cleanup);
+        only files it wrote in ``cfg["dir"]`` stay. Cancellation is honoured after the
+        spawner's reply, at most ``SPAWNER_REPLY_TIMEOUT`` later.
+        """
+        status_sock, pidfd = await self._fork(cfg)
+        try:
+            try:
+                report = await _receive_report(status_sock)
+                try:
+                    status = msgpack.unpackb(report, raw=False) if report else {"error": "the shim died while starting"}
+                except (ValueError, msgpack.UnpackException):
+                    status = {"error": f"garbled shim report {report[:200]!r}"}
+                if not isinstance(status, dict) or "error" in status:
+                    error = status.get("error") if isinstance(status, dict) else status
+                    raise GardenError(f"creating container: {error}")
+                try:
+                    status_sock.send(COMMIT)  # no checkpoint from here to the return
+                except OSError as err:
+                    raise GardenError("creating container: the shim died while starting") from err
+            finally:
+                trio.lowlevel.notify_closing(status_sock)
+                status_sock.close()  # before COMMIT: the shim gives up
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await _wait_gone(pidfd)
+            raise
+        finally:
+            trio.lowlevel.notify_closing(pidfd)
+            os.close(pidfd)
+        return status
+
+    async def _fork(self, cfg: dict[str, Any]) -> tuple[socket.socket, int]:
+        """Ask the spawner for a shim: its status socket and pidfd (the caller owns both)."""
         async with self._lock:
-            await self._sock.sendmsg(buffers, anc)
-            data, ancdata, flags, _ = await self._sock.recvmsg(wire.MAX_MESSAGE, wire.ANCILLARY_SPACE)
-        if not data:
-            raise GardenError("the spawner process is gone")
-        reply, fds = wire.decode(data, ancdata, flags)
-        if not reply.get("ok") or not fds:
+            if self._gone:
+                raise GardenError("the spawner process is gone")
+            rid = next(self._rids)
+            try:
+                buffers, anc = wire.encode({"rid": rid, "cfg": cfg}, what="the container's shim config")
+            except ValueError as err:
+                raise GardenError(f"creating container: {err}") from err
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + SPAWNER_REPLY_TIMEOUT
+                reply, fds = await self._exchange(rid, buffers, anc)
+            if scope.cancelled_caught:
+                raise GardenError(f"the spawner did not answer within {SPAWNER_REPLY_TIMEOUT:g} s")
+        if not reply.get("ok") or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
             raise GardenError(f"starting container shim: {reply.get('error')}")
-        stream = trio.lowlevel.FdStream(fds[0])
-        report = b""
-        async with stream:
-            while chunk := await stream.receive_some(4096):
-                report += chunk
+        status_sock = socket.socket(fileno=fds[0])
+        status_sock.setblocking(False)
+        return status_sock, fds[1]
+
+    async def _exchange(self, rid: int, buffers: list[bytes],
+                        anc: list[tuple[int, int, bytes]]) -> tuple[dict[str, Any], list[int]]:
+        """Send one request, then read until its reply; other replies are stale: drop them."""
         try:
-            status = msgpack.unpackb(report, raw=False) if report else {"error": "the shim died while starting"}
-        except (ValueError, msgpack.UnpackException):
-            status = {"error": f"garbled shim report {report!r}"}
-        if "error" in status:
-            raise GardenError(f"creating container: {status['error']}")
-        return status
+            await self._sock.sendmsg(buffers, anc)
+            while True:
+                data, ancdata, flags, _ = await self._sock.recvmsg(wire.MAX_MESSAGE, wire.ANCILLARY_SPACE)
+                if not data:
+                    self._gone = True
+                    raise GardenError("the spawner process is gone")
+                reply, fds = wire.decode(data, ancdata, flags)
+                if isinstance(reply, dict) and reply.get("rid") == rid:
+                    return reply, fds
+                for fd in fds:  # a timed-out request's shim: it gives up once its socket closes
+                    os.close(fd)
+        except (OSError, ValueError, msgpack.UnpackException) as err:
+            self._gone = True
+            raise GardenError(f"the spawner process is gone: {err}") from err
+
+
+async def _receive_report(sock: socket.socket) -> bytes:
+    """The shim's one report message, or b"" if it died first."""
+    while True:
+        try:
+            return sock.recv(_REPORT_LIMIT)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+        except ConnectionResetError:
+            return b""
+
+
+async def _wait_gone(pidfd: int) -> None:
+    """Wait for the shim to exit (it does once its status socket closed); SIGKILL it if
+    it takes longer than ABANDON_TIMEOUT. Call shielded."""
+    with trio.move_on_after(ABANDON_TIMEOUT):
+        await trio.lowlevel.wait_readable(pidfd)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    with trio.move_on_after(ABANDON_TIMEOUT):
+        await trio.lowlevel.wait_readable(pidfd)

@@ -7,16 +7,38 @@ It listens on ``<container dir>/shim.sock``; requests and replies are
 ``shim_wire`` messages::
 
     {"op": "spawn", "rid", "id", "spec", "tty"} -> {"rid", "pid"} + stdio fds | {"rid", "error": {type, message}}
-    {"op": "attach", "rid", "id"}               -> {"rid", "pid", "exit", "tty"} + fds (none once drained)
+    {"op": "attach", "rid", "id"}               -> {"rid", "pid", "exit", "tty", "stdin", "fds": [names]} + fds
     {"op": "signal", "rid", "id", "signal"}     {"op": "resize", "rid", "id", "columns", "rows"}
     {"op": "close_stdin", "rid", "id"}          {"op": "drained", "rid", "id"}  (release the output fds)
-    {"op": "list", "rid"}                       -> {"rid", "init", "processes": [{id, pid, exit, tty}]}
+    {"op": "list", "rid", "after"?, "limit"?}   -> {"rid", "init", "processes": [{id, pid, exit, tty}], "next"}
     {"op": "destroy", "rid"}                    -> kills pid 1 (so the whole pid namespace), reaps, replies, exits
     event to every connection: {"event": "exit", "id", "code"}
+
+``attach`` sends only the fds the shim still holds, in the order ``"fds"`` names them
+(``stdin``, ``stdout``, ``stderr``; a tty's one master is ``stdout``): none once drained,
+no ``stdin`` once it was closed. ``list`` is paged: entries come in the order the
+processes were spawned; ``next`` is the cursor to pass as ``after`` for the following
+page, or None after the last one. A page holds at most ``LIST_PAGE`` entries and stays
+well under ``shim_wire.MAX_MESSAGE``.
+
+History is bounded: a process is *collected* once it has exited and the server has
+released its output (``drained``); only the newest ``KEEP_COLLECTED`` collected
+processes are kept (their exit codes stay readable through ``attach``), older ones are
+forgotten, exit code file in ``processes/`` included.
+
+No single failure ends the shim: an exception in a request handler becomes an error
+reply; one while reaping or recording an exit (ENOSPC, EROFS on the exit code file)
+or in any other callback is logged to ``shim.log`` and the shim keeps serving (the exit
+code is still kept in memory and sent as an event). A reply that cannot be sent (too
+large, a bad fd) is answered with an error reply instead; only a broken connection is
+dropped.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import errno
 import os
 import selectors
 import signal
@@ -34,17 +56,36 @@ from . import shim_wire as wire
 from . import shims
 from .container_init import open_namespaces, start_init
 from .spawn import SpawnError, Stdio, make_stdio, set_window_size, spawn
+from .spawner import COMMIT
+
+KEEP_COLLECTED = wire.KEEP_COLLECTED
+LIST_PAGE = 500  # entries per ``list`` reply at most
+_LIST_PAGE_BYTES = wire.MAX_MESSAGE // 4  # and at most this many encoded bytes of entries
+_CONNECTION_ERRORS = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
 
 
 @dataclass
 class Process:
     id: str
+    seq: int  # spawn order, the ``list`` cursor
     pid: int
     stdio: Stdio
     tty: bool
     exit: int | None = None
     stdin_open: bool = True
     drained: bool = False
+
+    def held_fds(self) -> tuple[list[str], list[int]]:
+        """Names and numbers of the stdio fds the shim still holds, for ``attach``."""
+        if self.drained:
+            return [], []
+        if self.tty:
+            return ["stdout"], [self.stdio.stdout]
+        held = [("stdin", self.stdio.stdin)] if self.stdin_open else []
+        held.append(("stdout", self.stdio.stdout))
+        if self.stdio.stderr is not None:
+            held.append(("stderr", self.stdio.stderr))
+        return [name for name, _ in held], [fd for _, fd in held]
 
 
 def exit_code(status: int) -> int:
@@ -54,13 +95,27 @@ def exit_code(status: int) -> int:
 
 
 def write_file_atomic(dir_fd: int, name: str, data: bytes) -> None:
+    """Write ``name`` in ``dir_fd`` via a temporary file and a rename; raises OSError
+    (after removing the temporary file) if any step fails."""
     tmp = f".{name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def _log(what: str) -> None:
+    """A traceback of the exception being handled, to shim.log (our stderr)."""
+    print(f"gactor-shim: {what}:", file=sys.stderr)
+    traceback.print_exc()
+    sys.stderr.flush()
 
 
 class Shim:
@@ -70,8 +125,10 @@ class Shim:
         self.procs_dir = os.open("processes", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
         self.init_pid = 0
         self.ns_fds: dict[str, int] = {}
-        self.procs: dict[str, Process] = {}
+        self.procs: dict[str, Process] = {}  # in spawn order (seq ascending)
         self.by_pid: dict[int, Process] = {}
+        self.collected: dict[str, None] = {}  # ids of exited-and-drained processes, oldest first
+        self.seq = 0
         self.conns: set[socket.socket] = set()
         self.sel = selectors.DefaultSelector()
         self.exiting = False
@@ -99,12 +156,16 @@ class Shim:
     def serve_forever(self) -> None:
         while not self.exiting:
             for key, _ in self.sel.select():
-                key.data(key.fileobj)
+                try:
+                    key.data(key.fileobj)
+                except Exception:  # noqa: BLE001 - one failing callback must not end the shim
+                    _log(f"callback {getattr(key.data, '__name__', key.data)} failed")
 
     # ---- connections -----------------------------------------------------------
 
     def _accept(self, listener: socket.socket) -> None:
         conn, _ = listener.accept()
+        wire.size_socket(conn)
         uid = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[4:8]
         if int.from_bytes(uid, sys.byteorder) != 0:
             conn.close()  # only root may drive a shim
@@ -113,6 +174,8 @@ class Shim:
         self.sel.register(conn, selectors.EVENT_READ, self._on_message)
 
     def _drop(self, conn: socket.socket) -> None:
+        if conn not in self.conns:
+            return  # already dropped (a failed event send while handling its request)
         self.sel.unregister(conn)
         self.conns.discard(conn)
         conn.close()
@@ -129,41 +192,67 @@ class Shim:
         for fd in fds:
             os.close(fd)
         rid = msg.get("rid") if isinstance(msg, dict) else None
-        handler = getattr(self, f"op_{msg.get('op')}", None) if isinstance(msg, dict) else None
         try:
+            if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+                raise SpawnError("", f"bad shim request {msg!r:.200}")
+            handler = getattr(self, f"op_{msg['op']}", None)
             if handler is None:
-                raise SpawnError("", f"unknown shim op {msg!r}")
+                raise SpawnError("", f"unknown shim op {msg['op']!r:.100}")
             reply, out_fds = handler(msg)
         except SpawnError as err:
             reply, out_fds = {"error": {"type": err.kind, "message": str(err)}}, []
         except Exception as err:  # noqa: BLE001 - one bad request must not take the shim down
-            traceback.print_exc()
-            reply, out_fds = {"error": {"type": "", "message": f"shim: {err}"}}, []
+            _log(f"op {msg.get('op') if isinstance(msg, dict) else msg!r:.100} failed")
+            reply, out_fds = {"error": {"type": "", "message": f"shim: {type(err).__name__}: {err}"}}, []
         reply["rid"] = rid
-        try:
-            wire.send(conn, reply, out_fds)
-        except OSError:
-            self._drop(conn)
+        self._reply(conn, reply, out_fds)
         if self.exiting:
             os._exit(0)
+
+    def _reply(self, conn: socket.socket, reply: dict[str, Any], fds: list[int]) -> None:
+        """Send ``reply``; if it cannot go (too large, a bad fd), send an error reply
+        naming why instead. Only a broken connection is dropped."""
+        if conn not in self.conns:
+            return
+        try:
+            wire.send(conn, reply, fds, "shim reply")
+            return
+        except wire.MessageTooLarge as err:
+            reason: Exception = err
+        except OSError as err:
+            if err.errno in _CONNECTION_ERRORS:
+                self._drop(conn)
+                return
+            _log("sending a reply failed")
+            reason = err
+        error = {"rid": reply.get("rid"), "error": {"type": "", "message": f"shim: cannot send the reply: {reason}"}}
+        try:
+            wire.send(conn, error)
+        except (OSError, ValueError):
+            self._drop(conn)
 
     def _broadcast(self, event: dict[str, Any]) -> None:
         for conn in list(self.conns):
             try:
-                wire.send(conn, event)
+                wire.send(conn, event, what="shim event")
             except OSError:
                 self._drop(conn)
+            except ValueError:
+                _log(f"sending {event.get('event')!r}")
 
     # ---- operations ------------------------------------------------------------
 
     def _proc(self, msg: dict[str, Any]) -> Process:
-        proc = self.procs.get(msg.get("id", ""))
+        proc_id = msg.get("id")
+        proc = self.procs.get(proc_id) if isinstance(proc_id, str) else None
         if proc is None:
             raise SpawnError("ProcessNotFoundError", f"unknown process: {msg.get('id')}")
         return proc
 
     def op_spawn(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         pid_id = msg["id"]
+        if not isinstance(pid_id, str) or not isinstance(msg.get("spec"), dict):
+            raise SpawnError("", "spawn needs a process id (a string) and a spec (a map)")
         if pid_id in self.procs:
             raise SpawnError("", f"process ID '{pid_id}' already in use")
         tty = msg.get("tty")
@@ -176,7 +265,8 @@ class Shim:
             if stdio.console is not None:
                 stdio.console.close()
             raise
-        proc = Process(pid_id, pid, stdio, tty is not None)
+        self.seq += 1
+        proc = Process(pid_id, self.seq, pid, stdio, tty is not None)
         self.procs[pid_id] = proc
         self.by_pid[pid] = proc
         # No reaping here: the SIGCHLD wakeup reaps on the next turn, so the exit
@@ -185,8 +275,8 @@ class Shim:
 
     def op_attach(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         proc = self._proc(msg)
-        fds = [] if proc.drained else proc.stdio.kept
-        return {"pid": proc.pid, "exit": proc.exit, "tty": proc.tty, "stdin": proc.stdin_open}, fds
+        names, fds = proc.held_fds()
+        return {"pid": proc.pid, "exit": proc.exit, "tty": proc.tty, "stdin": proc.stdin_open, "fds": names}, fds
 
     def op_signal(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         proc = self._proc(msg)
@@ -215,11 +305,42 @@ class Shim:
                 if fd != proc.stdio.stdin or proc.stdin_open or proc.tty:
                     os.close(fd)
             proc.stdin_open = False
+            self._collected(proc)
         return {}, []
 
+    def _collected(self, proc: Process) -> None:
+        """Remember ``proc`` as collected; forget the oldest beyond KEEP_COLLECTED."""
+        self.collected[proc.id] = None
+        while len(self.collected) > KEEP_COLLECTED:
+            old_id = next(iter(self.collected))
+            del self.collected[old_id]
+            self.procs.pop(old_id, None)
+            try:
+                os.unlink(old_id, dir_fd=self.procs_dir)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                _log(f"removing the exit code file of {old_id!r}")
+
     def op_list(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-        procs = [{"id": p.id, "pid": p.pid, "exit": p.exit, "tty": p.tty} for p in self.procs.values()]
-        return {"init": self.init_pid, "processes": procs}, []
+        after = msg.get("after", 0)
+        limit = msg.get("limit", LIST_PAGE)
+        if not isinstance(after, int) or not isinstance(limit, int) or limit < 1:
+            raise SpawnError("", "list: after and limit must be integers (limit at least 1)")
+        limit = min(limit, LIST_PAGE)
+        procs = list(self.procs.values())  # seq ascending
+        start = bisect.bisect_right(procs, after, key=lambda p: p.seq)
+        page: list[dict[str, Any]] = []
+        size, last = 0, after
+        for proc in procs[start:]:
+            entry = {"id": proc.id, "pid": proc.pid, "exit": proc.exit, "tty": proc.tty}
+            size += len(msgpack.packb(entry, use_bin_type=True))
+            if page and (len(page) >= limit or size > _LIST_PAGE_BYTES):
+                break
+            page.append(entry)
+            last = proc.seq
+        more = bool(page) and start + len(page) < len(procs)
+        return {"init": self.init_pid, "processes": page, "next": last if more else None}, []
 
     def op_destroy(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         # Killing pid 1 makes the kernel SIGKILL every process in the pid namespace.
@@ -265,12 +386,23 @@ class Shim:
         if proc is None:
             return
         proc.exit = exit_code(status)
-        write_file_atomic(self.procs_dir, proc.id, b"%d" % proc.exit)
+        try:
+            write_file_atomic(self.procs_dir, proc.id, b"%d" % proc.exit)
+        except OSError:
+            # The exit code stays in memory (attach, list, the event below); only the
+            # copy on disk is missing.
+            _log(f"recording the exit code of {proc.id!r}")
         self._broadcast({"event": "exit", "id": proc.id, "code": proc.exit})
 
 
 def shim_main(cfg: dict[str, Any], status_fd: int) -> None:
-    """Entry point in the freshly forked shim; never returns."""
+    """Entry point in the freshly forked shim; never returns.
+
+    ``status_fd`` is the shim's end of the spawner's status socket: the report goes
+    there, then the shim waits for ``COMMIT``. Without it (the socket closed: the request
+    was cancelled or the server died) the shim kills its pid 1 and exits, leaving only
+    files in the container directory, which belongs to the caller."""
+    shim: Shim | None = None
     try:
         os.setsid()
         dir_fd = os.open(cfg["dir"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -297,21 +429,47 @@ def shim_main(cfg: dict[str, Any], status_fd: int) -> None:
             os.mkdir("processes", 0o700, dir_fd=dir_fd)
         shim = Shim(cfg, dir_fd)
         shim.start()
-        write_file_atomic(dir_fd, "shim.pid", b"%d" % os.getpid())
-        write_file_atomic(dir_fd, "init.pid", b"%d" % shim.init_pid)
         os.write(status_fd, msgpack.packb({"shim": os.getpid(), "init": shim.init_pid}))
-        os.close(status_fd)
+        if os.read(status_fd, 1) != COMMIT:
+            _give_up(shim, dir_fd)
     except BaseException as err:  # noqa: BLE001
         traceback.print_exc()
         try:
             os.write(status_fd, msgpack.packb({"error": str(err) or type(err).__name__}))
+        except OSError:
+            pass
         finally:
+            if shim is not None and shim.init_pid:
+                _kill_init(shim.init_pid)
             os._exit(1)
+    os.close(status_fd)
+    for name, pid in (("shim.pid", os.getpid()), ("init.pid", shim.init_pid)):
+        try:
+            write_file_atomic(dir_fd, name, b"%d" % pid)
+        except OSError:
+            _log(f"writing {name}")  # only for people looking at the depot
     try:
         shim.serve_forever()
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
     os._exit(0)
+
+
+def _give_up(shim: Shim, dir_fd: int) -> None:
+    """Nobody took this shim over: end its container's pid 1 and exit. Never returns."""
+    print("gactor-shim: the server gave up on this container before it was up; exiting", file=sys.stderr)
+    sys.stderr.flush()
+    _kill_init(shim.init_pid)
+    with contextlib.suppress(OSError):
+        os.unlink("shim.sock", dir_fd=dir_fd)
+    os._exit(1)
+
+
+def _kill_init(init_pid: int) -> None:
+    """SIGKILL pid 1 (and with it its whole pid namespace) and reap it."""
+    with contextlib.suppress(OSError):
+        os.kill(init_pid, signal.SIGKILL)
+        os.waitpid(init_pid, 0)
 
 
 def _exists(dir_fd: int, name: str) -> bool:

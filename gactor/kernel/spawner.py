@@ -3,9 +3,20 @@
 Forking from the trio process is unsafe (it has threads), and exec'ing a fresh
 interpreter per container is slow, so the server forks this helper first and asks
 it over a SOCK_SEQPACKET socketpair for each new shim. The spawner double-forks,
-so a shim is nobody's child and survives the server; it answers at once with the
-read end of a status pipe on which the shim reports ``{"shim", "init"}`` or
-``{"error"}`` once the container is up.
+so a shim is nobody's child and survives the server.
+
+The exchange, one message each way, matched by ``rid``::
+
+    {"rid", "cfg"} -> {"rid", "ok": True, "shim": pid} + [status socket, shim pidfd]
+                    | {"rid", "ok": False, "error": text}
+
+The spawner answers as soon as the shim is forked. The status socket is the server's
+end of a SEQPACKET pair whose other end the shim holds: the shim reports
+``{"shim", "init"}`` or ``{"error"}`` on it once the container is up, then waits for
+one byte, ``COMMIT``. Only then does it serve; if instead the socket closes (the
+request was cancelled, the server died), the shim kills its pid 1 and exits. So a
+shim nobody took over never outlives its request. The pidfd lets the server wait for
+(or kill) that shim without racing pid reuse.
 """
 
 from __future__ import annotations
@@ -14,8 +25,10 @@ import gc
 import os
 import signal
 import socket
+import struct
 import traceback
 from dataclasses import dataclass
+from typing import Any
 
 import setproctitle
 
@@ -23,6 +36,7 @@ from . import linux as L
 from . import shim_wire as wire
 
 _PR_SET_PDEATHSIG = 1
+COMMIT = b"k"  # the server took the shim over
 
 
 @dataclass
@@ -36,6 +50,8 @@ class SpawnerHandle:
 def fork_spawner() -> SpawnerHandle:
     """Fork the spawner. Call before any thread exists in this process."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    wire.size_socket(ours)
+    wire.size_socket(theirs)
     gc.collect()
     pid = os.fork()
     if pid == 0:
@@ -56,6 +72,7 @@ def _serve(sock: socket.socket) -> None:
     L.set_process_name("gactor-spawner")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # Children share our heap copy-on-write; freezing keeps the GC from touching (copying) it.
     gc.freeze()
     from .shim import shim_main
@@ -63,26 +80,76 @@ def _serve(sock: socket.socket) -> None:
     while True:
         try:
             got = wire.recv(sock)
-        except ConnectionResetError:
+        except OSError:
             got = None  # the server died: so do we (PDEATHSIG is on its way anyway)
+        except ValueError:
+            traceback.print_exc()  # a garbled request has no rid to answer; its caller times out
+            continue
         if got is None:
             return
-        cfg, fds = got
+        msg, fds = got
         for fd in fds:
             os.close(fd)
-        status_r, status_w = os.pipe()
+        rid = msg.get("rid") if isinstance(msg, dict) else None
+        out_fds: list[int] = []
         try:
-            child = os.fork()
-            if child == 0:
-                sock.close()
-                os.close(status_r)
-                if os.fork() == 0:
-                    shim_main(cfg, status_w)
-                os._exit(0)
-            os.close(status_w)
-            os.waitpid(child, 0)
-            wire.send(sock, {"ok": True}, [status_r])
+            if not isinstance(msg, dict) or not isinstance(msg.get("cfg"), dict):
+                raise ValueError(f"bad spawner request {msg!r:.200}")
+            shim_pid, out_fds = _fork_shim(msg["cfg"], sock, shim_main)
+            reply: dict[str, Any] = {"rid": rid, "ok": True, "shim": shim_pid}
         except Exception:  # noqa: BLE001 - keep serving; the server sees the error text
-            wire.send(sock, {"ok": False, "error": traceback.format_exc(limit=2)})
+            reply = {"rid": rid, "ok": False, "error": traceback.format_exc(limit=2)}
+        try:
+            wire.send(sock, reply, out_fds, "spawner reply")
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        except OSError:
+            traceback.print_exc()  # the shim sees its status socket close, and gives up
         finally:
-            os.close(status_r)
+            for fd in out_fds:
+                os.close(fd)
+
+
+def _fork_shim(cfg: dict[str, Any], sock: socket.socket, shim_main: Any) -> tuple[int, list[int]]:
+    """Double-fork a shim; return its pid and [status socket, pidfd] (the caller closes them).
+
+    The middle process stays until we hold the shim's pidfd: while it lives and has not
+    reaped the shim, the shim's pid cannot name another process."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    hold_parent, hold_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        middle = os.fork()
+        if middle == 0:
+            try:
+                sock.close()
+                ours.close()
+                hold_parent.close()
+                shim = os.fork()
+                if shim == 0:
+                    hold_child.close()
+                    shim_main(cfg, theirs.detach())
+                theirs.close()
+                hold_child.sendall(struct.pack("q", shim))
+                hold_child.recv(1)  # until the spawner has the pidfd (or died)
+            finally:
+                os._exit(0)
+        theirs.close()
+        hold_child.close()
+        try:
+            raw = b""
+            while len(raw) < 8 and (chunk := hold_parent.recv(8 - len(raw))):
+                raw += chunk
+            if len(raw) != 8:
+                raise RuntimeError("the spawner's middle process died before forking the shim")
+            shim_pid = int(struct.unpack("q", raw)[0])
+            pidfd = os.pidfd_open(shim_pid)
+        finally:
+            hold_parent.close()
+            os.waitpid(middle, 0)
+        return shim_pid, [ours.detach(), pidfd]
+    except BaseException:
+        ours.close()
+        theirs.close()
+        hold_child.close()
+        hold_parent.close()
+        raise
