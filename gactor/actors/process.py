@@ -30,8 +30,9 @@ log = logging.getLogger("gactor.process")
 
 READ_CHUNK = 256 << 10
 SUBSCRIBER_QUEUE = 2  # chunks; with READ_CHUNK this bounds memory per attached client
-# After the exit code arrives, keep reading until EOF, but stop once output has been
-# idle this long: a daemonised grandchild may hold the pipe open forever.
+# After the exit code arrives, keep reading until EOF, but stop once the pipe has been
+# idle this long (a daemonised grandchild may hold it open forever). Time spent waiting
+# for a slow subscriber does not count: everything already written is delivered.
 EXIT_DRAIN_GRACE = 1.0
 STDIN_QUEUE = 4  # writes queued for the stdin writer before senders wait
 
@@ -123,6 +124,7 @@ class ProcessActor:
         self.done = trio.Event()
         self._subs: set[Subscription] = {subscriber} if subscriber is not None else set()
         self._pump_scopes: list[trio.CancelScope] = []
+        self._reads: set[trio.CancelScope] = set()  # the pumps' waits for output
         self._mailbox = Mailbox(f"process {id}")
         self._stdin_box = Mailbox(f"the stdin of process {id}", STDIN_QUEUE)
 
@@ -192,21 +194,31 @@ class ProcessActor:
                     scope.cancel()
 
     def _push_drain_deadline(self) -> None:
+        """The exit came: a pump waiting for output now gives up after EXIT_DRAIN_GRACE."""
         deadline = trio.current_time() + EXIT_DRAIN_GRACE
-        for scope in self._pump_scopes:
+        for scope in self._reads:
             scope.deadline = deadline
 
     async def _pump(self, stream: trio.lowlevel.FdStream, fd: int, scope: trio.CancelScope) -> None:
-        with scope:
+        """Read ``fd`` and hand each chunk to every subscriber, waiting for room (so a
+        slow one pauses the process). After the exit, only time spent waiting for the
+        process to write counts towards EXIT_DRAIN_GRACE, never time spent waiting for a
+        slow subscriber: that would drop output still in the pipe."""
+        with scope:  # cancelled when the shim is lost
             while True:
-                try:
-                    data = await stream.receive_some(READ_CHUNK)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    return  # EIO on a pty master is its normal end of stream
+                data = b""
+                with trio.CancelScope() as reading:
+                    if self._exited.is_set():
+                        reading.deadline = trio.current_time() + EXIT_DRAIN_GRACE
+                    self._reads.add(reading)
+                    try:
+                        data = await stream.receive_some(READ_CHUNK)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        return  # EIO on a pty master is its normal end of stream
+                    finally:
+                        self._reads.discard(reading)
                 if not data:
-                    return
-                if self._exited.is_set():
-                    self._push_drain_deadline()
+                    return  # EOF, or idle past the grace after the exit
                 for sub in list(self._subs):
                     if fd in sub.fds and not await sub.deliver(fd, data):
                         self._subs.discard(sub)
