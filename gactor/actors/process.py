@@ -3,9 +3,9 @@
 It owns the server's copies of the process's stdio fds. Its task pumps output to
 every attached ``Subscription``; a second task of its own, the stdin writer, owns the
 stdin pipe, so a write blocked on a full pipe (backpressure) never holds up a signal.
-Output is never dropped for an attached client: each subscription has a small bounded
-queue, and when one is full the pump stops reading, so the pipe fills and the process
-blocks. A subscription ends only after all output, so the exit code goes out last.
+Output is never dropped for an attached client: a subscription takes a chunk only when
+its client is ready for it, and until then the pump stops reading, so the pipe fills and
+the process blocks. A subscription ends only after all output, so the exit code goes out last.
 
 Callers hold the ``ProcessActor`` itself as the handle: its public coroutines send
 commands to its mailboxes; ``exit_code``, ``done`` and ``running`` are what the actor
@@ -28,8 +28,12 @@ from .shim_link import ShimLink
 
 log = logging.getLogger("gactor.process")
 
+# Output memory per stream (docs/limits.md, "Memory per open stream"): each pump holds at
+# most one chunk it has read but no subscriber has taken yet; a subscription queues none
+# (a rendezvous), so a slow subscriber stops the pump, the pipe fills and the process
+# blocks. Chunks this large keep the per-read and per-frame costs low (throughput).
 READ_CHUNK = 256 << 10
-SUBSCRIBER_QUEUE = 2  # chunks; with READ_CHUNK this bounds memory per attached client
+SUBSCRIBER_QUEUE = 0
 # After the exit code arrives, keep reading until EOF, but stop once the pipe has been
 # idle this long (a daemonised grandchild may hold it open forever). Time spent waiting
 # for a slow subscriber does not count: everything already written is delivered.
@@ -45,7 +49,7 @@ class Subscription:
         self._send, self.receive = trio.open_memory_channel[tuple[int, bytes]](SUBSCRIBER_QUEUE)
 
     async def deliver(self, fd: int, data: bytes) -> bool:
-        """Queue a chunk, waiting for room; False once the subscriber went away."""
+        """Hand over a chunk, waiting until the subscriber takes it; False once it went away."""
         try:
             await self._send.send((fd, data))
             return True
