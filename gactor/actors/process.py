@@ -28,7 +28,7 @@ from .shim_link import ShimLink
 
 log = logging.getLogger("gactor.process")
 
-# Output memory per stream (docs/limits.md, "Memory per open stream"): each pump holds at
+# Output memory per stream (docs/limits.md, "Server memory per open stream"): each pump holds at
 # most one chunk it has read but no subscriber has taken yet; a subscription queues none
 # (a rendezvous), so a slow subscriber stops the pump, the pipe fills and the process
 # blocks. Chunks this large keep the per-read and per-frame costs low (throughput).
@@ -204,8 +204,8 @@ class ProcessActor:
             scope.deadline = deadline
 
     async def _pump(self, stream: trio.lowlevel.FdStream, fd: int, scope: trio.CancelScope) -> None:
-        """Read ``fd`` and hand each chunk to every subscriber, waiting for room (so a
-        slow one pauses the process). After the exit, only time spent waiting for the
+        """Read ``fd`` and hand each chunk to every subscriber, waiting until each has
+        taken it (so a slow one pauses the process). After the exit, only time spent waiting for the
         process to write counts towards EXIT_DRAIN_GRACE, never time spent waiting for a
         slow subscriber: that would drop output still in the pipe."""
         with scope:  # cancelled when the shim is lost

@@ -235,7 +235,9 @@ class Peer:
                         await self.send(P.Reply(call.id, {}))
                         replied = True
                         if first is not None:
-                            await self._send_output(stream, stream_id, 1, [first])
+                            parcel = [first]
+                            del first  # handed over whole: see _send_output
+                            await self._send_output(stream, stream_id, 1, parcel)
                         async for fd, data in sub.receive:
                             if fd == 1:
                                 parcel = [data]
