@@ -46,7 +46,7 @@ SLOW_RATE = 2 * MiB  # bytes per second a slow reader takes, so its stream stays
 # docs/limits.md, "Server memory per open stream": a chunk read ahead per output pipe
 # and two encoded copies of the frame being sent, at most 4 chunks of output buffers;
 # plus a quarter for the rest of a stream (its process actor, tasks, subscription) and
-# the allocator's fragmentation. 12 runs here peaked at 0.76-0.95 MiB per stream.
+# the allocator's fragmentation. 20 runs here peaked at 0.76-1.02 MiB per stream.
 STREAM_MEMORY_BOUND = 5 * READ_CHUNK
 DEADLINE = 300.0  # for the whole run; it streams for 25-45 s on 2 busy cores
 
