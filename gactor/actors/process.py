@@ -3,9 +3,9 @@
 It owns the server's copies of the process's stdio fds. Its task pumps output to
 every attached ``Subscription``; a second task of its own, the stdin writer, owns the
 stdin pipe, so a write blocked on a full pipe (backpressure) never holds up a signal.
-Output is never dropped for an attached client: each subscription has a small bounded
-queue, and when one is full the pump stops reading, so the pipe fills and the process
-blocks. A subscription ends only after all output, so the exit code goes out last.
+Output is never dropped for an attached client: a subscription takes a chunk only when
+its client is ready for it, and until then the pump stops reading, so the pipe fills and
+the process blocks. A subscription ends only after all output, so the exit code goes out last.
 
 Callers hold the ``ProcessActor`` itself as the handle: its public coroutines send
 commands to its mailboxes; ``exit_code``, ``done`` and ``running`` are what the actor
@@ -28,10 +28,15 @@ from .shim_link import ShimLink
 
 log = logging.getLogger("gactor.process")
 
+# Output memory per stream (docs/limits.md, "Server memory per open stream"): each pump holds at
+# most one chunk it has read but no subscriber has taken yet; a subscription queues none
+# (a rendezvous), so a slow subscriber stops the pump, the pipe fills and the process
+# blocks. Chunks this large keep the per-read and per-frame costs low (throughput).
 READ_CHUNK = 256 << 10
-SUBSCRIBER_QUEUE = 2  # chunks; with READ_CHUNK this bounds memory per attached client
-# After the exit code arrives, keep reading until EOF, but stop once output has been
-# idle this long: a daemonised grandchild may hold the pipe open forever.
+SUBSCRIBER_QUEUE = 0
+# After the exit code arrives, keep reading until EOF, but stop once the pipe has been
+# idle this long (a daemonised grandchild may hold it open forever). Time spent waiting
+# for a slow subscriber does not count: everything already written is delivered.
 EXIT_DRAIN_GRACE = 1.0
 STDIN_QUEUE = 4  # writes queued for the stdin writer before senders wait
 
@@ -44,7 +49,7 @@ class Subscription:
         self._send, self.receive = trio.open_memory_channel[tuple[int, bytes]](SUBSCRIBER_QUEUE)
 
     async def deliver(self, fd: int, data: bytes) -> bool:
-        """Queue a chunk, waiting for room; False once the subscriber went away."""
+        """Hand over a chunk, waiting until the subscriber takes it; False once it went away."""
         try:
             await self._send.send((fd, data))
             return True
@@ -123,6 +128,7 @@ class ProcessActor:
         self.done = trio.Event()
         self._subs: set[Subscription] = {subscriber} if subscriber is not None else set()
         self._pump_scopes: list[trio.CancelScope] = []
+        self._reads: set[trio.CancelScope] = set()  # the pumps' waits for output
         self._mailbox = Mailbox(f"process {id}")
         self._stdin_box = Mailbox(f"the stdin of process {id}", STDIN_QUEUE)
 
@@ -192,21 +198,31 @@ class ProcessActor:
                     scope.cancel()
 
     def _push_drain_deadline(self) -> None:
+        """The exit came: a pump waiting for output now gives up after EXIT_DRAIN_GRACE."""
         deadline = trio.current_time() + EXIT_DRAIN_GRACE
-        for scope in self._pump_scopes:
+        for scope in self._reads:
             scope.deadline = deadline
 
     async def _pump(self, stream: trio.lowlevel.FdStream, fd: int, scope: trio.CancelScope) -> None:
-        with scope:
+        """Read ``fd`` and hand each chunk to every subscriber, waiting until each has
+        taken it (so a slow one pauses the process). After the exit, only time spent waiting for the
+        process to write counts towards EXIT_DRAIN_GRACE, never time spent waiting for a
+        slow subscriber: that would drop output still in the pipe."""
+        with scope:  # cancelled when the shim is lost
             while True:
-                try:
-                    data = await stream.receive_some(READ_CHUNK)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    return  # EIO on a pty master is its normal end of stream
+                data = b""
+                with trio.CancelScope() as reading:
+                    if self._exited.is_set():
+                        reading.deadline = trio.current_time() + EXIT_DRAIN_GRACE
+                    self._reads.add(reading)
+                    try:
+                        data = await stream.receive_some(READ_CHUNK)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        return  # EIO on a pty master is its normal end of stream
+                    finally:
+                        self._reads.discard(reading)
                 if not data:
-                    return
-                if self._exited.is_set():
-                    self._push_drain_deadline()
+                    return  # EOF, or idle past the grace after the exit
                 for sub in list(self._subs):
                     if fd in sub.fds and not await sub.deliver(fd, data):
                         self._subs.discard(sub)

@@ -215,7 +215,7 @@ def _chunk(key: str, value: Any) -> bytes:
         raise _Broken(
             f"field {key!r} holds {len(value)} bytes, over the {MAX_DATA_CHUNK}-byte chunk limit"
         )
-    return bytes(value)
+    return value if type(value) is bytes else bytes(value)  # no copy of what is bytes already
 
 
 def _anything(key: str, value: Any) -> Any:

@@ -72,6 +72,7 @@ class Peer:
                     # lock: end the stream's task, never the connection.
                     raise _StreamGone(f"stream {event.stream} is no longer open")
                 frame = self.conn.send(event)
+                del event  # an output chunk is not kept alive by a send blocked on the client
                 with trio.move_on_after(SEND_TIMEOUT) as timeout:
                     await self.ws.send_message(frame)
                 if timeout.cancelled_caught:
@@ -164,7 +165,9 @@ class Peer:
                             nursery.start_soon(self._feed_stdin, stream, stream_id, proc)
                         async with sub.receive:
                             async for fd, data in sub.receive:
-                                await self._send_output(stream, stream_id, fd, data)
+                                parcel = [data]
+                                del data  # handed over whole: see _send_output
+                                await self._send_output(stream, stream_id, fd, parcel)
                         try:
                             code: int | None = await proc.wait()
                             error = None
@@ -183,16 +186,19 @@ class Peer:
         finally:
             self.streams.pop(stream_id, None)
 
-    async def _send_output(self, stream: _Stream, stream_id: int, fd: int, data: bytes) -> None:
-        """Send ``data`` as output frames, waiting for the client's credit as needed."""
-        view = memoryview(data)
-        while view:
+    async def _send_output(self, stream: _Stream, stream_id: int, fd: int, parcel: list[bytes]) -> None:
+        """Send the chunk in ``parcel`` as output frames, waiting for the client's credit as
+        needed; empties ``parcel``. The chunk is handed over in it rather than passed, so
+        that no reference outlives its encoding: a send blocked on a slow client then
+        holds the encoded frame and trio-websocket's copy of it, not the chunk as well."""
+        while parcel:
             while (credit := self.conn.output_credit(stream_id)) <= 0:
                 stream.credit = trio.Event()
                 await stream.credit.wait()
             n = min(credit, P.MAX_DATA_CHUNK)
-            await self.send(P.Output(stream_id, fd, bytes(view[:n])))
-            view = view[n:]
+            if len(parcel[0]) > n:  # the rest waits for more credit
+                parcel[:] = [parcel[0][:n], parcel[0][n:]]
+            await self.send(P.Output(stream_id, fd, parcel.pop(0)))
 
     async def _serve_stream_in(self, call: P.Call, stream: _Stream) -> None:
         """Extract the tar the client streams as stdin; reply once it is all written."""
@@ -231,10 +237,14 @@ class Peer:
                         await self.send(P.Reply(call.id, {}))
                         replied = True
                         if first is not None:
-                            await self._send_output(stream, stream_id, 1, first)
+                            parcel = [first]
+                            del first  # handed over whole: see _send_output
+                            await self._send_output(stream, stream_id, 1, parcel)
                         async for fd, data in sub.receive:
                             if fd == 1:
-                                await self._send_output(stream, stream_id, 1, data)
+                                parcel = [data]
+                                del data  # handed over whole: see _send_output
+                                await self._send_output(stream, stream_id, 1, parcel)
                             elif len(errors) < TAR_OUTPUT_LIMIT:
                                 errors += data
                     code = await proc.wait()
