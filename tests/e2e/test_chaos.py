@@ -635,3 +635,18 @@ def report(seed: int, model: Model, server: ServerProcess) -> str:
     return (f"seed {seed}: {len(model.problems)} problems:\n  {problems}\n"
             f"last steps:\n  {steps}\nserver log:\n{server.log_tail(60)}")
 
+
+# ---- the smallest reproductions of what the chaos test found -----------------------------------
+
+
+async def test_limit_cpu_on_a_container_created_without_one_reads_back(gactor_server, create_container):
+    """Found by seed 7: ``current_cpu_limits`` answered from the snapshot the container
+    published at creation (no CPU limit: all zero) after a ``limit_cpu`` had been
+    acknowledged and applied, until some other change republished it."""
+    container = await create_container()
+    await container.limit_cpu(CPULimits(limit_in_shares=700))
+    assert await container.current_cpu_limits() == CPULimits(limit_in_shares=700)
+    shares = os.path.join(CGROUP_ROOT, "cpu", gactor_server.cgroup_parent, container.handle, "cpu.shares")
+    if os.path.exists(shares):  # cgroup v1
+        with open(shares) as f:
+            assert f.read().strip() == "700"
