@@ -111,9 +111,9 @@ class ProcessActor:
             self._stdin = self._stdout = streams[0] if streams else None
             self._stderr = None
         else:
-            self._stdin, self._stdout, self._stderr = (streams + [None, None, None])[:3]
-        if not stdin_open and self._stdin is not None and not tty:
-            self._stdin = None
+            # stdin, stdout, stderr; without stdin once it was closed (the shim closed it).
+            slots: list[trio.lowlevel.FdStream | None] = [*streams] if stdin_open else [None, *streams]
+            self._stdin, self._stdout, self._stderr = (slots + [None, None, None])[:3]
         self._streams = streams
         self.exit_code = exit_code
         self.lost_reason = ""  # set when the shim died: the exit code can never be known

@@ -7,7 +7,8 @@ It listens on ``<container dir>/shim.sock``; requests and replies are
 ``shim_wire`` messages::
 
     {"op": "spawn", "rid", "id", "spec", "tty"} -> {"rid", "pid"} + stdio fds | {"rid", "error": {type, message}}
-    {"op": "attach", "rid", "id"}               -> {"rid", "pid", "exit", "tty"} + fds (none once drained)
+    {"op": "attach", "rid", "id"}               -> {"rid", "pid", "exit", "tty", "stdin"} + fds (stdin's only
+                                                   while open; none once drained)
     {"op": "signal", "rid", "id", "signal"}     {"op": "resize", "rid", "id", "columns", "rows"}
     {"op": "close_stdin", "rid", "id"}          {"op": "drained", "rid", "id"}  (release the output fds)
     {"op": "list", "rid"}                       -> {"rid", "init", "processes": [{id, pid, exit, tty}]}
@@ -185,7 +186,9 @@ class Shim:
 
     def op_attach(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         proc = self._proc(msg)
-        fds = [] if proc.drained else proc.stdio.kept
+        # Never the stdin fd once close_stdin closed it: sending a closed fd fails.
+        fds = [] if proc.drained else [
+            fd for fd in proc.stdio.kept if fd != proc.stdio.stdin or proc.stdin_open or proc.tty]
         return {"pid": proc.pid, "exit": proc.exit, "tty": proc.tty, "stdin": proc.stdin_open}, fds
 
     def op_signal(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
