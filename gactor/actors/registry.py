@@ -320,7 +320,9 @@ class Registry:
                 return
             except Exception as err:  # noqa: BLE001 - one broken container must not stop the server
                 reason = err
-        log.warning("removing container %s: it cannot be re-adopted: %s", name, reason)
+        # A GardenError or OSError says what is wrong; anything else (a group) is a bug to trace.
+        trace = reason if isinstance(reason, BaseException) and not isinstance(reason, (GardenError, OSError)) else None
+        log.warning("removing container %s: it cannot be re-adopted: %s", name, reason, exc_info=trace)
         await trio.to_thread.run_sync(remove_orphan, self.env, name, shim_pid)
 
     async def _supervise(self, actor: ContainerActor, adopt: bool,
