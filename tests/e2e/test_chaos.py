@@ -14,9 +14,11 @@ limit and file; "creating" and "destroying" containers may or may not exist).
 Then, at a moment the seed picks, one of:
 
 - the server gets SIGKILL; it is started again on the same depot;
-- one acknowledged container's shim gets SIGKILL. While the server runs, that container
-  must report state ``broken`` with the shim-died event, refuse ``run`` naming the state,
-  and end waits on its running processes with an error naming it (docs/actors.md,
+- one acknowledged container's shim gets SIGKILL. The clients go on for a moment, and
+  only calls on that container may fail: a dead shim must not break a connection or
+  another container, and waits on its processes end with an error naming it. The
+  container must then report state ``broken`` with the shim-died event, refuse ``run``
+  naming the state, and end re-attached waits with an error naming it (docs/actors.md,
   "Lifecycles"). The server is then stopped (SIGKILL or SIGTERM, the seed decides) and
   started again: a container whose shim is gone cannot be re-adopted, so startup
   removes it completely (docs/actors.md, "Supervision"; ``Registry._readopt``).
@@ -100,7 +102,6 @@ class ProcModel:
     kind: str  # "short", "long", "stdin"
     code: int
     acked: bool = False  # run returned
-    fed: bool = False  # stdin: the client was given the K to send (it may not have arrived)
 
 
 @dataclass
@@ -115,6 +116,7 @@ class ContainerModel:
     partial: set[str] = field(default_factory=set)  # in flight: any prefix of the content may be there
     procs: dict[str, ProcModel] = field(default_factory=dict)
     shim_killed: bool = False
+    busy: int = 0  # calls in flight on it
 
     @property
     def name(self) -> str:
@@ -124,7 +126,8 @@ class ContainerModel:
 class Model:
     def __init__(self) -> None:
         self.containers: dict[str, ContainerModel] = {}
-        self.killed = False  # set just before the kill: failures from then on are expected
+        self.server_killed = False  # set just before the kill: every failure from then on is expected
+        self.stop = False  # the workers stop at their next step
         self.problems: list[str] = []
         self.steps: list[str] = []
 
@@ -154,26 +157,32 @@ class Worker:
         self.serial += 1
         return self.serial
 
-    async def attempt(self, what: str, call: Callable[[], Awaitable[Any]],
+    async def attempt(self, what: str, call: Callable[[], Awaitable[Any]], c: ContainerModel | None = None,
                       tolerate: Callable[[], bool] = lambda: False) -> bool:
-        """Whether the server acknowledged ``call``. A failure before the kill is a
-        problem (unless ``tolerate()``); after it, the call's effect is simply unknown."""
+        """Whether the server acknowledged ``call`` (on container ``c``). A failure is a
+        problem unless ``tolerate()``, or the server was killed, or ``c``'s shim was
+        (then the call's effect is unknown): a dead shim fails only its own container."""
         self.model.step(what)
+        if c is not None:
+            c.busy += 1
         try:
             with trio.fail_after(CALL_TIMEOUT):
                 await call()
         except GardenError as err:
-            if not self.model.killed and not tolerate():
+            if not (self.model.server_killed or (c is not None and c.shim_killed) or tolerate()):
                 self.model.problem(f"{what}: {err!r}")
             return False
         except trio.TooSlowError:
             self.model.problem(f"{what}: no answer within {CALL_TIMEOUT} s")
             return False
+        finally:
+            if c is not None:
+                c.busy -= 1
         return True
 
     async def run(self) -> None:
         async with trio.open_nursery() as background:
-            while not self.model.killed:
+            while not self.model.stop:
                 await trio.lowlevel.checkpoint()  # even when every call fails at once
                 await self.act(background)
 
@@ -182,8 +191,9 @@ class Worker:
         actions: list[tuple[int, Callable[[], Awaitable[None]]]] = []
         if len(self.live) < MAX_LIVE_PER_WORKER:
             actions.append((4 if not self.live else 2, self.create))
-        if self.live:
-            c = self.model.containers[rng.choice(self.live)]
+        usable = [h for h in self.live if not self.model.containers[h].shim_killed]
+        if usable:
+            c = self.model.containers[rng.choice(usable)]
             actions += [
                 (3, lambda: self.run_short(c)),
                 (2, lambda: self.run_long(c, background)),
@@ -196,7 +206,8 @@ class Worker:
                 (1, lambda: self.check(c)),
                 (1, lambda: self.destroy(c)),
             ]
-        others = [c for c in self.model.containers.values() if c.state == "acked" and c.handle not in self.live]
+        others = [c for c in self.model.containers.values()
+                  if c.state == "acked" and not c.shim_killed and c.handle not in self.live]
         if others:
             other = rng.choice(others)
             actions.append((1, lambda: self.attach_other(other, background)))
@@ -220,7 +231,7 @@ class Worker:
             c.state = "acked"
             self.live.append(handle)
             self.handles[handle] = created[0]
-        elif not self.model.killed:
+        elif not self.model.server_killed:
             c.state = "failed"
 
     def _container(self, c: ContainerModel) -> Any:
@@ -237,11 +248,11 @@ class Worker:
                 ProcessSpec(id=p.id, path="sh", args=["-c", f"echo {p.id}; exit {code}"]),
                 ProcessIO(stdout=out)))
 
-        if not await self.attempt(f"run {c.handle}/{p.id} exit {code}", run):
+        if not await self.attempt(f"run {c.handle}/{p.id} exit {code}", run, c):
             return
         p.acked = True
         got: list[int] = []
-        if await self.attempt(f"wait {c.handle}/{p.id}", lambda: _append(got, started[0].wait())):
+        if await self.attempt(f"wait {c.handle}/{p.id}", lambda: _append(got, started[0].wait()), c):
             if got != [code] or bytes(out.data) != f"{p.id}\n".encode():
                 self.model.problem(f"{c.handle}/{p.id}: exited {got} with {bytes(out.data)!r}, "
                                    f"expected {code} with {p.id!r}")
@@ -257,7 +268,7 @@ class Worker:
                 ProcessSpec(id=p.id, path="sh", args=["-c", f"sleep {seconds}; exit {code}"]),
                 ProcessIO(stdout=Sink())))
 
-        if await self.attempt(f"run {c.handle}/{p.id} sleep {seconds}; exit {code}", run):
+        if await self.attempt(f"run {c.handle}/{p.id} sleep {seconds}; exit {code}", run, c):
             p.acked = True
             background.start_soon(self.wait_background, c, p, started[0], None, 0.0)
 
@@ -266,8 +277,6 @@ class Worker:
         now = self.rng.random() < 0.5
         p = self._proc(c, "stdin", code)
         gate = None if now else StdinGate()
-        if now:
-            p.fed = True
         started: list[Any] = []
 
         async def run() -> None:
@@ -277,7 +286,7 @@ class Worker:
                 ProcessIO(stdin=stdin, stdout=Sink())))
 
         how = "at once" if now else "later"
-        if await self.attempt(f"run {c.handle}/{p.id} read x; exit $x (fed {code} {how})", run):
+        if await self.attempt(f"run {c.handle}/{p.id} read x; exit $x (fed {code} {how})", run, c):
             p.acked = True
             background.start_soon(self.wait_background, c, p, started[0], gate, self.rng.uniform(0, 3))
 
@@ -285,17 +294,19 @@ class Worker:
                               gate: StdinGate | None, feed_after: float) -> None:
         if gate is not None:
             await trio.sleep(feed_after)  # the schedule's pause, not a wait for a condition
-            p.fed = True
             self.model.step(f"feed {c.handle}/{p.id} {p.code}")
             gate.release(f"{p.code}\n".encode())
         try:
             with trio.fail_after(CALL_TIMEOUT):
                 code = await proc.wait()
         except GardenError as err:
-            if not self.model.killed and c.state == "acked":
+            if c.shim_killed and c.handle not in str(err):
+                self.model.problem(f"wait {c.handle}/{p.id}: its shim died, and the error does not say which "
+                                   f"container: {err!r}")
+            elif not self.model.server_killed and not c.shim_killed and c.state == "acked":
                 self.model.problem(f"wait {c.handle}/{p.id}: {err!r}")
             return
-        if code != p.code and c.state == "acked" and not c.shim_killed:
+        if code != p.code and c.state == "acked":
             self.model.problem(f"{c.handle}/{p.id} ({p.kind}) exited {code}, expected {p.code}")
 
     async def attach_other(self, c: ContainerModel, background: trio.Nursery) -> None:
@@ -312,7 +323,7 @@ class Worker:
             attached.append(await container.attach(p.id, ProcessIO(stdout=Sink())))
 
         # Its owner may destroy it meanwhile: then "not found" is right.
-        if await self.attempt(f"attach {c.handle}/{p.id} from another client", attach,
+        if await self.attempt(f"attach {c.handle}/{p.id} from another client", attach, c,
                               tolerate=lambda: c.state != "acked"):
             background.start_soon(self.wait_background, c, p, attached[0], None, 0.0)
 
@@ -329,7 +340,7 @@ class Worker:
         c.partial.add(name)
         spec = StreamInSpec(path=STREAM_DIR, user="root", tar_stream=tar_of(name, data))
         if await self.attempt(f"stream_in {c.handle} {name} ({len(data)} bytes)",
-                              lambda: self._container(c).stream_in(spec)):
+                              lambda: self._container(c).stream_in(spec), c):
             c.files[name] = {data}
             c.partial.discard(name)
 
@@ -337,28 +348,28 @@ class Worker:
         key, value = self.rng.choice(PROPERTY_KEYS), f"v{self._next()}"
         c.props.setdefault(key, {None}).add(value)
         if await self.attempt(f"set_property {c.handle} {key}={value}",
-                              lambda: self._container(c).set_property(key, value)):
+                              lambda: self._container(c).set_property(key, value), c):
             c.props[key] = {value}
 
     async def remove_property(self, c: ContainerModel) -> None:
         key = self.rng.choice(PROPERTY_KEYS)
         c.props.setdefault(key, {None}).add(None)
         if await self.attempt(f"remove_property {c.handle} {key}",
-                              lambda: self._container(c).remove_property(key)):
+                              lambda: self._container(c).remove_property(key), c):
             c.props[key] = {None}
 
     async def limit_memory(self, c: ContainerModel) -> None:
         limit = self.rng.choice(MEMORY_CHOICES[1:])
         c.memory.add(limit)
         if await self.attempt(f"limit_memory {c.handle} {limit}",
-                              lambda: self._container(c).limit_memory(MemoryLimits(limit_in_bytes=limit))):
+                              lambda: self._container(c).limit_memory(MemoryLimits(limit_in_bytes=limit)), c):
             c.memory = {limit}
 
     async def limit_cpu(self, c: ContainerModel) -> None:
         shares = self.rng.choice(SHARES_CHOICES[1:])
         c.shares.add(shares)
         if await self.attempt(f"limit_cpu {c.handle} {shares}",
-                              lambda: self._container(c).limit_cpu(CPULimits(limit_in_shares=shares))):
+                              lambda: self._container(c).limit_cpu(CPULimits(limit_in_shares=shares)), c):
             c.shares = {shares}
 
     async def check(self, c: ContainerModel) -> None:
@@ -371,9 +382,9 @@ class Worker:
             got["memory"] = await container.current_memory_limits()
             got["cpu"] = await container.current_cpu_limits()
 
-        if not await self.attempt(f"check {c.handle}", read):
+        if not await self.attempt(f"check {c.handle}", read, c):
             return
-        if self.model.killed:
+        if self.model.server_killed or c.shim_killed:
             return
         problems = container_differences(c, got["info"], got["memory"], got["cpu"])
         self.model.problems += [f"check {c.handle} before the kill: {p}" for p in problems]
@@ -381,7 +392,7 @@ class Worker:
     async def destroy(self, c: ContainerModel) -> None:
         self.live.remove(c.handle)
         c.state = "destroying"
-        if await self.attempt(f"destroy {c.handle}", lambda: self.client.destroy(c.handle)):
+        if await self.attempt(f"destroy {c.handle}", lambda: self.client.destroy(c.handle), c):
             c.state = "destroyed"
 
 
@@ -391,17 +402,17 @@ async def _append(into: list[Any], value: Awaitable[Any]) -> None:
 
 async def reader(model: Model, client: Any) -> None:
     """Another client listing and bulk-infoing all the while: what it sees is known."""
-    while not model.killed:
+    while not model.stop:
         gone_before = {h for h, c in model.containers.items() if c.state in ("destroyed", "failed")}
         try:
             with trio.fail_after(CALL_TIMEOUT):
                 handles = [c.handle for c in await client.containers()]
                 infos = await client.bulk_info(handles)
         except GardenError as err:
-            if not model.killed:
+            if not model.server_killed:
                 model.problem(f"reader: {err!r}")
             return
-        if model.killed:
+        if model.server_killed:
             return
         for handle in handles:
             if handle not in model.containers:
@@ -527,16 +538,21 @@ async def chaos_phase(server: ServerProcess, model: Model, seed: int, kill_at: f
             nursery.start_soon(reader, model, clients[WORKERS])
             await trio.sleep(kill_at)  # the schedule's random moment
             candidates = [c for c in model.containers.values() if c.state == "acked"]
+            busy = [c for c in candidates if c.busy]  # a call on it in flight (a StreamIn, say)
             if target == "shim" and candidates:
-                victim = random.Random(seed).choice(candidates)
+                pick = random.Random(seed)
+                victim = pick.choice(busy if busy and pick.random() < 0.5 else candidates)
                 pid = shims.find(os.path.join(server.depot, depot.CONTAINERS)).get(victim.name)
                 assert pid is not None, f"no shim found for {victim.handle}"
-                model.step(f"kill -9 the shim of {victim.handle} (pid {pid})")
-                model.killed = victim.shim_killed = True
+                model.step(f"kill -9 the shim of {victim.handle} (pid {pid}, {victim.busy} calls in flight)")
+                victim.shim_killed = True
                 os.kill(pid, signal.SIGKILL)
+                # The clients go on for a while: only the victim's calls may fail.
+                await trio.sleep(random.Random(seed).uniform(0.5, 2.5))
             else:
-                model.killed = True
+                model.server_killed = True
                 await server.kill(signal.SIGKILL)
+            model.stop = True
             nursery.cancel_scope.cancel()
     return victim
 
