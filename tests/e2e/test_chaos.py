@@ -31,7 +31,7 @@ got it), and a new process runs. Then every container is destroyed and nothing m
 left: cgroups, mounts, container directories, shims, inits.
 
 Seeds: ``GACTOR_CHAOS_SEEDS=N`` runs seeds 1..N (``GACTOR_CHAOS_SEED=7,9`` runs those);
-the default is a handful for CI. ``GACTOR_CHAOS_SECONDS`` bounds the moment of the kill
+the default is three for CI. ``GACTOR_CHAOS_SECONDS`` bounds the moment of the kill
 (default 6 s of chaos; each seed takes roughly 15-25 s in all). The schedule each worker
 follows is drawn from its own ``random.Random``, so a seed repeats the same decisions,
 though trio's interleaving of the clients (and so some outcomes) differs run to run.
@@ -90,7 +90,7 @@ def _seeds() -> list[int]:
         return list(range(1, int(n) + 1))
     if chosen := os.environ.get("GACTOR_CHAOS_SEED"):
         return [int(s) for s in chosen.split(",")]
-    return [1, 2, 3]
+    return [5, 9, 13]  # a shim kill then SIGKILL, a shim kill then SIGTERM, a server kill
 
 
 # ---- the model of what the server acknowledged ------------------------------------------
@@ -117,6 +117,7 @@ class ContainerModel:
     procs: dict[str, ProcModel] = field(default_factory=dict)
     shim_killed: bool = False
     busy: int = 0  # calls in flight on it
+    busy_at_kill: int = 0
 
     @property
     def name(self) -> str:
@@ -499,9 +500,7 @@ async def test_chaos(own_servers, seed):
     server.note(f"chaos seed {seed}: kill the {target} after {kill_at:.2f} s")
 
     victim = await chaos_phase(server, model, seed, kill_at, target)
-    if victim is None:
-        model.step("kill -9 the server")
-    else:
+    if victim is not None:
         await check_broken(server, model, victim)
         model.step(f"stop the server ({restart_signal.name})")
         await server.kill(restart_signal)
@@ -513,14 +512,15 @@ async def test_chaos(own_servers, seed):
     await destroy_everything(server, model)
     assert not model.problems, report(seed, model, server)
     await server.finish()
-    print(summary(seed, model, target, kill_at))
+    print(summary(seed, model, victim, kill_at))
 
 
-def summary(seed: int, model: Model, target: str, kill_at: float) -> str:
+def summary(seed: int, model: Model, victim: ContainerModel | None, kill_at: float) -> str:
     states: dict[str, int] = {}
     for c in model.containers.values():
         states[c.state] = states.get(c.state, 0) + 1
     procs = [p for c in model.containers.values() for p in c.procs.values()]
+    target = "server" if victim is None else f"shim of {victim.handle} ({victim.busy_at_kill} calls in flight)"
     return (f"\nchaos seed {seed}: killed the {target} at {kill_at:.1f} s after {len(model.steps)} steps; "
             f"containers {states}; processes {len(procs)} ({sum(p.acked for p in procs)} acknowledged)")
 
@@ -545,11 +545,15 @@ async def chaos_phase(server: ServerProcess, model: Model, seed: int, kill_at: f
                 pid = shims.find(os.path.join(server.depot, depot.CONTAINERS)).get(victim.name)
                 assert pid is not None, f"no shim found for {victim.handle}"
                 model.step(f"kill -9 the shim of {victim.handle} (pid {pid}, {victim.busy} calls in flight)")
+                server.note(model.steps[-1])
                 victim.shim_killed = True
+                victim.busy_at_kill = victim.busy
                 os.kill(pid, signal.SIGKILL)
                 # The clients go on for a while: only the victim's calls may fail.
                 await trio.sleep(random.Random(seed).uniform(0.5, 2.5))
             else:
+                model.step("kill -9 the server")
+                server.note(model.steps[-1])
                 model.server_killed = True
                 await server.kill(signal.SIGKILL)
             model.stop = True
