@@ -67,7 +67,15 @@ from gactor import (
 from gactor.errors import ProcessNotFoundError
 from gactor.kernel import depot, shims
 
-from .helpers import CGROUP_ROOT, E2E_MARKS, Sink, StdinGate, wait_for, wait_until_equal
+from .helpers import (
+    CGROUP_ROOT,
+    E2E_MARKS,
+    Sink,
+    StdinGate,
+    proc_status,
+    wait_for,
+    wait_until_equal,
+)
 from .servers import ServerProcess
 
 pytestmark = E2E_MARKS
@@ -116,8 +124,9 @@ class ContainerModel:
     partial: set[str] = field(default_factory=set)  # in flight: any prefix of the content may be there
     procs: dict[str, ProcModel] = field(default_factory=dict)
     shim_killed: bool = False
-    busy: int = 0  # calls in flight on it
-    busy_at_kill: int = 0
+    shim_pid: int = 0  # the one killed
+    in_flight: list[str] = field(default_factory=list)  # the calls on it not answered yet
+    in_flight_at_kill: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -165,7 +174,7 @@ class Worker:
         (then the call's effect is unknown): a dead shim fails only its own container."""
         self.model.step(what)
         if c is not None:
-            c.busy += 1
+            c.in_flight.append(what.split()[0])
         try:
             with trio.fail_after(CALL_TIMEOUT):
                 await call()
@@ -178,7 +187,7 @@ class Worker:
             return False
         finally:
             if c is not None:
-                c.busy -= 1
+                c.in_flight.remove(what.split()[0])
         return True
 
     async def run(self) -> None:
@@ -520,7 +529,7 @@ def summary(seed: int, model: Model, victim: ContainerModel | None, kill_at: flo
     for c in model.containers.values():
         states[c.state] = states.get(c.state, 0) + 1
     procs = [p for c in model.containers.values() for p in c.procs.values()]
-    target = "server" if victim is None else f"shim of {victim.handle} ({victim.busy_at_kill} calls in flight)"
+    target = "server" if victim is None else f"shim of {victim.handle} (in flight: {victim.in_flight_at_kill})"
     return (f"\nchaos seed {seed}: killed the {target} at {kill_at:.1f} s after {len(model.steps)} steps; "
             f"containers {states}; processes {len(procs)} ({sum(p.acked for p in procs)} acknowledged)")
 
@@ -538,23 +547,24 @@ async def chaos_phase(server: ServerProcess, model: Model, seed: int, kill_at: f
             nursery.start_soon(reader, model, clients[WORKERS])
             await trio.sleep(kill_at)  # the schedule's random moment
             candidates = [c for c in model.containers.values() if c.state == "acked"]
-            busy = [c for c in candidates if c.busy]  # a call on it in flight (a StreamIn, say)
+            busy = [c for c in candidates if c.in_flight]  # a call on it in flight (a StreamIn, say)
             if target == "shim" and candidates:
                 pick = random.Random(seed)
                 victim = pick.choice(busy if busy and pick.random() < 0.5 else candidates)
                 pid = shims.find(os.path.join(server.depot, depot.CONTAINERS)).get(victim.name)
                 assert pid is not None, f"no shim found for {victim.handle}"
-                model.step(f"kill -9 the shim of {victim.handle} (pid {pid}, {victim.busy} calls in flight)")
+                model.step(f"kill -9 the shim of {victim.handle} (pid {pid}, in flight: {victim.in_flight})")
                 server.note(model.steps[-1])
                 victim.shim_killed = True
-                victim.busy_at_kill = victim.busy
+                victim.shim_pid = pid
+                victim.in_flight_at_kill = list(victim.in_flight)
                 os.kill(pid, signal.SIGKILL)
                 # The clients go on for a while: only the victim's calls may fail.
                 await trio.sleep(random.Random(seed).uniform(0.5, 2.5))
             else:
                 model.step("kill -9 the server")
                 server.note(model.steps[-1])
-                model.server_killed = True
+                model.server_killed = model.stop = True  # no new calls meet the dying server
                 await server.kill(signal.SIGKILL)
             model.stop = True
             nursery.cancel_scope.cancel()
@@ -566,11 +576,13 @@ async def check_broken(server: ServerProcess, model: Model, victim: ContainerMod
     async with server.connect() as client:
         container = await client.lookup(victim.handle)
 
-        async def broken() -> bool:
-            return (await container.info()).state == "broken"
-
-        await wait_for(broken, within=15, interval=0.05, what=f"{victim.handle} to report 'broken'")
-        info = await container.info()
+        deadline = trio.current_time() + 15
+        while (info := await container.info()).state != "broken":
+            if trio.current_time() > deadline:
+                model.problem(f"{victim.handle}: still {info.state!r} 15 s after its shim was killed; "
+                              f"{shim_diagnosis(server, victim)}")
+                return
+            await trio.sleep(0.05)
         if SHIM_DIED_EVENT not in info.events:
             model.problem(f"{victim.handle}: broken but events are {info.events}")
         if info.process_ids:
@@ -594,6 +606,31 @@ async def check_broken(server: ServerProcess, model: Model, victim: ContainerMod
                 continue
             if code != p.code:
                 model.problem(f"{victim.handle}/{p.id}: exited {code} before the shim died, expected {p.code}")
+
+
+def shim_diagnosis(server: ServerProcess, victim: ContainerModel) -> str:
+    """What the host says about a killed shim the server did not notice."""
+    status = proc_status(victim.shim_pid)
+    pidfds = []
+    fd_dir = f"/proc/{server.pid}/fd"
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):
+            if os.readlink(os.path.join(fd_dir, fd)) == "anon_inode:[pidfd]":
+                with open(f"/proc/{server.pid}/fdinfo/{fd}") as f:
+                    pid_line = [line for line in f.read().splitlines() if line.startswith("Pid:")]
+                pidfds.append(f"{fd}:{pid_line[0].split()[1] if pid_line else '?'}")
+    return (f"killed pid {victim.shim_pid}: state {status.get('State', 'gone')}, ppid {status.get('PPid')}; "
+            f"shims now {shims.find(os.path.join(server.depot, depot.CONTAINERS))}; "
+            f"shim.pid {_read(os.path.join(server.container_dir(victim.handle), 'shim.pid'))}; "
+            f"server pidfds (fd:pid) {sorted(pidfds)}")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as err:
+        return str(err)
 
 
 async def check_after_restart(server: ServerProcess, model: Model) -> None:
