@@ -576,6 +576,12 @@ async def check_broken(server: ServerProcess, model: Model, victim: ContainerMod
     async with server.connect() as client:
         container = await client.lookup(victim.handle)
 
+        # SIGKILL takes effect when the shim leaves the kernel (a fork or a cgroup write
+        # under load can hold it in D state): the server can only notice from then on.
+        killed_at = trio.current_time()
+        await wait_for(lambda: proc_status(victim.shim_pid).get("State", "X")[:1] in ("Z", "X"), within=60,
+                       what=f"the killed shim {victim.shim_pid} to exit")
+        model.step(f"the killed shim exited after {trio.current_time() - killed_at:.2f} s")
         deadline = trio.current_time() + 15
         while (info := await container.info()).state != "broken":
             if trio.current_time() > deadline:
