@@ -503,6 +503,7 @@ class ContainerActor:
         except KernelError as err:
             raise GardenError(f"cannot set cpu limits {limits}: {err}") from err
         self.spec.limits.cpu = limits
+        self.ref._publish()  # current_cpu_limits reads the published snapshot
         await self._save()
 
     @property

@@ -24,9 +24,19 @@ def _cmdline(pid: int) -> str:
         return f.read().split(b"\0", 1)[0].decode(errors="replace").rstrip()
 
 
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # after "pid (comm) state"
+
+
 def find(containers_root: str) -> dict[str, int]:
-    """Container handle -> pid of every live shim whose container is under ``containers_root``."""
-    found: dict[str, int] = {}
+    """Container handle -> pid of every live shim whose container is under ``containers_root``.
+
+    A process the shim forks carries its title until it execs or retitles itself (the
+    spawn helper, a process about to exec, pid 1 before it becomes garden-init): a
+    titled process whose parent has the same title is such a child, never the shim."""
+    titled: dict[int, str] = {}
     prefix = title(containers_root.rstrip("/") + "/")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -34,7 +44,12 @@ def find(containers_root: str) -> dict[str, int]:
         with contextlib.suppress(OSError):
             cmdline = _cmdline(int(entry))
             if cmdline.startswith(prefix) and "/" not in cmdline[len(prefix):]:
-                found[cmdline[len(prefix):]] = int(entry)
+                titled[int(entry)] = cmdline[len(prefix):]
+    found: dict[str, int] = {}
+    for pid, name in titled.items():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if titled.get(_ppid(pid)) != name:
+                found[name] = pid
     return found
 
 
