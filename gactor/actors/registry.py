@@ -281,8 +281,8 @@ class Registry:
                 # True when that was the copy's last user: only then can a collect free it
                 # (copies of unchanged sources are kept anyway), so 50 destroys of
                 # containers sharing one image do not run 50 collects.
-                path = self._image_users.pop(handle, None)
-                return path is not None and path not in self._image_users.values()
+                released = self._image_users.pop(handle, None)
+                return released is not None and released not in self._image_users.values()
             case _Created(reply_to, handle, container, error):
                 self._creating.discard(handle)
                 if container is None:
