@@ -12,7 +12,7 @@ import contextlib
 import ipaddress
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
@@ -21,7 +21,7 @@ from ..actors import metrics
 from ..actors.container import ContainerRef
 from ..actors.process import ProcessActor, Subscription
 from ..actors.registry import RegistryRef, check_name
-from ..errors import GardenError, error_to_wire
+from ..errors import ContainerNotFoundError, GardenError, error_to_wire
 from ..kernel.errors import KernelError
 from ..types import (
     BandwidthLimits,
@@ -132,7 +132,110 @@ class Api:
                     await process.unsubscribe(sub)
 
 
+    async def stream_in(self, args: dict[str, Any], chunks: AsyncIterable[bytes]) -> None:
+        """StreamIn: extract the uncompressed tar ``chunks`` carry into ``path`` as ``user``;
+        returns once it is all written. Raises GardenError ("error streaming in: ...",
+        with tar's exit status and output; ContainerNotFoundError as it is). Cancelled
+        (the client went away): tar is killed; what it extracted so far stays."""
+        try:
+            async with self.tar(args, extract=True) as (process, sub):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(feed_stdin, process, chunks)
+                    output = await _collect(sub)
+                    code = await process.wait()
+                    nursery.cancel_scope.cancel()
+            if code != 0:
+                raise GardenError(f"exit status {code}. Output: {output.decode(errors='replace').strip()}")
+        except* GardenError as group:
+            raise stream_error(first_error(group), "in") from None
+
+    @contextlib.asynccontextmanager
+    async def stream_out(self, args: dict[str, Any]) -> AsyncIterator[AsyncIterator[list[bytes]]]:
+        """StreamOut: a tar of ``path`` read as ``user``. The context opens once the
+        archive is known to be readable (else GardenError, "error streaming out: ..."):
+        tar writes an empty archive even for a missing path, so it waits for a member or
+        tar's exit. It yields chunks, each handed over in a one-item list (a "parcel" the
+        consumer empties, so no reference outlives the chunk's encoding); iterating raises
+        GardenError if tar fails after some output. Leaving early kills tar."""
+        try:
+            async with self.tar(args, extract=False) as (process, sub):
+                errors = bytearray()
+                async with sub.receive:
+                    first = await _first_archive_bytes(sub, errors)
+                    if (first is None or len(first) <= _TAR_END_MARKER) and await process.wait() != 0:
+                        raise GardenError(errors.decode(errors="replace").strip())
+                    yield _archive(process, sub, first, errors)
+        except* GardenError as group:
+            raise stream_error(first_error(group), "out") from None
+
+
 TAR_OUTPUT_LIMIT = 64 << 10  # bytes of tar's stderr kept for an error message
+_TAR_END_MARKER = 1024  # two zero blocks end every tar archive
+
+
+async def feed_stdin(process: ProcessActor, chunks: AsyncIterable[bytes]) -> None:
+    """Write ``chunks`` to the process's stdin in order, then close it. Each write returns
+    once written (backpressure reaches the iterator). The process going away ends the
+    feeding quietly (what is left is dropped, as Garden drops stdin after exit)."""
+    with contextlib.suppress(GardenError):
+        async for data in chunks:
+            await process.write_stdin(data)
+        await process.close_stdin()
+
+
+async def _archive(process: ProcessActor, sub: Subscription, first: bytes | None,
+                   errors: bytearray) -> AsyncIterator[list[bytes]]:
+    if first is not None:
+        parcel = [first]
+        del first
+        yield parcel
+    async for fd, data in sub.receive:
+        if fd == 1:
+            parcel = [data]
+            del data
+            yield parcel
+        elif len(errors) < TAR_OUTPUT_LIMIT:
+            errors += data
+    code = await process.wait()
+    if code != 0:
+        raise GardenError(f"exit status {code}: {errors.decode(errors='replace').strip()}")
+
+
+async def _collect(sub: Subscription) -> bytes:
+    """Everything a subscription delivers, up to TAR_OUTPUT_LIMIT bytes (the rest is dropped)."""
+    output = bytearray()
+    async with sub.receive:
+        async for _, data in sub.receive:
+            output += data[: max(0, TAR_OUTPUT_LIMIT - len(output))]
+    return bytes(output)
+
+
+async def _first_archive_bytes(sub: Subscription, errors: bytearray) -> bytes | None:
+    """The start of the archive (more than its 1024-byte end marker), gathering stderr
+    meanwhile; None if tar ends first. tar writes an empty archive even when the path is
+    missing, so only an archive with a member in it proves the path could be read."""
+    head = bytearray()
+    async for fd, data in sub.receive:
+        if fd == 1:
+            head += data
+            if len(head) > _TAR_END_MARKER:
+                return bytes(head)
+        elif len(errors) < TAR_OUTPUT_LIMIT:
+            errors += data
+    return bytes(head) or None
+
+
+def stream_error(err: GardenError, direction: str) -> GardenError:
+    """Garden's wording for a failed StreamIn/StreamOut; a missing container stays itself."""
+    if isinstance(err, ContainerNotFoundError) or str(err).startswith("error streaming"):
+        return err
+    return GardenError(f"error streaming {direction}: {err}")
+
+
+def first_error(group: BaseExceptionGroup[GardenError]) -> GardenError:
+    """The first GardenError of an ``except* GardenError`` group (nested or not)."""
+    first = group.exceptions[0]
+    return first if isinstance(first, GardenError) else first_error(first)
 
 # Spec fields later issues implement; until then a spec using one is refused, never ignored.
 _NOT_YET = "is not supported by this server yet"

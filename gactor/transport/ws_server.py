@@ -8,23 +8,22 @@ The grace timer of a container stays paused while any of its streams is open.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
 import math
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
-from ..actors.process import ProcessActor, Subscription
-from ..errors import ContainerNotFoundError, GardenError
+from ..errors import GardenError
 from . import listeners, schema
 from . import protocol as P
 from .listeners import ListenAddress
-from .methods import TAR_OUTPUT_LIMIT, Api, arg
+from .methods import Api, arg, feed_stdin, first_error
 
 log = logging.getLogger("gactor.api")
 
@@ -35,7 +34,6 @@ class _StreamGone(trio.ClosedResourceError):
 # A client going away mid-send: its streams end, its processes keep running.
 _GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
 SEND_TIMEOUT = 30.0  # seconds a client may read nothing before it is dropped
-_TAR_END_MARKER = 1024  # two zero blocks end every tar archive
 # Calls that open a stream other than run/attach, and the Peer method serving each.
 _STREAMING = {"events": "_serve_events", "stream_in": "_serve_stream_in", "stream_out": "_serve_stream_out"}
 
@@ -162,7 +160,7 @@ class Peer:
                 with stream.scope:
                     async with trio.open_nursery() as nursery:
                         if stdin:
-                            nursery.start_soon(self._feed_stdin, stream, stream_id, proc)
+                            nursery.start_soon(feed_stdin, proc, self._stdin_chunks(stream, stream_id))
                         async with sub.receive:
                             async for fd, data in sub.receive:
                                 parcel = [data]
@@ -176,7 +174,7 @@ class Peer:
                         nursery.cancel_scope.cancel()
                     await self.send(P.Exit(stream_id, code, error))
         except* GardenError as group:
-            failure = _first(group)
+            failure = first_error(group)
             if replied:
                 log.warning("stream %d of %s failed after its reply: %s", stream_id, call.method, failure)
             else:
@@ -204,18 +202,11 @@ class Peer:
         """Extract the tar the client streams as stdin; reply once it is all written."""
         stream_id = call.args["stream"]
         try:
-            async with self.api.tar(call.args, extract=True) as (proc, sub):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._feed_stdin, stream, stream_id, proc)
-                    output = await _collect(sub)
-                    code = await proc.wait()
-                    nursery.cancel_scope.cancel()
-            if code != 0:
-                raise GardenError(f"exit status {code}. Output: {output.decode(errors='replace').strip()}")
+            await self.api.stream_in(call.args, self._stdin_chunks(stream, stream_id))
             await self.send(P.Exit(stream_id, 0))
             await self.send(P.Reply(call.id, {}))
         except* GardenError as group:
-            await self._reply_error(call.id, _stream_error(_first(group), "in"))
+            await self._reply_error(call.id, first_error(group))
         except* _GONE:
             pass
         finally:
@@ -223,40 +214,22 @@ class Peer:
 
     async def _serve_stream_out(self, call: P.Call, stream: _Stream) -> None:
         """Stream a tar of ``path`` as output fd 1. A path that cannot be archived is an
-        error reply: the reply waits for tar's first byte of archive or its exit."""
+        error reply (``Api.stream_out`` waits for the first member or tar's exit)."""
         stream_id = call.args["stream"]
         replied = False
         try:
-            async with self.api.tar(call.args, extract=False) as (proc, sub):
-                errors = bytearray()
+            async with self.api.stream_out(call.args) as archive:
+                await self.send(P.Reply(call.id, {}))
+                replied = True
                 with stream.scope:
-                    async with sub.receive:
-                        first = await _first_archive_bytes(sub, errors)
-                        if (first is None or len(first) <= _TAR_END_MARKER) and await proc.wait() != 0:
-                            raise GardenError(errors.decode(errors="replace").strip())
-                        await self.send(P.Reply(call.id, {}))
-                        replied = True
-                        if first is not None:
-                            parcel = [first]
-                            del first  # handed over whole: see _send_output
-                            await self._send_output(stream, stream_id, 1, parcel)
-                        async for fd, data in sub.receive:
-                            if fd == 1:
-                                parcel = [data]
-                                del data  # handed over whole: see _send_output
-                                await self._send_output(stream, stream_id, 1, parcel)
-                            elif len(errors) < TAR_OUTPUT_LIMIT:
-                                errors += data
-                    code = await proc.wait()
-                    error = None if code == 0 else GardenError(
-                        f"error streaming out: exit status {code}: {errors.decode(errors='replace').strip()}")
-                    await self.send(P.Exit(stream_id, 0 if error is None else None, error))
+                    async for parcel in archive:
+                        await self._send_output(stream, stream_id, 1, parcel)
+                    await self.send(P.Exit(stream_id, 0))
         except* GardenError as group:
-            err = _first(group)
             if replied:
-                await self._safe_send(P.Exit(stream_id, None, _stream_error(err, "out")))
+                await self._safe_send(P.Exit(stream_id, None, first_error(group)))
             else:
-                await self._reply_error(call.id, _stream_error(err, "out"))
+                await self._reply_error(call.id, first_error(group))
         except* _GONE:
             pass
         finally:
@@ -284,51 +257,14 @@ class Peer:
         finally:
             self.streams.pop(stream_id, None)
 
-    async def _feed_stdin(self, stream: _Stream, stream_id: int, proc: ProcessActor) -> None:
-        """Write what the client sends to the process, granting credit back once each
-        chunk is written. The process going away ends feeding, never the connection."""
+    async def _stdin_chunks(self, stream: _Stream, stream_id: int) -> AsyncIterator[bytes]:
+        """The client's stdin frames until it closes stdin, granting credit back for each
+        chunk once the consumer asks for the next (it has written the previous one)."""
         async for data in stream.stdin[1]:
             if data is None:
-                with contextlib.suppress(GardenError):
-                    await proc.close_stdin()
                 return
-            with contextlib.suppress(GardenError):
-                await proc.write_stdin(data)
+            yield data
             await self.send(P.Credit(stream_id, len(data)))
-
-
-def _first(group: BaseExceptionGroup[GardenError]) -> GardenError:
-    return group.exceptions[0] if isinstance(group.exceptions[0], GardenError) else _first(group.exceptions[0])
-
-
-def _stream_error(err: GardenError, direction: str) -> GardenError:
-    if isinstance(err, ContainerNotFoundError) or str(err).startswith("error streaming"):
-        return err
-    return GardenError(f"error streaming {direction}: {err}")
-
-
-async def _collect(sub: Subscription) -> bytes:
-    """Everything a subscription delivers, up to TAR_OUTPUT_LIMIT bytes (the rest is dropped)."""
-    output = bytearray()
-    async with sub.receive:
-        async for _, data in sub.receive:
-            output += data[: max(0, TAR_OUTPUT_LIMIT - len(output))]
-    return bytes(output)
-
-
-async def _first_archive_bytes(sub: Subscription, errors: bytearray) -> bytes | None:
-    """The start of the archive (more than its 1024-byte end marker), gathering stderr
-    meanwhile; None if tar ends first. tar writes an empty archive even when the path is
-    missing, so only an archive with a member in it proves the path could be read."""
-    head = bytearray()
-    async for fd, data in sub.receive:
-        if fd == 1:
-            head += data
-            if len(head) > _TAR_END_MARKER:
-                return bytes(head)
-        elif len(errors) < TAR_OUTPUT_LIMIT:
-            errors += data
-    return bytes(head) or None
 
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a new connection may take to complete its handshake
