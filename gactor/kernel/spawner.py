@@ -86,12 +86,12 @@ def _serve(sock: socket.socket) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     while True:
-        readable, _, _ = select.select([sock.fileno(), wake_r], [], [])
+        readable, _, _ = select.select([sock, wake_r], [], [])
         if wake_r in readable:
             with contextlib.suppress(BlockingIOError):
                 os.read(wake_r, 4096)
             _reap()
-        if sock.fileno() not in readable:
+        if sock not in readable:
             continue
         try:
             got = wire.recv(sock)
