@@ -2,10 +2,8 @@
 
 Forking from the trio process is unsafe (it has threads), and exec'ing a fresh
 interpreter per container is slow, so the server forks this helper first and asks
-it over a SOCK_SEQPACKET socketpair for each new shim. A shim is the spawner's
-child (the spawner reaps it when it exits); it has no parent-death signal, so it
-survives the spawner and the server (the spawner dies with the server) and is then
-reparented.
+it over a SOCK_SEQPACKET socketpair for each new shim. The spawner double-forks,
+so a shim is nobody's child and survives the server.
 
 The exchange, one message each way, matched by ``rid``::
 
@@ -23,12 +21,11 @@ shim nobody took over never outlives its request. The pidfd lets the server wait
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
-import select
 import signal
 import socket
+import struct
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -80,19 +77,7 @@ def _serve(sock: socket.socket) -> None:
     gc.freeze()
     from .shim import shim_main
 
-    # Shims are our children: a SIGCHLD wakes the loop below to reap them. The wakeup fd
-    # (not reaping in a handler) keeps reaping out of the window between fork and pidfd_open.
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
     while True:
-        readable, _, _ = select.select([sock, wake_r], [], [])
-        if wake_r in readable:
-            with contextlib.suppress(BlockingIOError):
-                os.read(wake_r, 4096)
-            _reap()
-        if sock not in readable:
-            continue
         try:
             got = wire.recv(sock)
         except OSError:
@@ -126,39 +111,45 @@ def _serve(sock: socket.socket) -> None:
 
 
 def _fork_shim(cfg: dict[str, Any], sock: socket.socket, shim_main: Any) -> tuple[int, list[int]]:
-    """Fork a shim; return its pid and [status socket, pidfd] (the caller closes them).
+    """Double-fork a shim; return its pid and [status socket, pidfd] (the caller closes them).
 
-    The shim is our child and we reap it only in ``_reap`` (at the top of the serving
-    loop), so its pid cannot name another process before ``pidfd_open`` below. A single
-    fork: a double fork (a middle process, so the shim is nobody's child) cost about
-    4 ms more per create, two forks and an exit of a process this size."""
+    The middle process stays until we hold the shim's pidfd: while it lives and has not
+    reaped the shim, the shim's pid cannot name another process."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    hold_parent, hold_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        shim = os.fork()
-        if shim == 0:
+        middle = os.fork()
+        if middle == 0:
             try:
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the shim reaps its own children
                 sock.close()
                 ours.close()
-                shim_main(cfg, theirs.detach())
+                hold_parent.close()
+                shim = os.fork()
+                if shim == 0:
+                    hold_child.close()
+                    shim_main(cfg, theirs.detach())
+                theirs.close()
+                hold_child.sendall(struct.pack("q", shim))
+                hold_child.recv(1)  # until the spawner has the pidfd (or died)
             finally:
-                os._exit(1)
+                os._exit(0)
         theirs.close()
-        pidfd = os.pidfd_open(shim)
-        return shim, [ours.detach(), pidfd]
+        hold_child.close()
+        try:
+            raw = b""
+            while len(raw) < 8 and (chunk := hold_parent.recv(8 - len(raw))):
+                raw += chunk
+            if len(raw) != 8:
+                raise RuntimeError("the spawner's middle process died before forking the shim")
+            shim_pid = int(struct.unpack("q", raw)[0])
+            pidfd = os.pidfd_open(shim_pid)
+        finally:
+            hold_parent.close()
+            os.waitpid(middle, 0)
+        return shim_pid, [ours.detach(), pidfd]
     except BaseException:
         ours.close()
         theirs.close()
+        hold_child.close()
+        hold_parent.close()
         raise
-
-
-def _reap() -> None:
-    """Reap every shim that has exited (the server watches them through their pidfds)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
