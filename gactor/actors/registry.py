@@ -448,8 +448,10 @@ class Registry:
         with trio.CancelScope(shield=True):
             async with self._image_lock:
                 try:
-                    copy = await trio.to_thread.run_sync(
-                        lambda: image_copies.prepare(command.source, self.env.image_store, shift=command.shift))
+                    copy = image_copies.known(command.source, self.env.image_store, shift=command.shift)
+                    if copy is None:
+                        copy = await trio.to_thread.run_sync(
+                            lambda: image_copies.prepare(command.source, self.env.image_store, shift=command.shift))
                 except (KernelError, OSError) as err:
                     request.fail(GardenError(f"preparing image {command.source!r}: {err}"))
                     return

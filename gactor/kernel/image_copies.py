@@ -81,6 +81,27 @@ _known: dict[tuple[str, str, bool], _Known] = {}
 _known_lock = threading.Lock()
 
 
+def known(source: str, store: str, *, shift: bool = True) -> ImageCopy | None:
+    """The copy ``prepare`` would return without scanning, or None (then call ``prepare``).
+
+    Only a copy this process prepared whose source's inotify watch saw no event since:
+    a few lstat calls and one non-blocking read, and it never waits for the cache's
+    lock (busy: None), so the event loop may call it (saving a thread hop per create).
+    A watch that saw an event is forgotten here as in ``prepare``, which then rescans."""
+    if not _known_lock.acquire(blocking=False):
+        return None
+    try:
+        cached = _known.get((os.path.realpath(store), os.path.realpath(source), shift))
+        if cached is None or cached.watch < 0:
+            return None
+        if not generations.quiet(cached.watch):
+            _forget((os.path.realpath(store), os.path.realpath(source), shift))
+            return None
+    finally:
+        _known_lock.release()
+    return cached.copy if os.path.isdir(cached.copy.path) else None
+
+
 def prepare(source: str, store: str, *, shift: bool = True) -> ImageCopy:
     """The copy of ``source`` as it is now; built (in a temp dir, then renamed) only if
     no copy of this generation exists. Blocking; safe to call from several threads and
