@@ -11,7 +11,8 @@ VENV=.venv
 STAMP=$VENV/.gactor-install-stamp
 # gcc + libc6-dev: the server compiles its static garden-init (pid 1 of every container;
 # docs/architecture.md says why not Debian's tini or catatonit).
-PACKAGES=(busybox-static nftables conntrack socat iperf3 e2fsprogs util-linux iproute2 gcc libc6-dev)
+# openssl: the TLS tests make a self-signed certificate with it.
+PACKAGES=(busybox-static nftables conntrack socat iperf3 e2fsprogs util-linux iproute2 gcc libc6-dev openssl)
 
 step() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

@@ -26,7 +26,8 @@ import pytest
 import trio
 
 import gactor
-from gactor.kernel import depot
+from gactor.kernel import depot, shims
+from gactor.kernel import linux as L
 from gactor.server import ServerConfig, cgroup_parent_for
 
 from .helpers import (
@@ -109,6 +110,13 @@ class ServerProcess:
 
     def container_dir(self, handle: str) -> str:
         return os.path.join(self.depot, "containers", depot.dir_name(handle))
+
+    def shim_pid(self, handle: str) -> int:
+        """The pid of ``handle``'s shim, found by its title from outside (as reconcile does)."""
+        found = shims.find(os.path.join(self.depot, depot.CONTAINERS))
+        name = depot.dir_name(handle)
+        assert name in found, f"no shim for {handle!r} among {sorted(found)}"
+        return found[name]
 
     def log_text(self) -> str:
         try:
@@ -299,6 +307,22 @@ class ServerProcess:
                 await self.start("--destroy-containers-on-startup")
             await self.stop()
         self._kill_leftover_helpers()
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Last resort, when not even a fresh server could clean up (a test driving old or
+        broken code, say): detach this depot's mounts and remove its cgroups, so a failed
+        test never leaves the host changed. Noted in the log."""
+        mount_points = [line.split()[4] for line in mounts_containing(self.base)]
+        for point in sorted(mount_points, key=len, reverse=True):
+            self.note(f"teardown: detaching leftover mount {point}")
+            with contextlib.suppress(OSError):
+                L.umount(point, L.MNT_DETACH)
+        for path in sorted(server_cgroup_dirs(self.depot) | set(self.cgroup_parents()),
+                           key=lambda d: d.count(os.sep), reverse=True):
+            self.note(f"teardown: removing leftover cgroup {path}")
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
     def _kill_leftover_helpers(self) -> None:
         """Last resort: SIGKILL (by pid) the shims and inits of this depot that even a
