@@ -312,17 +312,12 @@ class ContainerActor:
 
     async def _serve(self) -> None:
         """The owning loop: until destroyed, one command at a time."""
-        async for request in self.mailbox.requests():
-            try:
-                await request.settle(self._handle)
-            except Exception:  # noqa: BLE001 - the request got an internal error; keep serving
-                log.exception("container %s: %s failed", self.handle, type(request.command).__name__)
-            if self.state is State.DESTROYED:
-                return
+        await self.mailbox.serve(self._handle, until=lambda: self.state is State.DESTROYED)
 
     async def _handle(self, request: Request[Any]) -> Any:  # noqa: C901 - one case per command
         match request.command:
             case GetInfo():
+                await self._check_oom()  # an OOM the kernel did not announce still shows
                 return self._info()
             case CheckOom():
                 await self._check_oom()
@@ -803,7 +798,6 @@ class ContainerRef:
         return self._actor.image_copy
 
     async def info(self) -> ContainerInfo:
-        await self._mailbox.ask(CheckOom())  # an OOM the kernel did not announce still shows
         info: ContainerInfo = await self._mailbox.ask(GetInfo())
         return info
 

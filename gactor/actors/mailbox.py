@@ -11,7 +11,8 @@ with ``ActorGone``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -19,6 +20,8 @@ import outcome
 import trio
 
 from ..errors import GardenError, ServiceUnavailableError
+
+log = logging.getLogger("gactor.actors")
 
 T = TypeVar("T")
 # A handler's return value meaning "not yet": a task of the owner settles the request later.
@@ -94,10 +97,19 @@ class Mailbox:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
 
-    async def requests(self) -> AsyncIterator[Request[Any]]:
-        """The owner's side: requests in arrival order, until ``close``."""
+    async def serve(self, handler: Callable[[Request[Any]], Awaitable[Any]],
+                    until: Callable[[], bool] = lambda: False) -> None:
+        """The owner's loop: settle requests with ``handler`` one at a time, in arrival
+        order, until ``close`` or until ``until()`` holds after one. A handler failing
+        with anything but a GardenError answers its caller with an internal error and is
+        logged; the actor keeps serving (one bad command never takes its state down)."""
         async for request in self._receive:
-            yield request
+            try:
+                await request.settle(handler)
+            except Exception:  # noqa: BLE001 - the caller got an internal error already
+                log.exception("%s: %s failed", self.owner, type(request.command).__name__)
+            if until():
+                return
 
     def close(self) -> None:
         """End the mailbox (the owner is ending): queued and later requests fail."""

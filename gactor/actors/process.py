@@ -142,8 +142,9 @@ class ProcessActor:
         actor published (see the public methods)."""
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._serve)
-                nursery.start_soon(self._write_stdin)
+                nursery.start_soon(self._mailbox.serve, self._handle)
+                # The stdin pipe's owner: writes in order, each finished before its reply.
+                nursery.start_soon(self._stdin_box.serve, self._stdin_command)
                 async with trio.open_nursery() as pumps:
                     for fd, stream in ((1, self._stdout), (2, self._stderr)):
                         if stream is not None:
@@ -171,10 +172,6 @@ class ProcessActor:
                         await self._link.request("drained", id=self.id)
                     except GardenError as err:
                         log.debug("process %s: releasing its fds in the shim: %s", self.id, err)
-
-    async def _serve(self) -> None:
-        async for request in self._mailbox.requests():
-            await request.settle(self._handle)
 
     async def _handle(self, request: Request[None]) -> None:
         match request.command:
@@ -226,11 +223,6 @@ class ProcessActor:
                 for sub in list(self._subs):
                     if fd in sub.fds and not await sub.deliver(fd, data):
                         self._subs.discard(sub)
-
-    async def _write_stdin(self) -> None:
-        """The stdin pipe's owner: writes in order, each finished before its reply."""
-        async for request in self._stdin_box.requests():
-            await request.settle(self._stdin_command)
 
     async def _stdin_command(self, request: Request[None]) -> None:
         command = request.command

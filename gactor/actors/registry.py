@@ -233,20 +233,13 @@ class Registry:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await self._restore()
-                nursery.start_soon(self._serve)
+                nursery.start_soon(self.mailbox.serve, self._handle)
                 if destroy_existing:
                     for handle in list(self.containers):
                         await ref.destroy(handle)
                 task_status.started(ref)
         finally:
             self.mailbox.close()
-
-    async def _serve(self) -> None:
-        async for request in self.mailbox.requests():
-            try:
-                await request.settle(self._handle)
-            except Exception:  # noqa: BLE001 - the request got an internal error; keep serving
-                log.exception("registry: %s failed", type(request.command).__name__)
 
     async def _handle(self, request: Request[Any]) -> Any:  # noqa: C901 - one case per command
         match request.command:
@@ -554,9 +547,10 @@ class RegistryRef:
         try:
             yield container
         finally:
+            # Told, not asked: the caller need not wait for the timer to restart, and
+            # commands are handled in order, so it never overtakes this request's work.
             with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
-                with contextlib.suppress(ActorGone):
-                    await self._mailbox.ask(Release(handle))
+                await self._mailbox.tell(Release(handle))
 
     async def list(self, properties: Mapping[str, str] | None) -> list[str]:
         handles: list[str] = await self._mailbox.ask(ListHandles(dict(properties or {})))
