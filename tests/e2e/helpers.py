@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import os
 import re
 import subprocess
+import tarfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
@@ -114,6 +116,16 @@ class StdinGate:
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
+
+
+def one_file_tar(name: str, data: bytes) -> bytes:
+    """An uncompressed tar holding one regular file ``name`` (mode 0644) with ``data``."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        entry = tarfile.TarInfo(name)
+        entry.size, entry.mode = len(data), 0o644
+        tar.addfile(entry, io.BytesIO(data))
+    return buf.getvalue()
 
 
 # ---- running processes -------------------------------------------------------------

@@ -19,7 +19,6 @@ from .helpers import (
     Sink,
     StdinGate,
     host_snapshot,
-    processes_named,
     sh_ok,
     unique_handle,
     wait_until_nothing_left,
@@ -28,12 +27,6 @@ from .helpers import (
 pytestmark = pytest.mark.trio
 
 
-def shim_of(server, handle: str) -> int:
-    """The pid of ``handle``'s shim, found by its title from outside."""
-    pids = processes_named("gactor-shim", server.container_dir(handle))
-    assert len(pids) == 1, pids
-    return pids.pop()
-
 
 async def test_a_dead_shim_is_noticed(gactor_server, client, create_container):
     container = await create_container()
@@ -41,7 +34,7 @@ async def test_a_dead_shim_is_noticed(gactor_server, client, create_container):
     assert before_info.state == "active"
     gate = StdinGate(b"x")
     process = await container.run(ProcessSpec(path="cat"), ProcessIO(stdin=gate, stdout=Sink()))
-    os.kill(shim_of(gactor_server, container.handle), signal.SIGKILL)
+    os.kill(gactor_server.shim_pid(container.handle), signal.SIGKILL)
     with trio.fail_after(10):
         with pytest.raises(GardenError, match=container.handle):
             await process.wait()  # ends with an error naming the container; never hangs
@@ -60,7 +53,7 @@ async def test_a_dead_shim_is_noticed(gactor_server, client, create_container):
 async def test_a_shim_dying_during_stream_in_fails_only_that_call(gactor_server, client, create_container):
     container = await create_container()
     other = await create_container()
-    shim = shim_of(gactor_server, container.handle)
+    shim = gactor_server.shim_pid(container.handle)
     started = trio.Event()
 
     async def endless_tar():
@@ -122,25 +115,40 @@ async def test_a_process_image_is_refused(container):
 
 
 async def test_a_detach_racing_output_keeps_the_connection(gactor_server, container):
-    """Detach streams while the server is sending their output; the connection and
-    every other call on it carry on (raw protocol: the client library has no detach)."""
+    """Detach streams whose output sends are queued on the connection: the client stops
+    reading until the server's sends block (holding the connection's send lock, with the
+    other streams' sends waiting for it), detaches every stream, then reads again. The
+    queued sends find their streams gone; the connection and the calls on it carry on
+    (raw protocol: the client library has no detach)."""
     conn = P.Connection(P.Role.CLIENT)
+    streams = set(range(1, 11))
+    ping = 100
+
+    async def receive() -> list[object]:
+        conn.receive_data(await ws.get_message())
+        events = []
+        while (event := conn.next_event()) is not None:
+            assert not isinstance(event, P.ProtocolViolation), event
+            events.append(event)
+        return events
+
     async with open_websocket_url(gactor_server.url, max_message_size=16 << 20) as ws:
-        call_ids = iter(range(1, 10_000))
-        for stream in range(1, 21):
-            spec = {"path": "sh", "args": ["-c", "yes | head -c 3000000"]}
-            await ws.send_message(conn.send(P.Call(next(call_ids), "run", {
+        for stream in streams:
+            # More than the 4 MiB window the client never extends: no stream can finish.
+            spec = {"path": "sh", "args": ["-c", "head -c 8000000 /dev/zero"]}
+            await ws.send_message(conn.send(P.Call(stream, "run", {
                 "handle": container.handle, "spec": spec, "stream": stream, "stdout": True})))
+        streaming: set[int] = set()
+        with trio.fail_after(30):
+            while streaming != streams:
+                streaming |= {e.stream for e in await receive() if isinstance(e, P.Output)}
+        # Not a wait for a condition but the condition itself: a client that reads
+        # nothing for a while, so the server's sends back up behind its send lock.
+        await trio.sleep(0.5)
+        for stream in streams:
             await ws.send_message(conn.send(P.Detach(stream)))
-        ping = next(call_ids)
         await ws.send_message(conn.send(P.Call(ping, "ping", {})))
         with trio.fail_after(30):
-            while True:
-                conn.receive_data(await ws.get_message())
-                events = []
-                while (event := conn.next_event()) is not None:
-                    events.append(event)
-                assert not any(isinstance(e, P.ProtocolViolation) for e in events), events
-                if any(isinstance(e, P.Reply) and e.id == ping for e in events):
-                    break
+            while not any(isinstance(e, P.Reply) and e.id == ping for e in await receive()):
+                pass
     assert await sh_ok(container, "echo alive") == "alive\n"

@@ -20,6 +20,7 @@ from .helpers import (
     Sink,
     StdinGate,
     container_pids,
+    one_file_tar,
     proc_name,
     sh_ok,
     unique_handle,
@@ -35,14 +36,6 @@ def tar_head(name: str, size: int) -> bytes:
     info.size = size
     return info.tobuf(format=tarfile.USTAR_FORMAT)
 
-
-def small_tar(name: str, data: bytes) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 class StalledTar:
@@ -68,7 +61,7 @@ async def still_usable(client: Any, container: Any) -> None:
     """Later calls on the same client work: a ping, a run, a stream_in."""
     with trio.fail_after(30):
         await client.ping()
-        await container.stream_in(StreamInSpec(path="/tmp", tar_stream=small_tar("./after", b"ok")))
+        await container.stream_in(StreamInSpec(path="/tmp", tar_stream=one_file_tar("./after", b"ok")))
         assert await sh_ok(container, "cat /tmp/after") == "ok"
 
 

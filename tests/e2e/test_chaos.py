@@ -40,12 +40,10 @@ though trio's interleaving of the clients (and so some outcomes) differs run to 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import random
 import re
 import signal
-import tarfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +70,7 @@ from .helpers import (
     E2E_MARKS,
     Sink,
     StdinGate,
+    one_file_tar,
     proc_status,
     wait_for,
     wait_until_equal,
@@ -348,7 +347,7 @@ class Worker:
         data = self.rng.randbytes(self.rng.randrange(256 << 10, 3 << 20) if big else self.rng.randrange(1, 3000))
         c.files[name] = {None, data}
         c.partial.add(name)
-        spec = StreamInSpec(path=STREAM_DIR, user="root", tar_stream=tar_of(name, data))
+        spec = StreamInSpec(path=STREAM_DIR, user="root", tar_stream=one_file_tar(name, data))
         if await self.attempt(f"stream_in {c.handle} {name} ({len(data)} bytes)",
                               lambda: self._container(c).stream_in(spec), c):
             c.files[name] = {data}
@@ -434,15 +433,6 @@ async def reader(model: Model, client: Any) -> None:
                 model.problem(f"reader: bulk_info {handle}: {entry.err!r}")
         await trio.sleep(0.05)
 
-
-def tar_of(name: str, data: bytes) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        entry = tarfile.TarInfo(name)
-        entry.size = len(data)
-        entry.mode = 0o644
-        tar.addfile(entry, io.BytesIO(data))
-    return buf.getvalue()
 
 
 # ---- comparing the server with the model ----------------------------------------------

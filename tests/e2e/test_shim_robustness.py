@@ -24,20 +24,13 @@ from .helpers import (
     E2E_MARKS,
     Sink,
     host_snapshot,
-    server_shims,
     sh_ok,
     wait_for,
     wait_until_nothing_left,
 )
-from .servers import ServerProcess
 
 pytestmark = E2E_MARKS
 
-
-def shim_pid_of(server: ServerProcess, handle: str) -> int:
-    pids = [p for p in server_shims(server.depot) if _cmdline(p) == f"gactor-shim {server.container_dir(handle)}"]
-    assert len(pids) == 1, pids
-    return pids[0]
 
 
 def _cmdline(pid: int) -> str:
@@ -80,7 +73,7 @@ async def test_clients_vanishing_mid_create_never_confuse_later_creates(own_serv
             handle = f"after-{i}"
             c = await client.create(ContainerSpec(handle=handle))
             assert await sh_ok(c, "hostname") == f"{handle}\n"
-            assert shim_pid_of(server, handle)
+            assert server.shim_pid(handle)
         for c in await client.containers():
             await client.destroy(c.handle)
         assert await client.containers() == []
@@ -110,7 +103,7 @@ async def test_shim_survives_a_failing_exit_record_and_bad_requests(own_servers)
     async with server.connect() as client:
         c = await client.create(ContainerSpec(handle="failing"))
         cdir = server.container_dir("failing")
-        shim = shim_pid_of(server, "failing")
+        shim = server.shim_pid("failing")
         proc = await c.run(ProcessSpec(id="p1", path="sh", args=["-c",
             "while [ ! -e /tmp/go ]; do sleep 0.02; done; exit 3"]), ProcessIO())  # fmt: skip
         # The shim writes the exit code to processes/.p1.tmp, then renames it: a directory
@@ -123,7 +116,7 @@ async def test_shim_survives_a_failing_exit_record_and_bad_requests(own_servers)
         assert not os.path.exists(os.path.join(cdir, "processes", "p1"))
         await wait_for(lambda: "recording the exit code of 'p1'" in open(os.path.join(cdir, "shim.log")).read(),
                        what="the failure in shim.log")
-        assert shim_pid_of(server, "failing") == shim
+        assert server.shim_pid("failing") == shim
         assert await sh_ok(c, "echo still serving") == "still serving\n"
         assert await (await c.attach("p1", ProcessIO())).wait() == 3
 
@@ -150,7 +143,7 @@ async def test_shim_survives_a_failing_exit_record_and_bad_requests(own_servers)
                 assert reply["rid"] == (msg.get("rid") if isinstance(msg, dict) else None)
             listing = _shim_request(sock, {"rid": 9, "op": "list"})
             assert [p["id"] for p in listing["processes"]][:1] == ["p1"]
-        assert shim_pid_of(server, "failing") == shim
+        assert server.shim_pid("failing") == shim
         assert await sh_ok(c, "echo still serving") == "still serving\n"
     await server.finish()
 
