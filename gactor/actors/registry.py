@@ -30,9 +30,11 @@ import trio
 from ..errors import ContainerNotFoundError, GardenError
 from ..kernel import depot, image_copies, shims
 from ..kernel.errors import KernelError
+from ..kernel.netmodel import ContainerNet
 from ..types import Capacity, ContainerSpec
 from .container import ContainerActor, ContainerRef, Environment, State, remove_orphan
 from .mailbox import DEFERRED, ActorGone, Mailbox, Request
+from .pools import PoolError, PortPool, SubnetPool
 
 log = logging.getLogger("gactor.registry")
 
@@ -99,6 +101,8 @@ class Container(Protocol):
     def grace_time(self) -> float: ...
     @property
     def image_copy(self) -> str: ...
+    @property
+    def net(self) -> ContainerNet | None: ...
     async def destroy(self) -> None: ...
     async def set_grace_time(self, seconds: float) -> None: ...
 
@@ -180,6 +184,26 @@ class _ReleaseImage:
 
 
 @dataclass(frozen=True)
+class AcquirePort:
+    port: int  # 0: the next one of the pool
+
+
+@dataclass(frozen=True)
+class ReleasePort:
+    port: int
+
+
+@dataclass(frozen=True)
+class _NetworkReleased:
+    net: ContainerNet
+
+
+@dataclass(frozen=True)
+class _BridgeGone:
+    subnet: str
+
+
+@dataclass(frozen=True)
 class _Created:
     reply_to: Request[Container]
     handle: str
@@ -205,7 +229,7 @@ class Registry:
     which hands back a ``RegistryRef``."""
 
     def __init__(self, env: Environment, default_rootfs: str, default_grace_time: float,
-                 max_containers: int) -> None:
+                 max_containers: int, subnets: SubnetPool | None = None, ports: PortPool | None = None) -> None:
         self.env = env
         self.default_rootfs = default_rootfs
         self.default_grace_time = default_grace_time
@@ -222,9 +246,16 @@ class Registry:
         # runs between a prepare and the reference it leads to.
         self._image_users: dict[str, str] = {}
         self._image_lock = trio.Lock()
+        # Networking: the pools, and the bridges being deleted (a create on that subnet
+        # waits until its bridge is gone, then makes a new one).
+        self.subnets = subnets
+        self.ports = ports
+        self._bridges_going: dict[str, trio.Event] = {}
         self.mailbox = Mailbox("the registry")
         env.publish = self._publish_from_container
         env.acquire_image = self._acquire_image
+        env.acquire_port = self._acquire_port
+        env.release_port = self._release_port
 
     async def run(self, *, destroy_existing: bool = False,
                   task_status: trio.TaskStatus[RegistryRef] = trio.TASK_STATUS_IGNORED) -> None:
@@ -260,9 +291,28 @@ class Registry:
                 ]
             case Create(spec, source):
                 self._check_create(spec)
+                net = self._allocate_network(spec)
                 self._creating.add(spec.handle)
-                self._spawn(self._create, spec, source, request)
+                bridge_going = self._bridges_going.get(str(net.alloc.subnet)) if net is not None else None
+                self._spawn(self._create, spec, source, net, bridge_going, request)
                 return DEFERRED
+            case AcquirePort(port):
+                if self.ports is None:
+                    raise GardenError("this server has no container networking")
+                try:
+                    if port == 0:
+                        return self.ports.acquire()
+                    self.ports.reserve(port)
+                    return port
+                except PoolError as err:
+                    raise GardenError(str(err)) from None
+            case ReleasePort(port):
+                if self.ports is not None:
+                    self.ports.release(port)
+            case _NetworkReleased(net):
+                self._free_network(net)
+            case _BridgeGone(subnet):
+                self._bridges_going.pop(subnet).set()
             case AcquireImage():
                 self._spawn(self._prepare_image, request)
                 return DEFERRED
@@ -290,6 +340,8 @@ class Registry:
                 self._destroying.discard(container.handle)
                 if error is None:
                     self._forget(container.handle)
+                    if container.net is not None:
+                        self._spawn(self._release_network, container.net)
                     if reply_to is not None:
                         reply_to.reply(None)
                 elif reply_to is not None:
@@ -340,6 +392,9 @@ class Registry:
             self._add(container)
             if container.image_copy:
                 self._image_users[container.handle] = container.image_copy
+            self._restore_network(container)
+        if self.ports is not None:
+            self.ports.restore(host for c in adopted if c.net is not None for host, _ in c.net.net_in)
         owned = {c.name for c in self.containers.values()}
         for name, pid in live_shims.items():
             if name not in owned:
@@ -350,6 +405,9 @@ class Registry:
             await trio.to_thread.run_sync(remove_orphan, self.env, name)
         async with self._image_lock:
             await self._collect_images(set(self._image_users.values()))
+        if self.env.network is not None:
+            nets = [c.net for c in self.containers.values() if c.net is not None]
+            await self.env.network.reconcile(nets)
         log.info("re-adopted %d containers", len(self.containers))
 
     async def _readopt(self, name: str, shim_pid: int | None, adopted: list[ContainerRef]) -> None:
@@ -391,16 +449,23 @@ class Registry:
         if any(c.name == name for c in self.containers.values()):
             raise GardenError(f"Handle '{spec.handle}' already in use")  # cannot happen: names are injective
 
-    async def _create(self, spec: ContainerSpec, source: str, request: Request[Container]) -> None:
+    async def _create(self, spec: ContainerSpec, source: str, net: ContainerNet | None,
+                      bridge_going: trio.Event | None, request: Request[Container]) -> None:
         """Create in the registry's nursery: the caller leaving cancels only its wait."""
         assert self._nursery is not None
         container: Container | None = None
         error: BaseException | None = None
         try:
-            container = await self._nursery.start(self._supervise, ContainerActor(self.env, spec, source), False)
+            if bridge_going is not None:
+                await bridge_going.wait()
+            actor = ContainerActor(self.env, spec, source, net=net)
+            container = await self._nursery.start(self._supervise, actor, False)
         except Exception as err:  # noqa: BLE001 - reported to the caller; the actor rolled back
             error = err
             await self._release_image(spec.handle)
+            if net is not None:
+                # The actor removed its links; the address and any ports go back now.
+                await self.mailbox.tell(_NetworkReleased(net))
         await self.mailbox.tell(_Created(request, spec.handle, container, error))
 
     def _start_destroy(self, container: Container, request: Request[None] | None) -> None:
@@ -427,6 +492,69 @@ class Registry:
         if error is None:
             await self._release_image(container.handle)
         await self.mailbox.tell(_Destroyed(request, container, error))
+
+    # ---- network pools ---------------------------------------------------------------
+
+    def _allocate_network(self, spec: ContainerSpec) -> ContainerNet | None:
+        if self.env.network is None or self.subnets is None:
+            if spec.network:
+                raise GardenError("this server has no container networking: 'network' cannot be given")
+            return None
+        try:
+            alloc = self.subnets.allocate(spec.network)
+        except PoolError as err:
+            raise GardenError(str(err)) from None
+        return self.env.network.container_net(spec.handle, alloc)
+
+    def _restore_network(self, container: Container) -> None:
+        net = container.net
+        if net is None or self.subnets is None:
+            return
+        try:
+            self.subnets.restore(net.alloc)
+        except PoolError as err:
+            log.error("container %s: its network conflicts with another container's: %s", container.handle, err)
+
+    async def _release_network(self, net: ContainerNet) -> None:
+        """After a destroy, in the background: remove the links and firewall state, then
+        give the address and ports back (never before they are gone)."""
+        assert self.env.network is not None
+        with trio.CancelScope(shield=True):
+            await self.env.network.release(net, keep_bridge=True)
+            await self.mailbox.tell(_NetworkReleased(net))
+
+    def _free_network(self, net: ContainerNet) -> None:
+        assert self.subnets is not None
+        try:
+            self.subnets.release(net.alloc)
+        except PoolError as err:  # a restored container whose allocation conflicted
+            log.warning("container %s: %s", net.handle, err)
+        if self.ports is not None:
+            for host, _ in net.net_in:
+                self.ports.release(host)
+        subnet = str(net.alloc.subnet)
+        if net.alloc.bridged and self.subnets.members(net.alloc.subnet) == 0 and subnet not in self._bridges_going:
+            self._bridges_going[subnet] = trio.Event()
+            self._spawn(self._delete_bridge, net)
+
+    async def _delete_bridge(self, net: ContainerNet) -> None:
+        network = self.env.network
+        assert network is not None
+        bridge = network.bridge_for(net.alloc)
+        with trio.CancelScope(shield=True):
+            if bridge is not None:
+                try:
+                    await network.netlink.delete_bridge(bridge)
+                except Exception as err:  # noqa: BLE001 - reconcile removes it at the next start
+                    log.warning("bridge %s left in place: %s", bridge, err)
+            await self.mailbox.tell(_BridgeGone(str(net.alloc.subnet)))
+
+    async def _acquire_port(self, port: int) -> int:
+        got: int = await self.mailbox.ask(AcquirePort(port))
+        return got
+
+    async def _release_port(self, port: int) -> None:
+        await self.mailbox.tell(ReleasePort(port))
 
     # ---- image references ----------------------------------------------------------
 
@@ -523,6 +651,7 @@ class RegistryRef:
         self.default_rootfs = registry.default_rootfs
         self.default_grace_time = registry.default_grace_time
         self.max_containers = registry.max_containers
+        self._subnets = registry.subnets
 
     async def create(self, spec: ContainerSpec, source: str) -> ContainerRef:
         """Create the container ``spec.handle`` from the rootfs directory ``source``.
@@ -574,6 +703,8 @@ class RegistryRef:
         with open("/proc/meminfo") as f:
             mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
         st = os.statvfs(self.env.depot)
+        if self._subnets is not None:
+            pool_containers = self._subnets.capacity()
         limit = min(self.max_containers, pool_containers) if self.max_containers else pool_containers
         return Capacity(
             memory_in_bytes=mem_kib * 1024,

@@ -29,6 +29,7 @@ from ..types import (
     CPULimits,
     DiskLimits,
     MemoryLimits,
+    NetOutRule,
     ProcessSpec,
     TTYSpec,
     from_wire,
@@ -244,11 +245,7 @@ _NOT_YET = "is not supported by this server yet"
 def check_container_spec(spec: ContainerSpec) -> None:
     """Refuse what this server cannot do yet, naming the field."""
     unsupported = [
-        ("network", bool(spec.network)),
-        ("net_in", bool(spec.net_in)),
-        ("net_out", bool(spec.net_out)),
         ("limits.disk", spec.limits.disk != DiskLimits()),
-        ("limits.bandwidth", spec.limits.bandwidth != BandwidthLimits()),
     ]
     for name, used in unsupported:
         if used:
@@ -416,8 +413,25 @@ async def _current_cpu_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
     return to_wire(await c.current_cpu_limits())
 
 
+async def _limit_bandwidth(c: ContainerRef, args: dict[str, Any]) -> None:
+    await c.limit_bandwidth(from_wire(BandwidthLimits, arg(args, "limits", dict), "bandwidth limits"))
+
+
 async def _current_bandwidth_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
-    return to_wire(BandwidthLimits())  # bandwidth limits arrive with networking
+    return to_wire(c.current_bandwidth_limits())
+
+
+async def _net_in(c: ContainerRef, args: dict[str, Any]) -> Any:
+    host_port, container_port = await c.net_in(arg(args, "host_port", int, 0), arg(args, "container_port", int, 0))
+    return [host_port, container_port]
+
+
+async def _net_out(c: ContainerRef, args: dict[str, Any]) -> None:
+    await c.net_out([from_wire(NetOutRule, arg(args, "rule", dict), "net out rule")])
+
+
+async def _bulk_net_out(c: ContainerRef, args: dict[str, Any]) -> None:
+    await c.net_out([from_wire(NetOutRule, rule, "net out rule") for rule in arg(args, "rules", list)])
 
 
 async def _current_disk_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
@@ -462,10 +476,10 @@ CONTAINER_METHODS: dict[str, ContainerHandler] = {
     "current_memory_limits": _current_memory_limits,
     "limit_cpu": _limit_cpu,
     "current_cpu_limits": _current_cpu_limits,
-    "limit_bandwidth": _not_yet("limit_bandwidth (it needs container networking)"),
+    "limit_bandwidth": _limit_bandwidth,
     "current_bandwidth_limits": _current_bandwidth_limits,
     "current_disk_limits": _current_disk_limits,
-    "net_in": _not_yet("net_in"),
-    "net_out": _not_yet("net_out"),
-    "bulk_net_out": _not_yet("bulk_net_out"),
+    "net_in": _net_in,
+    "net_out": _net_out,
+    "bulk_net_out": _bulk_net_out,
 }

@@ -1,0 +1,59 @@
+"""NetOut validation (Garden's messages) and translation into nft rules: pure functions."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from gactor.kernel.firewall import net_out_rules, validate_net_out
+from gactor.kernel.netmodel import Allocation, ContainerNet
+
+NET = ContainerNet("some-handle", Allocation(ipaddress.IPv4Network("10.254.0.0/30"),
+                                             ipaddress.IPv4Address("10.254.0.2"), False), "g0000x", 1500)
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    ({"ports": [{"start": 80, "end": 80}]}, "Ports cannot be specified for Protocol ALL"),
+    ({"protocol": 3, "ports": [{"start": 1, "end": 5}]}, "Ports cannot be specified for Protocol ICMP"),
+    ({"protocol": 52}, "invalid protocol: 52"),
+    ({"protocol": 4}, "invalid protocol: 4"),  # ICMPv6: for network plugins, as in Guardian
+    ({"protocol": 1, "ports": [{"start": 90, "end": 80}]}, "invalid port range 90-80: the start is after the end"),
+    ({"networks": [{"start": "10.0.0.9", "end": "10.0.0.1"}]},
+     "invalid network range 10.0.0.9-10.0.0.1: the start is after the end"),
+    ({"networks": [{"start": "fe80::1"}]}, "invalid network range fe80::1-fe80::1"),
+    ({"networks": [{}]}, "invalid network range: it needs a start or an end address"),
+])
+def test_invalid_rules_are_refused_with_gardens_messages(rule, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        validate_net_out(rule)
+
+
+def test_the_zero_rule_allows_everything():
+    assert net_out_rules(NET, {}) == ["accept"]
+
+
+def test_networks_and_ports_become_sets():
+    rule = {"protocol": 1, "networks": [{"start": "10.0.0.1", "end": "10.0.0.9"}, {"start": "192.0.2.7"}],
+            "ports": [{"start": 80, "end": 80}, {"start": 8000, "end": 8080}]}
+    assert net_out_rules(NET, rule) == [
+        "ip daddr { 10.0.0.1-10.0.0.9, 192.0.2.7 } tcp dport { 80, 8000-8080 } accept"]
+
+
+def test_a_port_range_without_an_end_is_one_port():
+    assert net_out_rules(NET, {"protocol": 2, "ports": [{"start": 53}]}) == ["udp dport { 53 } accept"]
+
+
+def test_icmp_type_and_code():
+    assert net_out_rules(NET, {"protocol": 3, "icmps": {"type": 8, "code": 0}}) == [
+        "meta l4proto icmp icmp type 8 icmp code 0 accept"]
+    assert net_out_rules(NET, {"protocol": 3, "icmps": {"type": 8}}) == ["meta l4proto icmp icmp type 8 accept"]
+    assert net_out_rules(NET, {"protocol": 3}) == ["meta l4proto icmp accept"]
+
+
+def test_logging_is_a_rate_limited_rule_before_the_accept():
+    rules = net_out_rules(NET, {"protocol": 1, "log": True})
+    assert len(rules) == 2
+    assert rules[0].startswith("meta l4proto tcp ct state new limit rate")
+    assert rules[0].endswith('log prefix "some-handle "')
+    assert rules[1] == "meta l4proto tcp accept"
