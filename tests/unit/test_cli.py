@@ -310,3 +310,9 @@ def test_server_token_from_the_environment(captured_config: list[Any]) -> None:
     assert result.exit_code == 0, result.output
     [config] = captured_config
     assert config.token == "fr0m-env"
+
+
+def test_favordynmods_can_be_turned_off(captured_config: list[Any]) -> None:
+    result = CliRunner().invoke(cli, ["server", "--no-cgroup-favordynmods"])
+    assert result.exit_code == 0, result.output
+    assert captured_config[0].cgroup_favordynmods is False
