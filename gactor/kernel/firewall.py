@@ -23,8 +23,8 @@ container's rules accepts it. Rules are matched newest first (Garden prepends th
 
 from __future__ import annotations
 
-import ipaddress
 import json
+import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -61,16 +61,18 @@ def validate_net_out(rule: dict[str, Any]) -> None:
 
 
 def _address_range(network: dict[str, Any]) -> str:
-    start, end = network.get("start") or network.get("end"), network.get("end") or network.get("start")
+    start: str = network.get("start") or network.get("end") or ""
+    end: str = network.get("end") or start
     if not start:
         raise ValueError("invalid network range: it needs a start or an end address")
+    # inet_pton, not ipaddress: a BulkNetOut of 3,000 rules parses 6,000 addresses.
     try:
-        first, last = ipaddress.IPv4Address(start), ipaddress.IPv4Address(end)
-    except ValueError as err:
-        raise ValueError(f"invalid network range {start}-{end}: {err}") from None
-    if first > last:
+        first, last = socket.inet_pton(socket.AF_INET, start), socket.inet_pton(socket.AF_INET, end)
+    except (OSError, TypeError):
+        raise ValueError(f"invalid network range {start}-{end}: not IPv4 addresses") from None
+    if first > last:  # network byte order compares as the numbers do
         raise ValueError(f"invalid network range {start}-{end}: the start is after the end")
-    return str(first) if first == last else f"{first}-{last}"
+    return start if first == last else f"{start}-{end}"
 
 
 def _port_range(ports: dict[str, Any]) -> str:
@@ -82,8 +84,8 @@ def _port_range(ports: dict[str, Any]) -> str:
 
 
 def net_out_rules(net: ContainerNet, rule: dict[str, Any]) -> list[str]:
-    """The nft rule bodies (without ``add rule ...``) for one NetOut rule."""
-    validate_net_out(rule)
+    """The nft rule bodies (without ``add rule ...``) for one NetOut rule, which
+    ``validate_net_out`` accepted (an invalid one may raise ValueError or KeyError)."""
     protocol = PROTOCOLS[rule.get("protocol", 0)]
     match = []
     networks = [_address_range(n) for n in rule.get("networks") or []]

@@ -21,7 +21,7 @@ NET = ContainerNet("some-handle", Allocation(ipaddress.IPv4Network("10.254.0.0/3
     ({"protocol": 1, "ports": [{"start": 90, "end": 80}]}, "invalid port range 90-80: the start is after the end"),
     ({"networks": [{"start": "10.0.0.9", "end": "10.0.0.1"}]},
      "invalid network range 10.0.0.9-10.0.0.1: the start is after the end"),
-    ({"networks": [{"start": "fe80::1"}]}, "invalid network range fe80::1-fe80::1"),
+    ({"networks": [{"start": "fe80::1"}]}, "invalid network range fe80::1-fe80::1: not IPv4 addresses"),
     ({"networks": [{}]}, "invalid network range: it needs a start or an end address"),
 ])
 def test_invalid_rules_are_refused_with_gardens_messages(rule, message):
