@@ -377,3 +377,30 @@ async def test_a_restart_keeps_addresses_mappings_and_rules(own_servers):
         assert (await newer.info()).container_ip != ip
         assert (await newer.net_in(0, 80))[0] != host_port
     await server.finish()
+
+
+async def test_a_container_cannot_send_as_another_address(own_servers):
+    """A privileged container may add another container's address to its eth0; the host
+    drops what it sends from that address (anti-spoofing): nothing reaches the target.
+    (Were it let through, the replies would go to that other container, never out.)"""
+    server = own_servers("spoof", "10.239.12.0/24", "--port-pool-start", "42400", "--port-pool-size", "10")
+    await server.start()
+    async with server.connect() as client:
+        target = await client.create(ContainerSpec(handle="target"))
+        bystander = await client.create(ContainerSpec(handle="bystander"))
+        spoofer = await client.create(ContainerSpec(handle="spoofer", privileged=True))
+        target_ip, stolen = (await target.info()).container_ip, (await bystander.info()).container_ip
+
+        async def received() -> int:
+            stat = (await target.metrics()).network_stat
+            assert stat is not None
+            return stat.rx_bytes
+
+        before = await received()
+        assert await ping(spoofer, target_ip)
+        assert await received() - before >= 84  # its own address: the ping arrives
+        await sh_ok(spoofer, f"ip addr add {stolen}/32 dev eth0")
+        before = await received()
+        await sh(spoofer, f"ping -c3 -W1 -s 1000 -I {stolen} {target_ip}")
+        assert await received() - before < 1000  # three 1 kB pings were sent: none arrived
+    await server.finish()
