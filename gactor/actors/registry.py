@@ -323,9 +323,15 @@ class Registry:
                 self._free_network(net)
             case _BridgeGone(subnet):
                 self._bridges_going.pop(subnet).set()
-            case AcquireImage():
-                self._spawn(self._prepare_image, request)
-                return DEFERRED
+            case AcquireImage(handle, source, shift):
+                # A copy the cache knows, with no prepare or collect under way, is taken
+                # here in one step; anything else is prepared by a task holding the lock.
+                copy = None if self._image_lock.locked() else self._known_copy(source, shift)
+                if copy is None:
+                    self._spawn(self._prepare_image, request)
+                    return DEFERRED
+                self._image_users[handle] = copy
+                return copy
             case _ImageTaken(handle, copy):
                 self._image_users[handle] = copy
             case _ImagesInUse():
@@ -605,12 +611,20 @@ class Registry:
                 self._collect_due = False
                 await self._collect_images(await self.mailbox.ask(_ImagesInUse()))
 
+    def _known_copy(self, source: str, shift: bool) -> image_copies.ImageCopy | None:
+        """``image_copies.known`` (no scan, safe on the event loop); an error means "not
+        known": the prepare that follows reports it."""
+        try:
+            return image_copies.known(source, self.env.image_store, shift=shift)
+        except (KernelError, OSError):
+            return None
+
     def _current(self, copy: image_copies.ImageCopy) -> bool:
         """Whether ``copy`` is what a create from its source gets now, known without a
         scan (``image_copies.known``: no thread hop). Unknown counts as not current."""
         if not copy.source:
             return False
-        now = image_copies.known(copy.source, self.env.image_store, shift=copy.shifted)
+        now = self._known_copy(copy.source, copy.shifted)
         return now is not None and now.path == copy.path
 
     async def _collect_images(self, in_use: set[str]) -> None:
