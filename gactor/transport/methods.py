@@ -413,7 +413,7 @@ async def _current_cpu_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
 
 
 async def _limit_bandwidth(c: ContainerRef, args: dict[str, Any]) -> None:
-    await c.limit_bandwidth(from_wire(BandwidthLimits, arg(args, "limits", dict), "bandwidth limits"))
+    await c.limit_bandwidth(arg(args, "limits", BandwidthLimits))
 
 
 async def _current_bandwidth_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
@@ -426,11 +426,11 @@ async def _net_in(c: ContainerRef, args: dict[str, Any]) -> Any:
 
 
 async def _net_out(c: ContainerRef, args: dict[str, Any]) -> None:
-    await c.net_out([from_wire(NetOutRule, arg(args, "rule", dict), "net out rule")])
+    await c.net_out([arg(args, "rule", NetOutRule)])
 
 
 async def _bulk_net_out(c: ContainerRef, args: dict[str, Any]) -> None:
-    await c.net_out([from_wire(NetOutRule, rule, "net out rule") for rule in arg(args, "rules", list)])
+    await c.net_out(arg(args, "rules", list))  # NetOutRules: decoded by schema.check
 
 
 async def _current_disk_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
