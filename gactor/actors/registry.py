@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import types
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -121,9 +122,10 @@ class DestroyContainer:
 
 
 @dataclass(frozen=True)
-class Lookup:
+class Pause:
+    """Told: a request starts using the container (looked up in the snapshot)."""
+
     handle: str
-    pause: bool  # pause the grace timer (a request starts using the container)
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ class AcquireImage:
 @dataclass(frozen=True)
 class _ImageTaken:
     handle: str
-    path: str
+    copy: image_copies.ImageCopy
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,12 @@ class _Expired:
     timer: GraceTimer
 
 
+def _adopted_copy(path: str) -> image_copies.ImageCopy:
+    """A re-adopted container's copy, as far as the registry needs it (its path; no
+    source, so releasing it always collects)."""
+    return image_copies.ImageCopy(path, "", "", True, 0, 0)
+
+
 class Registry:
     """The registry actor's state and owning task; start it with ``nursery.start(run)``,
     which hands back a ``RegistryRef``."""
@@ -244,13 +252,16 @@ class Registry:
         # Image references: the copy (overlay lower dir) each container uses. Copies are
         # prepared and collected by registry tasks holding _image_lock, so a collect never
         # runs between a prepare and the reference it leads to.
-        self._image_users: dict[str, str] = {}
+        self._image_users: dict[str, image_copies.ImageCopy] = {}
         self._image_lock = trio.Lock()
         # Networking: the pools, and the bridges being deleted (a create on that subnet
         # waits until its bridge is gone, then makes a new one).
         self.subnets = subnets
         self.ports = ports
         self._bridges_going: dict[str, trio.Event] = {}
+        # Set when a copy may have gone stale unused (a prepare that scanned, or startup):
+        # until the next collect, a release always collects.
+        self._collect_due = True
         self.mailbox = Mailbox("the registry")
         env.publish = self._publish_from_container
         env.acquire_image = self._acquire_image
@@ -274,11 +285,10 @@ class Registry:
 
     async def _handle(self, request: Request[Any]) -> Any:  # noqa: C901 - one case per command
         match request.command:
-            case Lookup(handle, pause):
-                container = self._lookup(handle)
-                if pause:
-                    self._timers[handle].pause()
-                return container
+            case Pause(handle):
+                timer = self._timers.get(handle)
+                if timer is not None:  # destroyed meanwhile: nothing to pause
+                    timer.pause()
             case Release(handle):
                 timer = self._timers.get(handle)
                 if timer is not None:
@@ -313,19 +323,26 @@ class Registry:
                 self._free_network(net)
             case _BridgeGone(subnet):
                 self._bridges_going.pop(subnet).set()
-            case AcquireImage():
-                self._spawn(self._prepare_image, request)
-                return DEFERRED
-            case _ImageTaken(handle, path):
-                self._image_users[handle] = path
+            case AcquireImage(handle, source, shift):
+                # A copy the cache knows, with no prepare or collect under way, is taken
+                # here in one step; anything else is prepared by a task holding the lock.
+                copy = None if self._image_lock.locked() else self._known_copy(source, shift)
+                if copy is None:
+                    self._spawn(self._prepare_image, request)
+                    return DEFERRED
+                self._image_users[handle] = copy
+                return copy
+            case _ImageTaken(handle, copy):
+                self._image_users[handle] = copy
             case _ImagesInUse():
-                return set(self._image_users.values())
+                return {c.path for c in self._image_users.values()}
             case _ReleaseImage(handle):
-                # True when that was the copy's last user: only then can a collect free it
-                # (copies of unchanged sources are kept anyway), so 50 destroys of
-                # containers sharing one image do not run 50 collects.
+                # The copy when that was its last user, else None: only then can a collect
+                # free it, so 50 destroys of containers sharing one image run no 50 collects.
                 released = self._image_users.pop(handle, None)
-                return released is not None and released not in self._image_users.values()
+                if released is None or any(c.path == released.path for c in self._image_users.values()):
+                    return None
+                return released
             case _Created(reply_to, handle, container, error):
                 self._creating.discard(handle)
                 if container is None:
@@ -391,7 +408,7 @@ class Registry:
         for container in adopted:
             self._add(container)
             if container.image_copy:
-                self._image_users[container.handle] = container.image_copy
+                self._image_users[container.handle] = _adopted_copy(container.image_copy)
             self._restore_network(container)
         if self.ports is not None:
             self.ports.restore(host for c in adopted if c.net is not None for host, _ in c.net.net_in)
@@ -404,7 +421,8 @@ class Registry:
             log.warning("removing cgroup %s: no container owns it", name)
             await trio.to_thread.run_sync(remove_orphan, self.env, name)
         async with self._image_lock:
-            await self._collect_images(set(self._image_users.values()))
+            self._collect_due = False
+            await self._collect_images({c.path for c in self._image_users.values()})
         if self.env.network is not None:
             nets = [c.net for c in self.containers.values() if c.net is not None]
             await self.env.network.reconcile(nets)
@@ -571,21 +589,43 @@ class Registry:
                 try:
                     copy = image_copies.known(command.source, self.env.image_store, shift=command.shift)
                     if copy is None:
+                        self._collect_due = True  # a scan: the source may have changed
                         copy = await trio.to_thread.run_sync(
                             lambda: image_copies.prepare(command.source, self.env.image_store, shift=command.shift))
                 except (KernelError, OSError) as err:
                     request.fail(GardenError(f"preparing image {command.source!r}: {err}"))
                     return
-                await self.mailbox.ask(_ImageTaken(command.handle, copy.path))
+                await self.mailbox.ask(_ImageTaken(command.handle, copy))
             request.reply(copy)
 
     async def _release_image(self, handle: str) -> None:
         """Drop ``handle``'s image reference, then remove the copies nobody uses (so a
         destroy returns with the disk freed). Shielded; from registry tasks only."""
         with trio.CancelScope(shield=True):
-            if await self.mailbox.ask(_ReleaseImage(handle)):
-                async with self._image_lock:
-                    await self._collect_images(await self.mailbox.ask(_ImagesInUse()))
+            released: image_copies.ImageCopy | None = await self.mailbox.ask(_ReleaseImage(handle))
+            if released is None:
+                return
+            async with self._image_lock:
+                if not self._collect_due and self._current(released):
+                    return  # a collect would keep it (keep_current) and nothing else is stale
+                self._collect_due = False
+                await self._collect_images(await self.mailbox.ask(_ImagesInUse()))
+
+    def _known_copy(self, source: str, shift: bool) -> image_copies.ImageCopy | None:
+        """``image_copies.known`` (no scan, safe on the event loop); an error means "not
+        known": the prepare that follows reports it."""
+        try:
+            return image_copies.known(source, self.env.image_store, shift=shift)
+        except (KernelError, OSError):
+            return None
+
+    def _current(self, copy: image_copies.ImageCopy) -> bool:
+        """Whether ``copy`` is what a create from its source gets now, known without a
+        scan (``image_copies.known``: no thread hop). Unknown counts as not current."""
+        if not copy.source:
+            return False
+        now = self._known_copy(copy.source, copy.shifted)
+        return now is not None and now.path == copy.path
 
     async def _collect_images(self, in_use: set[str]) -> None:
         """Remove every image copy no container references (and half-built ones); a
@@ -647,6 +687,9 @@ class RegistryRef:
 
     def __init__(self, mailbox: Mailbox, registry: Registry) -> None:
         self._mailbox = mailbox
+        # A read-only view of the registry's handle table (only its owner writes it): a
+        # lookup needs no round trip through the mailbox.
+        self._containers: Mapping[str, Container] = types.MappingProxyType(registry.containers)
         self.env = registry.env
         self.default_rootfs = registry.default_rootfs
         self.default_grace_time = registry.default_grace_time
@@ -666,18 +709,29 @@ class RegistryRef:
         await self._mailbox.ask(DestroyContainer(handle))
 
     async def lookup(self, handle: str) -> ContainerRef:
-        container: ContainerRef = await self._mailbox.ask(Lookup(handle, pause=False))
-        return container
+        """The listed container ``handle`` (from the table as it is now, no round trip);
+        raises ContainerNotFoundError."""
+        await trio.lowlevel.checkpoint()
+        return self._find(handle)
+
+    def _find(self, handle: str) -> ContainerRef:
+        container = self._containers.get(handle)
+        if container is None:
+            raise ContainerNotFoundError(handle)
+        return container  # type: ignore[return-value]  # the registry holds ContainerRefs
 
     @contextlib.asynccontextmanager
     async def using(self, handle: str) -> AsyncIterator[ContainerRef]:
-        """The container, with its grace timer paused for the duration."""
-        container: ContainerRef = await self._mailbox.ask(Lookup(handle, pause=True))
+        """The container, with its grace timer paused for the duration.
+
+        Pause and release are told, not asked: commands are handled in order, so the
+        release never overtakes the pause, and the caller waits for neither (only for
+        room in the mailbox). A container destroyed meanwhile answers its own error."""
+        container = self._find(handle)
+        await self._mailbox.tell(Pause(handle))
         try:
             yield container
         finally:
-            # Told, not asked: the caller need not wait for the timer to restart, and
-            # commands are handled in order, so it never overtakes this request's work.
             with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
                 await self._mailbox.tell(Release(handle))
 

@@ -32,7 +32,6 @@ from ..types import (
     NetOutRule,
     ProcessSpec,
     TTYSpec,
-    from_wire,
     to_wire,
 )
 from . import schema
@@ -65,7 +64,7 @@ class Api:
         self.pool_containers = ipaddress.ip_network(network_pool).num_addresses // 4
 
     async def call(self, method: str, args: dict[str, Any]) -> Any:
-        schema.check(method, args)
+        args = schema.check(method, args)  # map arguments decoded: handlers take them as they are
         if method in API_METHODS:
             return await API_METHODS[method](self, args)
         if method in CONTAINER_METHODS:
@@ -81,12 +80,12 @@ class Api:
         exists before the process does, so not even the first byte of a process that
         exits at once is missed. Leaving the context early (a detach, a cancelled
         caller) unsubscribes; the process keeps running."""
-        schema.check(method, args)
+        args = schema.check(method, args)
         handle = arg(args, "handle", str)
         sub = Subscription(arg(args, "stdout", bool, False), arg(args, "stderr", bool, False))
         async with self.registry.using(handle) as container:
             if method == "run":
-                spec = from_wire(ProcessSpec, arg(args, "spec", dict), "process spec")
+                spec = arg(args, "spec", ProcessSpec)
                 check_process_spec(spec)
                 process_id = spec.id or str(uuid.uuid4())
                 check_name("process id", process_id)
@@ -258,7 +257,7 @@ def check_process_spec(spec: ProcessSpec) -> None:
 
 
 async def _create(api: Api, args: dict[str, Any]) -> Any:
-    spec = from_wire(ContainerSpec, arg(args, "spec", dict), "container spec")
+    spec = arg(args, "spec", ContainerSpec)
     check_container_spec(spec)
     spec.handle = spec.handle or str(uuid.uuid4())
     check_name("handle", spec.handle)
@@ -391,14 +390,14 @@ async def _signal(c: ContainerRef, args: dict[str, Any]) -> None:
 
 
 async def _set_tty(c: ContainerRef, args: dict[str, Any]) -> None:
-    tty = from_wire(TTYSpec, arg(args, "tty", dict), "tty spec")
+    tty = arg(args, "tty", TTYSpec)
     proc = await c.process(arg(args, "process_id", str))
     if tty.window_size is not None:
         await proc.resize(tty.window_size.columns, tty.window_size.rows)
 
 
 async def _limit_memory(c: ContainerRef, args: dict[str, Any]) -> None:
-    await c.limit_memory(from_wire(MemoryLimits, arg(args, "limits", dict), "memory limits"))
+    await c.limit_memory(arg(args, "limits", MemoryLimits))
 
 
 async def _current_memory_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
@@ -406,7 +405,7 @@ async def _current_memory_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
 
 
 async def _limit_cpu(c: ContainerRef, args: dict[str, Any]) -> None:
-    await c.limit_cpu(from_wire(CPULimits, arg(args, "limits", dict), "cpu limits"))
+    await c.limit_cpu(arg(args, "limits", CPULimits))
 
 
 async def _current_cpu_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
@@ -414,7 +413,7 @@ async def _current_cpu_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
 
 
 async def _limit_bandwidth(c: ContainerRef, args: dict[str, Any]) -> None:
-    await c.limit_bandwidth(from_wire(BandwidthLimits, arg(args, "limits", dict), "bandwidth limits"))
+    await c.limit_bandwidth(arg(args, "limits", BandwidthLimits))
 
 
 async def _current_bandwidth_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
@@ -427,11 +426,11 @@ async def _net_in(c: ContainerRef, args: dict[str, Any]) -> Any:
 
 
 async def _net_out(c: ContainerRef, args: dict[str, Any]) -> None:
-    await c.net_out([from_wire(NetOutRule, arg(args, "rule", dict), "net out rule")])
+    await c.net_out([arg(args, "rule", NetOutRule)])
 
 
 async def _bulk_net_out(c: ContainerRef, args: dict[str, Any]) -> None:
-    await c.net_out([from_wire(NetOutRule, rule, "net out rule") for rule in arg(args, "rules", list)])
+    await c.net_out(arg(args, "rules", list))  # NetOutRules: decoded by schema.check
 
 
 async def _current_disk_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
