@@ -54,6 +54,9 @@ def validate_net_out(rule: dict[str, Any]) -> None:
         raise ValueError(f"invalid protocol: {protocol}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"invalid protocol: {protocol}")
+    if rule.get("icmps") is not None and protocol != 3:
+        # Garden passes these to iptables, which refuses --icmp-type without -p icmp.
+        raise ValueError(f"ICMPs cannot be specified for Protocol {PROTOCOLS[protocol].upper()}")
     for network in rule.get("networks") or []:
         _address_range(network)
     for ports in rule.get("ports") or []:
@@ -80,32 +83,44 @@ def _port_range(ports: dict[str, Any]) -> str:
     end = int(ports.get("end") or start)
     if start > end:
         raise ValueError(f"invalid port range {start}-{end}: the start is after the end")
+    if end > 65535:
+        raise ValueError(f"invalid port range {start}-{end}: ports end at 65535")
     return str(start) if start == end else f"{start}-{end}"
+
+
+def _one_or_set(values: list[str]) -> str:
+    # A one-element anonymous set is a kernel set object of its own: a third slower to load.
+    return values[0] if len(values) == 1 else f"{{ {', '.join(values)} }}"
 
 
 def net_out_rules(net: ContainerNet, rule: dict[str, Any]) -> list[str]:
     """The nft rule bodies (without ``add rule ...``) for one NetOut rule, which
-    ``validate_net_out`` accepted (an invalid one may raise ValueError or KeyError)."""
+    ``validate_net_out`` accepted (an invalid one may raise ValueError or KeyError).
+
+    Garden expands a rule into one iptables rule per (network range x port range); here the
+    ranges become anonymous sets in one nft rule, which matches the same product."""
     protocol = PROTOCOLS[rule.get("protocol", 0)]
     match = []
     networks = [_address_range(n) for n in rule.get("networks") or []]
     if networks:
-        match.append(f"ip daddr {{ {', '.join(networks)} }}")
+        match.append(f"ip daddr {_one_or_set(networks)}")
     if protocol in ("tcp", "udp"):
         ports = [_port_range(p) for p in rule.get("ports") or []]
-        match.append(f"{protocol} dport {{ {', '.join(ports)} }}" if ports else f"meta l4proto {protocol}")
+        match.append(f"{protocol} dport {_one_or_set(ports)}" if ports else f"meta l4proto {protocol}")
     elif protocol == "icmp":
         match.append("meta l4proto icmp")
         icmps = rule.get("icmps")
-        if icmps:
+        if icmps is not None:  # Garden: present means --icmp-type, an absent type is 0
             match.append(f"icmp type {int(icmps.get('type') or 0)}")
             if icmps.get("code") is not None:
                 match.append(f"icmp code {int(icmps['code'])}")
     body = " ".join(match)
     rules = []
-    if rule.get("log"):
+    if rule.get("log") and protocol in ("all", "tcp"):
+        # Garden's log chain logs new TCP connections only, whatever the rule's protocol.
+        tcp = "meta l4proto tcp " if protocol == "all" else ""
         prefix = json.dumps(f"{net.handle[:20]} ")  # nft caps the prefix; Garden uses the handle too
-        rules.append(f"{body} ct state new {LOG_RATE} log prefix {prefix}".strip())
+        rules.append(f"{body} {tcp}ct state new {LOG_RATE} log prefix {prefix}".strip())
     rules.append(f"{body} accept".strip())
     return rules
 
@@ -199,8 +214,7 @@ class Firewall:
             f"delete element {t} egress {{ {ip} : jump {chain} }}",
             f'delete element {t} sources {{ "{source_link}" . {ip} }}',
             *(f"delete element {t} netin {{ {host} }}" for host, _ in net.net_in),
-            f"flush chain {t} {chain}",
-            f"delete chain {t} {chain}",
+            f"delete chain {t} {chain}",  # the kernel deletes the chain's rules with it
         ]
         try:
             self._apply(commands, f"removing the firewall of {net.handle}")
