@@ -8,6 +8,7 @@ host never touch each other's rules)::
     map netin     { inet_service : ipv4_addr . inet_service }   host port -> container ip . port
     set deny      { ipv4_addr, interval }       --deny-network
     chain forward      (filter/forward)  anti-spoofing, established, NetOut, deny
+    chain input        (filter/input)    anti-spoofing for traffic to the host itself
     chain prerouting   (nat/prerouting)  NetIn DNAT to local addresses (and the external IP)
     chain output       (nat/output)      NetIn DNAT for connections made on the host itself
     chain postrouting  (nat/srcnat)      masquerade: containers -> outside; loopback -> containers
@@ -159,6 +160,9 @@ class Firewall:
             f"add rule {t} forward ct state established,related accept",
             f"add rule {t} forward iifname {ifs} ip saddr vmap @egress",
             f"add rule {t} forward iifname {ifs} ip daddr @deny drop",
+            # The host itself: a container must not reach the gateway's services as another one.
+            f"add chain {t} input {{ type filter hook input priority filter; policy accept; }}",
+            f"add rule {t} input iifname {ifs} iifname . ip saddr != @sources drop",
             f"add chain {t} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}",
             f"add rule {t} prerouting fib daddr type local dnat ip to tcp dport map @netin",
             external,
@@ -230,6 +234,14 @@ class Firewall:
     def add_net_in(self, net: ContainerNet, host_port: int, container_port: int) -> None:
         self._apply([f"add element {self.table} netin {{ {host_port} : {net.alloc.container_ip} . {container_port} }}"],
                     f"net in {host_port} -> {net.alloc.container_ip}:{container_port}")
+
+    def remove_net_in(self, net: ContainerNet, host_port: int) -> None:
+        """Drop one mapping; one that is gone already is not an error."""
+        try:
+            self.nft.run(f"delete element {self.table} netin {{ {host_port} }}\n")
+        except NftError as err:
+            if "No such file or directory" not in str(err):
+                raise NetworkError(f"removing net in {host_port} of {net.handle}: {err}") from None
 
     def add_net_out(self, net: ContainerNet, rules: list[dict[str, Any]]) -> None:
         """All of ``rules`` in one transaction (ValueError for an invalid one, before any

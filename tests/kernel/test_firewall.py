@@ -248,12 +248,20 @@ try:
     r["udp_seen_as"] = udp_arrives(p1, "10.50.0.2", 7100, str(c1.alloc.container_ip), udp)
     r["spoofed_udp"] = udp_arrives(p1, "10.50.0.2", 7100, str(c2.alloc.container_ip), udp)
     r["spoofed_tcp"] = connects(p1, "10.50.0.2", 7000, source=str(c2.alloc.container_ip))
+    to_host = sock(0, socket.SOCK_DGRAM)
+    to_host.bind(("0.0.0.0", 7200))
+    r["host_udp"] = udp_arrives(p1, str(c1.alloc.gateway_ip), 7200, str(c1.alloc.container_ip), to_host)
+    r["host_spoofed_udp"] = udp_arrives(p1, str(c1.alloc.gateway_ip), 7200, str(c2.alloc.container_ip), to_host)
     # NetIn: from the host's loopback, from its own address, and from outside.
     fw.add_net_in(c1, 61001, 8080)
     r["netin_loopback"] = connects(0, "127.0.0.1", 61001)
     r["netin_local"] = connects(0, "10.50.0.1", 61001)
     r["netin_outside"] = connects(outside, "10.50.0.1", 61001)
     r["netin_other_port"] = connects(0, "127.0.0.1", 61002)
+    fw.add_net_in(c1, 61003, 8080)
+    fw.remove_net_in(c1, 61003)
+    fw.remove_net_in(c1, 61003)  # gone already: no error
+    r["netin_removed"] = connects(0, "127.0.0.1", 61003)
     c1.net_in.append((61001, 8080))
     fw.remove_container(c1)
     r["netin_after_remove"] = connects(0, "127.0.0.1", 61001)
@@ -261,6 +269,8 @@ try:
     # Without the table the spoofed datagram goes through: the firewall is what dropped it.
     fw.teardown()
     r["spoofed_without_firewall"] = udp_arrives(p1, "10.50.0.2", 7100, str(c2.alloc.container_ip), udp)
+    r["host_spoofed_without_firewall"] = udp_arrives(p1, str(c1.alloc.gateway_ip), 7200,
+                                                     str(c2.alloc.container_ip), to_host)
     print(json.dumps(r))
 finally:
     for p in procs:
@@ -277,9 +287,10 @@ def test_packets_follow_net_out_deny_anti_spoofing_and_net_in():
         "allowed_port": True, "other_port": False, "c2_unaffected": False,
         "udp_seen_as": "10.50.0.1",  # masqueraded on the way out
         "spoofed_udp": None, "spoofed_tcp": False,
+        "host_udp": "10.199.0.2", "host_spoofed_udp": None, "netin_removed": False,
         "netin_loopback": True, "netin_local": True, "netin_outside": True, "netin_other_port": False,
         "netin_after_remove": False, "out_after_remove": False,
-        "spoofed_without_firewall": "10.199.0.6",
+        "spoofed_without_firewall": "10.199.0.6", "host_spoofed_without_firewall": "10.199.0.6",
     }
 
 
