@@ -24,7 +24,7 @@ container's rules accepts it. Rules are matched newest first (Garden prepends th
 
 from __future__ import annotations
 
-import json
+import re
 import socket
 from collections.abc import Iterable
 from typing import Any
@@ -120,7 +120,8 @@ def net_out_rules(net: ContainerNet, rule: dict[str, Any]) -> list[str]:
     if rule.get("log") and protocol in ("all", "tcp"):
         # Garden's log chain logs new TCP connections only, whatever the rule's protocol.
         tcp = "meta l4proto tcp " if protocol == "all" else ""
-        prefix = json.dumps(f"{net.handle[:20]} ")  # nft caps the prefix; Garden uses the handle too
+        # Garden prefixes with the handle too; nft caps the prefix and has no quote escapes.
+        prefix = '"' + re.sub(r"[^A-Za-z0-9_.:-]", "_", net.handle[:20]) + ' "'
         rules.append(f"{body} {tcp}ct state new {LOG_RATE} log prefix {prefix}".strip())
     rules.append(f"{body} accept".strip())
     return rules

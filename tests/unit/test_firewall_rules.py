@@ -87,3 +87,8 @@ def test_logging_covers_tcp_only_as_gardens_log_chain_does():
     everything = net_out_rules(NET, {"log": True, "networks": [{"start": "10.0.0.1"}]})
     assert everything[0].startswith("ip daddr 10.0.0.1 meta l4proto tcp ct state new limit rate 2/second")
     assert everything[1] == "ip daddr 10.0.0.1 accept"
+
+
+def test_a_handle_cannot_break_out_of_the_log_prefix():
+    odd = ContainerNet('a "quoted" handle; drop', NET.alloc, "g0000x", 1500)
+    assert net_out_rules(odd, {"protocol": 1, "log": True})[0].endswith('log prefix "a__quoted__handle__d "')
