@@ -8,6 +8,7 @@ host never touch each other's rules)::
     map netin     { inet_service : ipv4_addr . inet_service }   host port -> container ip . port
     set deny      { ipv4_addr, interval }       --deny-network
     chain forward      (filter/forward)  anti-spoofing, established, NetOut, deny
+    chain input        (filter/input)    anti-spoofing for traffic to the host itself
     chain prerouting   (nat/prerouting)  NetIn DNAT to local addresses (and the external IP)
     chain output       (nat/output)      NetIn DNAT for connections made on the host itself
     chain postrouting  (nat/srcnat)      masquerade: containers -> outside; loopback -> containers
@@ -23,7 +24,7 @@ container's rules accepts it. Rules are matched newest first (Garden prepends th
 
 from __future__ import annotations
 
-import json
+import re
 import socket
 from collections.abc import Iterable
 from typing import Any
@@ -54,6 +55,9 @@ def validate_net_out(rule: dict[str, Any]) -> None:
         raise ValueError(f"invalid protocol: {protocol}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"invalid protocol: {protocol}")
+    if rule.get("icmps") is not None and protocol != 3:
+        # Garden passes these to iptables, which refuses --icmp-type without -p icmp.
+        raise ValueError(f"ICMPs cannot be specified for Protocol {PROTOCOLS[protocol].upper()}")
     for network in rule.get("networks") or []:
         _address_range(network)
     for ports in rule.get("ports") or []:
@@ -80,32 +84,45 @@ def _port_range(ports: dict[str, Any]) -> str:
     end = int(ports.get("end") or start)
     if start > end:
         raise ValueError(f"invalid port range {start}-{end}: the start is after the end")
+    if end > 65535:
+        raise ValueError(f"invalid port range {start}-{end}: ports end at 65535")
     return str(start) if start == end else f"{start}-{end}"
+
+
+def _one_or_set(values: list[str]) -> str:
+    # A one-element anonymous set is a kernel set object of its own: a third slower to load.
+    return values[0] if len(values) == 1 else f"{{ {', '.join(values)} }}"
 
 
 def net_out_rules(net: ContainerNet, rule: dict[str, Any]) -> list[str]:
     """The nft rule bodies (without ``add rule ...``) for one NetOut rule, which
-    ``validate_net_out`` accepted (an invalid one may raise ValueError or KeyError)."""
+    ``validate_net_out`` accepted (an invalid one may raise ValueError or KeyError).
+
+    Garden expands a rule into one iptables rule per (network range x port range); here the
+    ranges become anonymous sets in one nft rule, which matches the same product."""
     protocol = PROTOCOLS[rule.get("protocol", 0)]
     match = []
     networks = [_address_range(n) for n in rule.get("networks") or []]
     if networks:
-        match.append(f"ip daddr {{ {', '.join(networks)} }}")
+        match.append(f"ip daddr {_one_or_set(networks)}")
     if protocol in ("tcp", "udp"):
         ports = [_port_range(p) for p in rule.get("ports") or []]
-        match.append(f"{protocol} dport {{ {', '.join(ports)} }}" if ports else f"meta l4proto {protocol}")
+        match.append(f"{protocol} dport {_one_or_set(ports)}" if ports else f"meta l4proto {protocol}")
     elif protocol == "icmp":
         match.append("meta l4proto icmp")
         icmps = rule.get("icmps")
-        if icmps:
+        if icmps is not None:  # Garden: present means --icmp-type, an absent type is 0
             match.append(f"icmp type {int(icmps.get('type') or 0)}")
             if icmps.get("code") is not None:
                 match.append(f"icmp code {int(icmps['code'])}")
     body = " ".join(match)
     rules = []
-    if rule.get("log"):
-        prefix = json.dumps(f"{net.handle[:20]} ")  # nft caps the prefix; Garden uses the handle too
-        rules.append(f"{body} ct state new {LOG_RATE} log prefix {prefix}".strip())
+    if rule.get("log") and protocol in ("all", "tcp"):
+        # Garden's log chain logs new TCP connections only, whatever the rule's protocol.
+        tcp = "meta l4proto tcp " if protocol == "all" else ""
+        # Garden prefixes with the handle too; nft caps the prefix and has no quote escapes.
+        prefix = '"' + re.sub(r"[^A-Za-z0-9_.:-]", "_", net.handle[:20]) + ' "'
+        rules.append(f"{body} {tcp}ct state new {LOG_RATE} log prefix {prefix}".strip())
     rules.append(f"{body} accept".strip())
     return rules
 
@@ -144,6 +161,9 @@ class Firewall:
             f"add rule {t} forward ct state established,related accept",
             f"add rule {t} forward iifname {ifs} ip saddr vmap @egress",
             f"add rule {t} forward iifname {ifs} ip daddr @deny drop",
+            # The host itself: a container must not reach the gateway's services as another one.
+            f"add chain {t} input {{ type filter hook input priority filter; policy accept; }}",
+            f"add rule {t} input iifname {ifs} iifname . ip saddr != @sources drop",
             f"add chain {t} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}",
             f"add rule {t} prerouting fib daddr type local dnat ip to tcp dport map @netin",
             external,
@@ -199,8 +219,7 @@ class Firewall:
             f"delete element {t} egress {{ {ip} : jump {chain} }}",
             f'delete element {t} sources {{ "{source_link}" . {ip} }}',
             *(f"delete element {t} netin {{ {host} }}" for host, _ in net.net_in),
-            f"flush chain {t} {chain}",
-            f"delete chain {t} {chain}",
+            f"delete chain {t} {chain}",  # the kernel deletes the chain's rules with it
         ]
         try:
             self._apply(commands, f"removing the firewall of {net.handle}")
@@ -216,6 +235,14 @@ class Firewall:
     def add_net_in(self, net: ContainerNet, host_port: int, container_port: int) -> None:
         self._apply([f"add element {self.table} netin {{ {host_port} : {net.alloc.container_ip} . {container_port} }}"],
                     f"net in {host_port} -> {net.alloc.container_ip}:{container_port}")
+
+    def remove_net_in(self, net: ContainerNet, host_port: int) -> None:
+        """Drop one mapping; one that is gone already is not an error."""
+        try:
+            self.nft.run(f"delete element {self.table} netin {{ {host_port} }}\n")
+        except NftError as err:
+            if "No such file or directory" not in str(err):
+                raise NetworkError(f"removing net in {host_port} of {net.handle}: {err}") from None
 
     def add_net_out(self, net: ContainerNet, rules: list[dict[str, Any]]) -> None:
         """All of ``rules`` in one transaction (ValueError for an invalid one, before any

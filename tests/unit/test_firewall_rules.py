@@ -23,10 +23,24 @@ NET = ContainerNet("some-handle", Allocation(ipaddress.IPv4Network("10.254.0.0/3
      "invalid network range 10.0.0.9-10.0.0.1: the start is after the end"),
     ({"networks": [{"start": "fe80::1"}]}, "invalid network range fe80::1-fe80::1: not IPv4 addresses"),
     ({"networks": [{}]}, "invalid network range: it needs a start or an end address"),
+    ({"networks": [{"start": "10.0.0.300"}]}, "invalid network range 10.0.0.300-10.0.0.300: not IPv4 addresses"),
+    ({"protocol": 2, "ports": [{"start": 1, "end": 70000}]}, "invalid port range 1-70000: ports end at 65535"),
+    ({"protocol": 1, "icmps": {"type": 8}}, "ICMPs cannot be specified for Protocol TCP"),
+    ({"icmps": {}}, "ICMPs cannot be specified for Protocol ALL"),
+    ({"protocol": 4, "ports": [{"start": 1}]}, "invalid protocol: 4"),
 ])
 def test_invalid_rules_are_refused_with_gardens_messages(rule, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         validate_net_out(rule)
+
+
+@pytest.mark.parametrize("rule", [
+    {}, {"protocol": 1, "ports": [{"start": 80}], "networks": [{"end": "10.0.0.1"}]},
+    {"protocol": 3, "icmps": {"type": 8, "code": 0}}, {"protocol": 2, "icmps": None, "log": True},
+    {"protocol": 1, "ports": [{"end": 80}]},  # a start of 0 is omitted on the wire
+])
+def test_valid_rules_pass(rule):
+    validate_net_out(rule)
 
 
 def test_the_zero_rule_allows_everything():
@@ -41,7 +55,13 @@ def test_networks_and_ports_become_sets():
 
 
 def test_a_port_range_without_an_end_is_one_port():
-    assert net_out_rules(NET, {"protocol": 2, "ports": [{"start": 53}]}) == ["udp dport { 53 } accept"]
+    assert net_out_rules(NET, {"protocol": 2, "ports": [{"start": 53}]}) == ["udp dport 53 accept"]
+
+
+def test_single_values_are_not_sets():
+    rule = {"protocol": 1, "networks": [{"start": "10.0.0.1", "end": "10.0.0.9"}], "ports": [{"start": 80, "end": 90}]}
+    assert net_out_rules(NET, rule) == ["ip daddr 10.0.0.1-10.0.0.9 tcp dport 80-90 accept"]
+    assert net_out_rules(NET, {"networks": [{"end": "192.0.2.1"}]}) == ["ip daddr 192.0.2.1 accept"]
 
 
 def test_icmp_type_and_code():
@@ -49,6 +69,8 @@ def test_icmp_type_and_code():
         "meta l4proto icmp icmp type 8 icmp code 0 accept"]
     assert net_out_rules(NET, {"protocol": 3, "icmps": {"type": 8}}) == ["meta l4proto icmp icmp type 8 accept"]
     assert net_out_rules(NET, {"protocol": 3}) == ["meta l4proto icmp accept"]
+    # Present but empty: Garden passes --icmp-type 0 (echo reply).
+    assert net_out_rules(NET, {"protocol": 3, "icmps": {}}) == ["meta l4proto icmp icmp type 0 accept"]
 
 
 def test_logging_is_a_rate_limited_rule_before_the_accept():
@@ -57,3 +79,16 @@ def test_logging_is_a_rate_limited_rule_before_the_accept():
     assert rules[0].startswith("meta l4proto tcp ct state new limit rate")
     assert rules[0].endswith('log prefix "some-handle "')
     assert rules[1] == "meta l4proto tcp accept"
+
+
+def test_logging_covers_tcp_only_as_gardens_log_chain_does():
+    assert net_out_rules(NET, {"protocol": 2, "log": True}) == ["meta l4proto udp accept"]
+    assert net_out_rules(NET, {"protocol": 3, "log": True}) == ["meta l4proto icmp accept"]
+    everything = net_out_rules(NET, {"log": True, "networks": [{"start": "10.0.0.1"}]})
+    assert everything[0].startswith("ip daddr 10.0.0.1 meta l4proto tcp ct state new limit rate 2/second")
+    assert everything[1] == "ip daddr 10.0.0.1 accept"
+
+
+def test_a_handle_cannot_break_out_of_the_log_prefix():
+    odd = ContainerNet('a "quoted" handle; drop', NET.alloc, "g0000x", 1500)
+    assert net_out_rules(odd, {"protocol": 1, "log": True})[0].endswith('log prefix "a__quoted__handle__d "')
