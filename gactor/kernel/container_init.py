@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import glob
 import os
 import re
@@ -86,6 +87,8 @@ def start_init(cfg: dict[str, Any]) -> int:
 def _run_child(fn: Any, *args: Any) -> None:
     """Run ``fn`` in a forked child and never return; errors go to the report pipe."""
     report_fd = args[-1]
+    # A collection would walk (and so copy) the shim's heap; these children live briefly.
+    gc.disable()
     try:
         fn(*args)
         os._exit(0)
@@ -163,6 +166,15 @@ def _mount_at(root: str, rel: str, source: str, fstype: str | None, flags: int =
 def _remount_ro(target: str) -> None:
     """Make the bind mount at ``target`` and every mount below it read-only: a remount
     changes one mount, and a recursive bind brings the source's submounts along."""
+    try:
+        # One call for the whole subtree, and it keeps the flags it is not given (the
+        # fallback's locked-flag dance is the kernel's job here). Cheaper than parsing
+        # mountinfo, which before pivot_root lists every mount of the host.
+        L.mount_setattr(target, L.MOUNT_ATTR_RDONLY)
+        return
+    except OSError as err:
+        if err.errno != errno.ENOSYS:
+            raise
     top = os.path.realpath(target)
     with open("/proc/self/mountinfo") as f:
         points = [_unescape(line.split()[4]) for line in f]

@@ -44,6 +44,10 @@ CAP_LAST_CAP = 40
 
 _SYS_PIVOT_ROOT = 155
 _SYS_CAPSET = 126
+_SYS_MOUNT_SETATTR = 442  # x86_64, Linux 5.12+
+_AT_FDCWD = -100
+_AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
 
 
 def _check(result: int, what: str) -> int:
@@ -76,6 +80,15 @@ def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: st
 
 def umount(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def mount_setattr(target: str, attr_set: int, recursive: bool = True) -> None:
+    """Set mount attributes on ``target`` (and every mount below it when ``recursive``),
+    leaving the others as they are. OSError(ENOSYS) before Linux 5.12."""
+    attr = struct.pack("QQQQ", attr_set, 0, 0, 0)  # struct mount_attr: set, clr, propagation, userns_fd
+    flags = _AT_RECURSIVE if recursive else 0
+    _check(_libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_long(_AT_FDCWD), target.encode(),
+                         ctypes.c_long(flags), attr, ctypes.c_long(len(attr))), f"mount_setattr {target}")
 
 
 def pivot_root(new_root: str, put_old: str) -> None:

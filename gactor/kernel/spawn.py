@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import os
 import resource
 import signal
@@ -133,6 +134,7 @@ def spawn(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
     err_r, err_w = os.pipe()
     helper = os.fork()
     if helper == 0:
+        gc.disable()  # a collection would walk (and so copy) the shim's heap before exec
         try:
             os.close(pid_r)
             os.close(err_r)
