@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import trio
 
 import gactor
+from gactor.kernel.firewall import table_name
+from gactor.kernel.netmodel import link_prefix, server_tag
 from gactor.server import ServerConfig, cgroup_parent_for
 
 from . import procmem
@@ -167,6 +169,10 @@ def leftovers(server: BenchServer, handle_prefix: str) -> list[str]:
         patterns += [f"{CGROUP_ROOT}/*/{parent}", f"{CGROUP_ROOT}/{parent}"]
     found = [f"cgroup {p}" for pattern in patterns for p in glob.glob(pattern)]
     found += [f"mount {p}" for p in mounts_under(server.base)]
+    tag = server_tag(os.path.realpath(server.depot))
+    found += [f"link {n}" for n in os.listdir("/sys/class/net") if n.startswith(link_prefix(tag))]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
+    found += [f"nft table {line.strip()}" for line in tables.splitlines() if table_name(tag) in line]
     watched = sorted(server.shims_seen | set(server.spawners))
     deadline = time.monotonic() + 5.0  # the spawner exits on its own once the server is gone
     while (alive := _named_helpers(watched)) and time.monotonic() < deadline:

@@ -209,6 +209,11 @@ def _read_config_file(path: Path, known: set[str]) -> dict[str, Any]:
 @click.option("--deny-network", "deny_networks", multiple=True, metavar="CIDR",
               help="Network containers may never reach; repeatable.")
 @click.option("--external-ip", metavar="IP", help="[the host's primary address].")
+@click.option("--cgroup-favordynmods/--no-cgroup-favordynmods", default=True,
+              help="Remount a cgroup hierarchy with favordynmods: ~10 ms faster creates and runs, "
+                   "host-wide until reboot [on].")
+@click.option("--mtu", type=int, metavar="BYTES",
+              help="MTU of container interfaces [that of the host's default-route interface].")
 @click.option("--log-level", metavar="LEVEL", help="debug, info, warning or error [info].")
 @click.option("--cpu-quota-per-share", type=int, metavar="USEC",
               help="CPU quota per share of limit_in_shares [0 = no quota].")

@@ -16,6 +16,7 @@ import ssl
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .kernel.spawner import SpawnerHandle, fork_spawner
 from .transport import listeners
@@ -36,6 +37,8 @@ class ServerConfig:
     max_containers: int = 0
     deny_networks: list[str] = field(default_factory=list)
     external_ip: str | None = None
+    mtu: int = 0  # 0: the MTU of the host's default-route interface
+    cgroup_favordynmods: bool = True  # faster cgroup migration, host-wide (docs/limits.md)
     log_level: str = "info"
     cpu_quota_per_share: int = 0
     destroy_containers_on_startup: bool = False
@@ -52,10 +55,6 @@ class ServerConfig:
 # than silently ignored. Remove an entry in the change that implements it.
 NOT_IMPLEMENTED: dict[str, str] = {
     "garden_listen": "--garden-listen",
-    "port_pool_start": "--port-pool-start",
-    "port_pool_size": "--port-pool-size",
-    "deny_networks": "--deny-network",
-    "external_ip": "--external-ip",
 }
 
 
@@ -155,8 +154,10 @@ def _configure_logging(config: ServerConfig) -> None:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_Redacting(fmt, config.token))
     # trio-websocket's debug lines describe every frame; they never help an operator.
-    websocket_log = logging.getLogger("trio-websocket")
-    websocket_log.setLevel(max(websocket_log.getEffectiveLevel(), logging.INFO))
+    # So do pyroute2's (every netlink message) and asyncio's (pyroute2 runs a loop per thread).
+    for noisy in ("trio-websocket", "pyroute2", "asyncio"):
+        noisy_log = logging.getLogger(noisy)
+        noisy_log.setLevel(max(noisy_log.getEffectiveLevel(), logging.INFO))
 
 
 def _check_traversable(depot: str) -> None:
@@ -219,6 +220,61 @@ def run(config: ServerConfig) -> None:
         os.waitpid(spawner.pid, 0)
 
 
+def _favor_dynmods() -> None:
+    from .kernel import cgroups
+    from .kernel.errors import KernelError
+
+    try:
+        point = cgroups.favor_dynmods()
+    except KernelError as err:
+        log.warning("cgroup favordynmods not enabled (creates and runs stay ~10 ms slower): %s", err)
+        return
+    if point is not None:
+        log.info("enabled cgroup favordynmods on %s: task migration no longer waits for an RCU "
+                 "grace period; this lasts until reboot (--no-cgroup-favordynmods leaves the host alone)", point)
+
+
+async def _start_networking(config: ServerConfig, env: Any) -> tuple[Any, Any]:
+    """The netlink thread, the firewall and the pools; ConfigError for bad settings."""
+    import ipaddress
+
+    import trio
+
+    from .actors.network import NetworkConfig, Networking
+    from .actors.pools import PortPool, SubnetPool
+    from .kernel import netmodel
+    from .kernel.firewall import Firewall
+    from .kernel.netlink import Netlink
+    from .kernel.nft import Nft
+
+    try:
+        pool = ipaddress.IPv4Network(config.network_pool)
+        deny = [ipaddress.IPv4Network(cidr, strict=False) for cidr in config.deny_networks]
+        if config.external_ip:
+            ipaddress.IPv4Address(config.external_ip)
+    except ValueError as err:
+        raise ConfigError(f"network settings: {err}") from None
+    if not (0 < config.port_pool_start and config.port_pool_size > 0
+            and config.port_pool_start + config.port_pool_size - 1 <= 65535):
+        raise ConfigError(f"--port-pool-start {config.port_pool_start} --port-pool-size "
+                          f"{config.port_pool_size}: the ports must lie within 1-65535")
+    if config.mtu and not 68 <= config.mtu <= 65535:
+        raise ConfigError(f"--mtu {config.mtu}: must be within 68-65535")
+    netlink = Netlink()
+    netlink.start()
+    mtu = config.mtu or await netlink.call(netlink.default_route_mtu)
+    external_ip = config.external_ip or await netlink.call(netlink.primary_address) or "127.0.0.1"
+    await trio.to_thread.run_sync(netlink.enable_forwarding)
+    tag = netmodel.server_tag(os.path.realpath(config.depot))
+    firewall = Firewall(Nft(), tag, pool, deny, external_ip)
+    env.network = Networking(NetworkConfig(tag, pool, deny, mtu, external_ip), netlink, firewall)
+    log.info("networking: pool %s, mtu %d, external ip %s%s", pool, mtu, external_ip,
+             f", denying {', '.join(map(str, deny))}" if deny else "")
+    ports = await trio.to_thread.run_sync(
+        PortPool, config.port_pool_start, config.port_pool_size, os.path.join(config.depot, "ports.json"))
+    return SubnetPool(pool), ports
+
+
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
@@ -248,13 +304,17 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
         cpu_quota_per_share=config.cpu_quota_per_share,
         entitlement_per_share=cpus * 100 / mem_mib,
     )
+    if config.cgroup_favordynmods:
+        await trio.to_thread.run_sync(_favor_dynmods)
+    subnets, ports = await _start_networking(config, env)
     await trio.to_thread.run_sync(rootfs.remove_partial_images, env.image_store)
     try:
         env.init_binary = await trio.to_thread.run_sync(init_binary.ensure, os.path.join(config.depot, "bin"))
     except (OSError, subprocess.SubprocessError) as err:
         log.warning("no C compiler for garden-init (%s): container pid 1 will be a Python process", err)
     async with trio.open_nursery() as nursery:
-        registry = Registry(env, config.default_rootfs, config.default_grace_time, config.max_containers)
+        registry = Registry(env, config.default_rootfs, config.default_grace_time, config.max_containers,
+                            subnets, ports)
         registry_ref = await nursery.start(functools.partial(
             registry.run, destroy_existing=config.destroy_containers_on_startup))
         api = Api(registry_ref, config.network_pool)
@@ -267,6 +327,9 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
                 log.info("received %s: shutting down, containers keep running", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+    if env.network is not None:
+        await env.network.shut_down(any_containers=bool(os.listdir(os.path.join(config.depot, depot.CONTAINERS)))
+                                    if os.path.isdir(os.path.join(config.depot, depot.CONTAINERS)) else False)
     try:
         env.cgroups.remove_parent()
     except OSError as err:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import logging
 import math
 import os
@@ -36,20 +37,26 @@ import trio
 from ..errors import GardenError, ProcessNotFoundError
 from ..kernel import depot, image_copies, rootfs, shim_wire, shims
 from ..kernel.cgroups import Cgroup, CgroupDriver
+from ..kernel.container_init import MAX_UID
 from ..kernel.errors import KernelError
+from ..kernel.netmodel import ContainerNet, NetworkError
 from ..types import (
+    BandwidthLimits,
     ContainerInfo,
     ContainerSpec,
     CPULimits,
     MemoryLimits,
+    NetOutRule,
+    PortMapping,
     ProcessSpec,
     from_wire,
     to_wire,
 )
 from .cleanup import Cleanup
 from .mailbox import DEFERRED, Mailbox, Request
+from .network import Networking, check_net_out
 from .process import ProcessActor, Subscription
-from .shim_link import ShimLink
+from .shim_link import ShimLink, fetch_netns
 from .spawner_client import SpawnerClient
 
 log = logging.getLogger("gactor.container")
@@ -112,6 +119,10 @@ class Environment:
     # registry owns image references (it prepares the copy and records the reference).
     acquire_image: Callable[[str, str, bool], Awaitable[image_copies.ImageCopy]] = field(
         default=lambda handle, source, shift: _no_images())
+    network: Networking | None = None  # None: containers get only a loopback interface
+    # Host ports for NetIn, ``(requested or 0) -> port``, and giving one back: registry-owned.
+    acquire_port: Callable[[int], Awaitable[int]] = field(default=lambda port: _no_ports())
+    release_port: Callable[[int], Awaitable[None]] = field(default=lambda port: _nothing())
 
 
 async def _nothing() -> None:
@@ -120,6 +131,10 @@ async def _nothing() -> None:
 
 async def _no_images() -> image_copies.ImageCopy:
     raise GardenError("no image store")
+
+
+async def _no_ports() -> int:
+    raise GardenError("this server has no container networking")
 
 
 # ---- commands --------------------------------------------------------------------------
@@ -158,6 +173,22 @@ class LimitMemory:
 @dataclass(frozen=True)
 class LimitCpu:
     limits: CPULimits
+
+
+@dataclass(frozen=True)
+class NetIn:
+    host_port: int
+    container_port: int
+
+
+@dataclass(frozen=True)
+class NetOut:
+    rules: tuple[NetOutRule, ...]
+
+
+@dataclass(frozen=True)
+class LimitBandwidth:
+    limits: BandwidthLimits
 
 
 @dataclass(frozen=True)
@@ -203,6 +234,12 @@ class _ShimDied:
 
 
 @dataclass(frozen=True)
+class _PortMapped:
+    reply_to: Request[tuple[int, int]]
+    mapping: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class _TornDown:
     reply_to: Request[None]
     error: BaseException | None
@@ -212,7 +249,8 @@ class ContainerActor:
     """Holds the state; only its own task reads or changes the mutable part. The
     registry and the front ends use it through ``ContainerRef``."""
 
-    def __init__(self, env: Environment, spec: ContainerSpec, rootfs_path: str, name: str = "") -> None:
+    def __init__(self, env: Environment, spec: ContainerSpec, rootfs_path: str, name: str = "",
+                 net: ContainerNet | None = None) -> None:
         self.env = env
         self.spec = spec
         self.handle = spec.handle
@@ -221,6 +259,10 @@ class ContainerActor:
         self.rootfs_source = rootfs_path
         self.image_copy = ""  # the overlay's lower dir: an immutable copy in env.image_store
         self.properties = dict(spec.properties)
+        self.net = net
+        self._netns_fd = -1
+        if net is not None:
+            self.properties.update(self._network_properties())
         self.grace_time = spec.grace_time
         self.state = State.CREATING
         self._record_state = State.ACTIVE  # what the depot record says (restored containers)
@@ -253,7 +295,8 @@ class ContainerActor:
         record = depot.read_json(os.path.join(env.depot, depot.CONTAINERS, name, "container.json"))
         spec = from_wire(ContainerSpec, record["spec"])
         spec.handle = record.get("handle", spec.handle or name)
-        actor = cls(env, spec, record["rootfs"], name)
+        net = ContainerNet.from_record(spec.handle, record["net"]) if record.get("net") else None
+        actor = cls(env, spec, record["rootfs"], name, net)
         # Records older than image copies have none: their overlay's lower dir is protected
         # from collection by being mounted (image_copies.collect).
         actor.image_copy = record.get("image_copy", "")
@@ -336,6 +379,20 @@ class ContainerActor:
                 await self._limit_memory(limits)
             case LimitCpu(limits):
                 await self._limit_cpu(limits)
+            case NetIn(host_port, container_port):
+                self._networked()
+                # In a task: the port comes from the registry, which may itself be
+                # waiting for this actor (a grace time being saved).
+                self._spawn(self._map_port, host_port, container_port, request)
+                return DEFERRED
+            case _PortMapped(reply_to, mapping):
+                self._add_mapping(mapping)
+                await self._save()
+                reply_to.reply(mapping)
+            case NetOut(rules):
+                await self._net_out(rules)
+            case LimitBandwidth(limits):
+                await self._limit_bandwidth(limits)
             case Run() as run:
                 self._check_run(run)
                 self._spawn(self._spawn_process, run, request)
@@ -391,9 +448,39 @@ class ContainerActor:
         self._init_pid = int(status["init"])
         self._own_shim(int(status["shim"]), undo)
         self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
-        log.debug("container %s created in %.1f ms (image %.1f, depot+cgroup+mount %.1f, shim+init %.1f)",
-                  self.handle, *((t * 1000) for t in (trio.current_time() - started, image - started,
-                                                      prepared - image, trio.current_time() - prepared)))
+        networked = trio.current_time()
+        if self.net is not None:
+            await self._attach_network(undo)
+        log.debug("container %s created in %.1f ms (image %.1f, depot+cgroup+mount %.1f, shim+init %.1f, "
+                  "network %.1f)", self.handle,
+                  *((t * 1000) for t in (trio.current_time() - started, image - started, prepared - image,
+                                         networked - prepared, trio.current_time() - networked)))
+
+    async def _open_netns(self, undo: Cleanup) -> None:
+        self._netns_fd = await trio.to_thread.run_sync(fetch_netns, self.handle, self.dir)
+        undo.callback(os.close, self._netns_fd)
+
+    async def _attach_network(self, undo: Cleanup) -> None:
+        """The veth, the firewall state, then the spec's bandwidth, NetIn and NetOut.
+        Any failure (or cancellation) removes the network again before it propagates;
+        the registry gives the address and ports back once the create has failed."""
+        net, network = self.net, self.env.network
+        assert net is not None
+        assert network is not None
+        await self._open_netns(undo)
+        await network.attach(net, self._netns_fd)
+        try:
+            bandwidth = self.spec.limits.bandwidth
+            if bandwidth.rate_in_bytes_per_second:
+                await self._limit_bandwidth(bandwidth, save=False)
+            for wanted in self.spec.net_in:
+                self._add_mapping(await self._apply_port_mapping(wanted.host_port, wanted.container_port))
+            if self.spec.net_out:
+                await self._net_out(tuple(self.spec.net_out), save=False)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await network.release(net, keep_bridge=True)
+            raise
 
     def _own_shim(self, pid: int, undo: Cleanup) -> None:
         # A pidfd, not the pid: the shim's pid may be reused once it has exited.
@@ -411,6 +498,8 @@ class ContainerActor:
         # The shim's pid from the socket it listens on, never from shim.pid: after a crash
         # or a reboot that file may name an unrelated process.
         self._own_shim(self._link.peer_pid(), undo)
+        if self.net is not None:
+            await self._open_netns(undo)
         if self.image_copy:
             with contextlib.suppress(KernelError, OSError):
                 copy = await trio.to_thread.run_sync(image_copies.read, self.image_copy)
@@ -450,9 +539,14 @@ class ContainerActor:
         self._apply_limits(cgroup)
         merged = rootfs.mount_overlay(lower, self.dir, self.spec.privileged)
         undo.callback(rootfs.unmount, merged)
-        hosts = os.path.join(self.dir, "hosts")
-        with open(hosts, "w") as f:
-            f.write(f"127.0.0.1 localhost\n::1 localhost ip6-localhost\n127.0.1.1 {self.hostname}\n")
+        resolv = ""
+        if self.net is not None and self.env.network is not None:
+            owner = 0 if self.spec.privileged else MAX_UID  # the container's root
+            hosts, resolv = self.env.network.write_dns_files(self.dir, self.hostname, self.net, owner)
+        else:
+            hosts = os.path.join(self.dir, "hosts")
+            with open(hosts, "w") as f:
+                f.write(f"127.0.0.1 localhost\n::1 localhost ip6-localhost\n127.0.1.1 {self.hostname}\n")
         return {
             "dir": self.dir,
             "rootfs": merged,
@@ -460,6 +554,7 @@ class ContainerActor:
             "privileged": self.spec.privileged,
             "cgroup_procs": list(cgroup.procs_files),
             "hosts_file": hosts,
+            "resolv.conf_file": resolv,
             "init_binary": self.env.init_binary,
             "bind_mounts": [
                 {"src": bm.src_path, "dst": bm.dst_path, "ro": bm.mode == 0, "from_container": bm.origin == 1}
@@ -501,6 +596,83 @@ class ContainerActor:
         self.ref._publish()  # current_cpu_limits reads the published snapshot
         await self._save()
 
+    # ---- network -------------------------------------------------------------------------
+
+    def _network_properties(self) -> dict[str, str]:
+        """Garden's ``garden.network.*`` properties (system properties, listed with the user's)."""
+        net, network = self.net, self.env.network
+        assert net is not None
+        mapped = [{"HostPort": h, "ContainerPort": c} for h, c in net.net_in]
+        return {
+            "garden.network.container-ip": str(net.alloc.container_ip),
+            "garden.network.host-ip": str(net.alloc.gateway_ip),
+            "garden.network.external-ip": network.config.external_ip if network is not None else "",
+            "garden.network.mapped-ports": json.dumps(mapped, separators=(",", ":")),
+        }
+
+    def _networked(self) -> tuple[ContainerNet, Networking]:
+        if self.net is None or self.env.network is None:
+            raise GardenError(f"container {self.handle} has no network")
+        if self.state not in (State.CREATING, State.ACTIVE, State.STOPPED):
+            raise GardenError(f"container {self.handle} is {self.state.value}")
+        return self.net, self.env.network
+
+    async def _apply_port_mapping(self, host_port: int, container_port: int) -> tuple[int, int]:
+        """Garden's NetIn: host port 0 takes the next port of the pool; container port 0
+        means the host port. The port goes back to the pool if the rule cannot be made."""
+        net, network = self._networked()
+        port = await self.env.acquire_port(host_port)
+        mapping = (port, container_port or port)
+        try:
+            await network.add_net_in(net, *mapping)
+        except BaseException as err:
+            with trio.CancelScope(shield=True):
+                await self.env.release_port(port)
+            if isinstance(err, NetworkError):
+                raise GardenError(f"net in {port}:{mapping[1]}: {err}") from err
+            raise
+        return mapping
+
+    async def _map_port(self, host_port: int, container_port: int, request: Request[tuple[int, int]]) -> None:
+        try:
+            mapping = await self._apply_port_mapping(host_port, container_port)
+        except GardenError as err:
+            request.fail(err)
+            return
+        if not await self.mailbox.tell(_PortMapped(request, mapping)):
+            request.fail(GardenError(f"container {self.handle} was destroyed while mapping the port"))
+
+    def _add_mapping(self, mapping: tuple[int, int]) -> None:
+        assert self.net is not None
+        self.net.net_in.append(mapping)
+        self.properties.update(self._network_properties())
+        self.ref._publish()
+
+    async def _net_out(self, rules: tuple[NetOutRule, ...], save: bool = True) -> None:
+        net, network = self._networked()
+        wire_rules = [to_wire(rule) for rule in rules]
+        for rule in wire_rules:
+            check_net_out(rule)
+        try:
+            await network.add_net_out(net, wire_rules)
+        except NetworkError as err:
+            raise GardenError(f"net out: {err}") from err
+        net.net_out.extend(wire_rules)
+        if save:
+            await self._save()
+
+    async def _limit_bandwidth(self, limits: BandwidthLimits, save: bool = True) -> None:
+        net, network = self._networked()
+        rate, burst = limits.rate_in_bytes_per_second, limits.burst_rate_in_bytes_per_second
+        try:
+            await network.set_bandwidth(net, self._netns_fd, rate, burst)
+        except NetworkError as err:
+            raise GardenError(f"cannot limit bandwidth to {rate} bytes/s (burst {burst}): {err}") from err
+        net.bandwidth = (rate, burst)
+        self.ref._publish()
+        if save:
+            await self._save()
+
     @property
     def hostname(self) -> str:
         return self.handle[-49:]
@@ -523,6 +695,7 @@ class ContainerActor:
             "state": state.value,
             "events": list(self.events),
             "created_at": self.created_at,
+            "net": self.net.to_record() if self.net is not None else None,
         }
 
     async def _save(self) -> None:
@@ -740,13 +913,19 @@ class ContainerActor:
     # ---- reads -------------------------------------------------------------------------
 
     def _info(self) -> ContainerInfo:
-        return ContainerInfo(
+        info = ContainerInfo(
             state=self.state.value,
             events=list(self.events),
             container_path=self.dir,
             process_ids=[pid for pid, p in self.processes.items() if p.running],
             properties=dict(self.properties),
         )
+        if self.net is not None:
+            info.container_ip = str(self.net.alloc.container_ip)
+            info.host_ip = str(self.net.alloc.gateway_ip)
+            info.external_ip = self.env.network.config.external_ip if self.env.network is not None else ""
+            info.mapped_ports = [PortMapping(h, c) for h, c in self.net.net_in]
+        return info
 
     @property
     def cgroup(self) -> Cgroup:
@@ -775,6 +954,9 @@ class ContainerRef:
         self.properties: MappingProxyType[str, str] = MappingProxyType(dict(actor.properties))
         self.state = actor.state
         self.cpu_limits = CPULimits(actor.spec.limits.cpu.weight, actor.spec.limits.cpu.limit_in_shares)
+        net = actor.net
+        self.net = None if net is None else ContainerNet(
+            net.handle, net.alloc, net.host_ifname, net.mtu, list(net.net_in), list(net.net_out), net.bandwidth)
 
     # Fixed after creation, so safe to read from any task.
     @property
@@ -830,6 +1012,23 @@ class ContainerRef:
         if not (cpu.weight or cpu.limit_in_shares):
             return CPULimits()
         return CPULimits(limit_in_shares=await trio.to_thread.run_sync(self.cgroup.cpu_shares))
+
+    async def net_in(self, host_port: int, container_port: int) -> tuple[int, int]:
+        """Map a host port to a container port (0: the next pool port / the host port).
+        Cancelled: the mapping may still be made, and is then listed in the info."""
+        mapping: tuple[int, int] = await self._mailbox.ask(NetIn(host_port, container_port))
+        return mapping
+
+    async def net_out(self, rules: list[NetOutRule]) -> None:
+        """Allow traffic out (all rules in one transaction). Cancelled: applied or not, whole."""
+        await self._mailbox.ask(NetOut(tuple(rules)))
+
+    async def limit_bandwidth(self, limits: BandwidthLimits) -> None:
+        await self._mailbox.ask(LimitBandwidth(limits))
+
+    def current_bandwidth_limits(self) -> BandwidthLimits:
+        rate, burst = self.net.bandwidth if self.net is not None else (0, 0)
+        return BandwidthLimits(rate, burst)
 
     async def run(self, spec: ProcessSpec, process_id: str, subscriber: Subscription | None = None,
                   host_exe: str = "", dir_must_exist: bool = False) -> ProcessActor:

@@ -14,6 +14,7 @@ from ..types import (
     ContainerCPUStat,
     ContainerDiskStat,
     ContainerMemoryStat,
+    ContainerNetworkStat,
     ContainerPidStat,
     Metrics,
 )
@@ -35,6 +36,10 @@ def _read(container: ContainerRef) -> Metrics:
     # the spec (1024, the kernel's default, when nothing was asked for).
     cpu = container.cpu_limits
     shares = cpu.weight or cpu.limit_in_shares or 1024
+    network_stat = None
+    if container.net is not None and container.env.network is not None:
+        rx, tx = container.env.network.stats(container.net)
+        network_stat = ContainerNetworkStat(rx_bytes=rx, tx_bytes=tx)
     return Metrics(
         memory_stat=ContainerMemoryStat(**{k: v for k, v in stat.items() if k in _MEMORY_FIELDS}),
         cpu_stat=ContainerCPUStat(usage=usage, user=user, system=system),
@@ -44,6 +49,7 @@ def _read(container: ContainerRef) -> Metrics:
             exclusive_bytes_used=upper_bytes,
             exclusive_inodes_used=upper_inodes,
         ),
+        network_stat=network_stat,
         pid_stat=ContainerPidStat(current=cgroup.pids_current(), max=cgroup.pids_max()),
         age=age,
         cpu_entitlement=int(shares * container.env.entitlement_per_share / 100 * age * 1e9),

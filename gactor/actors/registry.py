@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import types
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,9 +31,11 @@ import trio
 from ..errors import ContainerNotFoundError, GardenError
 from ..kernel import depot, image_copies, shims
 from ..kernel.errors import KernelError
+from ..kernel.netmodel import ContainerNet
 from ..types import Capacity, ContainerSpec
 from .container import ContainerActor, ContainerRef, Environment, State, remove_orphan
 from .mailbox import DEFERRED, ActorGone, Mailbox, Request
+from .pools import PoolError, PortPool, SubnetPool
 
 log = logging.getLogger("gactor.registry")
 
@@ -99,6 +102,8 @@ class Container(Protocol):
     def grace_time(self) -> float: ...
     @property
     def image_copy(self) -> str: ...
+    @property
+    def net(self) -> ContainerNet | None: ...
     async def destroy(self) -> None: ...
     async def set_grace_time(self, seconds: float) -> None: ...
 
@@ -117,9 +122,10 @@ class DestroyContainer:
 
 
 @dataclass(frozen=True)
-class Lookup:
+class Pause:
+    """Told: a request starts using the container (looked up in the snapshot)."""
+
     handle: str
-    pause: bool  # pause the grace timer (a request starts using the container)
 
 
 @dataclass(frozen=True)
@@ -166,7 +172,7 @@ class AcquireImage:
 @dataclass(frozen=True)
 class _ImageTaken:
     handle: str
-    path: str
+    copy: image_copies.ImageCopy
 
 
 @dataclass(frozen=True)
@@ -177,6 +183,26 @@ class _ImagesInUse:
 @dataclass(frozen=True)
 class _ReleaseImage:
     handle: str
+
+
+@dataclass(frozen=True)
+class AcquirePort:
+    port: int  # 0: the next one of the pool
+
+
+@dataclass(frozen=True)
+class ReleasePort:
+    port: int
+
+
+@dataclass(frozen=True)
+class _NetworkReleased:
+    net: ContainerNet
+
+
+@dataclass(frozen=True)
+class _BridgeGone:
+    subnet: str
 
 
 @dataclass(frozen=True)
@@ -200,12 +226,18 @@ class _Expired:
     timer: GraceTimer
 
 
+def _adopted_copy(path: str) -> image_copies.ImageCopy:
+    """A re-adopted container's copy, as far as the registry needs it (its path; no
+    source, so releasing it always collects)."""
+    return image_copies.ImageCopy(path, "", "", True, 0, 0)
+
+
 class Registry:
     """The registry actor's state and owning task; start it with ``nursery.start(run)``,
     which hands back a ``RegistryRef``."""
 
     def __init__(self, env: Environment, default_rootfs: str, default_grace_time: float,
-                 max_containers: int) -> None:
+                 max_containers: int, subnets: SubnetPool | None = None, ports: PortPool | None = None) -> None:
         self.env = env
         self.default_rootfs = default_rootfs
         self.default_grace_time = default_grace_time
@@ -220,11 +252,21 @@ class Registry:
         # Image references: the copy (overlay lower dir) each container uses. Copies are
         # prepared and collected by registry tasks holding _image_lock, so a collect never
         # runs between a prepare and the reference it leads to.
-        self._image_users: dict[str, str] = {}
+        self._image_users: dict[str, image_copies.ImageCopy] = {}
         self._image_lock = trio.Lock()
+        # Networking: the pools, and the bridges being deleted (a create on that subnet
+        # waits until its bridge is gone, then makes a new one).
+        self.subnets = subnets
+        self.ports = ports
+        self._bridges_going: dict[str, trio.Event] = {}
+        # Set when a copy may have gone stale unused (a prepare that scanned, or startup):
+        # until the next collect, a release always collects.
+        self._collect_due = True
         self.mailbox = Mailbox("the registry")
         env.publish = self._publish_from_container
         env.acquire_image = self._acquire_image
+        env.acquire_port = self._acquire_port
+        env.release_port = self._release_port
 
     async def run(self, *, destroy_existing: bool = False,
                   task_status: trio.TaskStatus[RegistryRef] = trio.TASK_STATUS_IGNORED) -> None:
@@ -243,11 +285,10 @@ class Registry:
 
     async def _handle(self, request: Request[Any]) -> Any:  # noqa: C901 - one case per command
         match request.command:
-            case Lookup(handle, pause):
-                container = self._lookup(handle)
-                if pause:
-                    self._timers[handle].pause()
-                return container
+            case Pause(handle):
+                timer = self._timers.get(handle)
+                if timer is not None:  # destroyed meanwhile: nothing to pause
+                    timer.pause()
             case Release(handle):
                 timer = self._timers.get(handle)
                 if timer is not None:
@@ -260,22 +301,48 @@ class Registry:
                 ]
             case Create(spec, source):
                 self._check_create(spec)
+                net = self._allocate_network(spec)
                 self._creating.add(spec.handle)
-                self._spawn(self._create, spec, source, request)
+                bridge_going = self._bridges_going.get(str(net.alloc.subnet)) if net is not None else None
+                self._spawn(self._create, spec, source, net, bridge_going, request)
                 return DEFERRED
-            case AcquireImage():
-                self._spawn(self._prepare_image, request)
-                return DEFERRED
-            case _ImageTaken(handle, path):
-                self._image_users[handle] = path
+            case AcquirePort(port):
+                if self.ports is None:
+                    raise GardenError("this server has no container networking")
+                try:
+                    if port == 0:
+                        return self.ports.acquire()
+                    self.ports.reserve(port)
+                    return port
+                except PoolError as err:
+                    raise GardenError(str(err)) from None
+            case ReleasePort(port):
+                if self.ports is not None:
+                    self.ports.release(port)
+            case _NetworkReleased(net):
+                self._free_network(net)
+            case _BridgeGone(subnet):
+                self._bridges_going.pop(subnet).set()
+            case AcquireImage(handle, source, shift):
+                # A copy the cache knows, with no prepare or collect under way, is taken
+                # here in one step; anything else is prepared by a task holding the lock.
+                copy = None if self._image_lock.locked() else self._known_copy(source, shift)
+                if copy is None:
+                    self._spawn(self._prepare_image, request)
+                    return DEFERRED
+                self._image_users[handle] = copy
+                return copy
+            case _ImageTaken(handle, copy):
+                self._image_users[handle] = copy
             case _ImagesInUse():
-                return set(self._image_users.values())
+                return {c.path for c in self._image_users.values()}
             case _ReleaseImage(handle):
-                # True when that was the copy's last user: only then can a collect free it
-                # (copies of unchanged sources are kept anyway), so 50 destroys of
-                # containers sharing one image do not run 50 collects.
+                # The copy when that was its last user, else None: only then can a collect
+                # free it, so 50 destroys of containers sharing one image run no 50 collects.
                 released = self._image_users.pop(handle, None)
-                return released is not None and released not in self._image_users.values()
+                if released is None or any(c.path == released.path for c in self._image_users.values()):
+                    return None
+                return released
             case _Created(reply_to, handle, container, error):
                 self._creating.discard(handle)
                 if container is None:
@@ -290,6 +357,8 @@ class Registry:
                 self._destroying.discard(container.handle)
                 if error is None:
                     self._forget(container.handle)
+                    if container.net is not None:
+                        self._spawn(self._release_network, container.net)
                     if reply_to is not None:
                         reply_to.reply(None)
                 elif reply_to is not None:
@@ -339,7 +408,10 @@ class Registry:
         for container in adopted:
             self._add(container)
             if container.image_copy:
-                self._image_users[container.handle] = container.image_copy
+                self._image_users[container.handle] = _adopted_copy(container.image_copy)
+            self._restore_network(container)
+        if self.ports is not None:
+            self.ports.restore(host for c in adopted if c.net is not None for host, _ in c.net.net_in)
         owned = {c.name for c in self.containers.values()}
         for name, pid in live_shims.items():
             if name not in owned:
@@ -349,7 +421,11 @@ class Registry:
             log.warning("removing cgroup %s: no container owns it", name)
             await trio.to_thread.run_sync(remove_orphan, self.env, name)
         async with self._image_lock:
-            await self._collect_images(set(self._image_users.values()))
+            self._collect_due = False
+            await self._collect_images({c.path for c in self._image_users.values()})
+        if self.env.network is not None:
+            nets = [c.net for c in self.containers.values() if c.net is not None]
+            await self.env.network.reconcile(nets)
         log.info("re-adopted %d containers", len(self.containers))
 
     async def _readopt(self, name: str, shim_pid: int | None, adopted: list[ContainerRef]) -> None:
@@ -391,16 +467,23 @@ class Registry:
         if any(c.name == name for c in self.containers.values()):
             raise GardenError(f"Handle '{spec.handle}' already in use")  # cannot happen: names are injective
 
-    async def _create(self, spec: ContainerSpec, source: str, request: Request[Container]) -> None:
+    async def _create(self, spec: ContainerSpec, source: str, net: ContainerNet | None,
+                      bridge_going: trio.Event | None, request: Request[Container]) -> None:
         """Create in the registry's nursery: the caller leaving cancels only its wait."""
         assert self._nursery is not None
         container: Container | None = None
         error: BaseException | None = None
         try:
-            container = await self._nursery.start(self._supervise, ContainerActor(self.env, spec, source), False)
+            if bridge_going is not None:
+                await bridge_going.wait()
+            actor = ContainerActor(self.env, spec, source, net=net)
+            container = await self._nursery.start(self._supervise, actor, False)
         except Exception as err:  # noqa: BLE001 - reported to the caller; the actor rolled back
             error = err
             await self._release_image(spec.handle)
+            if net is not None:
+                # The actor removed its links; the address and any ports go back now.
+                await self.mailbox.tell(_NetworkReleased(net))
         await self.mailbox.tell(_Created(request, spec.handle, container, error))
 
     def _start_destroy(self, container: Container, request: Request[None] | None) -> None:
@@ -428,6 +511,69 @@ class Registry:
             await self._release_image(container.handle)
         await self.mailbox.tell(_Destroyed(request, container, error))
 
+    # ---- network pools ---------------------------------------------------------------
+
+    def _allocate_network(self, spec: ContainerSpec) -> ContainerNet | None:
+        if self.env.network is None or self.subnets is None:
+            if spec.network:
+                raise GardenError("this server has no container networking: 'network' cannot be given")
+            return None
+        try:
+            alloc = self.subnets.allocate(spec.network)
+        except PoolError as err:
+            raise GardenError(str(err)) from None
+        return self.env.network.container_net(spec.handle, alloc)
+
+    def _restore_network(self, container: Container) -> None:
+        net = container.net
+        if net is None or self.subnets is None:
+            return
+        try:
+            self.subnets.restore(net.alloc)
+        except PoolError as err:
+            log.error("container %s: its network conflicts with another container's: %s", container.handle, err)
+
+    async def _release_network(self, net: ContainerNet) -> None:
+        """After a destroy, in the background: remove the links and firewall state, then
+        give the address and ports back (never before they are gone)."""
+        assert self.env.network is not None
+        with trio.CancelScope(shield=True):
+            await self.env.network.release(net, keep_bridge=True)
+            await self.mailbox.tell(_NetworkReleased(net))
+
+    def _free_network(self, net: ContainerNet) -> None:
+        assert self.subnets is not None
+        try:
+            self.subnets.release(net.alloc)
+        except PoolError as err:  # a restored container whose allocation conflicted
+            log.warning("container %s: %s", net.handle, err)
+        if self.ports is not None:
+            for host, _ in net.net_in:
+                self.ports.release(host)
+        subnet = str(net.alloc.subnet)
+        if net.alloc.bridged and self.subnets.members(net.alloc.subnet) == 0 and subnet not in self._bridges_going:
+            self._bridges_going[subnet] = trio.Event()
+            self._spawn(self._delete_bridge, net)
+
+    async def _delete_bridge(self, net: ContainerNet) -> None:
+        network = self.env.network
+        assert network is not None
+        bridge = network.bridge_for(net.alloc)
+        with trio.CancelScope(shield=True):
+            if bridge is not None:
+                try:
+                    await network.netlink.delete_bridge(bridge)
+                except Exception as err:  # noqa: BLE001 - reconcile removes it at the next start
+                    log.warning("bridge %s left in place: %s", bridge, err)
+            await self.mailbox.tell(_BridgeGone(str(net.alloc.subnet)))
+
+    async def _acquire_port(self, port: int) -> int:
+        got: int = await self.mailbox.ask(AcquirePort(port))
+        return got
+
+    async def _release_port(self, port: int) -> None:
+        await self.mailbox.tell(ReleasePort(port))
+
     # ---- image references ----------------------------------------------------------
 
     async def _acquire_image(self, handle: str, source: str, shift: bool) -> image_copies.ImageCopy:
@@ -443,21 +589,43 @@ class Registry:
                 try:
                     copy = image_copies.known(command.source, self.env.image_store, shift=command.shift)
                     if copy is None:
+                        self._collect_due = True  # a scan: the source may have changed
                         copy = await trio.to_thread.run_sync(
                             lambda: image_copies.prepare(command.source, self.env.image_store, shift=command.shift))
                 except (KernelError, OSError) as err:
                     request.fail(GardenError(f"preparing image {command.source!r}: {err}"))
                     return
-                await self.mailbox.ask(_ImageTaken(command.handle, copy.path))
+                await self.mailbox.ask(_ImageTaken(command.handle, copy))
             request.reply(copy)
 
     async def _release_image(self, handle: str) -> None:
         """Drop ``handle``'s image reference, then remove the copies nobody uses (so a
         destroy returns with the disk freed). Shielded; from registry tasks only."""
         with trio.CancelScope(shield=True):
-            if await self.mailbox.ask(_ReleaseImage(handle)):
-                async with self._image_lock:
-                    await self._collect_images(await self.mailbox.ask(_ImagesInUse()))
+            released: image_copies.ImageCopy | None = await self.mailbox.ask(_ReleaseImage(handle))
+            if released is None:
+                return
+            async with self._image_lock:
+                if not self._collect_due and self._current(released):
+                    return  # a collect would keep it (keep_current) and nothing else is stale
+                self._collect_due = False
+                await self._collect_images(await self.mailbox.ask(_ImagesInUse()))
+
+    def _known_copy(self, source: str, shift: bool) -> image_copies.ImageCopy | None:
+        """``image_copies.known`` (no scan, safe on the event loop); an error means "not
+        known": the prepare that follows reports it."""
+        try:
+            return image_copies.known(source, self.env.image_store, shift=shift)
+        except (KernelError, OSError):
+            return None
+
+    def _current(self, copy: image_copies.ImageCopy) -> bool:
+        """Whether ``copy`` is what a create from its source gets now, known without a
+        scan (``image_copies.known``: no thread hop). Unknown counts as not current."""
+        if not copy.source:
+            return False
+        now = self._known_copy(copy.source, copy.shifted)
+        return now is not None and now.path == copy.path
 
     async def _collect_images(self, in_use: set[str]) -> None:
         """Remove every image copy no container references (and half-built ones); a
@@ -519,10 +687,14 @@ class RegistryRef:
 
     def __init__(self, mailbox: Mailbox, registry: Registry) -> None:
         self._mailbox = mailbox
+        # A read-only view of the registry's handle table (only its owner writes it): a
+        # lookup needs no round trip through the mailbox.
+        self._containers: Mapping[str, Container] = types.MappingProxyType(registry.containers)
         self.env = registry.env
         self.default_rootfs = registry.default_rootfs
         self.default_grace_time = registry.default_grace_time
         self.max_containers = registry.max_containers
+        self._subnets = registry.subnets
 
     async def create(self, spec: ContainerSpec, source: str) -> ContainerRef:
         """Create the container ``spec.handle`` from the rootfs directory ``source``.
@@ -537,18 +709,29 @@ class RegistryRef:
         await self._mailbox.ask(DestroyContainer(handle))
 
     async def lookup(self, handle: str) -> ContainerRef:
-        container: ContainerRef = await self._mailbox.ask(Lookup(handle, pause=False))
-        return container
+        """The listed container ``handle`` (from the table as it is now, no round trip);
+        raises ContainerNotFoundError."""
+        await trio.lowlevel.checkpoint()
+        return self._find(handle)
+
+    def _find(self, handle: str) -> ContainerRef:
+        container = self._containers.get(handle)
+        if container is None:
+            raise ContainerNotFoundError(handle)
+        return container  # type: ignore[return-value]  # the registry holds ContainerRefs
 
     @contextlib.asynccontextmanager
     async def using(self, handle: str) -> AsyncIterator[ContainerRef]:
-        """The container, with its grace timer paused for the duration."""
-        container: ContainerRef = await self._mailbox.ask(Lookup(handle, pause=True))
+        """The container, with its grace timer paused for the duration.
+
+        Pause and release are told, not asked: commands are handled in order, so the
+        release never overtakes the pause, and the caller waits for neither (only for
+        room in the mailbox). A container destroyed meanwhile answers its own error."""
+        container = self._find(handle)
+        await self._mailbox.tell(Pause(handle))
         try:
             yield container
         finally:
-            # Told, not asked: the caller need not wait for the timer to restart, and
-            # commands are handled in order, so it never overtakes this request's work.
             with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
                 await self._mailbox.tell(Release(handle))
 
@@ -574,6 +757,8 @@ class RegistryRef:
         with open("/proc/meminfo") as f:
             mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
         st = os.statvfs(self.env.depot)
+        if self._subnets is not None:
+            pool_containers = self._subnets.capacity()
         limit = min(self.max_containers, pool_containers) if self.max_containers else pool_containers
         return Capacity(
             memory_in_bytes=mem_kib * 1024,

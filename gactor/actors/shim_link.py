@@ -194,3 +194,32 @@ def garden_error(kind: str, message: str) -> GardenError:
     if kind == "ProcessNotFoundError":
         return ProcessNotFoundError(message.removeprefix("unknown process: "))
     return GardenError(message)
+
+
+NETNS_TIMEOUT = 5.0  # seconds the shim gets to hand over the namespace fd
+
+
+def fetch_netns(handle: str, container_dir: str) -> int:
+    """The container's network namespace fd, asked of its shim over a connection of its
+    own (blocking: call it in a worker thread). A link's own reader may not run yet when
+    the network is set up, so this does not go through one. The caller owns the fd."""
+    dir_fd = os.open(container_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            wire.size_socket(sock)
+            sock.settimeout(NETNS_TIMEOUT)
+            sock.connect(wire.socket_path(dir_fd, "shim.sock"))
+            wire.send(sock, {"op": "netns", "rid": 1}, what="shim request")
+            got = wire.recv(sock)
+    except OSError as err:
+        raise ShimGone(handle) from err
+    finally:
+        os.close(dir_fd)
+    if got is None:
+        raise ShimGone(handle)
+    reply, fds = got
+    if len(fds) != 1 or not isinstance(reply, dict) or "error" in reply:
+        for fd in fds:
+            os.close(fd)
+        raise GardenError(f"container {handle}: the shim did not send its network namespace: {reply!r:.200}")
+    return fds[0]

@@ -391,3 +391,55 @@ def discover(mountinfo: str = "/proc/self/mountinfo", parent: str = "gactor") ->
         if exists(controllers_file) and read_file("cgroup.discover", controllers_file).split():
             return CgroupV2Driver(root=mounts.v2, parent=parent)
     raise CgroupError("cgroup.discover", errno.ENOENT, f"no usable cgroup hierarchy in {mountinfo}")
+
+
+# ---------------------------------------------------------------------------------------
+# favordynmods
+
+def favordynmods_plan(text: str) -> list[tuple[str, str]]:
+    """Remounts that would turn on ``favordynmods``, best first, from mountinfo ``text``;
+    empty when a cgroup mount already shows it.
+
+    Moving a task between cgroups (every create and run writes ``cgroup.procs``) takes the
+    global threadgroup rwsem, whose writer waits for an RCU grace period: 6–24 ms here.
+    ``favordynmods`` on any hierarchy switches the kernel to a per-threadgroup rwsem
+    (0.5 ms), at the cost of slightly costlier forks and exits; on 6.18 it cannot be
+    turned off again until reboot. A remount must repeat the hierarchy's other options
+    (a cgroup2 remount resets the flags it is not given; a v1 one must name its
+    controllers), so each plan carries them; v1 hierarchies with a release agent are left
+    alone (it cannot be given again)."""
+    plans: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        fstype = fields[sep + 1]
+        if fstype not in ("cgroup", "cgroup2") or len(fields) <= sep + 3:
+            continue
+        options = [o for o in fields[sep + 3].split(",") if o not in ("rw", "ro")]
+        if "favordynmods" in options:
+            return []
+        if any(o.startswith("release_agent=") for o in options):
+            continue
+        plan = (_unescape(fields[4]), ",".join([*options, "favordynmods"]))
+        plans.insert(0, plan) if fstype == "cgroup2" else plans.append(plan)
+    return plans
+
+
+def favor_dynmods(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Turn ``favordynmods`` on (see ``favordynmods_plan``); the mount point remounted,
+    None when it was on already. Raises CgroupError when no remount worked."""
+    from gactor.kernel import linux as L
+
+    plans = favordynmods_plan(read_file("cgroup.favordynmods", mountinfo))
+    if not plans:
+        return None
+    errors = []
+    for point, options in plans:
+        try:
+            L.mount("", point, None, L.MS_REMOUNT, options)
+            return point
+        except OSError as err:
+            errors.append(f"{point}: {err}")
+    raise CgroupError("cgroup.favordynmods", errno.EINVAL, "; ".join(errors) or "no cgroup mount")

@@ -48,7 +48,7 @@ def start_init(cfg: dict[str, Any]) -> int:
     """Create the container's namespaces and its pid 1; return pid 1's host pid.
 
     ``cfg`` keys: rootfs, hostname, privileged, cgroup_procs, bind_mounts
-    ([{src, dst, ro}]), hosts_file. The caller (the shim) must be a child
+    ([{src, dst, ro}]), hosts_file, resolv.conf_file. The caller (the shim) must be a child
     subreaper so pid 1 is reparented to it when the forking helper exits.
     """
     to_child_r, to_child_w = os.pipe()
@@ -240,8 +240,9 @@ def _setup_rootfs(cfg: dict[str, Any]) -> None:
               "newinstance,ptmxmode=0666,mode=0620,gid=5")
     _mount_at(root, "/dev/shm", "tmpfs", "tmpfs", nse, "mode=1777")
     _mount_at(root, "/dev/mqueue", "mqueue", "mqueue", nse)
-    if cfg.get("hosts_file"):
-        _mount_at(root, "/etc/hosts", cfg["hosts_file"], None, L.MS_BIND, is_file=True)
+    for name in ("hosts", "resolv.conf"):
+        if cfg.get(f"{name}_file"):
+            _mount_at(root, f"/etc/{name}", cfg[f"{name}_file"], None, L.MS_BIND, is_file=True)
     for bm in cfg.get("bind_mounts", ()):
         src = _bind_source(root, bm)
         target = _mount_at(root, bm["dst"], src, None, L.MS_BIND | L.MS_REC, is_file=not os.path.isdir(src))

@@ -11,6 +11,7 @@ It listens on ``<container dir>/shim.sock``; requests and replies are
     {"op": "signal", "rid", "id", "signal"}     {"op": "resize", "rid", "id", "columns", "rows"}
     {"op": "close_stdin", "rid", "id"}          {"op": "drained", "rid", "id"}  (release the output fds)
     {"op": "list", "rid", "after"?, "limit"?}   -> {"rid", "init", "processes": [{id, pid, exit, tty}], "next"}
+    {"op": "netns", "rid"}                      -> {"rid"} + the container's network namespace fd
     {"op": "destroy", "rid"}                    -> kills pid 1 (so the whole pid namespace), reaps, replies, exits
     event to every connection: {"event": "exit", "id", "code"}
 
@@ -341,6 +342,11 @@ class Shim:
             last = proc.seq
         more = bool(page) and start + len(page) < len(procs)
         return {"init": self.init_pid, "processes": page, "next": last if more else None}, []
+
+    def op_netns(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        # The server configures the container's network through this fd: never through
+        # /proc/<pid 1>, whose pid could name another process once pid 1 has died.
+        return {}, [self.ns_fds["net"]]
 
     def op_destroy(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         # Killing pid 1 makes the kernel SIGKILL every process in the pid namespace.

@@ -29,9 +29,9 @@ from ..types import (
     CPULimits,
     DiskLimits,
     MemoryLimits,
+    NetOutRule,
     ProcessSpec,
     TTYSpec,
-    from_wire,
     to_wire,
 )
 from . import schema
@@ -64,7 +64,7 @@ class Api:
         self.pool_containers = ipaddress.ip_network(network_pool).num_addresses // 4
 
     async def call(self, method: str, args: dict[str, Any]) -> Any:
-        schema.check(method, args)
+        args = schema.check(method, args)  # map arguments decoded: handlers take them as they are
         if method in API_METHODS:
             return await API_METHODS[method](self, args)
         if method in CONTAINER_METHODS:
@@ -80,12 +80,12 @@ class Api:
         exists before the process does, so not even the first byte of a process that
         exits at once is missed. Leaving the context early (a detach, a cancelled
         caller) unsubscribes; the process keeps running."""
-        schema.check(method, args)
+        args = schema.check(method, args)
         handle = arg(args, "handle", str)
         sub = Subscription(arg(args, "stdout", bool, False), arg(args, "stderr", bool, False))
         async with self.registry.using(handle) as container:
             if method == "run":
-                spec = from_wire(ProcessSpec, arg(args, "spec", dict), "process spec")
+                spec = arg(args, "spec", ProcessSpec)
                 check_process_spec(spec)
                 process_id = spec.id or str(uuid.uuid4())
                 check_name("process id", process_id)
@@ -244,11 +244,7 @@ _NOT_YET = "is not supported by this server yet"
 def check_container_spec(spec: ContainerSpec) -> None:
     """Refuse what this server cannot do yet, naming the field."""
     unsupported = [
-        ("network", bool(spec.network)),
-        ("net_in", bool(spec.net_in)),
-        ("net_out", bool(spec.net_out)),
         ("limits.disk", spec.limits.disk != DiskLimits()),
-        ("limits.bandwidth", spec.limits.bandwidth != BandwidthLimits()),
     ]
     for name, used in unsupported:
         if used:
@@ -261,7 +257,7 @@ def check_process_spec(spec: ProcessSpec) -> None:
 
 
 async def _create(api: Api, args: dict[str, Any]) -> Any:
-    spec = from_wire(ContainerSpec, arg(args, "spec", dict), "container spec")
+    spec = arg(args, "spec", ContainerSpec)
     check_container_spec(spec)
     spec.handle = spec.handle or str(uuid.uuid4())
     check_name("handle", spec.handle)
@@ -394,14 +390,14 @@ async def _signal(c: ContainerRef, args: dict[str, Any]) -> None:
 
 
 async def _set_tty(c: ContainerRef, args: dict[str, Any]) -> None:
-    tty = from_wire(TTYSpec, arg(args, "tty", dict), "tty spec")
+    tty = arg(args, "tty", TTYSpec)
     proc = await c.process(arg(args, "process_id", str))
     if tty.window_size is not None:
         await proc.resize(tty.window_size.columns, tty.window_size.rows)
 
 
 async def _limit_memory(c: ContainerRef, args: dict[str, Any]) -> None:
-    await c.limit_memory(from_wire(MemoryLimits, arg(args, "limits", dict), "memory limits"))
+    await c.limit_memory(arg(args, "limits", MemoryLimits))
 
 
 async def _current_memory_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
@@ -409,15 +405,32 @@ async def _current_memory_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
 
 
 async def _limit_cpu(c: ContainerRef, args: dict[str, Any]) -> None:
-    await c.limit_cpu(from_wire(CPULimits, arg(args, "limits", dict), "cpu limits"))
+    await c.limit_cpu(arg(args, "limits", CPULimits))
 
 
 async def _current_cpu_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
     return to_wire(await c.current_cpu_limits())
 
 
+async def _limit_bandwidth(c: ContainerRef, args: dict[str, Any]) -> None:
+    await c.limit_bandwidth(arg(args, "limits", BandwidthLimits))
+
+
 async def _current_bandwidth_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
-    return to_wire(BandwidthLimits())  # bandwidth limits arrive with networking
+    return to_wire(c.current_bandwidth_limits())
+
+
+async def _net_in(c: ContainerRef, args: dict[str, Any]) -> Any:
+    host_port, container_port = await c.net_in(arg(args, "host_port", int, 0), arg(args, "container_port", int, 0))
+    return [host_port, container_port]
+
+
+async def _net_out(c: ContainerRef, args: dict[str, Any]) -> None:
+    await c.net_out([arg(args, "rule", NetOutRule)])
+
+
+async def _bulk_net_out(c: ContainerRef, args: dict[str, Any]) -> None:
+    await c.net_out(arg(args, "rules", list))  # NetOutRules: decoded by schema.check
 
 
 async def _current_disk_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
@@ -462,10 +475,10 @@ CONTAINER_METHODS: dict[str, ContainerHandler] = {
     "current_memory_limits": _current_memory_limits,
     "limit_cpu": _limit_cpu,
     "current_cpu_limits": _current_cpu_limits,
-    "limit_bandwidth": _not_yet("limit_bandwidth (it needs container networking)"),
+    "limit_bandwidth": _limit_bandwidth,
     "current_bandwidth_limits": _current_bandwidth_limits,
     "current_disk_limits": _current_disk_limits,
-    "net_in": _not_yet("net_in"),
-    "net_out": _not_yet("net_out"),
-    "bulk_net_out": _not_yet("bulk_net_out"),
+    "net_in": _net_in,
+    "net_out": _net_out,
+    "bulk_net_out": _bulk_net_out,
 }

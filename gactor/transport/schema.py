@@ -33,10 +33,11 @@ from ..errors import GardenError
 class Kind:
     """One argument type: ``name`` as the document writes it, ``check`` raises
     GardenError naming ``key`` when a value is not of it; ``wire_type`` is the dataclass
-    a map argument is decoded into (None for a plain value)."""
+    a map argument is decoded into (None for a plain value), and then ``check`` returns
+    the decoded value."""
 
     name: str
-    check: Callable[[str, Any], None]
+    check: Callable[[str, Any], Any]
     wire_type: type | None = None
 
 
@@ -102,10 +103,12 @@ def _decoded(cls: type, what: str) -> Kind:
     """A map decoded into ``cls`` strictly (types, ranges, no unknown field) and checked
     against the request rules (``types.check_request``)."""
 
-    def check(key: str, value: Any) -> None:
+    def check(key: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise _type_error(key, "a map", value)
-        T.check_request(T.from_wire(cls, value, what, strict=True), what)
+        decoded: Any = T.from_wire(cls, value, what, strict=True)
+        T.check_request(decoded, what)
+        return decoded
 
     return Kind(cls.__name__, check, cls)
 
@@ -113,11 +116,10 @@ def _decoded(cls: type, what: str) -> Kind:
 def _decoded_list(cls: type, what: str) -> Kind:
     item = _decoded(cls, what)
 
-    def check(key: str, value: Any) -> None:
+    def check(key: str, value: Any) -> list[Any]:
         if not isinstance(value, list):
             raise _type_error(key, "a list", value)
-        for i, element in enumerate(value):
-            item.check(f"{key}[{i}]", element)
+        return [item.check(f"{key}[{i}]", element) for i, element in enumerate(value)]
 
     return Kind(f"list of {cls.__name__}", check, cls)
 
@@ -220,12 +222,14 @@ METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 
 # Methods the server answers with an error saying they are not implemented yet; their
 # arguments are checked all the same (they are the contract they will keep).
-NOT_IMPLEMENTED = frozenset({"limit_bandwidth", "net_in", "net_out", "bulk_net_out"})
+NOT_IMPLEMENTED: frozenset[str] = frozenset()
 
 
-def check(method: str, args: dict[str, Any]) -> None:
+def check(method: str, args: dict[str, Any]) -> dict[str, Any]:
     """Check one call's ``args`` against ``METHODS``; raises GardenError naming the
-    method, argument or field that is wrong. Returns nothing: the caller decodes."""
+    method, argument or field that is wrong. Returns the args with every map argument
+    decoded into its ``wire_type`` (the checked value: nothing is decoded twice); a
+    missing optional argument stays missing."""
     spec = METHODS.get(method)
     if spec is None:
         raise GardenError(f"unknown method {method!r}")
@@ -237,12 +241,16 @@ def check(method: str, args: dict[str, Any]) -> None:
         if key not in known:
             expected = ", ".join(repr(k) for k in known) or "none"
             raise GardenError(f"{method}: unknown argument {key!r} (its arguments: {expected})")
+    checked = dict(args)
     for arg in spec.args:
         if arg.name not in args:
             if arg.required:
                 raise GardenError(f"missing argument {arg.name!r}")
             continue
-        arg.kind.check(arg.name, args[arg.name])
+        decoded = arg.kind.check(arg.name, args[arg.name])
+        if arg.kind.wire_type is not None:
+            checked[arg.name] = decoded
+    return checked
 
 
 # ---- the document's tables --------------------------------------------------------

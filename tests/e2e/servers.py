@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -28,6 +29,8 @@ import trio
 import gactor
 from gactor.kernel import depot, shims
 from gactor.kernel import linux as L
+from gactor.kernel.firewall import table_name
+from gactor.kernel.netmodel import link_prefix, server_tag
 from gactor.server import ServerConfig, cgroup_parent_for
 
 from .helpers import (
@@ -44,10 +47,17 @@ from .tls import TlsFiles
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 TEARDOWN_TIMEOUT = 60.0
-LEFTOVER_KINDS = ("cgroups", "mounts", "container dirs", "half-built images", "shims", "inits")
+LEFTOVER_KINDS = ("cgroups", "mounts", "container dirs", "half-built images", "shims", "inits", "links",
+                  "nft tables")
 
 # What a failed start or cleanup may raise: pytest.fail's exception is a BaseException.
 _CLEANUP_ERRORS = (Exception, pytest.fail.Exception)
+
+
+def nft_tables() -> list[str]:
+    """``family name`` of every nftables table on the host."""
+    out = subprocess.run(["nft", "-j", "list", "tables"], check=True, capture_output=True, text=True).stdout
+    return [f"{t['table']['family']} {t['table']['name']}" for t in json.loads(out)["nftables"] if "table" in t]
 
 
 def gactor_command(*args: str) -> list[str]:
@@ -91,6 +101,7 @@ class ServerProcess:
         self.socket_path = os.path.join(self.base, "api.sock") if unix_socket else None
         self.log_path = os.path.join(self.base, "server.log")
         self.cgroup_parent = cgroup_parent_for(ServerConfig(depot=self.depot))
+        self.tag = server_tag(os.path.realpath(self.depot))
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.finished = False
@@ -248,6 +259,9 @@ class ServerProcess:
             ),
             "shims": sorted(server_shims(self.depot)),
             "inits": sorted(server_inits(self.depot)),
+            "links": sorted(n for n in os.listdir("/sys/class/net") if n.startswith(link_prefix(self.tag))),
+            # A running server owns its table; a stopped one with no containers leaves none.
+            "nft tables": [] if self.running else [t for t in nft_tables() if t == f"ip {table_name(self.tag)}"],
         }
 
     @staticmethod
@@ -318,6 +332,12 @@ class ServerProcess:
             self.note(f"teardown: detaching leftover mount {point}")
             with contextlib.suppress(OSError):
                 L.umount(point, L.MNT_DETACH)
+        for link in self.snapshot()["links"]:
+            self.note(f"teardown: deleting leftover link {link}")
+            subprocess.run(["ip", "link", "del", link], check=False, capture_output=True)
+        if self.snapshot()["nft tables"]:
+            self.note(f"teardown: deleting leftover nft table {table_name(self.tag)}")
+            subprocess.run(["nft", "delete", "table", "ip", table_name(self.tag)], check=False, capture_output=True)
         for path in sorted(server_cgroup_dirs(self.depot) | set(self.cgroup_parents()),
                            key=lambda d: d.count(os.sep), reverse=True):
             self.note(f"teardown: removing leftover cgroup {path}")

@@ -13,7 +13,7 @@ from trio_websocket import open_websocket_url
 
 from gactor import ContainerSpec, GardenError, ProcessIO, ProcessSpec, StreamInSpec
 from gactor.transport import protocol as P
-from gactor.types import DiskLimits, Limits, NetIn
+from gactor.types import DiskLimits, Limits
 
 from .helpers import (
     Sink,
@@ -96,8 +96,6 @@ async def test_awkward_handles_survive_a_restart(own_servers):
 
 
 @pytest.mark.parametrize(("spec", "field"), [
-    (ContainerSpec(network="10.0.0.0/30"), "network"),
-    (ContainerSpec(net_in=[NetIn(host_port=8080, container_port=80)]), "net_in"),
     (ContainerSpec(limits=Limits(disk=DiskLimits(byte_hard=1 << 20))), "limits.disk"),
 ])
 async def test_unimplemented_container_fields_are_refused(client, spec, field):

@@ -45,7 +45,7 @@ def _cmdline(pid: int) -> str:
 
 
 async def test_clients_vanishing_mid_create_never_confuse_later_creates(own_servers):
-    server = own_servers("vanish", "10.247.70.0/24")
+    server = own_servers("vanish", "10.247.80.0/22")  # 67 containers at most
     await server.start()
     async with server.connect() as client:  # warm up: the image's shifted copy is made once
         started = trio.current_time()

@@ -170,6 +170,7 @@ class FakeContainer:
         self.handle = self.name = handle
         self.grace_time = grace_time
         self.image_copy = ""
+        self.net = None
         self.properties: dict[str, str] = {}
         self.destroyed_at: list[float] = []
         self.persisted = 0
@@ -195,7 +196,8 @@ class NoCgroups:
 
 @pytest.fixture
 async def registry(tmp_path) -> Any:
-    env: Any = SimpleNamespace(depot=str(tmp_path), cgroups=NoCgroups(), image_store=str(tmp_path / "images"))
+    env: Any = SimpleNamespace(depot=str(tmp_path), cgroups=NoCgroups(), image_store=str(tmp_path / "images"),
+                               network=None)
     async with trio.open_nursery() as nursery:
         reg = await nursery.start(Registry(env, "", 0.0, 0).run)
         yield reg

@@ -353,3 +353,13 @@ def test_the_documents_example_messages_are_the_real_ones(method: str, args: dic
     quoted = re.findall(r"`([^`]+)`", text)
     cut = [q.removesuffix(" ...") for q in quoted if q.endswith(" ...")]
     assert message in quoted or any(message.startswith(q) for q in cut), message
+
+
+def test_check_hands_back_map_arguments_decoded_and_the_rest_as_given() -> None:
+    spec = T.to_wire(T.ContainerSpec(handle="h", properties={"a": "b"}))
+    checked = schema.check("create", {"spec": spec})
+    assert checked["spec"] == T.ContainerSpec(handle="h", properties={"a": "b"})
+    assert spec == T.to_wire(T.ContainerSpec(handle="h", properties={"a": "b"}))  # the wire map is untouched
+    limits = schema.check("limit_memory", {"handle": "h", "limits": {"limit_in_bytes": 1 << 30}})
+    assert limits == {"handle": "h", "limits": T.MemoryLimits(limit_in_bytes=1 << 30)}
+    assert schema.check("stop", {"handle": "h"}) == {"handle": "h"}  # a missing optional stays missing

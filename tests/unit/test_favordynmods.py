@@ -1,0 +1,24 @@
+"""Which remount turns favordynmods on, from mountinfo (pure)."""
+
+from gactor.kernel.cgroups import favordynmods_plan
+
+V1_HOST = """\
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,release_agent=/x,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,nsdelegate
+"""
+
+
+def test_the_cgroup2_mount_comes_first_with_its_own_options_kept():
+    assert favordynmods_plan(V1_HOST) == [
+        ("/sys/fs/cgroup/unified", "nsdelegate,favordynmods"),
+        ("/sys/fs/cgroup/cpu", "cpu,favordynmods"),
+    ]
+
+
+def test_nothing_to_do_when_a_mount_shows_it_already():
+    assert favordynmods_plan(V1_HOST.replace("rw,nsdelegate", "rw,nsdelegate,favordynmods")) == []
+
+
+def test_no_cgroup_mounts_no_plan():
+    assert favordynmods_plan("22 1 0:5 / /proc rw - proc proc rw\n") == []
