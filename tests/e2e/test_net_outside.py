@@ -421,7 +421,18 @@ async def test_pool_exhaustion(own_servers):
         await client.destroy(first.handle)
         name = f"g{tag_of(server)}{int(ipaddress.ip_address(f'10.240.{slot.n}.2')):08x}"
         await wait_for(lambda: not os.path.exists(f"/sys/class/net/{name}"), 10, what=f"{name} to go")
-        again = await client.create(ContainerSpec(handle=unique_handle()))
+        # The /30 is handed out again once its links are gone (a bounded wait: the
+        # server may note the background deletion a little after the kernel).
+        handle = unique_handle()
+
+        async def recreated() -> Any:
+            try:
+                return await client.create(ContainerSpec(handle=handle))
+            except GardenError as err:
+                assert err.message == "insufficient subnets remaining in the pool"
+                return None
+
+        again = await wait_for(recreated, 10, interval=0.2, what="the freed /30 to be handed out")
         assert (await again.info()).container_ip == f"10.240.{slot.n}.2"
     await server.finish()
 
