@@ -429,7 +429,7 @@ async def test_pool_exhaustion(own_servers):
             try:
                 return await client.create(ContainerSpec(handle=handle))
             except GardenError as err:
-                assert err.message == "insufficient subnets remaining in the pool"
+                assert err.message == "insufficient subnets remaining in the pool"  # noqa: PT017
                 return None
 
         again = await wait_for(recreated, 10, interval=0.2, what="the freed /30 to be handed out")
