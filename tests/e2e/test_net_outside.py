@@ -562,7 +562,6 @@ async def test_host_state_identical_before_create_and_after_destroy(net_server, 
     await wait_until_equal(lambda: host_net_state(net_server, subnets), before, within=10)
 
 
-@pytest.mark.slow
 async def test_100_create_destroy_cycles_leak_nothing(net_server, client):
     subnets = [SLOT.pool]
     warm = await client.create(ContainerSpec(handle=unique_handle()))
