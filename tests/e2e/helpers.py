@@ -425,3 +425,30 @@ async def wait_until_nothing_left(server: Any, before: dict[str, object], within
         return snap
 
     await wait_until_equal(now, before, within)
+
+
+# ---- networking ------------------------------------------------------------------------
+
+
+async def init_pid(handle: str) -> int:
+    """Host pid of the container's garden-init, found through its cgroup."""
+
+    def find() -> int:
+        inits = [p for p in container_pids(handle) if proc_name(p) == "garden-init"]
+        return inits[0] if len(inits) == 1 else 0
+
+    return int(await wait_for(find, 10, what=f"the garden-init of {handle}"))
+
+
+def ip_json(*args: str) -> Any:
+    """``ip -j ARGS`` parsed (a list)."""
+    import json
+
+    out = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(out or "[]")
+
+
+def in_netns(pid: int, *cmd: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` on the host in the network namespace of ``pid`` (bounded in time)."""
+    return subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", *cmd],
+                          capture_output=True, text=True, timeout=timeout)

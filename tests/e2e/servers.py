@@ -383,3 +383,24 @@ def running_server(
         yield server
     finally:
         trio.run(server.teardown)
+
+
+class NetSlot:
+    """The networking tests' server number ``n`` (0-49): its own dynamic pool
+    10.240.N.0/24, static subnets 10.240.(100+2N+k).0/24 (k = 0, 1) outside every pool,
+    and host ports 20000+100N.. (below the ephemeral range), so no two servers collide."""
+
+    def __init__(self, n: int, port_pool_size: int = 100) -> None:
+        assert 0 <= n < 50
+        assert 0 < port_pool_size <= 100
+        self.n = n
+        self.pool = f"10.240.{n}.0/24"
+        self.port_start = 20000 + 100 * n
+        self.port_size = port_pool_size
+
+    def static_subnet(self, k: int = 0) -> str:
+        return f"10.240.{100 + 2 * self.n + k}.0/24"
+
+    @property
+    def args(self) -> list[str]:
+        return ["--port-pool-start", str(self.port_start), "--port-pool-size", str(self.port_size)]
