@@ -339,16 +339,13 @@ async def test_bulk_net_out_3000_rules(own_servers):
         ip = (await a.info()).container_ip
         rules = [NetOutRule(protocol=Protocol.TCP, networks=[IPRange(ip, ip)],
                             ports=[PortRange(10000 + i, 10000 + i)]) for i in range(3000)]
-        start = time.monotonic()
-        with trio.fail_after(30):
+        with trio.fail_after(30):  # a bound against hangs; its speed is bench.network's
             await b.bulk_net_out(rules)
-        elapsed = time.monotonic() - start
         await listen(a, 12999)
         await listen(a, 13000)
         assert await host_fetch(ip, 13000) == HALLO
         assert await reaches(b, ip, 12999)  # the last rule
         assert not await reaches(b, ip, 13000)  # one past it
-        assert elapsed < 5, f"BulkNetOut of 3000 rules took {elapsed:.2f} s"
     await server.finish()
 
 
