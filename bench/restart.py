@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -30,7 +29,7 @@ import gactor
 
 from . import procmem
 from . import server as srv
-from .report import Series, table, write_json
+from .report import Series
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_ROOTFS = os.environ.get("GACTOR_ROOTFS_DIR", "/var/lib/gactor/images/busybox")
@@ -166,45 +165,7 @@ async def _scenario(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.restart: the gactor server needs root", file=sys.stderr)
-        return 2
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    prefix = f"restart-{os.urandom(3).hex()}"
-    server = srv.start(args.rootfs, args.network_pool, "info")
-    print(f"server pid {server.pid} on {server.url}, depot {server.depot}", flush=True)
-    live: set[str] = set()
-    series: list[Series] = []
-    failures: list[str] = []
-    try:
-        trio.run(_scenario, server, args, prefix, live, series)
-    except Exception as err:  # report, then clean up all the same
-        series.append(
-            Series("restart", "restart scenario", "", error=f"{type(err).__name__}: {err}")
-        )
-    finally:
-        if server.proc.poll() is None:
-            server.note_shims()
-            failures = trio.run(srv.destroy_all, server.url, live)
-        else:
-            failures = [f"server exited early with {server.proc.returncode}:\n{server.log_tail()}"]
-        srv.stop(server)
-        left = srv.leftovers(server, prefix)
-        removed = srv.remove_base(server)
-    print(table(series))
-    for problem in failures + left + ([] if removed else [f"temp dir {server.base} not removed"]):
-        print(f"LEFT BEHIND / CLEANUP: {problem}")
-    meta: dict[str, Any] = {
-        "timestamp": stamp, "scenario": "restart", "cpus": os.cpu_count(),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "cleanup_failures": failures, "leftovers": left, "temp_dir_removed": removed,
-    }  # fmt: skip
-    out = args.results_dir / f"restart-{stamp}.json"
-    write_json(out, series, meta)
-    print(f"wrote {out}")
-    return 1 if failures or left or not removed or any(s.error for s in series) else 0
-
+    return srv.run_scenario("restart", _scenario, parse_args(argv))
 
 if __name__ == "__main__":
     raise SystemExit(main())

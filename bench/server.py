@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -191,3 +192,47 @@ def remove_base(server: BenchServer) -> bool:
         return False
     shutil.rmtree(server.base, ignore_errors=True)
     return not os.path.exists(server.base)
+
+
+def run_scenario(name: str, scenario: Any, args: Any) -> int:
+    """Start a server, run ``scenario(server, args, prefix, live, series)`` (async), then
+    destroy every container in ``live``, stop the server, check the host for leftovers,
+    print the table and write ``<results_dir>/<name>-<stamp>.json``. The exit code: 0
+    only when every series measured and nothing was left behind."""
+    from .report import Series, table, write_json
+
+    if os.geteuid() != 0:
+        print(f"bench.{name}: the gactor server needs root", file=sys.stderr)
+        return 2
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    prefix = f"{name}-{os.urandom(3).hex()}"
+    server = start(args.rootfs, args.network_pool, "info")
+    print(f"server pid {server.pid} on {server.url}, depot {server.depot}", flush=True)
+    live: set[str] = set()
+    series: list[Series] = []
+    failures: list[str] = []
+    try:
+        trio.run(scenario, server, args, prefix, live, series)
+    except Exception as err:  # report, then clean up all the same
+        series.append(Series(name, f"{name} scenario", "", error=f"{type(err).__name__}: {err}"))
+    finally:
+        if server.proc.poll() is None:
+            server.note_shims()
+            failures = trio.run(destroy_all, server.url, live)
+        else:
+            failures = [f"server exited early with {server.proc.returncode}:\n{server.log_tail()}"]
+        stop(server)
+        left = leftovers(server, prefix)
+        removed = remove_base(server)
+    print(table(series))
+    for problem in failures + left + ([] if removed else [f"temp dir {server.base} not removed"]):
+        print(f"LEFT BEHIND / CLEANUP: {problem}")
+    meta: dict[str, Any] = {
+        "timestamp": stamp, "scenario": name, "cpus": os.cpu_count(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "cleanup_failures": failures, "leftovers": left, "temp_dir_removed": removed,
+    }  # fmt: skip
+    out = args.results_dir / f"{name}-{stamp}.json"
+    write_json(out, series, meta)
+    print(f"wrote {out}")
+    return 1 if failures or left or not removed or any(s.error for s in series) else 0
