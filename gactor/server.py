@@ -328,8 +328,7 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
                 nursery.cancel_scope.cancel()
                 break
     if env.network is not None:
-        await env.network.shut_down(any_containers=bool(os.listdir(os.path.join(config.depot, depot.CONTAINERS)))
-                                    if os.path.isdir(os.path.join(config.depot, depot.CONTAINERS)) else False)
+        await env.network.shut_down(any_containers=bool(registry.containers))
     try:
         env.cgroups.remove_parent()
     except OSError as err:

@@ -479,7 +479,7 @@ class ContainerActor:
                 await self._net_out(tuple(self.spec.net_out), save=False)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await network.release(net, keep_bridge=True)
+                await network.release(net)
             raise
 
     def _own_shim(self, pid: int, undo: Cleanup) -> None:

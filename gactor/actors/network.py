@@ -91,26 +91,23 @@ class Networking:
             await trio.to_thread.run_sync(self.firewall.add_container, net)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self.release(net, keep_bridge=True)
+                await self.release(net)
             raise
 
-    async def release(self, net: ContainerNet, keep_bridge: bool) -> None:
-        """Remove the container's firewall state and links; returns once they are gone.
+    async def release(self, net: ContainerNet) -> None:
+        """Remove the container's firewall state and veth; returns once they are gone.
         The registry calls it after a destroy, in the background, and only then hands
-        the address and ports out again. Errors are logged: reconcile at the next start
-        removes what is left."""
-        with contextlib.suppress(Exception):
+        the address and ports out again (and deletes a static subnet's bridge once its
+        last member has gone). Errors are logged: reconcile at the next start removes
+        what is left."""
+        try:
             await trio.to_thread.run_sync(self.firewall.remove_container, net)
+        except NetworkError as err:
+            log.warning("container %s: %s", net.handle, err)
         try:
             await self.netlink.delete_link(net.host_ifname)
         except NetworkError as err:
             log.warning("container %s: %s", net.handle, err)
-        bridge = self.bridge_for(net.alloc)
-        if bridge is not None and not keep_bridge:
-            try:
-                await self.netlink.delete_bridge(bridge)
-            except NetworkError as err:
-                log.warning("bridge %s: %s", bridge, err)
 
     async def add_net_in(self, net: ContainerNet, host_port: int, container_port: int) -> None:
         await trio.to_thread.run_sync(self.firewall.add_net_in, net, host_port, container_port)

@@ -309,18 +309,20 @@ class Registry:
             case AcquirePort(port):
                 if self.ports is None:
                     raise GardenError("this server has no container networking")
+                # Every change of the port pool is fsynced: in a worker thread, never on
+                # the event loop (the owner still waits, so changes stay in order).
                 try:
                     if port == 0:
-                        return self.ports.acquire()
-                    self.ports.reserve(port)
+                        return await trio.to_thread.run_sync(self.ports.acquire)
+                    await trio.to_thread.run_sync(self.ports.reserve, port)
                     return port
                 except PoolError as err:
                     raise GardenError(str(err)) from None
             case ReleasePort(port):
                 if self.ports is not None:
-                    self.ports.release(port)
+                    await trio.to_thread.run_sync(self.ports.release, port)
             case _NetworkReleased(net):
-                self._free_network(net)
+                await self._free_network(net)
             case _BridgeGone(subnet):
                 self._bridges_going.pop(subnet).set()
             case AcquireImage(handle, source, shift):
@@ -411,7 +413,8 @@ class Registry:
                 self._image_users[container.handle] = _adopted_copy(container.image_copy)
             self._restore_network(container)
         if self.ports is not None:
-            self.ports.restore(host for c in adopted if c.net is not None for host, _ in c.net.net_in)
+            in_use = [host for c in adopted if c.net is not None for host, _ in c.net.net_in]
+            await trio.to_thread.run_sync(self.ports.restore, in_use)
         owned = {c.name for c in self.containers.values()}
         for name, pid in live_shims.items():
             if name not in owned:
@@ -538,18 +541,22 @@ class Registry:
         give the address and ports back (never before they are gone)."""
         assert self.env.network is not None
         with trio.CancelScope(shield=True):
-            await self.env.network.release(net, keep_bridge=True)
+            await self.env.network.release(net)
             await self.mailbox.tell(_NetworkReleased(net))
 
-    def _free_network(self, net: ContainerNet) -> None:
+    async def _free_network(self, net: ContainerNet) -> None:
         assert self.subnets is not None
         try:
             self.subnets.release(net.alloc)
         except PoolError as err:  # a restored container whose allocation conflicted
             log.warning("container %s: %s", net.handle, err)
-        if self.ports is not None:
-            for host, _ in net.net_in:
-                self.ports.release(host)
+        ports = self.ports
+        if ports is not None and net.net_in:
+            def release_all() -> None:
+                for host, _ in net.net_in:
+                    ports.release(host)
+
+            await trio.to_thread.run_sync(release_all)
         subnet = str(net.alloc.subnet)
         if net.alloc.bridged and self.subnets.members(net.alloc.subnet) == 0 and subnet not in self._bridges_going:
             self._bridges_going[subnet] = trio.Event()

@@ -182,7 +182,8 @@ def test_a_cancelled_call_still_completes_in_order(netlink, namespaces):
         with trio.CancelScope() as scope:
             scope.cancel()
             await netlink.create_container_link(net, namespaces[0].fd, None)
-        # The create ran anyway; the delete queued after it runs after it.
+        # The create ran anyway: a job queued after it sees its link.
+        assert await netlink.list_links(net.host_ifname) == [net.host_ifname]
         await netlink.delete_link(net.host_ifname)
 
     trio.run(main)
