@@ -57,8 +57,10 @@ class BenchServer:
         self.shims_seen.update(procmem.shim_pids(self.depot))
 
 
-def start(rootfs: str, network_pool: str, log_level: str) -> BenchServer:
-    """Start a server and wait until it answers ``ping``; stop it again if it does not."""
+def start(rootfs: str, network_pool: str, log_level: str, tree: str | None = None) -> BenchServer:
+    """Start a server and wait until it answers ``ping``; stop it again if it does not.
+    ``tree``: a checkout whose ``gactor`` package the server runs instead of this one
+    (to compare two commits in one run; the client is always this checkout's)."""
     base = tempfile.mkdtemp(prefix="gactor-bench-", dir="/tmp")
     # Unprivileged container roots must be able to traverse every ancestor of the depot.
     os.chmod(base, 0o711)
@@ -77,6 +79,8 @@ def start(rootfs: str, network_pool: str, log_level: str) -> BenchServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, "PYTHONPATH": tree} if tree else None,
+            cwd=tree,
         )
     server = BenchServer(f"ws://127.0.0.1:{port}", base, depot, proc)
     try:
@@ -206,7 +210,7 @@ def run_scenario(name: str, scenario: Any, args: Any) -> int:
         return 2
     stamp = time.strftime("%Y%m%dT%H%M%S")
     prefix = f"{name}-{os.urandom(3).hex()}"
-    server = start(args.rootfs, args.network_pool, "info")
+    server = start(args.rootfs, args.network_pool, "info", getattr(args, "server_tree", None))
     print(f"server pid {server.pid} on {server.url}, depot {server.depot}", flush=True)
     live: set[str] = set()
     series: list[Series] = []
