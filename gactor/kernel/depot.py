@@ -15,6 +15,8 @@ import re
 import shutil
 from typing import Any
 
+import msgspec
+
 CONTAINERS = "containers"
 IMAGES = "images"
 
@@ -41,8 +43,9 @@ def dir_name(handle: str) -> str:
 def write_json(path: str, obj: Any) -> None:
     """Replace ``path`` atomically and durably with the JSON of ``obj``."""
     tmp = f"{path}.tmp"
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
-        json.dump(obj, f, separators=(",", ":"))
+    data = msgspec.json.encode(obj)  # one C call; json.dump encodes in Python, chunk by chunk
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
