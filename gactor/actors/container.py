@@ -454,10 +454,20 @@ class ContainerActor:
         image = trio.current_time()
         cfg = await trio.to_thread.run_sync(self._prepare, lower, undo)
         prepared = trio.current_time()
-        status = await self.env.spawner.start_shim(cfg)
-        self._init_pid = int(status["init"])
-        self._own_shim(int(status["shim"]), undo)
-        self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
+        if self.net is None:
+            await self._start_shim(cfg, undo)
+        else:
+            assert self.env.network is not None
+            network = self.env.network
+            try:
+                # The host side of the network in parallel with the shim and init.
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(network.prepare, self.net)
+                    await self._start_shim(cfg, undo)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await network.release(self.net)
+                raise
         networked = trio.current_time()
         if self.net is not None:
             await self._attach_network(undo)
@@ -466,20 +476,26 @@ class ContainerActor:
                   *((t * 1000) for t in (trio.current_time() - started, image - started, prepared - image,
                                          networked - prepared, trio.current_time() - networked)))
 
+    async def _start_shim(self, cfg: dict[str, Any], undo: Cleanup) -> None:
+        status = await self.env.spawner.start_shim(cfg)
+        self._init_pid = int(status["init"])
+        self._own_shim(int(status["shim"]), undo)
+        self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
+
     async def _open_netns(self, undo: Cleanup) -> None:
         self._netns_fd = await trio.to_thread.run_sync(fetch_netns, self.handle, self.dir)
         undo.callback(os.close, self._netns_fd)
 
     async def _attach_network(self, undo: Cleanup) -> None:
-        """The veth, the firewall state, then the spec's bandwidth, NetIn and NetOut.
+        """The veth (the firewall state is in place), then the spec's bandwidth, NetIn and NetOut.
         Any failure (or cancellation) removes the network again before it propagates;
         the registry gives the address and ports back once the create has failed."""
         net, network = self.net, self.env.network
         assert net is not None
         assert network is not None
-        await self._open_netns(undo)
-        await network.attach(net, self._netns_fd)
         try:
+            await self._open_netns(undo)
+            await network.attach(net, self._netns_fd)
             bandwidth = self.spec.limits.bandwidth
             if bandwidth.rate_in_bytes_per_second:
                 await self._limit_bandwidth(bandwidth, save=False)
