@@ -69,6 +69,7 @@ def start(rootfs: str, network_pool: str, log_level: str) -> BenchServer:
         sys.executable, "-m", "gactor", "server",
         "--listen", f"127.0.0.1:{port}", "--depot", depot, "--default-rootfs", rootfs,
         "--network-pool", network_pool, "--log-level", log_level,
+        "--metrics-listen", "off", "--log-format", "console",
     ]  # fmt: skip
     with open(os.path.join(base, "server.log"), "wb") as log:
         proc = subprocess.Popen(
