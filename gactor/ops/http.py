@@ -31,6 +31,7 @@ MAX_CONNECTIONS = 32
 MAX_HEAD_BYTES = 16 << 10  # request line and headers
 MAX_BODY_BYTES = 64 << 10  # a GET has none; more than this closes the connection
 IDLE_TIMEOUT = 10.0  # seconds a connection may send nothing before it is closed
+LINGER_TIMEOUT = 1.0  # seconds the rest of a refused request is read before closing
 READ_CHUNK = 16 << 10
 TEXT = "text/plain; charset=utf-8"
 
@@ -98,6 +99,15 @@ async def _send(conn: h11.Connection, stream: trio.abc.Stream, response: Respons
     await stream.send_all(data)
 
 
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Read (and drop) what the peer still sends, for a moment, before closing: closing
+    with unread data resets the connection, and the peer may lose the error response."""
+    with trio.move_on_after(LINGER_TIMEOUT):
+        dropped = 0
+        while dropped < MAX_BODY_BYTES and (chunk := await stream.receive_some(READ_CHUNK)):
+            dropped += len(chunk)
+
+
 async def _serve_connection(stream: trio.abc.Stream, routes: OpsRoutes) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     while True:
@@ -106,6 +116,7 @@ async def _serve_connection(stream: trio.abc.Stream, routes: OpsRoutes) -> None:
         except h11.RemoteProtocolError as err:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 await _send(conn, stream, Response(err.error_status_hint, TEXT, f"{err}\n".encode()), False)
+                await _linger(stream)
             return
         if not isinstance(event, h11.Request):
             return  # ConnectionClosed (or a stray event after an error): done

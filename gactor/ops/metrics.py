@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 from ..actors import metrics as container_metrics
 from ..actors.container import ContainerRef, State
 from ..actors.registry import Census, RegistryRef
+from ..errors import GardenError
 from ..kernel import cgroups, depot, shims
 from ..kernel.errors import KernelError
 from ..transport import methods
@@ -69,7 +70,7 @@ class ApiObserver:
         handle = args.get("handle")
         process_id = args.get("process_id")
         request_id = os.urandom(6).hex()
-        outcome = "error"
+        outcome, detail = "error", ""
         start = time.perf_counter()
         with logs.bind(request_id=request_id, handle=handle if isinstance(handle, str) else None,
                        process_id=process_id if isinstance(process_id, str) else None):
@@ -78,13 +79,15 @@ class ApiObserver:
                 outcome = "ok"
             except BaseException as err:
                 outcome = "cancelled" if _is_cancelled(err) else "error"
+                detail = f" ({err})" if isinstance(err, GardenError) else ""
                 raise
             finally:
                 elapsed = time.perf_counter() - start
                 self.requests.labels(name, front_end, outcome).inc()
                 self.latency.labels(name, front_end).observe(elapsed)
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("api call %s via %s: %s in %.1f ms", name, front_end, outcome, elapsed * 1e3)
+                    log.debug("api call %s via %s: %s%s in %.1f ms", name, front_end, outcome, detail,
+                              elapsed * 1e3)
 
 
 def _is_cancelled(err: BaseException) -> bool:

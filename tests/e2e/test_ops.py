@@ -259,4 +259,7 @@ async def test_json_logs_carry_the_request_and_never_the_token(own_servers):
     assert calls[0]["process_id"] == "no-such-process"
     assert len(calls[0]["request_id"]) == 12
     assert "error" in calls[0]["event"]
+    # The container actor's own lines carry its handle.
+    assert any(e["logger"] == "gactor.container" and e.get("handle") == "ops-json" for e in entries)
+    assert not any(e["logger"].startswith("pyroute2") and e["level"] == "debug" for e in entries)
     assert token not in server.log_text()

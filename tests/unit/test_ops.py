@@ -1,0 +1,262 @@
+"""The operations pieces in one process, without a server: the HTTP listener on a real
+loopback socket, the API call observer, log formatting and redaction, sd_notify."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from gactor.errors import GardenError
+from gactor.ops import http as ops_http
+from gactor.ops import logs
+from gactor.ops.metrics import ApiObserver, Scraper
+from gactor.ops.notify import notify
+from gactor.transport.listeners import TcpAddress
+
+# ---- the HTTP listener -------------------------------------------------------------------
+
+
+async def _serve(nursery: trio.Nursery, scraper: Scraper) -> int:
+    url = await nursery.start(ops_http.serve, ops_http.OpsRoutes(scraper), TcpAddress("127.0.0.1", 0))
+    return int(url.rsplit(":", 1)[1])
+
+
+async def _exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` and read until the server closes the connection."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    return received
+
+
+def _get(path: str, method: str = "GET", close: bool = True) -> bytes:
+    connection = "Connection: close\r\n" if close else ""
+    return f"{method} {path} HTTP/1.1\r\nHost: x\r\n{connection}\r\n".encode()
+
+
+def _status(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+async def test_health_and_readiness(tmp_path: Path) -> None:
+    scraper = Scraper(str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, scraper)
+        assert _status(await _exchange(port, _get("/healthz"))) == 200
+        not_ready = await _exchange(port, _get("/readyz"))
+        assert _status(not_ready) == 503
+        assert not_ready.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        scraper.ready = True
+        ready = await _exchange(port, _get("/readyz?verbose"))
+        assert _status(ready) == 200
+        assert ready.endswith(b"\r\n\r\nready\n")
+        nursery.cancel_scope.cancel()
+
+
+async def test_metrics_before_the_registry_runs(tmp_path: Path) -> None:
+    scraper = Scraper(str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, scraper)
+        response = await _exchange(port, _get("/metrics"))
+        nursery.cancel_scope.cancel()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert _status(response) == 200
+    assert b"content-type: text/plain" in head.lower()
+    names = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert {"gactor_ready", "gactor_shims_alive", "process_open_fds", "process_resident_memory_bytes"} <= names
+    assert "gactor_containers" not in names  # nothing is said about containers before the census
+
+
+async def test_head_404_405_and_bad_requests(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, Scraper(str(tmp_path)))
+        head = await _exchange(port, _get("/healthz", method="HEAD"))
+        assert _status(head) == 200
+        assert b"content-length: 3" in head.lower()
+        assert head.endswith(b"\r\n\r\n")  # no body
+        assert _status(await _exchange(port, _get("/nothing"))) == 404
+        assert _status(await _exchange(port, _get("/metrics", method="POST"))) == 405
+        assert _status(await _exchange(port, b"NOT HTTP AT ALL\r\n\r\n")) == 400
+        huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (2 * ops_http.MAX_HEAD_BYTES) + b"\r\n\r\n"
+        assert _status(await _exchange(port, huge)) == 431
+        nursery.cancel_scope.cancel()
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, Scraper(str(tmp_path)))
+        both = await _exchange(port, _get("/healthz", close=False) + _get("/readyz"))
+        assert both.count(b"HTTP/1.1 ") == 2
+        assert b"ok\n" in both
+        assert b"starting" in both
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_connection_is_closed(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, Scraper(str(tmp_path)))
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            start = trio.current_time()
+            assert await stream.receive_some(100) == b""  # closed by the server, having said nothing
+            assert trio.current_time() - start == pytest.approx(ops_http.IDLE_TIMEOUT, abs=0.1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_connections_beyond_the_limit_are_closed(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, Scraper(str(tmp_path)))
+        held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(ops_http.MAX_CONNECTIONS)]
+        # A request on each proves every held connection has its slot.
+        for stream in held:
+            await stream.send_all(_get("/healthz", close=False))
+            with trio.fail_after(5):
+                assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200")
+        assert await _exchange(port, _get("/healthz")) == b""
+        for stream in held:
+            await stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert _status(await _exchange(port, _get("/healthz"))) == 200
+        nursery.cancel_scope.cancel()
+
+
+# ---- the API call observer -------------------------------------------------------------
+
+
+async def test_the_observer_counts_outcomes_and_bounds_the_method_label() -> None:
+    registry = CollectorRegistry()
+    observer = ApiObserver(registry)
+    with observer.observe("ping", "websocket", {}):
+        pass
+    with pytest.raises(GardenError), observer.observe("info", "garden", {"handle": "h"}):
+        raise GardenError("unknown handle: h")
+    with trio.move_on_after(0) as scope, observer.observe("create", "websocket", {}):
+        await trio.sleep(1)
+    assert scope.cancelled_caught
+    with pytest.raises(GardenError), observer.observe("no-such-method\n", "websocket", {}):
+        raise GardenError("unknown method")
+
+    def count(method: str, front_end: str, outcome: str) -> float | None:
+        return registry.get_sample_value("gactor_api_requests_total",
+                                         {"method": method, "front_end": front_end, "outcome": outcome})
+
+    assert count("ping", "websocket", "ok") == 1
+    assert count("info", "garden", "error") == 1
+    assert count("create", "websocket", "cancelled") == 1
+    assert count("unknown", "websocket", "error") == 1
+    assert registry.get_sample_value("gactor_api_request_duration_seconds_count",
+                                     {"method": "ping", "front_end": "websocket"}) == 1
+
+
+async def test_the_observer_binds_the_request_to_log_lines() -> None:
+    observer = ApiObserver(CollectorRegistry())
+    with observer.observe("signal", "websocket", {"handle": "h1", "process_id": "p1"}):
+        inside = dict(logs.context())
+        in_thread = await trio.to_thread.run_sync(lambda: dict(logs.context()))
+    assert inside["handle"] == "h1"
+    assert inside["process_id"] == "p1"
+    assert len(inside["request_id"]) == 12
+    assert in_thread == inside  # worker threads (and child tasks) inherit the context
+    assert dict(logs.context()) == {}
+
+
+# ---- log formatting ----------------------------------------------------------------------
+
+
+def _record(message: str, *args: object, exc: bool = False) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise RuntimeError(message % args)
+        except RuntimeError:
+            exc_info = sys.exc_info()
+    return logging.LogRecord("gactor.test", logging.WARNING, __file__, 1, message, args, exc_info)
+
+
+@pytest.mark.parametrize("secret", ["plain-secret-123", 'quo"te\\back\nnl'])
+def test_json_lines_never_carry_the_token(secret: str) -> None:
+    formatter = logs.JsonFormatter(secret)
+    with logs.bind(handle=f"h-{secret}"):
+        line = formatter.format(_record("token %s leaked", secret, exc=True))
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["event"] == "token <token> leaked"
+    assert entry["handle"] == "h-<token>"
+    assert "RuntimeError: token <token> leaked" in entry["exception"]
+    assert secret not in line
+    assert json.dumps(secret)[1:-1] not in line  # nor its escaped form
+    assert {"time", "level", "logger", "pid"} <= entry.keys()
+    assert entry["level"] == "warning"
+
+
+def test_console_lines_show_the_context_and_hide_the_token() -> None:
+    formatter = logs.ConsoleFormatter("s3cret")
+    with logs.bind(request_id="abc", handle="h"), logs.bind(process_id="p"):
+        line = formatter.format(_record("said s3cret"))
+    assert line.endswith("gactor.test: said <token> [request_id=abc handle=h process_id=p]")
+    plain = formatter.format(_record("nothing bound"))
+    assert plain.endswith("gactor.test: nothing bound")
+
+
+def test_extra_fields_override_the_bound_ones() -> None:
+    record = _record("x")
+    record.handle = "given"
+    with logs.bind(handle="bound"):
+        assert json.loads(logs.JsonFormatter().format(record))["handle"] == "given"
+
+
+def test_auto_format_follows_the_terminal() -> None:
+    leader, follower = os.openpty()
+    try:
+        with open(follower, "w", closefd=False) as tty:
+            assert logs.resolve_format("auto", tty) == "console"
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert logs.resolve_format("auto", io.StringIO()) == "json"
+    assert logs.resolve_format("console", io.StringIO()) == "console"
+
+
+# ---- sd_notify -----------------------------------------------------------------------
+
+
+def test_notify_sends_one_datagram(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert notify("READY=1", "STATUS=serving")
+        assert sock.recv(4096) == b"READY=1\nSTATUS=serving"
+
+
+def test_notify_to_an_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"gactor-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert notify("STOPPING=1")
+        assert sock.recv(4096) == b"STOPPING=1"
+
+
+def test_notify_without_systemd_or_with_a_dead_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert not notify("READY=1")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "absent.sock"))
+    with caplog.at_level(logging.WARNING):
+        assert not notify("READY=1")
+    assert "cannot notify the service manager" in caplog.text
