@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,8 +58,9 @@ class BenchServer:
         self.shims_seen.update(procmem.shim_pids(self.depot))
 
 
-def start(rootfs: str, network_pool: str, log_level: str) -> BenchServer:
-    """Start a server and wait until it answers ``ping``; stop it again if it does not."""
+def start(rootfs: str, network_pool: str, log_level: str, extra_args: Sequence[str] = ()) -> BenchServer:
+    """Start a server (``extra_args``: more server flags, e.g. ``--metrics-listen``) and
+    wait until it answers ``ping``; stop it again if it does not."""
     base = tempfile.mkdtemp(prefix="gactor-bench-", dir="/tmp")
     # Unprivileged container roots must be able to traverse every ancestor of the depot.
     os.chmod(base, 0o711)
@@ -69,7 +71,7 @@ def start(rootfs: str, network_pool: str, log_level: str) -> BenchServer:
         sys.executable, "-m", "gactor", "server",
         "--listen", f"127.0.0.1:{port}", "--depot", depot, "--default-rootfs", rootfs,
         "--network-pool", network_pool, "--log-level", log_level,
-        "--metrics-listen", "off", "--log-format", "console",
+        "--metrics-listen", "off", "--log-format", "console", *extra_args,
     ]  # fmt: skip
     with open(os.path.join(base, "server.log"), "wb") as log:
         proc = subprocess.Popen(
@@ -207,7 +209,7 @@ def run_scenario(name: str, scenario: Any, args: Any) -> int:
         return 2
     stamp = time.strftime("%Y%m%dT%H%M%S")
     prefix = f"{name}-{os.urandom(3).hex()}"
-    server = start(args.rootfs, args.network_pool, "info")
+    server = start(args.rootfs, args.network_pool, "info", getattr(args, "server_args", ()))
     print(f"server pid {server.pid} on {server.url}, depot {server.depot}", flush=True)
     live: set[str] = set()
     series: list[Series] = []

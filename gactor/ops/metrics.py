@@ -231,36 +231,28 @@ class Scraper:
         self._lock = trio.Lock()  # one scrape at a time: the collector renders one sample
 
     async def scrape(self) -> bytes:
-        """The exposition text (the Prometheus text format) as of now. Cancelled: the
-        worker thread reading cgroups finishes on its own; nothing is left set."""
+        """The exposition text (the Prometheus text format) as of now: the registry's
+        census (a mailbox round trip), then one worker-thread trip that reads what it
+        lists and renders. Cancelled: that thread finishes on its own; nothing is left set."""
         async with self._lock:
             started = time.perf_counter()
-            sample = Sample(ready=self.ready)
-            if self.registry is not None:
-                sample.census = await self.registry.census()
-                measured = [c for c in sample.census.containers
-                            if getattr(c, "state", None) in _MEASURED]
-                refs: list[ContainerRef] = measured  # type: ignore[assignment]  # the registry holds ContainerRefs
-                results = await container_metrics.collect_many(refs)
-                for ref, result in zip(refs, results, strict=True):
-                    if isinstance(result, KernelError):
-                        sample.read_errors += 1
-                    else:
-                        sample.stats[ref.handle] = result
-                await trio.to_thread.run_sync(self._read_host, sample, refs)
-            else:
-                await trio.to_thread.run_sync(self._read_host, sample, [])
-            sample.gather_seconds = time.perf_counter() - started
-            return await trio.to_thread.run_sync(self._render, sample)
+            census = await self.registry.census() if self.registry is not None else None
+            return await trio.to_thread.run_sync(self._read_and_render, census, self.ready, started)
 
-    def _read_host(self, sample: Sample, refs: list[ContainerRef]) -> None:
-        for ref in refs:
-            if ref.handle in sample.stats:
-                with contextlib.suppress(KernelError):
-                    sample.oom_kills[ref.handle] = ref.cgroup.oom_kill_count()
-        sample.shims_alive = len(shims.find(self.containers_root)) if os.path.isdir(self.containers_root) else 0
-
-    def _render(self, sample: Sample) -> bytes:
+    def _read_and_render(self, census: Census | None, ready: bool, started: float) -> bytes:
+        sample = Sample(census=census, ready=ready)
+        for container in census.containers if census is not None else ():
+            if getattr(container, "state", None) not in _MEASURED:
+                continue
+            ref: ContainerRef = container  # type: ignore[assignment]  # the registry holds ContainerRefs
+            try:
+                sample.stats[ref.handle] = container_metrics.read(ref)
+                sample.oom_kills[ref.handle] = ref.cgroup.oom_kill_count()
+            except KernelError:  # destroyed since the census, say
+                sample.read_errors += 1
+        if os.path.isdir(self.containers_root):
+            sample.shims_alive = len(shims.find(self.containers_root))
+        sample.gather_seconds = time.perf_counter() - started
         self.collector.sample = sample
         try:
             return generate_latest(self.prometheus)
