@@ -12,6 +12,7 @@ and every request head by MAX_HEAD_BYTES. Only GET and HEAD are served.
 
 from __future__ import annotations
 
+import contextlib
 import http
 import logging
 from collections.abc import Awaitable, Callable
@@ -160,12 +161,19 @@ async def serve(routes: OpsRoutes, address: ListenAddress, *,
             with trio.move_on_after(1, shield=True):
                 await stream.aclose()
 
-    async with listeners.open_listeners(address, None) as opened:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            opened = await stack.enter_async_context(listeners.open_listeners(address, None))
+        except listeners.ListenError as err:
+            raise listeners.ListenError(f"--metrics-listen: {err} (give another address, or off)") from None
         if isinstance(address, listeners.UnixAddress):
             url = address.url()
         else:
             host = f"[{address.host}]" if ":" in address.host else address.host
             url = f"http://{host}:{listeners.bound_port(opened)}"
+            if not address.is_loopback:
+                log.warning("serving metrics on %s: anyone who can reach it sees the handles and "
+                            "usage of every container", url)
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, handle, opened)
             task_status.started(url)

@@ -263,3 +263,15 @@ async def test_json_logs_carry_the_request_and_never_the_token(own_servers):
     assert any(e["logger"] == "gactor.container" and e.get("handle") == "ops-json" for e in entries)
     assert not any(e["logger"].startswith("pyroute2") and e["level"] == "debug" for e in entries)
     assert token not in server.log_text()
+
+
+async def test_a_busy_metrics_address_is_a_configuration_error(own_servers):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = own_servers("ops-busy", "10.246.125.0/24", "--metrics-listen", f"127.0.0.1:{port}")
+        server.spawn()
+        assert await server.wait_exit(30), server.log_tail()
+    assert server.returncode == 2, server.log_tail()
+    assert f"error: --metrics-listen: cannot listen on 127.0.0.1:{port}" in server.log_text()
