@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .kernel.spawner import SpawnerHandle, fork_spawner
+from .ops.notify import ServiceManager
 from .transport import listeners
 
 log = logging.getLogger("gactor.server")
@@ -195,11 +196,12 @@ def run(config: ServerConfig) -> None:
     os.makedirs(config.depot, mode=0o711, exist_ok=True)
     os.chmod(config.depot, 0o711)
     _check_traversable(config.depot)
+    service = ServiceManager.from_environment()  # before the fork: no helper inherits it
     spawner = fork_spawner()
     import trio  # noqa: PLC0415 - only after the spawner fork: trio may start threads
 
     try:
-        trio.run(_serve, config, spawner, address, ssl_context, metrics_address)
+        trio.run(_serve, config, spawner, address, ssl_context, metrics_address, service)
     except listeners.ListenError as err:
         raise ConfigError(str(err)) from None
     except BaseExceptionGroup as group:
@@ -278,7 +280,8 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 
 
 async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listeners.ListenAddress,
-                 ssl_context: ssl.SSLContext | None, metrics_address: listeners.ListenAddress | None) -> None:
+                 ssl_context: ssl.SSLContext | None, metrics_address: listeners.ListenAddress | None,
+                 service: ServiceManager) -> None:
     import trio
 
     from .actors.container import Environment
@@ -287,7 +290,6 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
     from .kernel import cgroups, depot, init_binary, rootfs
     from .ops import http as ops_http
     from .ops.metrics import Scraper
-    from .ops.notify import notify
     from .transport import ws_server
     from .transport.methods import Api
 
@@ -327,11 +329,11 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
         url = await nursery.start(ws_server.serve, api, address, access, ssl_context)
         log.info("gactor serving the websocket API on %s", url)
         scraper.ready = True
-        notify("READY=1", f"STATUS=serving the API on {url}")
+        service.notify("READY=1", f"STATUS=serving the API on {url}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("received %s: shutting down, containers keep running", signal.Signals(signum).name)
-                notify("STOPPING=1")
+                service.notify("STOPPING=1")
                 scraper.ready = False
                 nursery.cancel_scope.cancel()
                 break

@@ -20,7 +20,7 @@ from gactor.errors import GardenError
 from gactor.ops import http as ops_http
 from gactor.ops import logs
 from gactor.ops.metrics import ApiObserver, Scraper
-from gactor.ops.notify import notify
+from gactor.ops.notify import ServiceManager
 from gactor.transport.listeners import TcpAddress
 
 # ---- the HTTP listener -------------------------------------------------------------------
@@ -239,24 +239,24 @@ def test_notify_sends_one_datagram(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(path)
         monkeypatch.setenv("NOTIFY_SOCKET", path)
-        assert notify("READY=1", "STATUS=serving")
+        manager = ServiceManager.from_environment()
+        assert "NOTIFY_SOCKET" not in os.environ  # no child inherits it
+        assert manager.notify("READY=1", "STATUS=serving")
         assert sock.recv(4096) == b"READY=1\nSTATUS=serving"
 
 
-def test_notify_to_an_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notify_to_an_abstract_socket() -> None:
     name = f"gactor-test-{os.getpid()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + name)
-        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-        assert notify("STOPPING=1")
+        assert ServiceManager("@" + name).notify("STOPPING=1")
         assert sock.recv(4096) == b"STOPPING=1"
 
 
 def test_notify_without_systemd_or_with_a_dead_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    assert not notify("READY=1")
-    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "absent.sock"))
+    assert not ServiceManager.from_environment().notify("READY=1")
     with caplog.at_level(logging.WARNING):
-        assert not notify("READY=1")
+        assert not ServiceManager(str(tmp_path / "absent.sock")).notify("READY=1")
     assert "cannot notify the service manager" in caplog.text
