@@ -39,9 +39,16 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopba
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.scrape", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20, help="scrapes per population [20]")
-    p.add_argument("--populations", type=int, nargs="+", default=list(POPULATIONS),
-                   help="live containers to scrape at [1 50 250]")
-    p.add_argument("--rootfs", default=DEFAULT_ROOTFS, help=f"server --default-rootfs [{DEFAULT_ROOTFS}]")
+    p.add_argument(
+        "--populations",
+        type=int,
+        nargs="+",
+        default=list(POPULATIONS),
+        help="live containers to scrape at [1 50 250]",
+    )
+    p.add_argument(
+        "--rootfs", default=DEFAULT_ROOTFS, help=f"server --default-rootfs [{DEFAULT_ROOTFS}]"
+    )
     p.add_argument("--network-pool", default=POOL, help=f"server --network-pool [{POOL}]")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     args = p.parse_args(argv)
@@ -74,11 +81,17 @@ def _container_series(body: bytes, handle: str) -> int:
     return sum(1 for line in body.decode().splitlines() if f'handle="{handle}"' in line)
 
 
-async def _scenario(server: srv.BenchServer, args: argparse.Namespace, prefix: str,
-                    live: set[str], series: list[Series]) -> None:
+async def _scenario(
+    server: srv.BenchServer,
+    args: argparse.Namespace,
+    prefix: str,
+    live: set[str],
+    series: list[Series],
+) -> None:
     url = f"http://127.0.0.1:{args.metrics_port}/metrics"
     counter = iter(range(1 << 30))
     async with gactor.connect(server.url) as client:
+
         async def one_more() -> None:
             handle = f"{prefix}-{next(counter)}"
             live.add(handle)
@@ -91,7 +104,9 @@ async def _scenario(server: srv.BenchServer, args: argparse.Namespace, prefix: s
                     for _ in range(min(FILL_CONCURRENCY, n - len(live))):
                         nursery.start_soon(one_more)
             scrape = Series(f"scrape_{n}", f"GET /metrics, {n} alive", "ms")
-            gather = Series(f"scrape_gather_{n}", f"  of which gathering (server side), {n} alive", "ms")
+            gather = Series(
+                f"scrape_gather_{n}", f"  of which gathering (server side), {n} alive", "ms"
+            )
             size = Series(f"scrape_bytes_{n}", f"  exposition size, {n} alive", "KiB")
             for _ in range(args.runs):
                 elapsed, body = await trio.to_thread.run_sync(_scrape, url)

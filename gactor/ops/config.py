@@ -66,7 +66,11 @@ def _checked(kind: Any, value: Any) -> Any:
         return float(value)
     if kind is str and isinstance(value, str):
         return value
-    if typing.get_origin(kind) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+    if (
+        typing.get_origin(kind) is list
+        and isinstance(value, list)
+        and all(isinstance(v, str) for v in value)
+    ):
         return list(value)
     raise TypeError(_describe(kind))
 
@@ -77,7 +81,8 @@ def _toml_type(value: Any) -> str:
     if isinstance(value, dict):
         return "a table"
     return {int: "an integer", float: "a number", str: "a string", list: "an array"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -99,12 +104,16 @@ def from_mapping(data: Mapping[str, Any], source: str) -> dict[str, Any]:
         name = key.replace("-", "_")
         name = ALIASES.get(name, name)
         if name not in _TYPES:
-            raise ConfigFileError(f"{source}: unknown key {key!r} (the keys are the server's flags: "
-                                  f"{', '.join(_key(n) for n in field_names())})")
+            raise ConfigFileError(
+                f"{source}: unknown key {key!r} (the keys are the server's flags: "
+                f"{', '.join(_key(n) for n in field_names())})"
+            )
         try:
             values[name] = _checked(_TYPES[name], value)
         except TypeError as err:
-            raise ConfigFileError(f"{source}: {key} must be {err}, not {_toml_type(value)}") from None
+            raise ConfigFileError(
+                f"{source}: {key} must be {err}, not {_toml_type(value)}"
+            ) from None
     return values
 
 
@@ -119,9 +128,13 @@ def build(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> Ser
 def validate(config: ServerConfig) -> None:
     level = config.log_level.lower()
     if level not in logs.LEVELS:
-        raise ConfigFileError(f"log-level {config.log_level!r}: must be one of {', '.join(logs.LEVELS)}")
+        raise ConfigFileError(
+            f"log-level {config.log_level!r}: must be one of {', '.join(logs.LEVELS)}"
+        )
     if config.log_format not in logs.FORMATS:
-        raise ConfigFileError(f"log-format {config.log_format!r}: must be one of {', '.join(logs.FORMATS)}")
+        raise ConfigFileError(
+            f"log-format {config.log_format!r}: must be one of {', '.join(logs.FORMATS)}"
+        )
     metrics_address(config)
 
 

@@ -56,10 +56,14 @@ class OpsRoutes:
     def route(self, method: bytes, target: bytes) -> Route | Response:
         path = target.split(b"?", 1)[0]
         if path not in (b"/metrics", b"/healthz", b"/readyz"):
-            return Response(404, TEXT, b"not found: gactor serves /metrics, /healthz and /readyz here\n")
+            return Response(
+                404, TEXT, b"not found: gactor serves /metrics, /healthz and /readyz here\n"
+            )
         if method not in (b"GET", b"HEAD"):
             return Response(405, TEXT, b"only GET and HEAD\n")
-        return {b"/metrics": self._metrics, b"/healthz": self._healthz, b"/readyz": self._readyz}[path]
+        return {b"/metrics": self._metrics, b"/healthz": self._healthz, b"/readyz": self._readyz}[
+            path
+        ]
 
     async def _metrics(self) -> Response:
         return Response(200, CONTENT_TYPE_LATEST, await self.scraper.scrape())
@@ -89,9 +93,14 @@ async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> object:
         conn.receive_data(bytes(data))  # b"" tells h11 the peer closed
 
 
-async def _send(conn: h11.Connection, stream: trio.abc.Stream, response: Response, head_only: bool) -> None:
-    headers = [("content-type", response.content_type), ("content-length", str(len(response.body))),
-               ("cache-control", "no-store")]
+async def _send(
+    conn: h11.Connection, stream: trio.abc.Stream, response: Response, head_only: bool
+) -> None:
+    headers = [
+        ("content-type", response.content_type),
+        ("content-length", str(len(response.body))),
+        ("cache-control", "no-store"),
+    ]
     reason = http.HTTPStatus(response.status).phrase.encode()
     data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
     if not head_only:
@@ -116,7 +125,9 @@ async def _serve_connection(stream: trio.abc.Stream, routes: OpsRoutes) -> None:
             event = await _next_event(conn, stream)
         except h11.RemoteProtocolError as err:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await _send(conn, stream, Response(err.error_status_hint, TEXT, f"{err}\n".encode()), False)
+                await _send(
+                    conn, stream, Response(err.error_status_hint, TEXT, f"{err}\n".encode()), False
+                )
                 await _linger(stream)
             return
         if not isinstance(event, h11.Request):
@@ -136,8 +147,12 @@ async def _serve_connection(stream: trio.abc.Stream, routes: OpsRoutes) -> None:
         conn.start_next_cycle()
 
 
-async def serve(routes: OpsRoutes, address: ListenAddress, *,
-                task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    routes: OpsRoutes,
+    address: ListenAddress,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve ``routes`` on ``address`` until cancelled; ``started`` reports the URL
     (with the port the kernel picked for port 0). One connection failing never affects
     another. On cancellation the listeners close and open connections are dropped.
@@ -152,7 +167,12 @@ async def serve(routes: OpsRoutes, address: ListenAddress, *,
             return
         try:
             await _serve_connection(stream, routes)
-        except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        except (
+            _Closed,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            h11.LocalProtocolError,
+        ):
             pass
         except Exception:
             log.exception("a metrics connection failed")
@@ -165,15 +185,20 @@ async def serve(routes: OpsRoutes, address: ListenAddress, *,
         try:
             opened = await stack.enter_async_context(listeners.open_listeners(address, None))
         except listeners.ListenError as err:
-            raise listeners.ListenError(f"--metrics-listen: {err} (give another address, or off)") from None
+            raise listeners.ListenError(
+                f"--metrics-listen: {err} (give another address, or off)"
+            ) from None
         if isinstance(address, listeners.UnixAddress):
             url = address.url()
         else:
             host = f"[{address.host}]" if ":" in address.host else address.host
             url = f"http://{host}:{listeners.bound_port(opened)}"
             if not address.is_loopback:
-                log.warning("serving metrics on %s: anyone who can reach it sees the handles and "
-                            "usage of every container", url)
+                log.warning(
+                    "serving metrics on %s: anyone who can reach it sees the handles and "
+                    "usage of every container",
+                    url,
+                )
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, handle, opened)
             task_status.started(url)

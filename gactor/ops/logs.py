@@ -28,7 +28,9 @@ CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 REDACTED = "<token>"
 
 _NOTHING: Mapping[str, str] = types.MappingProxyType({})
-_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("gactor_log_context", default=_NOTHING)
+_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "gactor_log_context", default=_NOTHING
+)
 
 
 @contextlib.contextmanager
@@ -99,7 +101,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
@@ -128,8 +132,9 @@ def resolve_format(log_format: str, stream: object = None) -> str:
 def configure(level: str, log_format: str, secret: str | None) -> None:
     """Send the server's log to stderr at ``level`` in ``log_format`` (see FORMATS),
     replacing any handler installed before; the caller has validated both names."""
-    formatter: logging.Formatter = (JsonFormatter(secret) if resolve_format(log_format) == "json"
-                                    else ConsoleFormatter(secret))
+    formatter: logging.Formatter = (
+        JsonFormatter(secret) if resolve_format(log_format) == "json" else ConsoleFormatter(secret)
+    )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     handler.addFilter(_quiet_libraries)

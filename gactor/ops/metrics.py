@@ -46,8 +46,26 @@ log = logging.getLogger("gactor.ops.metrics")
 
 # The method label takes only these values, so a client cannot mint series.
 STREAM_METHODS = frozenset({"run", "attach", "stream_in", "stream_out"})
-KNOWN_METHODS = frozenset(methods.API_METHODS) | frozenset(methods.CONTAINER_METHODS) | STREAM_METHODS
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+KNOWN_METHODS = (
+    frozenset(methods.API_METHODS) | frozenset(methods.CONTAINER_METHODS) | STREAM_METHODS
+)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 # A container's series are read only in these states: before, its cgroup may not exist yet.
 _MEASURED = (State.ACTIVE, State.STOPPED, State.BROKEN, State.DESTROYING)
 
@@ -57,12 +75,19 @@ class ApiObserver:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
-            "gactor_api_requests", "API calls answered, by method, front end and outcome "
-            "(ok, error, cancelled).", ["method", "front_end", "outcome"], registry=registry)
+            "gactor_api_requests",
+            "API calls answered, by method, front end and outcome (ok, error, cancelled).",
+            ["method", "front_end", "outcome"],
+            registry=registry,
+        )
         self.latency = Histogram(
-            "gactor_api_request_duration_seconds", "Time to answer an API call; for run, attach "
+            "gactor_api_request_duration_seconds",
+            "Time to answer an API call; for run, attach "
             "and stream_out until the stream opens, for stream_in until the archive is written.",
-            ["method", "front_end"], buckets=LATENCY_BUCKETS, registry=registry)
+            ["method", "front_end"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
 
     @contextlib.contextmanager
     def observe(self, method: str, front_end: str, args: dict[str, Any]) -> Iterator[None]:
@@ -72,8 +97,11 @@ class ApiObserver:
         request_id = os.urandom(6).hex()
         outcome, detail = "error", ""
         start = time.perf_counter()
-        with logs.bind(request_id=request_id, handle=handle if isinstance(handle, str) else None,
-                       process_id=process_id if isinstance(process_id, str) else None):
+        with logs.bind(
+            request_id=request_id,
+            handle=handle if isinstance(handle, str) else None,
+            process_id=process_id if isinstance(process_id, str) else None,
+        ):
             try:
                 yield
                 outcome = "ok"
@@ -86,8 +114,14 @@ class ApiObserver:
                 self.requests.labels(name, front_end, outcome).inc()
                 self.latency.labels(name, front_end).observe(elapsed)
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("api call %s via %s: %s%s in %.1f ms", name, front_end, outcome, detail,
-                              elapsed * 1e3)
+                    log.debug(
+                        "api call %s via %s: %s%s in %.1f ms",
+                        name,
+                        front_end,
+                        outcome,
+                        detail,
+                        elapsed * 1e3,
+                    )
 
 
 def _is_cancelled(err: BaseException) -> bool:
@@ -119,14 +153,27 @@ class ServerCollector(Collector):
         sample = self.sample
         if sample is None:
             return
-        yield _gauge("gactor_ready", "1 once startup reconcile is done and the API listens.",
-                     int(sample.ready))
-        yield _gauge("gactor_shims_alive", "Container shim processes of this depot found running.",
-                     sample.shims_alive)
-        yield _gauge("gactor_metrics_read_errors", "Listed containers whose cgroup could not be read "
-                     "in this scrape (destroyed meanwhile, say).", sample.read_errors)
-        yield _gauge("gactor_metrics_gather_seconds", "Time this scrape took to read its sample.",
-                     sample.gather_seconds)
+        yield _gauge(
+            "gactor_ready",
+            "1 once startup reconcile is done and the API listens.",
+            int(sample.ready),
+        )
+        yield _gauge(
+            "gactor_shims_alive",
+            "Container shim processes of this depot found running.",
+            sample.shims_alive,
+        )
+        yield _gauge(
+            "gactor_metrics_read_errors",
+            "Listed containers whose cgroup could not be read "
+            "in this scrape (destroyed meanwhile, say).",
+            sample.read_errors,
+        )
+        yield _gauge(
+            "gactor_metrics_gather_seconds",
+            "Time this scrape took to read its sample.",
+            sample.gather_seconds,
+        )
         census = sample.census
         if census is None:
             return  # the registry is not up yet: nothing to say about containers
@@ -148,13 +195,24 @@ def _server_families(census: Census) -> Iterator[Metric]:
     for state_name, count in counts.items():
         by_state.add_metric([state_name], count)
     yield by_state
-    yield _gauge("gactor_subnet_pool_addresses_in_use", "Container addresses live or held "
-                 "(dynamic /30s and static-subnet members).", census.subnets_in_use)
-    yield _gauge("gactor_subnet_pool_subnets", "/30 subnets in the dynamic range (--network-pool).",
-                 census.subnets_capacity)
-    yield _gauge("gactor_port_pool_ports_in_use", "NetIn host ports not available to hand out.",
-                 census.ports_size - census.ports_available)
-    yield _gauge("gactor_port_pool_ports", "Host ports in the pool (--port-pool-size).", census.ports_size)
+    yield _gauge(
+        "gactor_subnet_pool_addresses_in_use",
+        "Container addresses live or held (dynamic /30s and static-subnet members).",
+        census.subnets_in_use,
+    )
+    yield _gauge(
+        "gactor_subnet_pool_subnets",
+        "/30 subnets in the dynamic range (--network-pool).",
+        census.subnets_capacity,
+    )
+    yield _gauge(
+        "gactor_port_pool_ports_in_use",
+        "NetIn host ports not available to hand out.",
+        census.ports_size - census.ports_available,
+    )
+    yield _gauge(
+        "gactor_port_pool_ports", "Host ports in the pool (--port-pool-size).", census.ports_size
+    )
 
 
 def _container_families(census: Census, sample: Sample) -> Iterator[Metric]:
@@ -164,8 +222,12 @@ def _container_families(census: Census, sample: Sample) -> Iterator[Metric]:
     def counter(name: str, doc: str, extra: list[str] | None = None) -> CounterMetricFamily:
         return CounterMetricFamily(name, doc, labels=["handle", *(extra or [])])
 
-    info = gauge("gactor_container_info", "1 for every listed container, with its state.", ["state"])
-    memory = gauge("gactor_container_memory_usage_bytes", "Memory charged to the container's limit.")
+    info = gauge(
+        "gactor_container_info", "1 for every listed container, with its state.", ["state"]
+    )
+    memory = gauge(
+        "gactor_container_memory_usage_bytes", "Memory charged to the container's limit."
+    )
     rss = gauge("gactor_container_memory_rss_bytes", "Anonymous memory (RSS) of the container.")
     cache = gauge("gactor_container_memory_cache_bytes", "Page cache charged to the container.")
     limit = gauge("gactor_container_memory_limit_bytes", "The memory limit (containers with one).")
@@ -173,8 +235,11 @@ def _container_families(census: Census, sample: Sample) -> Iterator[Metric]:
     cpu_usage = counter("gactor_container_cpu_usage_seconds", "CPU time in total.")
     pids = gauge("gactor_container_pids", "Processes and threads in the container.")
     pids_max = gauge("gactor_container_pids_max", "The pids limit (containers with one).")
-    disk = gauge("gactor_container_disk_bytes", "Disk used: exclusive (the writable layer) or "
-                 "total (with the image).", ["scope"])
+    disk = gauge(
+        "gactor_container_disk_bytes",
+        "Disk used: exclusive (the writable layer) or total (with the image).",
+        ["scope"],
+    )
     inodes = gauge("gactor_container_disk_inodes", "Inodes used, as disk_bytes.", ["scope"])
     rx = counter("gactor_container_network_receive_bytes", "Bytes the container received.")
     tx = counter("gactor_container_network_transmit_bytes", "Bytes the container sent.")
@@ -209,8 +274,23 @@ def _container_families(census: Census, sample: Sample) -> Iterator[Metric]:
         if handle in sample.oom_kills:
             ooms.add_metric([handle], sample.oom_kills[handle])
         age.add_metric([handle], stat.age)
-    yield from (info, memory, rss, cache, limit, cpu, cpu_usage, pids, pids_max, disk, inodes,
-                rx, tx, ooms, age)
+    yield from (
+        info,
+        memory,
+        rss,
+        cache,
+        limit,
+        cpu,
+        cpu_usage,
+        pids,
+        pids_max,
+        disk,
+        inodes,
+        rx,
+        tx,
+        ooms,
+        age,
+    )
 
 
 class Scraper:
@@ -233,7 +313,9 @@ class Scraper:
     async def scrape(self) -> bytes:
         """The exposition text (the Prometheus text format) as of now: the registry's
         census (a mailbox round trip), then one worker-thread trip that reads what it
-        lists and renders. Cancelled: that thread finishes on its own; nothing is left set."""
+        lists and renders. Cancelled while waiting for the census or the lock: returns at
+        once; while the thread runs: when it is done (milliseconds; the reads are not
+        abandoned). Either way the next scrape starts clean."""
         async with self._lock:
             started = time.perf_counter()
             census = await self.registry.census() if self.registry is not None else None

@@ -39,7 +39,10 @@ class ServiceManager:
         elif self.path.startswith("/"):
             address = self.path
         else:
-            log.warning("ignoring NOTIFY_SOCKET=%r: neither an absolute path nor an abstract socket", self.path)
+            log.warning(
+                "ignoring NOTIFY_SOCKET=%r: neither an absolute path nor an abstract socket",
+                self.path,
+            )
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:

@@ -4,6 +4,10 @@ Both front ends (msgpack websocket, and later Garden HTTP) call ``Api.call``.
 Streaming calls are the context managers ``Api.process`` (run, attach) and ``Api.tar``
 (stream_in, stream_out): they yield the process and its subscription with the grace
 timer paused, and the front end pumps them. Every error leaving here is a ``GardenError``.
+
+Each entry point (``call``, ``process``, ``stream_in``, ``stream_out``) takes the name of
+the front end calling it (``front_end``, default ``WEBSOCKET``) and runs under the
+``CallObserver`` the Api was built with (metrics and request logs, ``gactor/ops``).
 """
 
 from __future__ import annotations

@@ -30,15 +30,22 @@ MiB = 1 << 20
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of an exposition: (name, labels) -> value."""
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
-def value(parsed: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
+def value(
+    parsed: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float | None:
     return parsed.get((name, frozenset(labels.items())))
 
 
-def number(parsed: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+def number(
+    parsed: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
     """The value of a sample that must be there."""
     found = value(parsed, name, **labels)
     assert found is not None, f"no sample {name}{labels}"
@@ -46,7 +53,9 @@ def number(parsed: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 
 
 def handles_in(parsed: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> set[str]:
-    return {dict(labels)["handle"] for name, labels in parsed if name.startswith("gactor_container_")}
+    return {
+        dict(labels)["handle"] for name, labels in parsed if name.startswith("gactor_container_")
+    }
 
 
 @dataclass(frozen=True)
@@ -56,13 +65,17 @@ class Reply:
     text: str
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
+_OPENER = urllib.request.build_opener(
+    urllib.request.ProxyHandler({})
+)  # loopback only, never a proxy
 
 
 def _get(url: str) -> Reply:
     try:
         with _OPENER.open(url, timeout=10) as response:
-            return Reply(response.status, response.headers["content-type"], response.read().decode())
+            return Reply(
+                response.status, response.headers["content-type"], response.read().decode()
+            )
     except urllib.error.HTTPError as err:
         return Reply(err.code, err.headers["content-type"], err.read().decode())
 
@@ -113,12 +126,17 @@ async def test_metrics_follow_containers_and_their_destroy(own_servers):
     await server.start()
     limit = 64 * MiB
     async with server.connect() as client:
-        first = await client.create(ContainerSpec(handle="ops-a", limits=Limits(memory=MemoryLimits(limit_in_bytes=limit))))
+        first = await client.create(
+            ContainerSpec(handle="ops-a", limits=Limits(memory=MemoryLimits(limit_in_bytes=limit)))
+        )
         second = await client.create(ContainerSpec(handle="ops-b"))
         # Something to count: a resident process, some memory and CPU, a file on disk.
         await first.run(gactor.ProcessSpec(path="sleep", args=["300"]), gactor.ProcessIO())
-        code, _, _ = await sh(first, "dd if=/dev/zero of=/tmp/blob bs=1M count=4 2>/dev/null; "
-                                     "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done")
+        code, _, _ = await sh(
+            first,
+            "dd if=/dev/zero of=/tmp/blob bs=1M count=4 2>/dev/null; "
+            "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done",
+        )
         assert code == 0
         with pytest.raises(gactor.ContainerNotFoundError):
             await client.lookup("ops-missing")
@@ -128,9 +146,14 @@ async def test_metrics_follow_containers_and_their_destroy(own_servers):
         assert value(parsed, "gactor_containers", state="active") == 2
         assert value(parsed, "gactor_container_info", handle="ops-a", state="active") == 1
         # The limit as the kernel has it (rounded to pages), and no limit series without one.
-        memory_max = cgroup_file("ops-a", "memory.max") if os.path.exists("/sys/fs/cgroup/cgroup.controllers") \
+        memory_max = (
+            cgroup_file("ops-a", "memory.max")
+            if os.path.exists("/sys/fs/cgroup/cgroup.controllers")
             else cgroup_file("ops-a", "memory.limit_in_bytes")
-        assert value(parsed, "gactor_container_memory_limit_bytes", handle="ops-a") == int(memory_max)
+        )
+        assert value(parsed, "gactor_container_memory_limit_bytes", handle="ops-a") == int(
+            memory_max
+        )
         assert value(parsed, "gactor_container_memory_limit_bytes", handle="ops-b") is None
         usage = number(parsed, "gactor_container_memory_usage_bytes", handle="ops-a")
         assert 0 < usage < limit
@@ -141,7 +164,10 @@ async def test_metrics_follow_containers_and_their_destroy(own_servers):
         disk = number(parsed, "gactor_container_disk_bytes", handle="ops-a", scope="exclusive")
         assert disk >= 4 * MiB
         assert value(parsed, "gactor_container_oom_kills_total", handle="ops-a") == 0
-        assert value(parsed, "gactor_container_network_receive_bytes_total", handle="ops-a") is not None
+        assert (
+            value(parsed, "gactor_container_network_receive_bytes_total", handle="ops-a")
+            is not None
+        )
         assert value(parsed, "gactor_subnet_pool_addresses_in_use") == 2
         assert value(parsed, "gactor_subnet_pool_subnets") == 64
         assert value(parsed, "gactor_shims_alive") == 2
@@ -151,9 +177,35 @@ async def test_metrics_follow_containers_and_their_destroy(own_servers):
         rss = number(parsed, "process_resident_memory_bytes")
         assert rss > 10 * MiB
         # The calls this test made, by method and outcome.
-        assert value(parsed, "gactor_api_requests_total", method="create", front_end="websocket", outcome="ok") == 2
-        assert value(parsed, "gactor_api_requests_total", method="lookup", front_end="websocket", outcome="error") == 1
-        assert value(parsed, "gactor_api_request_duration_seconds_count", method="run", front_end="websocket") == 2
+        assert (
+            value(
+                parsed,
+                "gactor_api_requests_total",
+                method="create",
+                front_end="websocket",
+                outcome="ok",
+            )
+            == 2
+        )
+        assert (
+            value(
+                parsed,
+                "gactor_api_requests_total",
+                method="lookup",
+                front_end="websocket",
+                outcome="error",
+            )
+            == 1
+        )
+        assert (
+            value(
+                parsed,
+                "gactor_api_request_duration_seconds_count",
+                method="run",
+                front_end="websocket",
+            )
+            == 2
+        )
 
         await client.destroy(first.handle)
         parsed = await ops.metrics()
@@ -172,7 +224,11 @@ async def test_oom_kills_are_counted(own_servers):
     server = own_servers("ops-oom", "10.246.122.0/24", "--metrics-listen", ops.flag)
     await server.start()
     async with server.connect() as client:
-        small = await client.create(ContainerSpec(handle="ops-oom", limits=Limits(memory=MemoryLimits(limit_in_bytes=32 * MiB))))
+        small = await client.create(
+            ContainerSpec(
+                handle="ops-oom", limits=Limits(memory=MemoryLimits(limit_in_bytes=32 * MiB))
+            )
+        )
         code, _, _ = await sh(small, "dd if=/dev/zero of=/dev/shm/x bs=1M count=48")
         assert code == 137
         parsed = await ops.metrics()
@@ -225,8 +281,11 @@ async def test_readyz_flips_after_a_slow_reconcile_and_ready_is_notified(own_ser
             return await ops.status("/readyz") == 200
 
         await wait_for(ready, within=30, what="/readyz to turn 200")
-        await wait_for(lambda: [d for d in _datagrams(notify) if "READY=1" in d], within=5,
-                         what="READY=1 on $NOTIFY_SOCKET")
+        await wait_for(
+            lambda: [d for d in _datagrams(notify) if "READY=1" in d],
+            within=5,
+            what="READY=1 on $NOTIFY_SOCKET",
+        )
         assert await server.pings()
         assert value(await ops.metrics(), "gactor_ready") == 1
     finally:
@@ -237,8 +296,9 @@ async def test_readyz_flips_after_a_slow_reconcile_and_ready_is_notified(own_ser
 
 async def test_json_logs_carry_the_request_and_never_the_token(own_servers):
     token = "s3cr3t-0ps-t0ken"
-    server = own_servers("ops-json", "10.246.124.0/24", "--log-format", "json", "--log-level", "debug",
-                         token=token)
+    server = own_servers(
+        "ops-json", "10.246.124.0/24", "--log-format", "json", "--log-level", "debug", token=token
+    )
     await server.start()
     async with server.connect() as client:
         container = await client.create(ContainerSpec(handle="ops-json"))

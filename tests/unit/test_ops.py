@@ -27,7 +27,9 @@ from gactor.transport.listeners import TcpAddress
 
 
 async def _serve(nursery: trio.Nursery, scraper: Scraper) -> int:
-    url = await nursery.start(ops_http.serve, ops_http.OpsRoutes(scraper), TcpAddress("127.0.0.1", 0))
+    url = await nursery.start(
+        ops_http.serve, ops_http.OpsRoutes(scraper), TcpAddress("127.0.0.1", 0)
+    )
     return int(url.rsplit(":", 1)[1])
 
 
@@ -77,7 +79,12 @@ async def test_metrics_before_the_registry_runs(tmp_path: Path) -> None:
     assert _status(response) == 200
     assert b"content-type: text/plain" in head.lower()
     names = {f.name for f in text_string_to_metric_families(body.decode())}
-    assert {"gactor_ready", "gactor_shims_alive", "process_open_fds", "process_resident_memory_bytes"} <= names
+    assert {
+        "gactor_ready",
+        "gactor_shims_alive",
+        "process_open_fds",
+        "process_resident_memory_bytes",
+    } <= names
     assert "gactor_containers" not in names  # nothing is said about containers before the census
 
 
@@ -91,7 +98,11 @@ async def test_head_404_405_and_bad_requests(tmp_path: Path) -> None:
         assert _status(await _exchange(port, _get("/nothing"))) == 404
         assert _status(await _exchange(port, _get("/metrics", method="POST"))) == 405
         assert _status(await _exchange(port, b"NOT HTTP AT ALL\r\n\r\n")) == 400
-        huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (2 * ops_http.MAX_HEAD_BYTES) + b"\r\n\r\n"
+        huge = (
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: "
+            + b"a" * (2 * ops_http.MAX_HEAD_BYTES)
+            + b"\r\n\r\n"
+        )
         assert _status(await _exchange(port, huge)) == 431
         nursery.cancel_scope.cancel()
 
@@ -112,7 +123,8 @@ async def test_an_idle_connection_is_closed(tmp_path: Path, autojump_clock: trio
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             start = trio.current_time()
-            assert await stream.receive_some(100) == b""  # closed by the server, having said nothing
+            # Closed by the server, having said nothing.
+            assert await stream.receive_some(100) == b""
             assert trio.current_time() - start == pytest.approx(ops_http.IDLE_TIMEOUT, abs=0.1)
         nursery.cancel_scope.cancel()
 
@@ -120,7 +132,9 @@ async def test_an_idle_connection_is_closed(tmp_path: Path, autojump_clock: trio
 async def test_connections_beyond_the_limit_are_closed(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         port = await _serve(nursery, Scraper(str(tmp_path)))
-        held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(ops_http.MAX_CONNECTIONS)]
+        held = [
+            await trio.open_tcp_stream("127.0.0.1", port) for _ in range(ops_http.MAX_CONNECTIONS)
+        ]
         # A request on each proves every held connection has its slot.
         for stream in held:
             await stream.send_all(_get("/healthz", close=False))
@@ -132,6 +146,32 @@ async def test_connections_beyond_the_limit_are_closed(tmp_path: Path) -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert _status(await _exchange(port, _get("/healthz"))) == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_shutting_down_drops_open_connections(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, Scraper(str(tmp_path)))
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(_get("/healthz", close=False))
+        with trio.fail_after(5):
+            assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200")
+        nursery.cancel_scope.cancel()
+    with trio.fail_after(5):
+        assert await stream.receive_some(4096) == b""  # closed by the server on its way out
+    await stream.aclose()
+    with pytest.raises(OSError, match="connect"):
+        await trio.open_tcp_stream("127.0.0.1", port)  # and nothing listens any more
+
+
+async def test_a_cancelled_scrape_leaves_the_next_one_clean(tmp_path: Path) -> None:
+    scraper = Scraper(str(tmp_path))
+    with trio.move_on_after(0) as scope:
+        await scraper.scrape()
+    assert scope.cancelled_caught
+    assert scraper.collector.sample is None
+    with trio.fail_after(10):
+        text = (await scraper.scrape()).decode()
+    assert "gactor_ready 0.0" in text
 
 
 # ---- the API call observer -------------------------------------------------------------
@@ -151,15 +191,22 @@ async def test_the_observer_counts_outcomes_and_bounds_the_method_label() -> Non
         raise GardenError("unknown method")
 
     def count(method: str, front_end: str, outcome: str) -> float | None:
-        return registry.get_sample_value("gactor_api_requests_total",
-                                         {"method": method, "front_end": front_end, "outcome": outcome})
+        return registry.get_sample_value(
+            "gactor_api_requests_total",
+            {"method": method, "front_end": front_end, "outcome": outcome},
+        )
 
     assert count("ping", "websocket", "ok") == 1
     assert count("info", "garden", "error") == 1
     assert count("create", "websocket", "cancelled") == 1
     assert count("unknown", "websocket", "error") == 1
-    assert registry.get_sample_value("gactor_api_request_duration_seconds_count",
-                                     {"method": "ping", "front_end": "websocket"}) == 1
+    assert (
+        registry.get_sample_value(
+            "gactor_api_request_duration_seconds_count",
+            {"method": "ping", "front_end": "websocket"},
+        )
+        == 1
+    )
 
 
 async def test_the_observer_binds_the_request_to_log_lines() -> None:
@@ -253,8 +300,9 @@ def test_notify_to_an_abstract_socket() -> None:
         assert sock.recv(4096) == b"STOPPING=1"
 
 
-def test_notify_without_systemd_or_with_a_dead_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_notify_without_systemd_or_with_a_dead_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert not ServiceManager.from_environment().notify("READY=1")
     with caplog.at_level(logging.WARNING):
