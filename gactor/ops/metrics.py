@@ -36,7 +36,7 @@ from ..actors import metrics as container_metrics
 from ..actors.container import ContainerRef, State
 from ..actors.registry import Census, RegistryRef
 from ..errors import GardenError
-from ..kernel import cgroups, depot, shims
+from ..kernel import cgroups, depot, image_copies, shims
 from ..kernel.errors import KernelError
 from ..transport import methods
 from ..types import Metrics
@@ -139,6 +139,8 @@ class Sample:
     oom_kills: dict[str, int] = field(default_factory=dict)
     read_errors: int = 0
     shims_alive: int = 0
+    image_copies: int = 0
+    image_bytes: int = 0
     ready: bool = False
     gather_seconds: float = 0.0
 
@@ -173,6 +175,16 @@ class ServerCollector(Collector):
             "gactor_metrics_gather_seconds",
             "Time this scrape took to read its sample.",
             sample.gather_seconds,
+        )
+        yield _gauge(
+            "gactor_image_copies",
+            "Image copies in the image store (the overlay lower dirs containers run on).",
+            sample.image_copies,
+        )
+        yield _gauge(
+            "gactor_image_store_bytes",
+            "Disk the image copies take (as measured when each was made).",
+            sample.image_bytes,
         )
         census = sample.census
         if census is None:
@@ -300,6 +312,7 @@ class Scraper:
 
     def __init__(self, depot_dir: str) -> None:
         self.containers_root = os.path.join(depot_dir, depot.CONTAINERS)
+        self.image_store = os.path.join(depot_dir, depot.IMAGES)
         disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only double every counter's lines
         self.prometheus = CollectorRegistry()
         self.api = ApiObserver(self.prometheus)
@@ -334,9 +347,26 @@ class Scraper:
                 sample.read_errors += 1
         if os.path.isdir(self.containers_root):
             sample.shims_alive = len(shims.find(self.containers_root))
+        self._read_image_store(sample)
         sample.gather_seconds = time.perf_counter() - started
         self.collector.sample = sample
         try:
             return generate_latest(self.prometheus)
         finally:
             self.collector.sample = None
+
+    def _read_image_store(self, sample: Sample) -> None:
+        """Each copy's size from its metadata (copies never change): one small file each."""
+        try:
+            names = os.listdir(self.image_store)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if image_copies.TMP in name or ".old-" in name:
+                continue  # being built or removed
+            try:
+                copy = image_copies.read(os.path.join(self.image_store, name, image_copies.ROOTFS))
+            except KernelError:
+                continue  # not a copy (the default depot also holds the busybox source)
+            sample.image_copies += 1
+            sample.image_bytes += copy.bytes
