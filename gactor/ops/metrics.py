@@ -66,6 +66,7 @@ LATENCY_BUCKETS = (
     30.0,
     60.0,
 )
+CENSUS_TIMEOUT = 5.0  # seconds a scrape waits for the registry before it renders without it
 # A container's series are read only in these states: before, its cgroup may not exist yet.
 _MEASURED = (State.ACTIVE, State.STOPPED, State.BROKEN, State.DESTROYING)
 
@@ -142,6 +143,7 @@ class Sample:
     image_copies: int = 0
     image_bytes: int = 0
     ready: bool = False
+    registry_answered: bool = False
     gather_seconds: float = 0.0
 
 
@@ -159,6 +161,11 @@ class ServerCollector(Collector):
             "gactor_ready",
             "1 once startup reconcile is done and the API listens.",
             int(sample.ready),
+        )
+        yield _gauge(
+            "gactor_registry_answered",
+            "1 if the registry actor answered this scrape's census in time (0 before it runs).",
+            int(sample.registry_answered),
         )
         yield _gauge(
             "gactor_shims_alive",
@@ -326,16 +333,23 @@ class Scraper:
     async def scrape(self) -> bytes:
         """The exposition text (the Prometheus text format) as of now: the registry's
         census (a mailbox round trip), then one worker-thread trip that reads what it
-        lists and renders. Cancelled while waiting for the census or the lock: returns at
-        once; while the thread runs: when it is done (milliseconds; the reads are not
-        abandoned). Either way the next scrape starts clean."""
+        lists and renders. A registry that does not answer within CENSUS_TIMEOUT gives a
+        scrape without container series (``gactor_registry_answered 0``). Cancelled while
+        waiting for the census or the lock: returns at once; while the thread runs: when
+        it is done (milliseconds; the reads are not abandoned). Either way the next scrape
+        starts clean."""
         async with self._lock:
             started = time.perf_counter()
-            census = await self.registry.census() if self.registry is not None else None
-            return await trio.to_thread.run_sync(self._read_and_render, census, self.ready, started)
+            census, answered = None, False
+            if self.registry is not None:
+                with trio.move_on_after(CENSUS_TIMEOUT):
+                    census = await self.registry.census()
+                answered = census is not None
+            sample = Sample(census=census, ready=self.ready, registry_answered=answered)
+            return await trio.to_thread.run_sync(self._read_and_render, sample, started)
 
-    def _read_and_render(self, census: Census | None, ready: bool, started: float) -> bytes:
-        sample = Sample(census=census, ready=ready)
+    def _read_and_render(self, sample: Sample, started: float) -> bytes:
+        census = sample.census
         for container in census.containers if census is not None else ():
             if getattr(container, "state", None) not in _MEASURED:
                 continue

@@ -174,6 +174,7 @@ async def test_metrics_follow_containers_and_their_destroy(own_servers):
         assert value(parsed, "gactor_image_copies") == 1  # both run on one copy of the rootfs
         assert number(parsed, "gactor_image_store_bytes") > 1 * MiB
         assert value(parsed, "gactor_ready") == 1
+        assert value(parsed, "gactor_registry_answered") == 1
         fds = number(parsed, "process_open_fds")
         assert fds > 0
         rss = number(parsed, "process_resident_memory_bytes")

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gactor.errors import GardenError
 from gactor.ops import http as ops_http
 from gactor.ops import logs
-from gactor.ops.metrics import ApiObserver, Scraper
+from gactor.ops.metrics import CENSUS_TIMEOUT, ApiObserver, Scraper
 from gactor.ops.notify import ServiceManager
 from gactor.transport.listeners import TcpAddress
 
@@ -172,6 +172,27 @@ async def test_a_cancelled_scrape_leaves_the_next_one_clean(tmp_path: Path) -> N
     with trio.fail_after(10):
         text = (await scraper.scrape()).decode()
     assert "gactor_ready 0.0" in text
+
+
+class _StuckRegistry:
+    """A registry actor that never answers (its mailbox wedged, say)."""
+
+    async def census(self) -> None:
+        await trio.sleep_forever()
+
+
+async def test_a_stuck_registry_does_not_hold_the_scrape(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    scraper = Scraper(str(tmp_path))
+    scraper.registry = _StuckRegistry()  # type: ignore[assignment]
+    scraper.ready = True
+    start = trio.current_time()
+    text = (await scraper.scrape()).decode()
+    assert trio.current_time() - start == pytest.approx(CENSUS_TIMEOUT)
+    assert "gactor_registry_answered 0.0" in text
+    assert "gactor_ready 1.0" in text
+    assert "gactor_containers" not in text
 
 
 # ---- the API call observer -------------------------------------------------------------
