@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import urllib.request
 from pathlib import Path
 from time import perf_counter
@@ -52,15 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--network-pool", default=POOL, help=f"server --network-pool [{POOL}]")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     args = p.parse_args(argv)
-    args.metrics_port = _free_port()
+    args.metrics_port = srv._free_port()
     args.server_args = ["--metrics-listen", f"127.0.0.1:{args.metrics_port}"]
     return args
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _scrape(url: str) -> tuple[float, bytes]:
