@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import json
 import logging
 import math
@@ -271,6 +272,7 @@ class ContainerActor:
         self.created_at = time.time()
         self.processes: dict[str, ProcessActor] = {}
         self._early_exits: dict[str, int] = {}
+        self._exit_order: dict[str, None] = {}  # process ids in the order they exited
         self._link: ShimLink | None = None
         self._cgroup: Cgroup | None = None
         self._shim_fd = -1
@@ -282,8 +284,9 @@ class ContainerActor:
         self._save_lock = trio.Lock()
         self.mailbox = Mailbox(f"container {self.handle}")
         self._nursery: trio.Nursery | None = None
-        # Exits as the shim link reports them (synchronously), forwarded to the mailbox by
-        # a task: one entry per process that ended, so bounded by the processes started.
+        # Exits as the shim link reports them (synchronously) go straight to the mailbox;
+        # when it is full, to this overflow, which a task forwards: one entry per process
+        # that ended, so bounded by the processes started.
         self._exits = trio.open_memory_channel[tuple[str, int]](math.inf)
         self.ref = ContainerRef(self)
 
@@ -424,6 +427,7 @@ class ContainerActor:
                     self._transition(Event.DESTROY_FAILED)
                     reply_to.fail(GardenError(f"destroying {self.handle}: {error}"))
             case _ProcessExited(process_id, code):
+                self._exit_order[process_id] = None
                 proc = self.processes.get(process_id)
                 if proc is None:
                     self._early_exits[process_id] = code
@@ -515,6 +519,8 @@ class ContainerActor:
                 found = await self._link.attach(entry["id"])
             except ProcessNotFoundError:
                 continue  # collected and forgotten since the listing (bounded history)
+            if found.exit is not None:
+                self._exit_order[entry["id"]] = None
             await self._add_process(self._process_actor(
                 entry["id"], found.pid, found.tty, found.fds, found.exit, found.stdin_open))
 
@@ -758,7 +764,8 @@ class ContainerActor:
         await self._record_event(SHIM_DIED_EVENT)
 
     def _on_exit(self, process_id: str, code: int) -> None:
-        _forward_exit(self._exits[0], process_id, code)
+        if not self.mailbox.tell_nowait(_ProcessExited(process_id, code)):
+            _forward_exit(self._exits[0], process_id, code)
 
     async def _forward_exits(self, exits: trio.MemoryReceiveChannel[tuple[str, int]]) -> None:
         async for process_id, code in exits:
@@ -865,17 +872,26 @@ class ContainerActor:
     async def _add_process(self, proc: ProcessActor) -> ProcessActor:
         assert self._nursery is not None
         self.processes[proc.id] = proc
-        await self._nursery.start(proc.run)
+        # Not ``start``: its mailbox queues commands until it serves, and the caller gets
+        # the process one scheduling round sooner.
+        self._nursery.start_soon(proc.run)
         if proc.id in self._early_exits:
             await proc.exited(self._early_exits.pop(proc.id))
         self._forget_exited()
         return proc
 
     def _forget_exited(self) -> None:
-        """Keep the newest KEEP_EXITED finished processes (dicts keep insertion order)."""
-        finished = [pid for pid, p in self.processes.items() if p.done.is_set()]
-        for process_id in finished[: max(0, len(finished) - KEEP_EXITED)]:
-            del self.processes[process_id]
+        """Forget the oldest exits beyond KEEP_EXITED, once their processes are done
+        (output drained). Looks only at the excess, not at every process: this runs on
+        every ``run``."""
+        excess = len(self._exit_order) - KEEP_EXITED
+        if excess <= 0:
+            return
+        for process_id in list(itertools.islice(self._exit_order, excess)):
+            proc = self.processes.get(process_id)
+            if proc is None or proc.done.is_set():
+                del self._exit_order[process_id]
+                self.processes.pop(process_id, None)
 
     def _process(self, process_id: str) -> ProcessActor:
         proc = self.processes.get(process_id)
