@@ -4,8 +4,8 @@
 every call by method, front end and outcome, and binds the call's request id, handle
 and process id to the log lines logged meanwhile. ``Scraper.scrape`` renders the
 exposition text: it asks the registry actor for its census (one mailbox round trip),
-reads the cgroups of the containers listed then (in worker threads), and renders that
-sample through ``ServerCollector``, a custom collector. A destroyed container is not in
+reads the cgroups of the containers listed then and renders that sample through
+``ServerCollector``, a custom collector, all in one worker thread. A destroyed container is not in
 the next census, so its series are gone from the next scrape; nothing is kept per
 container between scrapes.
 """
@@ -49,23 +49,7 @@ STREAM_METHODS = frozenset({"run", "attach", "stream_in", "stream_out"})
 KNOWN_METHODS = (
     frozenset(methods.API_METHODS) | frozenset(methods.CONTAINER_METHODS) | STREAM_METHODS
 )
-LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # fmt: skip
 CENSUS_TIMEOUT = 5.0  # seconds a scrape waits for the registry before it renders without it
 # A container's series are read only in these states: before, its cgroup may not exist yet.
 _MEASURED = (State.ACTIVE, State.STOPPED, State.BROKEN, State.DESTROYING)
