@@ -4,10 +4,10 @@
 every call by method, front end and outcome, and binds the call's request id, handle
 and process id to the log lines logged meanwhile. ``Scraper.scrape`` renders the
 exposition text: it asks the registry actor for its census (one mailbox round trip),
-reads the cgroups of the containers listed then and renders that sample through
-``ServerCollector``, a custom collector, all in one worker thread. A destroyed container is not in
-the next census, so its series are gone from the next scrape; nothing is kept per
-container between scrapes.
+then, in one worker thread, reads the cgroups of the containers listed and renders
+that sample through ``ServerCollector``, a custom collector. A destroyed container is
+not in the next census, so its series are gone from the next scrape; nothing is kept
+per container between scrapes.
 """
 
 from __future__ import annotations
