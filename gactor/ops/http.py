@@ -140,7 +140,11 @@ async def _serve_connection(stream: trio.abc.Stream, routes: OpsRoutes) -> None:
             if body > MAX_BODY_BYTES:
                 return
         found = routes.route(event.method, event.target)
-        response = found if isinstance(found, Response) else await found()
+        try:
+            response = found if isinstance(found, Response) else await found()
+        except Exception:  # a bug, or the host refusing a read: say so, keep serving
+            log.exception("answering %s %s failed", event.method.decode(), event.target.decode())
+            response = Response(500, TEXT, b"internal error: see the server log\n")
         await _send(conn, stream, response, event.method == b"HEAD")
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return  # Connection: close, or HTTP/1.0
@@ -171,7 +175,7 @@ async def serve(
             _Closed,
             trio.BrokenResourceError,
             trio.ClosedResourceError,
-            h11.LocalProtocolError,
+            h11.ProtocolError,  # a request broken half-way; a peer that went away
         ):
             pass
         except Exception:

@@ -195,6 +195,26 @@ async def test_a_stuck_registry_does_not_hold_the_scrape(
     assert "gactor_containers" not in text
 
 
+class _BrokenRegistry:
+    async def census(self) -> None:
+        raise RuntimeError("the census failed")
+
+
+async def test_a_failing_scrape_is_a_500_and_the_listener_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    scraper = Scraper(str(tmp_path))
+    scraper.registry = _BrokenRegistry()  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, scraper)
+        with caplog.at_level(logging.ERROR):
+            failed = await _exchange(port, _get("/metrics"))
+        assert _status(failed) == 500
+        assert "the census failed" in caplog.text
+        assert _status(await _exchange(port, _get("/healthz"))) == 200
+        nursery.cancel_scope.cancel()
+
+
 # ---- the API call observer -------------------------------------------------------------
 
 
