@@ -13,6 +13,7 @@ per container between scrapes.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import os
 import time
@@ -50,6 +51,10 @@ KNOWN_METHODS = (
     frozenset(methods.API_METHODS) | frozenset(methods.CONTAINER_METHODS) | STREAM_METHODS
 )
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # fmt: skip
+try:
+    _VERSION = importlib.metadata.version("gactor")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    _VERSION = "unknown"
 CENSUS_TIMEOUT = 5.0  # seconds a scrape waits for the registry before it renders without it
 # A container's series are read only in these states: before, its cgroup may not exist yet.
 _MEASURED = (State.ACTIVE, State.STOPPED, State.BROKEN, State.DESTROYING)
@@ -141,6 +146,11 @@ class ServerCollector(Collector):
         sample = self.sample
         if sample is None:
             return
+        info = GaugeMetricFamily(
+            "gactor_build_info", "1, labelled with the server's version.", labels=["version"]
+        )
+        info.add_metric([_VERSION], 1)
+        yield info
         yield _gauge(
             "gactor_ready",
             "1 once startup reconcile is done and the API listens.",

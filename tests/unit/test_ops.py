@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from gactor.ops import http as ops_http
 from gactor.ops import logs
 from gactor.ops.metrics import CENSUS_TIMEOUT, ApiObserver, Scraper
 from gactor.ops.notify import ServiceManager
-from gactor.transport.listeners import TcpAddress
+from gactor.transport.listeners import TcpAddress, UnixAddress
 
 # ---- the HTTP listener -------------------------------------------------------------------
 
@@ -69,6 +70,23 @@ async def test_health_and_readiness(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_unix_socket_listener(tmp_path: Path) -> None:
+    path = str(tmp_path / "ops.sock")
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(
+            ops_http.serve, ops_http.OpsRoutes(Scraper(str(tmp_path))), UnixAddress(path)
+        )
+        assert url == f"unix://{path}"
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        stream = await trio.open_unix_socket(path)
+        async with stream:
+            await stream.send_all(_get("/healthz"))
+            with trio.fail_after(5):
+                assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200 OK")
+        nursery.cancel_scope.cancel()
+    assert not os.path.exists(path)  # removed on the way out
+
+
 async def test_metrics_before_the_registry_runs(tmp_path: Path) -> None:
     scraper = Scraper(str(tmp_path))
     async with trio.open_nursery() as nursery:
@@ -86,6 +104,7 @@ async def test_metrics_before_the_registry_runs(tmp_path: Path) -> None:
         "process_resident_memory_bytes",
     } <= names
     assert "gactor_containers" not in names  # nothing is said about containers before the census
+    assert b'gactor_build_info{version="' in body
 
 
 async def test_head_404_405_and_bad_requests(tmp_path: Path) -> None:
