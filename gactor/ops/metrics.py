@@ -351,7 +351,7 @@ class Scraper:
             try:
                 sample.stats[ref.handle] = container_metrics.read(ref)
                 sample.oom_kills[ref.handle] = ref.cgroup.oom_kill_count()
-            except KernelError:  # destroyed since the census, say
+            except (KernelError, OSError):  # destroyed since the census: cgroup or directory gone
                 sample.read_errors += 1
         if os.path.isdir(self.containers_root):
             sample.shims_alive = len(shims.find(self.containers_root))

@@ -338,3 +338,36 @@ async def test_a_busy_metrics_address_is_a_configuration_error(own_servers):
         assert await server.wait_exit(30), server.log_tail()
     assert server.returncode == 2, server.log_tail()
     assert f"error: --metrics-listen: cannot listen on 127.0.0.1:{port}" in server.log_text()
+
+
+async def test_scrapes_during_creates_and_destroys_never_fail(own_servers):
+    """Containers destroyed between the census and the reads of their cgroups and
+    directories are skipped (gactor_metrics_read_errors), never a failed scrape."""
+    ops = Ops()
+    server = own_servers("ops-churn", "10.246.126.0/24", "--metrics-listen", ops.flag)
+    await server.start()
+    scrapes: list[int] = []
+    async with server.connect() as client:
+
+        async def churn(worker: int) -> None:
+            for i in range(8):
+                handle = f"ops-churn-{worker}-{i}"
+                await client.create(ContainerSpec(handle=handle))
+                await client.destroy(handle)
+
+        async def scrape_meanwhile(done: trio.Event) -> None:
+            while not done.is_set():
+                scrapes.append((await ops.get("/metrics")).status)
+
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scrape_meanwhile, done)
+            async with trio.open_nursery() as workers:
+                for worker in range(4):
+                    workers.start_soon(churn, worker)
+            done.set()
+        parsed = await ops.metrics()
+    assert len(scrapes) >= 5
+    assert set(scrapes) == {200}
+    assert handles_in(parsed) == set()
+    await server.finish()
