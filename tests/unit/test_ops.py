@@ -3,6 +3,7 @@ loopback socket, the API call observer, log formatting and redaction, sd_notify.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -17,7 +18,10 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from gactor.actors.container import State
+from gactor.actors.registry import Census
 from gactor.errors import GardenError
+from gactor.kernel.errors import KernelError
 from gactor.ops import http as ops_http
 from gactor.ops import logs
 from gactor.ops.metrics import CENSUS_TIMEOUT, ApiObserver, Scraper
@@ -232,6 +236,46 @@ async def test_a_failing_scrape_is_a_500_and_the_listener_goes_on(
         assert "the census failed" in caplog.text
         assert _status(await _exchange(port, _get("/healthz"))) == 200
         nursery.cancel_scope.cancel()
+
+
+class _GoneContainer:
+    """A listed container whose cgroup or directory vanished after the census."""
+
+    def __init__(self, handle: str, error: Exception) -> None:
+        self.handle = handle
+        self.state = State.ACTIVE
+        self._error = error
+
+    @property
+    def cgroup(self) -> None:
+        raise self._error
+
+
+class _Census:
+    def __init__(self, *containers: object) -> None:
+        self.containers = containers
+
+    async def census(self) -> Census:
+        return Census(self.containers, creating=1)  # type: ignore[arg-type]
+
+
+async def test_containers_gone_since_the_census_are_read_errors(tmp_path: Path) -> None:
+    scraper = Scraper(str(tmp_path))
+    scraper.registry = _Census(  # type: ignore[assignment]
+        _GoneContainer("cgroup-gone", KernelError("cgroup.memory_stat", errno.ENOENT, "gone")),
+        _GoneContainer("dir-gone", FileNotFoundError(errno.ENOENT, "no such directory")),
+    )
+    parsed = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families((await scraper.scrape()).decode())
+        for s in f.samples
+    }
+    assert parsed[("gactor_metrics_read_errors", ())] == 2
+    assert parsed[("gactor_containers", (("state", "active"),))] == 2
+    assert parsed[("gactor_containers", (("state", "creating"),))] == 1
+    # Listed (info), but no readings for either.
+    assert parsed[("gactor_container_info", (("handle", "dir-gone"), ("state", "active")))] == 1
+    assert not any(name == "gactor_container_pids" for name, _ in parsed)
 
 
 # ---- the API call observer -------------------------------------------------------------
