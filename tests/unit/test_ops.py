@@ -197,6 +197,21 @@ async def test_a_cancelled_scrape_leaves_the_next_one_clean(tmp_path: Path) -> N
     assert "gactor_ready 0.0" in text
 
 
+async def test_concurrent_scrapes_take_turns(tmp_path: Path) -> None:
+    scraper = Scraper(str(tmp_path))
+    texts: list[bytes] = []
+
+    async def one() -> None:
+        texts.append(await scraper.scrape())
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(one)
+    assert len(texts) == 5
+    assert all(b"gactor_ready 0.0" in text for text in texts)
+
+
 class _StuckRegistry:
     """A registry actor that never answers (its mailbox wedged, say)."""
 
