@@ -296,8 +296,11 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
     cpus = os.cpu_count() or 1
     with open("/proc/meminfo") as f:
         mem_mib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:")) // 1024
+    janitor = depot.Janitor(config.depot)
+    await trio.to_thread.run_sync(janitor.start)
     env = Environment(
         depot=config.depot,
+        discard=janitor.discard,
         cgroups=cgroups.discover(parent=cgroup_parent_for(config)),
         spawner=SpawnerClient(spawner.sock),
         image_store=os.path.join(config.depot, depot.IMAGES),

@@ -102,6 +102,9 @@ DEVICE_ALLOW = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 
                 "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm"]
 
 
+_remove_tree = depot.remove_tree  # (the field ``depot`` below hides the module)
+
+
 @dataclass
 class Environment:
     """What every container actor shares, read-only: the depot, the cgroup driver, the
@@ -125,6 +128,9 @@ class Environment:
     # Host ports for NetIn, ``(requested or 0) -> port``, and giving one back: registry-owned.
     acquire_port: Callable[[int], Awaitable[int]] = field(default=lambda port: _no_ports())
     release_port: Callable[[int], Awaitable[None]] = field(default=lambda port: _nothing())
+    # How a container directory goes (synchronous): the server's depot.Janitor moves it
+    # aside and removes it in the background.
+    discard: Callable[[str], None] = _remove_tree
 
 
 async def _nothing() -> None:
@@ -496,7 +502,7 @@ class ContainerActor:
 
     async def _reconnect(self, undo: Cleanup) -> None:
         """Take over a container a previous server process created."""
-        undo.callback(depot.remove_tree, self.dir)
+        undo.callback(self.env.discard, self.dir)
         self._cgroup = self.env.cgroups.open(self.name)
         undo.callback(self._destroy_cgroup, self._cgroup)
         undo.callback(rootfs.unmount, os.path.join(self.dir, "rootfs"))
@@ -538,7 +544,7 @@ class ContainerActor:
         """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread)."""
         os.makedirs(os.path.dirname(self.dir), mode=0o711, exist_ok=True)
         os.mkdir(self.dir, 0o711)
-        undo.callback(depot.remove_tree, self.dir)
+        undo.callback(self.env.discard, self.dir)
         depot.write_json(os.path.join(self.dir, "container.json"), self._record())
         cgroup = self.env.cgroups.create(self.name)
         undo.callback(self._destroy_cgroup, cgroup)
@@ -1091,7 +1097,7 @@ def remove_orphan(env: Environment, name: str, shim_pid: int | None = None) -> N
     with contextlib.suppress(KernelError):
         ContainerActor._destroy_cgroup(env.cgroups.open(name))
     rootfs.unmount(os.path.join(path, "rootfs"))
-    depot.remove_tree(path)
+    env.discard(path)
 
 
 def _kill_quietly(pidfd: int) -> None:
