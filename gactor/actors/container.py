@@ -41,6 +41,7 @@ from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.container_init import MAX_UID
 from ..kernel.errors import KernelError
 from ..kernel.netmodel import ContainerNet, NetworkError
+from ..ops import logs
 from ..types import (
     BandwidthLimits,
     ContainerInfo,
@@ -330,6 +331,7 @@ class ContainerActor:
         Raises GardenError if creation fails, after undoing every step taken (in a
         worker thread, shielded: a cancelled create still rolls back completely).
         """
+        logs.tag_task(handle=self.handle)  # this task is the actor's alone
         undo = Cleanup()
         try:
             if adopt:

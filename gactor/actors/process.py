@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import GardenError
+from ..ops import logs
 from .mailbox import ActorGone, Mailbox, Request
 from .shim_link import ShimLink
 
@@ -142,6 +143,7 @@ class ProcessActor:
         """Pump output until exit and EOF, then end every subscription and release the
         fds (here and in the shim). Commands sent after that are answered from what the
         actor published (see the public methods)."""
+        logs.tag_task(process_id=self.id)  # this task is the actor's alone
         try:
             async with trio.open_nursery() as nursery:
                 # The stdin pipe's owner: writes in order, each finished before its reply.

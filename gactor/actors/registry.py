@@ -17,6 +17,7 @@ last pause ends, and an expired timer destroys the container.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -153,6 +154,24 @@ class Subscribe:
 class Publish:
     handle: str
     event: str
+
+
+@dataclass(frozen=True)
+class TakeCensus:
+    """Asked at every metrics scrape: what the registry holds right now."""
+
+
+@dataclass(frozen=True)
+class Census:
+    """The registry's state at one moment, for metrics: the listed containers, creates
+    under way, and the pools (zeros without networking)."""
+
+    containers: tuple[Container, ...]
+    creating: int
+    subnets_in_use: int = 0
+    subnets_capacity: int = 0
+    ports_available: int = 0
+    ports_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -385,9 +404,21 @@ class Registry:
                 self._publish(handle, event)
             case Adopted(container):
                 self._add(container)
+            case TakeCensus():
+                return self._census()
             case command:
                 raise GardenError(f"unknown registry command {command!r}")
         return None
+
+    def _census(self) -> Census:
+        census = Census(tuple(self.containers.values()), len(self._creating))
+        if self.subnets is not None:
+            census = dataclasses.replace(census, subnets_in_use=self.subnets.in_use(),
+                                         subnets_capacity=self.subnets.capacity())
+        if self.ports is not None:
+            census = dataclasses.replace(census, ports_available=self.ports.available(),
+                                         ports_size=self.ports.size)
+        return census
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         assert self._nursery is not None
@@ -759,6 +790,11 @@ class RegistryRef:
 
     async def adopt(self, container: Container) -> None:
         await self._mailbox.ask(Adopted(container))
+
+    async def census(self) -> Census:
+        """What the registry holds now (one round trip through its mailbox)."""
+        census: Census = await self._mailbox.ask(TakeCensus())
+        return census
 
     def capacity(self, pool_containers: int) -> Capacity:
         with open("/proc/meminfo") as f:
