@@ -95,6 +95,12 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
 
 STOP_GRACE = 10.0
 OOM_EVENT = "Out of memory"  # Garden's text in ContainerInfo.events
+
+
+def oom_victim_event(pid: int, task: str, process_id: str | None) -> str:
+    """The event that follows OOM_EVENT and names who was killed (Garden names no one)."""
+    named = f", process id {process_id!r}" if process_id is not None else ""
+    return f"{OOM_EVENT}: killed process {pid} ({task}){named}"
 SHIM_DIED_EVENT = "container shim exited unexpectedly: its processes are lost"
 OOM_POLL = 2.0  # seconds between reads of the oom_kill counter when nothing else prompts one
 KEEP_EXITED = shim_wire.KEEP_COLLECTED  # exited processes remembered, newest first, as in the shim
@@ -155,6 +161,14 @@ class GetInfo:
 @dataclass(frozen=True)
 class CheckOom:
     pass
+
+
+@dataclass(frozen=True)
+class OomKilled:
+    """The kernel log named a victim of an OOM kill in this container (host pid)."""
+
+    pid: int
+    task: str
 
 
 @dataclass(frozen=True)
@@ -375,6 +389,9 @@ class ContainerActor:
                 return self._info()
             case CheckOom():
                 await self._check_oom()
+            case OomKilled(pid, task):
+                await self._check_oom()  # Garden's "Out of memory" first, if not recorded yet
+                await self._record_event(oom_victim_event(pid, task, self._process_id_of(pid)))
             case SetProperty(name, value):
                 self.properties[name] = value
                 self.ref._publish()
@@ -915,6 +932,10 @@ class ContainerActor:
                 del self._exit_order[process_id]
                 self.processes.pop(process_id, None)
 
+    def _process_id_of(self, pid: int) -> str | None:
+        """The Run process with host pid ``pid`` (its children have no process id)."""
+        return next((p.id for p in self.processes.values() if p.pid == pid), None)
+
     def _process(self, process_id: str) -> ProcessActor:
         proc = self.processes.get(process_id)
         if proc is None:
@@ -1025,6 +1046,10 @@ class ContainerRef:
 
     async def check_oom(self) -> None:
         await self._mailbox.ask(CheckOom())
+
+    async def oom_killed(self, pid: int, task: str) -> None:
+        """Report a victim the kernel log named (the registry watches the log); not waited for."""
+        await self._mailbox.tell(OomKilled(pid, task))
 
     async def set_property(self, name: str, value: str) -> None:
         await self._mailbox.ask(SetProperty(name, value))

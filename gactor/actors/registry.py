@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import trio
 
 from ..errors import ContainerNotFoundError, GardenError
-from ..kernel import depot, image_copies, shims
+from ..kernel import depot, image_copies, kmsg, shims
 from ..kernel.errors import KernelError
 from ..kernel.netmodel import ContainerNet
 from ..types import Capacity, ContainerSpec
@@ -107,6 +107,7 @@ class Container(Protocol):
     def net(self) -> ContainerNet | None: ...
     async def destroy(self) -> None: ...
     async def set_grace_time(self, seconds: float) -> None: ...
+    async def oom_killed(self, pid: int, task: str) -> None: ...
 
 
 # ---- commands ---------------------------------------------------------------------------
@@ -295,12 +296,36 @@ class Registry:
                 self._nursery = nursery
                 await self._restore()
                 nursery.start_soon(self.mailbox.serve, self._handle)
+                nursery.start_soon(self._watch_oom_kills)
                 if destroy_existing:
                     for handle in list(self.containers):
                         await ref.destroy(handle)
                 task_status.started(ref)
         finally:
             self.mailbox.close()
+
+    async def _watch_oom_kills(self) -> None:
+        """Hand each OOM victim the kernel log names in one of our containers to that
+        container's actor, which records it as an event (after Garden's "Out of memory")."""
+        try:
+            klog = await trio.to_thread.run_sync(kmsg.KernelLog)
+        except OSError as err:
+            log.warning("OOM events will not name the killed process: cannot read %s: %s", kmsg.KMSG, err)
+            return
+        parent = os.path.basename(self.env.cgroups.parent.rstrip("/"))
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(klog.fd)
+                for record in klog.read():
+                    kill = kmsg.parse(record)
+                    if kill is None or os.path.basename(os.path.dirname(kill.memcg)) != parent:
+                        continue
+                    container = next((c for c in self.containers.values() if c.name == kill.cgroup_name), None)
+                    if container is not None:
+                        await container.oom_killed(kill.pid, kill.task)
+        finally:
+            trio.lowlevel.notify_closing(klog.fd)
+            klog.close()
 
     async def _handle(self, request: Request[Any]) -> Any:  # noqa: C901 - one case per command
         match request.command:
