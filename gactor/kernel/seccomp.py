@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 
 from .errors import KernelError
 
-GARDEN_ALLOWED = frozenset("""
+GARDEN_ALLOWED = frozenset(
+    """
 accept accept4 access alarm bind brk capget capset chdir chmod chown chown32 clock_getres
 clock_gettime clock_nanosleep close connect copy_file_range creat dup dup2 dup3 epoll_create
 epoll_create1 epoll_ctl epoll_ctl_old epoll_pwait epoll_wait epoll_wait_old eventfd eventfd2
@@ -69,7 +70,8 @@ sync_file_range syncfs sysinfo syslog tee tgkill time timer_create timer_delete
 timerfd_create timerfd_gettime timerfd_settime timer_getoverrun timer_gettime timer_settime
 times tkill truncate truncate64 ugetrlimit umask uname unlink unlinkat utime utimensat
 utimes vfork vmsplice wait4 waitid waitpid write writev arch_prctl modify_ldt chroot ptrace
-""".split())
+""".split()
+)
 # Beyond Garden: what glibc >= 2.33 and musl call first. Each is an allowed older call
 # with a better interface, so allowing it gives a process nothing new.
 EXTRA_ALLOWED = frozenset({"faccessat2", "close_range", "epoll_pwait2", "rseq"})
@@ -113,8 +115,12 @@ class SeccompError(KernelError):
 
 
 class _ArgCmp(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
-                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
 
 
 class _Fprog(ctypes.Structure):
@@ -198,9 +204,18 @@ def _lib() -> ctypes.CDLL:
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     for fn in ("seccomp_arch_add", "seccomp_attr_set"):
-        getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_uint32, *([ctypes.c_uint32] if fn == "seccomp_attr_set" else [])]
-    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
-                                           ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
+        getattr(lib, fn).argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_uint32,
+            *([ctypes.c_uint32] if fn == "seccomp_attr_set" else []),
+        ]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(_ArgCmp),
+    ]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
     lib.seccomp_syscall_resolve_name_arch.argtypes = [ctypes.c_uint32, ctypes.c_char_p]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
@@ -223,7 +238,10 @@ def build(allowed: frozenset[str] = ALLOWED) -> Program:
     try:
         for arch in (AUDIT_ARCH_I386, _SCMP_ARCH_X32):
             _ok(lib.seccomp_arch_add(ctx, arch), f"adding architecture {arch:#x}")
-        _ok(lib.seccomp_attr_set(ctx, _SCMP_FLTATR_ACT_BADARCH, _SCMP_ACT_KILL_PROCESS), "bad-arch action")
+        _ok(
+            lib.seccomp_attr_set(ctx, _SCMP_FLTATR_ACT_BADARCH, _SCMP_ACT_KILL_PROCESS),
+            "bad-arch action",
+        )
         # A binary tree of syscall numbers: about log2(n) comparisons per call, not n.
         _ok(lib.seccomp_attr_set(ctx, _SCMP_FLTATR_CTL_OPTIMIZE, 2), "optimize")
         unknown = set()
@@ -239,7 +257,10 @@ def build(allowed: frozenset[str] = ALLOWED) -> Program:
         personality = lib.seccomp_syscall_resolve_name(b"personality")
         for persona in PERSONALITY_ALLOWED:
             arg = (_ArgCmp * 1)(_ArgCmp(0, _SCMP_CMP_EQ, persona, 0))
-            _ok(lib.seccomp_rule_add_array(ctx, _SCMP_ACT_ALLOW, personality, 1, arg), "allowing personality")
+            _ok(
+                lib.seccomp_rule_add_array(ctx, _SCMP_ACT_ALLOW, personality, 1, arg),
+                "allowing personality",
+            )
         fd = os.memfd_create("gactor-seccomp", os.MFD_CLOEXEC)
         try:
             _ok(lib.seccomp_export_bpf(ctx, fd), "exporting the program")
@@ -248,7 +269,9 @@ def build(allowed: frozenset[str] = ALLOWED) -> Program:
             os.close(fd)
         allowed_new: dict[str, set[int]] = {}
         for arch_name, token in (("x86_64", AUDIT_ARCH_X86_64), ("x86", AUDIT_ARCH_I386)):
-            numbers = {lib.seccomp_syscall_resolve_name_arch(token, n.encode()) for n in allowed - unknown}
+            numbers = {
+                lib.seccomp_syscall_resolve_name_arch(token, n.encode()) for n in allowed - unknown
+            }
             allowed_new[arch_name] = {nr for nr in numbers if nr >= FIRST_NEW_SYSCALL[arch_name]}
     finally:
         lib.seccomp_release(ctx)
