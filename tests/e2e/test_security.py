@@ -17,6 +17,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 
+import msgpack
 import pytest
 import trio
 
@@ -544,3 +545,58 @@ async def test_env_without_equals_is_refused(container):
     with pytest.raises(GardenError) as raised:
         await container.run(ProcessSpec(path="true", env=["NOEQUALS"]), ProcessIO())
     assert "NOEQUALS" in raised.value.message
+
+
+# ---- hostile peers ---------------------------------------------------------------------
+
+
+async def test_a_thousand_idle_connections_and_clients_that_never_read(own_servers):
+    """1000 TCP connections that never finish a handshake, 50 websocket clients that flood
+    calls and never read a reply: a well-behaved client is still served, and once they
+    are gone the server's fds are back where they were."""
+    from trio_websocket import open_websocket_url
+
+    from .helpers import server_fds
+
+    server = own_servers("flood", "10.253.66.0/24")
+    await server.start()
+    host, port = server.url.removeprefix("ws://").split("/")[0].rsplit(":", 1)
+    async with server.connect() as client:
+        # One create first: it opens what the server keeps for good (netlink, image store).
+        warm = await client.create(ContainerSpec(handle=unique_handle()))
+        await client.destroy(warm.handle)
+        baseline = server_fds(server.pid)
+        idle: list[trio.SocketStream] = []
+        try:
+            for _ in range(1000):
+                idle.append(await trio.open_tcp_stream(host, int(port)))
+            async with trio.open_nursery() as nursery:
+
+                async def flood(n: int) -> None:
+                    async with open_websocket_url(server.url) as ws:
+                        for i in range(200):  # replies pile up unread on our side
+                            await ws.send_message(
+                                msgpack.packb(
+                                    {"t": "call", "id": i + 1, "method": "containers", "args": {}}
+                                )
+                            )
+                        with trio.move_on_after(3):
+                            await trio.sleep_forever()
+
+                for n in range(50):
+                    nursery.start_soon(flood, n)
+                await trio.sleep(0.5)
+                with trio.fail_after(10):
+                    await client.ping()
+                    created = await client.create(ContainerSpec(handle=unique_handle()))
+                    assert await sh_ok(created, "echo served") == "served\n"
+                    await client.destroy(created.handle)
+        finally:
+            for stream in idle:
+                await stream.aclose()
+        assert server.running
+        await wait_for(
+            lambda: server_fds(server.pid) <= baseline,
+            20,
+            what=f"the server's fds back to {baseline}",
+        )
