@@ -53,7 +53,6 @@ DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
 
 
-
 @dataclass(frozen=True)
 class CgroupMount:
     """A cgroup hierarchy of the host: where it is mounted, its type and (v1) the

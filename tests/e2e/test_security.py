@@ -155,6 +155,26 @@ async def test_privileged_containers_are_not_filtered(create_container):
     assert inside["Seccomp"] == "0"
 
 
+async def test_processes_started_after_a_server_restart_are_filtered_too(own_servers):
+    # The shim keeps the program it inherited; a new server's shims get a new one.
+    server = own_servers("seccomp-restart", "10.253.67.0/24")
+    await server.start()
+    async with server.connect() as client:
+        await client.create(ContainerSpec(handle="before"))
+    await server.kill()
+    await server.start()
+    async with server.connect() as client:
+        before = await client.lookup("before")
+        after = await client.create(ContainerSpec(handle="after"))
+        for container in (before, after):
+            inside = status_inside(await sh_ok(container, "cat /proc/self/status"))
+            assert inside["Seccomp"] == "2", container.handle
+            code, _, _ = await sh(container, "busybox unshare --user true")
+            assert code != 0, container.handle
+        await client.destroy("before")
+        await client.destroy("after")
+
+
 # ---- capabilities and no_new_privs ----------------------------------------------------
 
 
