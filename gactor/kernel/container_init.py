@@ -351,9 +351,15 @@ def _mount_cgroups(root: str, cfg: dict[str, Any], conf: Confinement) -> None:
         _mount_at(root, "/sys/fs/cgroup", "cgroup2", "cgroup2", nse | L.MS_RDONLY)
         return
     top = _mount_at(root, "/sys/fs/cgroup", "tmpfs", "tmpfs", nse, "mode=755")
+    names = {os.path.basename(m.path.rstrip("/")) for m in own}
     for m in own:
         name = os.path.basename(m.path.rstrip("/"))
         _mount_at(root, f"/sys/fs/cgroup/{name}", "cgroup", m.fstype, nse | L.MS_RDONLY, m.options or None)
+        # Co-mounted controllers (cpu,cpuacct on many hosts) get a link per controller, as runc makes.
+        for controller in m.options.split(","):
+            if "," in m.options and controller not in names and not controller.startswith("name="):
+                os.symlink(name, f"{top}/{controller}")
+                names.add(controller)
     L.mount("", top, None, L.MS_REMOUNT | L.MS_RDONLY | nse, "mode=755")
 
 
