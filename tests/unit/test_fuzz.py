@@ -318,3 +318,47 @@ def test_names_that_pass_are_one_path_component(name: str) -> None:
         assert len(name.encode()) <= 200
         escaped = depot.dir_name(name)
         assert os.path.normpath(os.path.join("/depot", escaped)) == os.path.join("/depot", escaped)
+
+
+def process_specs() -> st.SearchStrategy[dict[str, Any]]:
+    """ProcessSpec maps with hostile ids, paths, env, users, dirs, limits and ttys."""
+    hostile = st.sampled_from(["", ".", "..", "a/b", "x\0y", "/", "../../etc", "p" * 300, "ok"])
+    big = st.integers(-(1 << 65), 1 << 65)
+    limits = st.fixed_dictionaries(
+        {}, optional={k: st.one_of(big, values) for k in ("nofile", "nproc", "as_", "cpu")}
+    )
+    window = st.fixed_dictionaries(
+        {}, optional={"columns": st.integers(-5, 1 << 20), "rows": values}
+    )
+    tty = st.fixed_dictionaries({}, optional={"window_size": st.one_of(window, values)})
+    fields = {
+        "id": st.one_of(hostile, values),
+        "args": st.one_of(st.lists(st.text(max_size=10), max_size=3), values),
+        "env": st.lists(
+            st.one_of(st.sampled_from(["A=1", "NOEQ", "=x", "A=\0"]), values), max_size=3
+        ),
+        "dir": st.one_of(hostile, values),
+        "user": st.one_of(st.sampled_from(["root", "1000:1000", "a:b:c", "-1", "\0"]), values),
+        "limits": st.one_of(limits, values),
+        "tty": st.one_of(st.none(), tty, values),
+        "stray": values,
+    }
+    path = st.one_of(st.sampled_from(["true", "/bin/sh", "", "\0"]), values)
+    return st.fixed_dictionaries({"path": path}, optional=fields)
+
+
+@BUDGET
+@given(process_specs())
+def test_process_specs_are_refused_or_safe(spec: dict[str, Any]) -> None:
+    args = {"handle": "h", "spec": spec, "stream": 1}
+    if refused(schema.check, "run", args) is not None:
+        return
+    decoded: T.ProcessSpec = schema.check("run", args)["spec"]
+    assert isinstance(decoded, T.ProcessSpec)
+    assert isinstance(decoded.path, str)
+    for entry in decoded.env:
+        assert "=" in entry
+        assert not entry.startswith("=")
+    if decoded.id and refused(check_name, "process id", decoded.id) is None:
+        assert "/" not in decoded.id
+        assert decoded.id not in (".", "..")
