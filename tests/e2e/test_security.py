@@ -53,6 +53,8 @@ from .helpers import (
 pytestmark = E2E_MARKS
 
 UNPRIVILEGED_CAPS = 0xA80425FB
+ROOT_CAPS = dict(CapInh=UNPRIVILEGED_CAPS, CapPrm=UNPRIVILEGED_CAPS, CapEff=UNPRIVILEGED_CAPS,
+                 CapBnd=UNPRIVILEGED_CAPS, CapAmb=0)  # fmt: skip
 EPERM_TEXT = "Operation not permitted"
 EROFS_TEXT = "Read-only file system"
 
@@ -181,25 +183,10 @@ async def test_processes_started_after_a_server_restart_are_filtered_too(own_ser
 async def test_unprivileged_root_and_alice_capabilities(container):
     await ensure_user(container)
     root = caps_of(status_inside(await sh_ok(container, "cat /proc/self/status", user="root")))
-    assert root == dict(
-        CapInh=UNPRIVILEGED_CAPS,
-        CapPrm=UNPRIVILEGED_CAPS,
-        CapEff=UNPRIVILEGED_CAPS,
-        CapBnd=UNPRIVILEGED_CAPS,
-        CapAmb=0,
-    )
+    assert root == ROOT_CAPS
     alice = caps_of(status_inside(await sh_ok(container, "cat /proc/self/status", user="alice")))
-    assert alice == dict(
-        CapInh=UNPRIVILEGED_CAPS, CapPrm=0, CapEff=0, CapBnd=UNPRIVILEGED_CAPS, CapAmb=0
-    )
-    init = caps_of(proc_status(await init_pid(container.handle)))
-    assert init == dict(
-        CapInh=UNPRIVILEGED_CAPS,
-        CapPrm=UNPRIVILEGED_CAPS,
-        CapEff=UNPRIVILEGED_CAPS,
-        CapBnd=UNPRIVILEGED_CAPS,
-        CapAmb=0,
-    )
+    assert alice == {**ROOT_CAPS, "CapPrm": 0, "CapEff": 0}
+    assert caps_of(proc_status(await init_pid(container.handle))) == ROOT_CAPS
 
 
 SETUID_PING = ("cp /bin/busybox /tmp/ping && chmod 4755 /tmp/ping", "/tmp/ping -c1 -W2 127.0.0.1")

@@ -10,12 +10,13 @@ import stat
 import tempfile
 from collections.abc import Iterator
 
-import msgpack
 import pytest
 
 from gactor.actors.container import DEVICE_ALLOW
 from gactor.kernel import bpf_devices, cgroups
 from gactor.kernel.errors import CgroupError
+
+from .forked import in_child
 
 pytestmark = pytest.mark.kernel
 
@@ -51,42 +52,35 @@ def in_cgroup(path: str, tries: list[tuple[str, str, int, int]]) -> list[int]:
     """Fork a child into cgroup ``path``; it makes each (op, kind, major, minor) try:
     mknod of that node, or open (read, then write) of one made beforehand. 0 or the errno."""
     workdir = tempfile.mkdtemp(prefix="gactor-bpf-")
-    r, w = os.pipe()
     # Made before the child joins the cgroup, so an "open" try tests open alone.
     for i, (op, kind, major, minor) in enumerate(tries):
         if op != "mknod":
             mode = stat.S_IFBLK if kind == "b" else stat.S_IFCHR
             os.mknod(os.path.join(workdir, str(i)), mode | 0o600, os.makedev(major, minor))
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            with open(os.path.join(path, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
-            results = []
-            for i, (op, kind, major, minor) in enumerate(tries):
-                node = os.path.join(workdir, str(i))
-                try:
-                    if op == "mknod":
-                        mode = stat.S_IFBLK if kind == "b" else stat.S_IFCHR
-                        os.mknod(node, mode | 0o600, os.makedev(major, minor))
-                    else:
-                        os.close(os.open(node, os.O_RDONLY if op == "read" else os.O_WRONLY))
-                    results.append(0)
-                except OSError as err:
-                    results.append(err.errno or -1)
-            os.write(w, msgpack.packb(results))
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    for name in os.listdir(workdir):
-        os.unlink(os.path.join(workdir, name))
-    os.rmdir(workdir)
-    assert data, "the child in the cgroup died"
-    return list(msgpack.unpackb(data))
+
+    def child() -> list[int]:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        results = []
+        for i, (op, kind, major, minor) in enumerate(tries):
+            node = os.path.join(workdir, str(i))
+            try:
+                if op == "mknod":
+                    mode = stat.S_IFBLK if kind == "b" else stat.S_IFCHR
+                    os.mknod(node, mode | 0o600, os.makedev(major, minor))
+                else:
+                    os.close(os.open(node, os.O_RDONLY if op == "read" else os.O_WRONLY))
+                results.append(0)
+            except OSError as err:
+                results.append(err.errno or -1)
+        return results
+
+    try:
+        return list(in_child(child))
+    finally:
+        for name in os.listdir(workdir):
+            os.unlink(os.path.join(workdir, name))
+        os.rmdir(workdir)
 
 
 def test_with_gardens_allowlist_host_disks_cannot_be_opened_but_dev_null_can(cgroup):

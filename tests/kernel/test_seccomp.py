@@ -9,10 +9,11 @@ import errno
 import os
 import struct
 
-import msgpack
 import pytest
 
 from gactor.kernel import seccomp
+
+from .forked import in_child
 
 pytestmark = pytest.mark.kernel
 
@@ -52,22 +53,12 @@ def _syscall(nr: int, *args: int) -> int:
 
 def confined(program: seccomp.Program, calls: list[tuple[int, ...]]) -> list[int]:
     """Load ``program`` in a forked child, make each raw call there; their results."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            program.load()
-            results = [_syscall(nr, *args) for nr, *args in calls]
-            os.write(w, msgpack.packb(results))
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    assert data, "the confined child died"
-    return list(msgpack.unpackb(data))
+
+    def child() -> list[int]:
+        program.load()
+        return [_syscall(nr, *args) for nr, *args in calls]
+
+    return list(in_child(child))
 
 
 def test_namespace_and_mount_calls_get_eperm(program):
