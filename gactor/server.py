@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .kernel.container_init import Confinement, confinement
+from .kernel.errors import KernelError
 from .kernel.spawner import SpawnerHandle, fork_spawner
 from .transport import listeners
 
@@ -230,7 +231,11 @@ def _confinement(config: ServerConfig) -> Confinement:
     seccomp_on = os.environ.get("GACTOR_SECCOMP", "on") != "off"
     if not seccomp_on:
         log.warning("GACTOR_SECCOMP=off: unprivileged containers run WITHOUT a seccomp filter")
-    conf = confinement(seccomp_on=seccomp_on, no_new_privs=config.no_new_privileges)
+    try:
+        conf = confinement(seccomp_on=seccomp_on, no_new_privs=config.no_new_privileges)
+    except KernelError as err:
+        raise SystemExit(f"cannot build the seccomp profile of unprivileged containers: {err} "
+                         f"(libseccomp2 is needed)") from None
     if conf.missing_privileged_caps:
         log.info("privileged containers get every capability but %s: this server's bounding "
                  "set lacks them", ", ".join(conf.missing_privileged_caps))

@@ -203,12 +203,8 @@ def _lib() -> ctypes.CDLL:
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
-    for fn in ("seccomp_arch_add", "seccomp_attr_set"):
-        getattr(lib, fn).argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_uint32,
-            *([ctypes.c_uint32] if fn == "seccomp_attr_set" else []),
-        ]
+    lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
     lib.seccomp_rule_add_array.argtypes = [
         ctypes.c_void_p,
         ctypes.c_uint32,
