@@ -209,6 +209,10 @@ def _pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
 @click.option("--tls-key", metavar="FILE", help="The private key of --tls-cert (PEM).")
 @click.option("--insecure", is_flag=True,
               help="Allow a non-loopback --listen without TLS and a token (logged loudly).")
+@click.option("--disable-privileged-containers", is_flag=True,
+              help="Refuse to create privileged containers.")
+@click.option("--no-new-privileges", is_flag=True,
+              help="Set no_new_privs in unprivileged containers (setuid binaries stop working).")
 @click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
               help="A browser origin allowed to open the websocket (https://host:port); "
                    "repeatable. Handshakes from any other origin get 403.")

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .kernel.container_init import Confinement, confinement
+from .kernel.errors import KernelError
 from .kernel.spawner import SpawnerHandle, fork_spawner
 from .ops.notify import ServiceManager
 from .transport import listeners
@@ -51,6 +53,8 @@ class ServerConfig:
     insecure: bool = False  # allow a non-loopback listener without TLS and a token
     allow_origins: list[str] = field(default_factory=list)
     cgroup_parent: str = ""  # default: derived from the depot, see cgroup_parent_for
+    disable_privileged_containers: bool = False
+    no_new_privileges: bool = False  # for unprivileged containers; breaks setuid binaries (docs/security.md)
 
 
 # Options the contract names and the command line parses, but that no code acts on yet
@@ -197,7 +201,7 @@ def run(config: ServerConfig) -> None:
     os.chmod(config.depot, 0o711)
     _check_traversable(config.depot)
     service = ServiceManager.from_environment()  # before the fork: no helper inherits it
-    spawner = fork_spawner()
+    spawner = fork_spawner(_confinement(config))
     import trio  # noqa: PLC0415 - only after the spawner fork: trio may start threads
 
     try:
@@ -215,6 +219,27 @@ def run(config: ServerConfig) -> None:
         spawner.sock.close()
         os.kill(spawner.pid, signal.SIGKILL)
         os.waitpid(spawner.pid, 0)
+
+
+def _confinement(config: ServerConfig) -> Confinement:
+    """Seccomp program, capability sets and cgroup mounts for every container, built once
+    here (docs/security.md). GACTOR_SECCOMP=off leaves seccomp out: for measuring its cost
+    only."""
+    seccomp_on = os.environ.get("GACTOR_SECCOMP", "on") != "off"
+    if not seccomp_on:
+        log.warning("GACTOR_SECCOMP=off: unprivileged containers run WITHOUT a seccomp filter")
+    try:
+        conf = confinement(seccomp_on=seccomp_on, no_new_privs=config.no_new_privileges)
+    except KernelError as err:
+        raise SystemExit(f"cannot build the seccomp profile of unprivileged containers: {err} "
+                         f"(libseccomp2 is needed)") from None
+    if conf.missing_privileged_caps:
+        log.info("privileged containers get every capability but %s: this server's bounding "
+                 "set lacks them", ", ".join(conf.missing_privileged_caps))
+    if conf.seccomp is not None and conf.seccomp.unknown:
+        log.warning("libseccomp does not know %s: the seccomp profile denies them",
+                    " ".join(sorted(conf.seccomp.unknown)))
+    return conf
 
 
 def _favor_dynmods() -> None:
@@ -306,6 +331,7 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
         image_store=os.path.join(config.depot, depot.IMAGES),
         cpu_quota_per_share=config.cpu_quota_per_share,
         entitlement_per_share=cpus * 100 / mem_mib,
+        allow_privileged=not config.disable_privileged_containers,
     )
     if config.cgroup_favordynmods:
         await trio.to_thread.run_sync(_favor_dynmods)

@@ -125,6 +125,7 @@ class Environment:
     entitlement_per_share: float = 0.0
     init_binary: str = ""  # the static garden-init; empty means pid 1 stays a forked Python
     tar_binary: str = "/bin/busybox"  # static, so it runs in any image (as Garden ships its tar)
+    allow_privileged: bool = True  # False: --disable-privileged-containers
     publish: Callable[[str, str], Awaitable[None]] = field(default=lambda handle, event: _nothing())
     # How a container gets its image copy, ``(handle, source, shift) -> ImageCopy``: the
     # registry owns image references (it prepares the copy and records the reference).

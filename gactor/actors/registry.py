@@ -522,6 +522,8 @@ class Registry:
             raise GardenError(f"Handle '{spec.handle}' already in use")
         if self.max_containers and len(self.containers) + len(self._creating) >= self.max_containers:
             raise GardenError("max containers reached")
+        if spec.privileged and not self.env.allow_privileged:
+            raise GardenError("privileged container creation is disabled")
         name = depot.dir_name(spec.handle)
         if any(c.name == name for c in self.containers.values()):
             raise GardenError(f"Handle '{spec.handle}' already in use")  # cannot happen: names are injective

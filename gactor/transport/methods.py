@@ -189,7 +189,9 @@ class Api:
                     output = await _collect(sub)
                     code = await process.wait()
                     nursery.cancel_scope.cancel()
-            if code != 0:
+            # busybox tar only warns about a device node it may not make (an unprivileged
+            # container cannot), and exits 0; GNU tar, which Garden runs, fails.
+            if code != 0 or _TAR_NODE_REFUSED in output:
                 raise GardenError(f"exit status {code}. Output: {output.decode(errors='replace').strip()}")
         except* GardenError as group:
             raise stream_error(first_error(group), "in") from None
@@ -219,6 +221,7 @@ class Api:
             raise stream_error(first_error(group), "out") from None
 
 
+_TAR_NODE_REFUSED = b"tar: can't create node "
 TAR_OUTPUT_LIMIT = 64 << 10  # bytes of tar's stderr kept for an error message
 _TAR_END_MARKER = 1024  # two zero blocks end every tar archive
 
