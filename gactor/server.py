@@ -304,7 +304,7 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
     from .actors.registry import Registry
     from .actors.spawner_client import SpawnerClient
     from .kernel import cgroups, depot, init_binary, rootfs
-    from .transport import garden_http, ws_server
+    from .transport import garden_conn, garden_http, ws_server
     from .transport.methods import Api
 
     cpus = os.cpu_count() or 1
@@ -340,7 +340,7 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
             garden_url = await nursery.start(garden_http.serve, api, garden_address, access, ssl_context)
             log.info("gactor serving the Garden HTTP API on %s", garden_url)
         if debug_address is not None:
-            debug_url = await nursery.start(garden_http.serve_debug, debug_address)
+            debug_url = await nursery.start(garden_conn.serve_debug, debug_address)
             log.info("gactor serving /debug/vars on %s", debug_url)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:

@@ -18,37 +18,28 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import email.utils
 import hmac
 import itertools
-import json
 import logging
 import math
-import os
 import ssl
-import sys
-import urllib.parse
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import h11
 import trio
 
 from ..actors.process import ProcessActor
-from ..errors import ContainerNotFoundError, GardenError, ProcessNotFoundError
+from ..errors import GardenError
 from . import garden_wire as W
 from . import listeners
+from .garden_conn import CLOSE_TIMEOUT, RECEIVE_SIZE, ClientGone, HttpConnection, Request, date, url
 from .listeners import ListenAddress
 from .methods import Api, feed_stdin, first_error
 from .ws_server import Access
 
 log = logging.getLogger("gactor.garden")
 
-HEADER_TIMEOUT = 60.0  # seconds a request's head may take to arrive (and a keep-alive idle)
-MAX_HEAD = 64 << 10  # bytes of request line and headers
-MAX_BODY = 16 << 20  # bytes of a JSON request body
-RECEIVE_SIZE = 64 << 10
 OUTPUT_BUFFER = 1 << 20  # bytes of output buffered per stream and fd before the process waits
 # Seconds after a Run/Attach's first message during which output for an fd nobody has
 # opened yet is kept (the process waits once the buffer is full): the Go client opens
@@ -57,17 +48,7 @@ OUTPUT_BUFFER = 1 << 20  # bytes of output buffered per stream and fd before the
 # of a stream the client did not want (a nil io.Stdout).
 ATTACH_WINDOW = 5.0
 STREAM_LINGER = 60.0  # seconds a finished stream stays addressable (Garden: 1 minute)
-CLOSE_TIMEOUT = 5.0
-DRAIN_LIMIT = 256 << 10  # bytes of an unread request body read and dropped before closing
-DRAIN_TIMEOUT = 2.0
 _SIGNALS = {0: 15, 1: 9}
-_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-            404: "Not Found", 405: "Method Not Allowed", 413: "Request Entity Too Large",
-            500: "Internal Server Error"}
-
-
-class _ClientGone(Exception):
-    """The client closed or broke its connection (or its framing) mid-request."""
 
 
 # ---- output streams ---------------------------------------------------------------
@@ -95,19 +76,22 @@ class OutputBuffer:
         return self.readers == 0 and (self.had_reader or trio.current_time() >= self.attach_deadline)
 
     async def put(self, data: bytes) -> None:
+        """Queue ``data`` for the reader, waiting while the buffer is full and a reader is
+        there (or may still come, until the attach deadline). Cancelled: nothing queued."""
         while self.size >= OUTPUT_BUFFER:
             if self._unwanted():
                 return
             with trio.move_on_at(self.attach_deadline if self.readers == 0 else math.inf):
                 await self._changed.wait()
-        if self.readers == 0 and self._unwanted():
+        if self._unwanted():
             return
         self.chunks.append(data)
         self.size += len(data)
         self._notify()
 
     async def take(self) -> bytes | None:
-        """The next chunk, or None once the stream ended and everything was taken."""
+        """The next chunk (the caller owns it), or None once the stream ended and
+        everything was taken. Cancelled: nothing is taken."""
         while not self.chunks:
             if self.ended:
                 return None
@@ -133,168 +117,26 @@ class OutputBuffer:
         self.ended = True
         self._notify()
 
+    def drop_unread(self) -> None:
+        """Forget what nobody is reading (the stream ended and its window passed)."""
+        if self.readers == 0:
+            self.chunks.clear()
+            self.size = 0
 
-@dataclass
+
 class GardenStream:
-    """A Run or Attach's output, addressable by its stream id until STREAM_LINGER after
-    it ended."""
+    """A Run or Attach's output (fd 1 and 2), addressable by its stream id until
+    STREAM_LINGER after it ended; what nobody opened is dropped once the stream ended
+    and the attach window passed, so unread output does not pile up for a minute."""
 
-    id: str
-    attach_deadline: float
-    buffers: dict[int, OutputBuffer] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.buffers = {fd: OutputBuffer(self.attach_deadline) for fd in (1, 2)}
+    def __init__(self, id: str, attach_deadline: float) -> None:
+        self.id = id
+        self.attach_deadline = attach_deadline
+        self.buffers = {fd: OutputBuffer(attach_deadline) for fd in (1, 2)}
 
     def end(self) -> None:
         for buffer in self.buffers.values():
             buffer.end()
-
-
-# ---- HTTP framing -----------------------------------------------------------------
-
-
-@dataclass
-class Request:
-    method: str
-    path: list[str]  # the unescaped segments
-    query: dict[str, list[str]]
-    headers: list[tuple[bytes, bytes]]
-
-    def header(self, name: bytes) -> bytes | None:
-        return next((v for k, v in self.headers if k.lower() == name), None)
-
-
-class HttpConnection:
-    """One client connection as h11 sees it; owns ``stream`` (closed by the caller)."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self.hijacked = False  # the raw stream was handed over: h11 no longer frames it
-
-    async def _event(self) -> Any:
-        while True:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as err:
-                raise _ClientGone(f"bad HTTP from the client: {err}") from None
-            if event is not h11.NEED_DATA:
-                return event
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as err:
-                raise _ClientGone(str(err)) from None
-            self.h11.receive_data(bytes(data))
-
-    async def next_request(self) -> Request | None:
-        """The next request's head; None when the client closed the connection, was idle
-        past HEADER_TIMEOUT, or sent something that is not HTTP (answered with 400)."""
-        with trio.move_on_after(HEADER_TIMEOUT):
-            try:
-                event = await self._event()
-            except _ClientGone as err:
-                if self.h11.their_state is h11.ERROR and self.h11.our_state is h11.IDLE:
-                    await self._send_raw_error(400, str(err))
-                return None
-            if not isinstance(event, h11.Request):
-                return None
-            target = event.target.decode("latin-1")
-            raw_path, _, raw_query = target.partition("?")
-            segments = [urllib.parse.unquote_plus(s) for s in raw_path.split("/")[1:]]
-            return Request(event.method.decode("ascii", "replace"), segments,
-                           urllib.parse.parse_qs(raw_query, keep_blank_values=True), list(event.headers))
-        return None
-
-    async def _send_raw_error(self, status: int, text: str) -> None:
-        body = text.encode("utf-8", "replace") + b"\n"
-        head = (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-        try:
-            await self.stream.send_all(head + body)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    async def body_chunk(self) -> bytes | None:
-        """The next piece of the request body, None at its end. Raises _ClientGone."""
-        while True:
-            event = await self._event()
-            if isinstance(event, h11.Data):
-                return bytes(event.data)
-            if isinstance(event, h11.EndOfMessage):
-                return None
-            if isinstance(event, h11.ConnectionClosed):
-                raise _ClientGone("the client closed the connection mid-body")
-
-    async def read_body(self) -> bytes:
-        body = bytearray()
-        while (chunk := await self.body_chunk()) is not None:
-            body += chunk
-            if len(body) > MAX_BODY:
-                raise GardenError(f"request body larger than {MAX_BODY} bytes")
-        return bytes(body)
-
-    async def send(self, *events: Any) -> None:
-        data = b"".join(self.h11.send(event) or b"" for event in events)
-        try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as err:
-            raise _ClientGone(str(err)) from None
-
-    async def respond(self, status: int, body: bytes, content_type: bytes = b"application/json",
-                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        headers = [(b"Content-Type", content_type), (b"Date", _date()), (b"Content-Length", b"%d" % len(body))]
-        await self.send(h11.Response(status_code=status, reason=_REASONS.get(status, "").encode(),
-                                     headers=headers + (extra or [])),
-                        h11.Data(data=body), h11.EndOfMessage())
-
-    async def respond_json(self, value: Any, status: int = 200) -> None:
-        await self.respond(status, W.encode(value))
-
-    async def respond_error(self, err: GardenError) -> None:
-        status = 404 if isinstance(err, ContainerNotFoundError | ProcessNotFoundError) else 500
-        await self.respond_json(W.error(err), status)
-
-    async def hijack(self, status: int, content_type: bool = True) -> tuple[trio.abc.Stream, bytes]:
-        """Write a 200/201 head as Go's server does before it hijacks (``Transfer-Encoding:
-        chunked``, which Go's client needs to keep the connection, and no framing of what
-        follows) and hand the raw stream over with the bytes already received after the
-        request. The request body must have been read."""
-        while self.h11.their_state is h11.SEND_BODY:
-            if await self.body_chunk() is not None:
-                raise GardenError("this request takes no body")
-        head = f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-        if content_type:
-            head += "Content-Type: application/json\r\n"
-        head += f"Date: {_date().decode()}\r\nTransfer-Encoding: chunked\r\n\r\n"
-        leftover = self.h11.trailing_data[0]
-        self.hijacked = True
-        try:
-            await self.stream.send_all(head.encode())
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as err:
-            raise _ClientGone(str(err)) from None
-        return self.stream, bytes(leftover)
-
-    async def drain_body(self) -> None:
-        """Read and drop what is left of a request body that was answered early (a failed
-        StreamIn, say), up to DRAIN_LIMIT bytes for DRAIN_TIMEOUT, as Go's server does: a
-        socket closed with unread data resets, and the reset can destroy the response
-        before the client reads it."""
-        drained = 0
-        with trio.move_on_after(DRAIN_TIMEOUT):
-            while self.h11.their_state is h11.SEND_BODY and drained <= DRAIN_LIMIT:
-                drained += len(await self.body_chunk() or b"")
-
-    def reusable(self) -> bool:
-        """Whether the next request may follow on this connection (and prepare for it)."""
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
-            return True
-        return False
-
-
-def _date() -> bytes:
-    return email.utils.formatdate(usegmt=True).encode()
 
 
 # ---- routes -----------------------------------------------------------------------
@@ -375,7 +217,7 @@ class GardenServer:
             while (request := await conn.next_request()) is not None:
                 if not await self._serve_request(conn, request) or not conn.reusable():
                     return
-        except* _ClientGone as group:
+        except* ClientGone as group:
             log.debug("a Garden client went away: %s", group.exceptions[0])
 
     async def _serve_request(self, conn: HttpConnection, request: Request) -> bool:
@@ -537,13 +379,13 @@ class GardenServer:
                 "user": _first(request, "user"), "stream": 0}
         async with self.api.stream_out(args) as archive:
             await conn.send(h11.Response(status_code=200, reason=b"OK", headers=[
-                (b"Content-Type", b"application/x-tar"), (b"Date", _date())]))
+                (b"Content-Type", b"application/x-tar"), (b"Date", date())]))
             try:
                 async for parcel in archive:
                     await conn.send(h11.Data(data=parcel.pop()))
             except GardenError as err:
                 log.warning("stream out of %s failed mid-transfer: %s", params["handle"], err)
-                raise _ClientGone("truncated the transfer") from None
+                raise ClientGone("truncated the transfer") from None
             await conn.send(h11.EndOfMessage())
 
     # ---- processes ----------------------------------------------------------------
@@ -583,7 +425,7 @@ class GardenServer:
                     await _send(raw, message)
             finally:
                 stream.end()
-                self._nursery.start_soon(self._forget, stream_id)
+                self._nursery.start_soon(self._forget, stream)
 
     async def _read_control(self, raw: trio.abc.Stream, leftover: bytes, proc: ProcessActor,
                             stdin: trio.MemorySendChannel[bytes], control: trio.CancelScope) -> None:
@@ -631,9 +473,13 @@ class GardenServer:
                 raise GardenError(f"invalid signal {signal!r}: must be 0 (terminate) or 1 (kill)")
             await proc.signal(_SIGNALS[signal])
 
-    async def _forget(self, stream_id: str) -> None:
-        await trio.sleep(STREAM_LINGER)
-        self.streams.pop(stream_id, None)
+    async def _forget(self, stream: GardenStream) -> None:
+        ended = trio.current_time()
+        await trio.sleep_until(stream.attach_deadline)
+        for buffer in stream.buffers.values():
+            buffer.drop_unread()
+        await trio.sleep_until(ended + STREAM_LINGER)
+        self.streams.pop(stream.id, None)
 
     async def _stdout(self, conn: HttpConnection, request: Request, params: dict[str, str]) -> None:
         await self._serve_output(conn, params["streamid"], 1)
@@ -680,7 +526,7 @@ class _Stdin:
 
 class _BodyChunks:
     """A request body as the chunks h11 decodes (Content-Length or chunked), read as
-    they are asked for: a slow tar slows the client. Raises _ClientGone if it breaks off."""
+    they are asked for: a slow tar slows the client. Raises ClientGone if it breaks off."""
 
     def __init__(self, conn: HttpConnection) -> None:
         self.conn = conn
@@ -706,7 +552,11 @@ async def _cancel_at_eof(raw: trio.abc.Stream, scope: trio.CancelScope) -> None:
 
 
 async def _send(raw: trio.abc.Stream, message: dict[str, Any]) -> None:
-    await raw.send_all(W.encode(message))
+    """One message on a hijacked control stream; ClientGone if the client went away."""
+    try:
+        await raw.send_all(W.encode(message))
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as err:
+        raise ClientGone(str(err)) from None
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -743,61 +593,10 @@ async def serve(api: Api, address: ListenAddress, access: Access = Access(),  # 
                     await stream.aclose()
 
         async with listeners.open_listeners(address, ssl_context) as opened:
-            url = _url(address, opened, ssl_context)
+            where = url(address, opened, ssl_context)
             async with trio.open_nursery() as nursery:
                 await nursery.start(trio.serve_listeners, handle_connection, opened)
-                task_status.started(url)
+                task_status.started(where)
         timers.cancel_scope.cancel()
 
 
-def _url(address: ListenAddress, opened: list[Any], ssl_context: ssl.SSLContext | None) -> str:
-    if isinstance(address, listeners.UnixAddress):
-        return address.url()
-    host = f"[{address.host}]" if ":" in address.host else address.host
-    return f"{'https' if ssl_context else 'http'}://{host}:{listeners.bound_port(opened)}"
-
-
-# ---- the debug server ---------------------------------------------------------------
-
-
-def debug_vars() -> dict[str, Any]:
-    """What gdn's debug server shows at /debug/vars (Go's expvar), in this process's terms:
-    ``memstats.Alloc`` and ``HeapAlloc`` are the resident anonymous memory, ``Sys`` the
-    resident set, in bytes."""
-    status: dict[str, int] = {}
-    with open(f"/proc/{os.getpid()}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if value.strip().endswith("kB"):
-                status[key] = int(value.split()[0]) * 1024
-    anon = status.get("RssAnon", 0)
-    return {"cmdline": sys.argv, "memstats": {
-        "Alloc": anon, "HeapAlloc": anon, "Sys": status.get("VmRSS", 0), "HeapSys": status.get("VmRSS", 0),
-        "TotalAlloc": anon}}
-
-
-async def serve_debug(address: ListenAddress, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
-                      ) -> None:
-    """Serve ``GET /debug/vars`` on ``address`` until cancelled (no other route)."""
-
-    async def handle_connection(stream: trio.abc.Stream) -> None:
-        conn = HttpConnection(stream)
-        try:
-            while (request := await conn.next_request()) is not None:
-                if request.method == "GET" and request.path == ["debug", "vars"]:
-                    await conn.respond(200, json.dumps(debug_vars()).encode() + b"\n")
-                else:
-                    await conn.respond(404, b"404 page not found\n", b"text/plain; charset=utf-8")
-                if not conn.reusable():
-                    return
-        except _ClientGone:
-            pass
-        finally:
-            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                await stream.aclose()
-
-    async with listeners.open_listeners(address, None) as opened:
-        url = _url(address, opened, None)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, handle_connection, opened)
-            task_status.started(url)

@@ -20,7 +20,7 @@ import h11
 import pytest
 import trio
 
-from .helpers import E2E_MARKS, ROOTFS, unique_handle, wait_for
+from .helpers import E2E_MARKS, ROOTFS, server_fds, unique_handle, wait_for
 from .servers import ServerProcess, free_port, running_server
 
 pytestmark = E2E_MARKS
@@ -394,6 +394,45 @@ async def test_client_going_away_leaves_the_process_running(garden: ServerProces
     again = await hijack(port, "GET", f"/containers/{handle}/processes/left")
     await again.message()
     assert (await wait_exit(again))["exit_status"] == 5
+
+
+async def test_output_nobody_asked_for_is_dropped_after_the_attach_window(garden: ServerProcess, handle: str
+                                                                          ) -> None:
+    """A client that opens stdout only (Go's client with a nil io.Stderr): the stderr
+    the process writes past the stream's buffer waits ATTACH_WINDOW for a reader, then
+    is dropped, and the process runs on."""
+    port = port_of(garden)
+    started = time.monotonic()
+    control, _, out, _ = await run(port, handle, {"path": "sh", "args": ["-c", "head -c 4000000 /dev/zero >&2; echo ok"]},
+                                   stderr=False)
+    assert (await wait_exit(control))["exit_status"] == 0
+    assert out is not None
+    assert await out.read_all() == b"ok\n"
+    assert 4.5 < time.monotonic() - started < 20
+
+
+async def test_server_fds_come_back_after_abandoned_streams(garden: ServerProcess, handle: str) -> None:
+    port = port_of(garden)
+    baseline = server_fds(garden.pid)
+    for _ in range(5):
+        control, _, out, err = await run(port, handle, {"path": "sh", "args": ["-c", "sleep 0.2; echo x"]})
+        for conn in (control, out, err):
+            assert conn is not None
+            await conn.stream.aclose()  # every connection dropped mid-stream
+        body = _tar({"big": os.urandom(1 << 20)})
+        stream = await trio.open_tcp_stream("127.0.0.1", port)  # a StreamIn cut off mid-body
+        await stream.send_all(f"PUT /containers/{handle}/files?destination=/tmp/cut&user= HTTP/1.1\r\n"
+                              f"Host: api\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:300_000])
+        await stream.aclose()
+    assert (await call(port, "GET", "/ping")) == {}
+
+    async def settled() -> bool:
+        return server_fds(garden.pid) <= baseline
+
+    await wait_for(settled, within=15, interval=0.2, what=f"the server's fds back at {baseline}")
+    ps = await run(port, handle, {"path": "sh", "args": ["-c", "ps -o comm | grep -c '^tar$' || true"]}, stderr=False)
+    assert ps[2] is not None
+    assert await ps[2].read_all() == b"0\n"  # every cut-off StreamIn's tar was killed
 
 
 # ---- files ------------------------------------------------------------------------------
