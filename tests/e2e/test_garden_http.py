@@ -20,8 +20,11 @@ import h11
 import pytest
 import trio
 
+import gactor
+
 from .helpers import E2E_MARKS, ROOTFS, server_fds, unique_handle, wait_for
 from .servers import ServerProcess, free_port, running_server
+from .tls import self_signed
 
 pytestmark = E2E_MARKS
 
@@ -297,6 +300,66 @@ async def test_net_in_and_net_out(garden: ServerProcess, handle: str) -> None:
                       [{"protocol": 2, "networks": [{"start": "10.9.0.0", "end": "10.9.0.255"}]}, {}]) == {}
     info = await call(port, "GET", f"/containers/{handle}/info")
     assert {"HostPort": ports["host_port"], "ContainerPort": 8080} in info["MappedPorts"]
+
+
+async def test_the_same_scenario_through_both_front_ends_gives_the_same_state(garden: ServerProcess) -> None:
+    """Create, set a property, map a port and write a file, once through the websocket
+    API and once through Garden HTTP; each front end then reads back both containers."""
+    port = port_of(garden)
+    ws_name, garden_name = unique_handle("gh-ws"), unique_handle("gh-http")
+    limits = {"memory_limits": {"limit_in_bytes": 32 << 20}, "cpu_limits": {"weight": 300}}
+    async with garden.connect() as client:
+        try:
+            ws = await client.create(gactor.ContainerSpec(
+                handle=ws_name, properties={"p": "1"},
+                limits=gactor.Limits(memory=gactor.MemoryLimits(32 << 20), cpu=gactor.CPULimits(weight=300))))
+            await ws.set_property("q", "2")
+            await ws.net_in(0, 9000)
+            await (await ws.run(gactor.ProcessSpec(path="sh", args=["-c", "echo x > /tmp/f"]))).wait()
+            await call(port, "POST", "/containers", {"handle": garden_name, "properties": {"p": "1"}, "limits": limits})
+            await call(port, "PUT", f"/containers/{garden_name}/properties/q", {"value": "2"})
+            await call(port, "POST", f"/containers/{garden_name}/net/in", {"container_port": 9000})
+            control, _, _, _ = await run(port, garden_name, {"path": "sh", "args": ["-c", "echo x > /tmp/f"]},
+                                         stdout=False, stderr=False)
+            assert (await wait_exit(control))["exit_status"] == 0
+
+            def comparable(info: dict[str, Any]) -> dict[str, Any]:
+                props = {k: v for k, v in info["Properties"].items() if not k.startswith("garden.network")}
+                return {"State": info["State"], "Properties": props,
+                        "ContainerPorts": [p["ContainerPort"] for p in info["MappedPorts"]]}
+
+            seen = [comparable(await call(port, "GET", f"/containers/{h}/info")) for h in (ws_name, garden_name)]
+            assert seen[0] == seen[1] == {"State": "active", "Properties": {"p": "1", "q": "2"},
+                                          "ContainerPorts": [9000]}
+            for h in (ws_name, garden_name):
+                assert await call(port, "GET", f"/containers/{h}/limits/memory") == {"limit_in_bytes": 32 << 20}
+                container = await client.lookup(h)
+                assert (await container.current_cpu_limits()).limit_in_shares == 300
+                assert (await container.properties())["q"] == "2"
+                tar = await http(port, "GET", f"/containers/{h}/files?source=/tmp/f&user=")
+                with tarfile.open(fileobj=io.BytesIO(tar.body)) as archive:
+                    member = archive.extractfile("f")
+                    assert member is not None
+                    assert member.read() == b"x\n"
+        finally:
+            for h in (ws_name, garden_name):
+                await http(port, "DELETE", f"/containers/{h}")
+
+
+async def test_tls(own_servers: Any, tmp_path: Any) -> None:
+    """--tls-cert serves https:// on the Garden listener too."""
+    files = self_signed(str(tmp_path))
+    port = free_port()
+    server = own_servers("garden-tls", "10.246.3.0/24", "--garden-listen", f"127.0.0.1:{port}", tls=files)
+    await server.start()
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, files.client_context(), server_hostname="127.0.0.1")
+    async with stream:
+        await stream.send_all(b"GET /ping HTTP/1.1\r\nHost: api\r\n\r\n")
+        reply = b""
+        while not reply.endswith(b"{}\n"):
+            reply += await stream.receive_some(4096)
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 # ---- processes --------------------------------------------------------------------------
