@@ -429,35 +429,45 @@ class GardenServer:
 
     async def _read_control(self, raw: trio.abc.Stream, leftover: bytes, proc: ProcessActor,
                             stdin: trio.MemorySendChannel[bytes], control: trio.CancelScope) -> None:
-        """ProcessPayload messages in order: stdin data (written before the next message is
-        read: backpressure reaches the client), stdin EOF, TTY resizes and signals, also
-        after stdin EOF. The client going away, or sending what is no payload, ends the
-        control stream; the process keeps running (stdin stays open for a re-attach)."""
+        """ProcessPayload messages in order, as Garden's server handles them: stdin data
+        (written before the next message is read: backpressure reaches the client),
+        stdin EOF, TTY resizes and signals, these two also after stdin EOF (Garden stops
+        reading there). An unknown signal or message closes stdin and stops the reading;
+        the exit status still goes out. The client going away (or sending what is not
+        JSON) closes the process's stdin, as Garden does, and ends the control stream;
+        the process keeps running and can be attached again."""
         decoder = W.PayloadDecoder()
         decoder.receive_data(leftover)
         try:
             while True:
                 while (payload := decoder.next_payload()) is not None:
-                    await self._handle_payload(payload, proc, stdin)
+                    if not await self._handle_payload(payload, proc, stdin):
+                        log.info("process %s: stopped reading its control stream at %r", proc.id, payload)
+                        await stdin.aclose()
+                        return
                 data = await raw.receive_some(RECEIVE_SIZE)
-                decoder.receive_data(bytes(data))
                 if not data:
-                    while (payload := decoder.next_payload()) is not None:
-                        await self._handle_payload(payload, proc, stdin)
                     break
+                decoder.receive_data(bytes(data))
         except GardenError as err:
             log.info("ending the control stream of process %s: %s", proc.id, err)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        await proc.close_stdin()
         control.cancel()
 
-    async def _handle_payload(self, payload: dict[str, Any], proc: ProcessActor, stdin: trio.MemorySendChannel[bytes]
-                              ) -> None:
+    async def _handle_payload(self, payload: dict[str, Any], proc: ProcessActor,
+                              stdin: trio.MemorySendChannel[bytes]) -> bool:
+        """Act on one payload; False for one Garden stops reading at."""
         tty = payload.get("tty")
-        if isinstance(tty, dict):
-            size = tty.get("window_size")
+        if tty is not None:
+            size = tty.get("window_size") if isinstance(tty, dict) else None
             if isinstance(size, dict):
-                await proc.resize(int(size.get("columns") or 0), int(size.get("rows") or 0))
+                try:
+                    await proc.resize(_uint16(size.get("columns")), _uint16(size.get("rows")))
+                except GardenError as err:  # not a tty, say: Garden logs and carries on
+                    log.debug("process %s: resize failed: %s", proc.id, err)
+            return True
         if payload.get("source") is not None:
             data = payload.get("data")
             if data is None:
@@ -467,11 +477,15 @@ class GardenServer:
                     await stdin.send(data.encode("utf-8", errors="replace"))
             else:
                 raise GardenError(f"stdin data must be a JSON string, not {type(data).__name__}")
-        elif payload.get("signal") is not None:
-            signal = payload["signal"]
-            if signal not in _SIGNALS or type(signal) is not int:
-                raise GardenError(f"invalid signal {signal!r}: must be 0 (terminate) or 1 (kill)")
-            await proc.signal(_SIGNALS[signal])
+            return True
+        signal = payload.get("signal")
+        if type(signal) is int and signal in _SIGNALS:
+            try:
+                await proc.signal(_SIGNALS[signal])
+            except GardenError as err:
+                log.warning("process %s: signal %d failed: %s", proc.id, signal, err)
+            return True
+        return False
 
     async def _forget(self, stream: GardenStream) -> None:
         ended = trio.current_time()
@@ -557,6 +571,10 @@ async def _send(raw: trio.abc.Stream, message: dict[str, Any]) -> None:
         await raw.send_all(W.encode(message))
     except (trio.BrokenResourceError, trio.ClosedResourceError) as err:
         raise ClientGone(str(err)) from None
+
+
+def _uint16(value: Any) -> int:
+    return value if type(value) is int and 0 <= value <= 0xFFFF else 0
 
 
 def _object(value: Any) -> dict[str, Any]:

@@ -457,6 +457,23 @@ async def test_client_going_away_leaves_the_process_running(garden: ServerProces
     again = await hijack(port, "GET", f"/containers/{handle}/processes/left")
     await again.message()
     assert (await wait_exit(again))["exit_status"] == 5
+    # As in Garden, the client going away closes the process's stdin: a cat ends.
+    control, _, _, _ = await run(port, handle, {"id": "cat-left", "path": "cat"}, stdout=False, stderr=False)
+    await control.stream.aclose()
+    again = await hijack(port, "GET", f"/containers/{handle}/processes/cat-left")
+    await again.message()
+    assert (await wait_exit(again))["exit_status"] == 0
+
+
+async def test_an_unknown_payload_closes_stdin_and_the_exit_status_still_comes(garden: ServerProcess,
+                                                                                handle: str) -> None:
+    port = port_of(garden)
+    control, pid, out, _ = await run(port, handle, {"path": "sh", "args": ["-c", "cat; echo eof"]}, stderr=False)
+    await control.send({"process_id": pid, "source": 0, "data": "a\n"})
+    await control.send({"process_id": pid, "signal": 9})  # not a Garden signal: Garden stops reading here
+    assert await wait_exit(control) == {"process_id": pid, "exit_status": 0}
+    assert out is not None
+    assert await out.read_all() == b"a\neof\n"
 
 
 async def test_output_nobody_asked_for_is_dropped_after_the_attach_window(garden: ServerProcess, handle: str
