@@ -226,6 +226,7 @@ class GardenServer:
         refusal = self._refusal(request)
         if refusal is not None:
             await conn.respond_json(W.error(GardenError(refusal[1])), refusal[0])
+            await conn.drain_body()
             return False
         routes = match(request.path)
         chosen = next(((name, params) for method, name, params in routes if method == request.method), None)
@@ -236,7 +237,8 @@ class GardenServer:
                                    [(b"Allow", allow.encode())])
             else:
                 await conn.respond(404, b"404 page not found\n", b"text/plain; charset=utf-8")
-            return conn.h11.their_state is h11.DONE
+            await conn.drain_body()
+            return True
         name, params = chosen
         handler: Handler = getattr(GardenServer, f"_{name}")
         failure: GardenError | None = None

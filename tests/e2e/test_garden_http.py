@@ -23,7 +23,7 @@ import trio
 
 import gactor
 
-from .helpers import E2E_MARKS, ROOTFS, server_fds, unique_handle, wait_for
+from .helpers import E2E_MARKS, ROOTFS, rss_bytes, server_fds, unique_handle, wait_for
 from .servers import ServerProcess, free_port, running_server
 from .tls import self_signed
 
@@ -448,6 +448,44 @@ async def test_a_slow_output_reader_pauses_the_process_and_loses_nothing(garden:
     data = await out.read_all()
     assert data == "".join(f"{i}\n" for i in range(1, 600001)).encode() + b"done\n"
     assert (await wait_exit(control))["exit_status"] == 0
+
+
+async def test_a_stalled_reader_keeps_server_memory_bounded(garden: ServerProcess, handle: str) -> None:
+    """200 MB of output while the stdout reader stalls: the server holds only its
+    buffers (the process blocks), then every byte arrives."""
+    port = port_of(garden)
+    before = rss_bytes(garden.pid)
+    control, _, out, _ = await run(port, handle, {"path": "head", "args": ["-c", "200000000", "/dev/zero"]},
+                                   stderr=False)
+    assert out is not None
+    await trio.sleep(2)  # the stall being measured, not a wait for a condition
+    assert rss_bytes(garden.pid) - before < 24 << 20
+    total = len(out.buffer)
+    out.buffer.clear()
+    while data := await out.stream.receive_some(1 << 20):
+        total += len(data)
+    assert total == 200_000_000
+    assert (await wait_exit(control))["exit_status"] == 0
+
+
+async def test_server_shutdown_ends_streams_and_a_restart_reattaches(own_servers: Any) -> None:
+    """SIGTERM while a Run streams: the control stream ends without an exit status (as in
+    Garden) and the process keeps running; after the restart an Attach gets its exit."""
+    port = free_port()
+    server = own_servers("garden-restart", "10.246.4.0/24", "--garden-listen", f"127.0.0.1:{port}")
+    await server.start()
+    name = unique_handle("gh-restart")
+    await call(port, "POST", "/containers", {"handle": name})
+    control, _, _, _ = await run(port, name, {"id": "survivor", "path": "sh", "args": ["-c", "sleep 4; exit 4"]},
+                                 stdout=False, stderr=False)
+    await server.stop()
+    rest = await control.read_all()
+    assert b"exit_status" not in rest
+    await server.start()
+    again = await hijack(port, "GET", f"/containers/{name}/processes/survivor")
+    assert again.status == 200
+    await again.message()
+    assert (await wait_exit(again))["exit_status"] == 4
 
 
 async def test_client_going_away_leaves_the_process_running(garden: ServerProcess, handle: str) -> None:
