@@ -247,6 +247,11 @@ class GardenServer:
         except* GardenError as group:
             failure = first_error(group)
             log.info("%s failed: %s", name, failure)
+        except* ClientGone:
+            raise
+        except* Exception as group:  # a bug: answer it as the websocket API does, keep serving
+            log.error("%s failed", name, exc_info=group)
+            failure = GardenError(f"internal error in {name}: {group.exceptions[0]}")
         if failure is not None and not conn.hijacked and conn.h11.our_state is h11.SEND_RESPONSE:
             await conn.respond_error(failure)
         if conn.hijacked:
