@@ -126,13 +126,15 @@ class Hijacked:
         await self.stream.send_all(json.dumps(message).encode() + b"\n")
 
 
-async def hijack(port: int, method: str, path: str, body: Any = None) -> Hijacked:
+async def hijack(port: int, method: str, path: str, body: Any = None, then: bytes = b"") -> Hijacked:
+    """A request whose response is hijacked; ``then`` is sent in the same write, right
+    after the request (payloads the server must find in what it already buffered)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     data = b"" if body is None else json.dumps(body).encode() + b"\n"
     head = f"{method} {path} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
     if body is not None:
         head += f"Content-Length: {len(data)}\r\n"
-    await stream.send_all(head.encode() + b"\r\n" + data)
+    await stream.send_all(head.encode() + b"\r\n" + data + then)
     received = bytearray()
     while b"\r\n\r\n" not in received:
         chunk = await stream.receive_some(65536)
@@ -408,6 +410,17 @@ async def test_stdin_tty_resize_and_signals(garden: ServerProcess, handle: str) 
     await control.send({"process_id": pid, "source": 0})  # stdin EOF: signals still work after it
     await control.send({"process_id": pid, "signal": 0})
     assert (await wait_exit(control))["exit_status"] == 143
+
+
+async def test_payloads_sent_with_the_request_are_not_lost(garden: ServerProcess, handle: str) -> None:
+    port = port_of(garden)
+    early = b'{"process_id":"","source":0,"data":"early\\n"}\n{"process_id":"","source":0}\n'
+    control = await hijack(port, "POST", f"/containers/{handle}/processes", {"path": "cat"}, then=early)
+    first = await control.message()
+    out = await hijack(port, "GET", f"/containers/{handle}/processes/{first['process_id']}/attaches/"
+                                    f"{first['stream_id']}/stdout")
+    assert (await wait_exit(control))["exit_status"] == 0
+    assert await out.read_all() == b"early\n"
 
 
 async def test_attach_from_a_second_connection(garden: ServerProcess, handle: str) -> None:
