@@ -195,6 +195,22 @@ def url(address: ListenAddress, opened: list[Any], ssl_context: ssl.SSLContext |
 # ---- the debug server ---------------------------------------------------------------
 
 
+SECRET_FLAGS = ("--token",)
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """``argv`` with the value of every secret flag (``--token T``, ``--token=T``) replaced."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in SECRET_FLAGS:
+            out.append("<redacted>")
+        elif any(arg.startswith(flag + "=") for flag in SECRET_FLAGS):
+            out.append(arg.split("=", 1)[0] + "=<redacted>")
+        else:
+            out.append(arg)
+    return out
+
+
 def debug_vars() -> dict[str, Any]:
     """What gdn's debug server shows at /debug/vars (Go's expvar), in this process's terms:
     ``memstats.Alloc`` and ``HeapAlloc`` are the resident anonymous memory, ``Sys`` the
@@ -206,7 +222,7 @@ def debug_vars() -> dict[str, Any]:
             if value.strip().endswith("kB"):
                 status[key] = int(value.split()[0]) * 1024
     anon = status.get("RssAnon", 0)
-    return {"cmdline": sys.argv, "memstats": {
+    return {"cmdline": redacted(sys.argv), "memstats": {
         "Alloc": anon, "HeapAlloc": anon, "Sys": status.get("VmRSS", 0), "HeapSys": status.get("VmRSS", 0),
         "TotalAlloc": anon}}
 

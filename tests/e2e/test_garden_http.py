@@ -628,9 +628,11 @@ async def test_grace_time_reaps_only_idle_containers(garden: ServerProcess) -> N
 
 
 async def test_token_and_browser_origin(own_servers: Any) -> None:
-    port = free_port()
-    server = own_servers("garden-token", "10.246.1.0/24", "--garden-listen", f"127.0.0.1:{port}", token=TOKEN)
+    port, debug = free_port(), free_port()
+    server = own_servers("garden-token", "10.246.1.0/24", "--garden-listen", f"127.0.0.1:{port}",
+                         "--debug-listen", f"127.0.0.1:{debug}", token=TOKEN)
     await server.start()
+    assert TOKEN.encode() not in (await http(debug, "GET", "/debug/vars")).body
     refused = await http(port, "GET", "/ping")
     assert refused.status == 401
     assert refused.json()["Type"] == ""

@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from gactor.errors import ContainerNotFoundError, GardenError
+from gactor.transport import garden_conn as C
 from gactor.transport import garden_http as H
 from gactor.transport import garden_wire as W
 from gactor.transport import schema
@@ -160,3 +161,9 @@ async def test_output_nobody_opened_is_kept_for_the_window_then_dropped(autojump
     assert trio.current_time() - start == pytest.approx(H.ATTACH_WINDOW)
     buffer.attach()  # a late reader still gets what was kept
     assert await buffer.take() == chunk
+
+
+def test_debug_vars_never_show_the_token() -> None:
+    assert C.redacted(["gactor", "--token", "s3cret", "--listen", "x", "--token=s3cret"]) == [
+        "gactor", "--token", "<redacted>", "--listen", "x", "--token=<redacted>"]
+    assert C.debug_vars()["memstats"]["Alloc"] > 0
