@@ -117,17 +117,11 @@ class OutputBuffer:
         self.ended = True
         self._notify()
 
-    def drop_unread(self) -> None:
-        """Forget what nobody is reading (the stream ended and its window passed)."""
-        if self.readers == 0:
-            self.chunks.clear()
-            self.size = 0
-
 
 class GardenStream:
     """A Run or Attach's output (fd 1 and 2), addressable by its stream id until
-    STREAM_LINGER after it ended; what nobody opened is dropped once the stream ended
-    and the attach window passed, so unread output does not pile up for a minute."""
+    STREAM_LINGER after it ended, as in Garden: a late output connection still gets what
+    was buffered (at most OUTPUT_BUFFER per fd)."""
 
     def __init__(self, id: str, attach_deadline: float) -> None:
         self.id = id
@@ -495,11 +489,7 @@ class GardenServer:
         return False
 
     async def _forget(self, stream: GardenStream) -> None:
-        ended = trio.current_time()
-        await trio.sleep_until(stream.attach_deadline)
-        for buffer in stream.buffers.values():
-            buffer.drop_unread()
-        await trio.sleep_until(ended + STREAM_LINGER)
+        await trio.sleep(STREAM_LINGER)
         self.streams.pop(stream.id, None)
 
     async def _stdout(self, conn: HttpConnection, request: Request, params: dict[str, str]) -> None:

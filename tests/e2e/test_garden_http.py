@@ -22,6 +22,7 @@ import pytest
 import trio
 
 import gactor
+from gactor.transport import garden_http as H
 
 from .helpers import E2E_MARKS, ROOTFS, rss_bytes, server_fds, unique_handle, wait_for
 from .servers import ServerProcess, free_port, running_server
@@ -421,6 +422,19 @@ async def test_payloads_sent_with_the_request_are_not_lost(garden: ServerProcess
                                     f"{first['stream_id']}/stdout")
     assert (await wait_exit(control))["exit_status"] == 0
     assert await out.read_all() == b"early\n"
+
+
+async def test_output_connections_opened_after_the_exit_still_get_the_output(garden: ServerProcess,
+                                                                               handle: str) -> None:
+    port = port_of(garden)
+    control = await hijack(port, "POST", f"/containers/{handle}/processes",
+                           {"path": "sh", "args": ["-c", "echo late; echo later >&2"]})
+    first = await control.message()
+    assert (await wait_exit(control))["exit_status"] == 0
+    await trio.sleep(H.ATTACH_WINDOW + 0.5)  # past the window: Garden keeps a stream for a minute
+    base = f"/containers/{handle}/processes/{first['process_id']}/attaches/{first['stream_id']}"
+    assert await (await hijack(port, "GET", base + "/stdout")).read_all() == b"late\n"
+    assert await (await hijack(port, "GET", base + "/stderr")).read_all() == b"later\n"
 
 
 async def test_attach_from_a_second_connection(garden: ServerProcess, handle: str) -> None:
