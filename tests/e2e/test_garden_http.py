@@ -513,6 +513,7 @@ async def test_server_shutdown_ends_streams_and_a_restart_reattaches(own_servers
     assert again.status == 200
     await again.message()
     assert (await wait_exit(again))["exit_status"] == 4
+    await server.finish()
 
 
 async def test_client_going_away_leaves_the_process_running(garden: ServerProcess, handle: str) -> None:
@@ -656,6 +657,7 @@ async def test_token_and_browser_origin(own_servers: Any) -> None:
                                                         ("Origin", "http://evil.example")])
     assert browser.status == 403
     assert TOKEN not in server.log_text()
+    await server.finish()
 
 
 async def test_unix_socket_and_debug_vars(garden: ServerProcess, own_servers: Any) -> None:
@@ -672,6 +674,8 @@ async def test_unix_socket_and_debug_vars(garden: ServerProcess, own_servers: An
             reply += await stream.receive_some(4096)
     assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
     assert oct(os.stat(path).st_mode & 0o777) == "0o660"
+    await server.finish()
+    assert not os.path.exists(path)  # the socket file goes with the server
 
 
 GATS = "/opt/garden-ref/bin/gats.test"
@@ -698,3 +702,10 @@ def test_the_go_client_through_gats(garden: ServerProcess, tmp_path: Any) -> Non
     counts = re.fullmatch(r"(\d+) passed, (\d+) failed", last)
     assert counts is not None, result.stdout[-3000:] + result.stderr[-3000:]
     assert (int(counts.group(1)) >= 30, counts.group(2)) == (True, "0"), result.stdout[-3000:]
+
+
+async def test_zz_nothing_is_left_behind(garden: ServerProcess) -> None:
+    """Last in the module: every container, cgroup, link, mount, shim and nft table of
+    what the tests above did is gone once the server is stopped."""
+    assert (await call(port_of(garden), "GET", "/containers"))["Handles"] == []
+    await garden.finish()
