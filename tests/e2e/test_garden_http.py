@@ -387,6 +387,23 @@ async def test_run_delivers_all_output_then_the_exit_status(garden: ServerProces
         assert await out.read_all() == b"hello\n"
 
 
+async def test_concurrent_runs_each_get_their_own_output(garden: ServerProcess, handle: str) -> None:
+    port = port_of(garden)
+    results: dict[int, tuple[int, bytes, bytes]] = {}
+
+    async def one(i: int) -> None:
+        control, _, out, err = await run(port, handle, {"path": "sh", "args": ["-c", f"echo {i}; echo e{i} >&2; exit {i % 7}"]})
+        assert out is not None
+        assert err is not None
+        status = (await wait_exit(control))["exit_status"]
+        results[i] = (status, await out.read_all(), await err.read_all())
+
+    async with trio.open_nursery() as nursery:
+        for i in range(30):
+            nursery.start_soon(one, i)
+    assert results == {i: (i % 7, f"{i}\n".encode(), f"e{i}\n".encode()) for i in range(30)}
+
+
 async def test_stdin_tty_resize_and_signals(garden: ServerProcess, handle: str) -> None:
     port = port_of(garden)
     control, pid, out, _ = await run(port, handle, {"path": "cat"}, stderr=False)
