@@ -282,7 +282,7 @@ _LITERALS = ("true", "false", "null")
 
 class PayloadDecoder:
     """Sans-IO decoder of the concatenated JSON values a Garden client writes on a Run or
-    Attach connection: ``receive_data(bytes)`` (``b""`` for the end of the stream), then
+    Attach connection: ``receive_data(bytes)``, ``end()`` at the end of the stream, then
     ``next_payload()`` until it returns None (need more data). A payload comes back
     decoded into gactor's names (``PROCESS_PAYLOAD``). Raises GardenError for a value that
     is not JSON, not an object, larger than MAX_PAYLOAD, or cut off by the end."""
@@ -292,9 +292,11 @@ class PayloadDecoder:
         self._ended = False
 
     def receive_data(self, data: bytes) -> None:
-        if not data:
-            self._ended = True
         self._buffer += data
+
+    def end(self) -> None:
+        """No more bytes will come: a value cut off is an error from now on."""
+        self._ended = True
 
     def next_payload(self) -> dict[str, Any] | None:
         start = 0

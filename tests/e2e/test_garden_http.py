@@ -7,6 +7,7 @@ own view is the GATS smoke run at the end (skipped where GATS is not built).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -452,6 +453,20 @@ async def test_output_connections_opened_after_the_exit_still_get_the_output(gar
     base = f"/containers/{handle}/processes/{first['process_id']}/attaches/{first['stream_id']}"
     assert await (await hijack(port, "GET", base + "/stdout")).read_all() == b"late\n"
     assert await (await hijack(port, "GET", base + "/stderr")).read_all() == b"later\n"
+
+
+async def test_large_stdin_arrives_whole(garden: ServerProcess, handle: str) -> None:
+    """5 MiB of stdin in the Go client's 32 KiB payloads, faster than the process reads
+    (a pipe holds 64 KiB): the control stream's backpressure, nothing lost."""
+    port = port_of(garden)
+    control, pid, out, _ = await run(port, handle, {"path": "sh", "args": ["-c", "sleep 0.5; md5sum"]}, stderr=False)
+    data = os.urandom(5 << 20).hex()[: 5 << 20]  # JSON-safe text
+    for i in range(0, len(data), 32 << 10):
+        await control.send({"process_id": pid, "source": 0, "data": data[i:i + (32 << 10)]})
+    await control.send({"process_id": pid, "source": 0})
+    assert (await wait_exit(control))["exit_status"] == 0
+    assert out is not None
+    assert (await out.read_all()).split()[0].decode() == hashlib.md5(data.encode()).hexdigest()
 
 
 async def test_attach_from_a_second_connection(garden: ServerProcess, handle: str) -> None:
