@@ -178,7 +178,10 @@ def _pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
               help="Print the effective configuration as TOML (the token hidden) and exit.")
 @click.option("--listen", metavar="HOST:PORT|unix:///PATH",
               help="Websocket API address [127.0.0.1:7777]; a unix socket gets mode 0660.")
-@click.option("--garden-listen", metavar="HOST:PORT", help="Garden HTTP API address [off].")
+@click.option("--garden-listen", metavar="HOST:PORT|unix:///PATH",
+              help="Garden HTTP API address (Garden's Go client, GATS) [off]; same access rules as --listen.")
+@click.option("--debug-listen", metavar="HOST:PORT|unix:///PATH",
+              help="Serve /debug/vars (memstats, as gdn's debug server) here [off]; loopback only.")
 @click.option("--depot", metavar="DIR", help="State directory [/var/lib/gactor].")
 @click.option("--default-rootfs", metavar="PATH|URI", help="Image used when a spec names none.")
 @click.option("--network-pool", metavar="CIDR", help="Container subnets [10.254.0.0/22].")

@@ -31,6 +31,7 @@ log = logging.getLogger("gactor.server")
 class ServerConfig:
     listen: str = "127.0.0.1:7777"
     garden_listen: str | None = None
+    debug_listen: str | None = None  # /debug/vars, as gdn's debug server (GATS reads it)
     depot: str = "/var/lib/gactor"
     default_rootfs: str = ""
     network_pool: str = "10.254.0.0/22"
@@ -57,12 +58,10 @@ class ServerConfig:
     no_new_privileges: bool = False  # for unprivileged containers; breaks setuid binaries (docs/security.md)
 
 
-# Options the contract names and the command line parses, but that no code acts on yet
-# (the Garden HTTP front end, networking): refused at startup, naming the flag, rather
-# than silently ignored. Remove an entry in the change that implements it.
-NOT_IMPLEMENTED: dict[str, str] = {
-    "garden_listen": "--garden-listen",
-}
+# Options the contract names and the command line parses, but that no code acts on yet:
+# refused at startup, naming the flag, rather than silently ignored. Remove an entry in
+# the change that implements it.
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 class ConfigError(Exception):
@@ -179,12 +178,26 @@ def run(config: ServerConfig) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_access(config, address)
+    garden_address = debug_address = None
+    try:
+        if config.garden_listen:
+            garden_address = listeners.parse_listen(config.garden_listen)
+        if config.debug_listen:
+            debug_address = listeners.parse_listen(config.debug_listen)
+    except ValueError as err:
+        raise ConfigError(f"--garden-listen/--debug-listen: {err}") from None
+    if garden_address is not None:
+        check_access(config, garden_address)  # the same rules: it is the same root API
+    if isinstance(debug_address, listeners.TcpAddress) and not debug_address.is_loopback and not config.insecure:
+        raise ConfigError(f"--debug-listen {config.debug_listen}: the debug server has no token or TLS; "
+                          "give a loopback address or a unix socket (or --insecure)")
     ssl_context = _tls_context(config)
-    if isinstance(address, listeners.UnixAddress):
-        try:
-            listeners.check_unix_socket_path(address.path)
-        except listeners.ListenError as err:
-            raise ConfigError(str(err)) from None
+    for each in (address, garden_address, debug_address):
+        if isinstance(each, listeners.UnixAddress):
+            try:
+                listeners.check_unix_socket_path(each.path)
+            except listeners.ListenError as err:
+                raise ConfigError(str(err)) from None
     metrics_address = _metrics_address(config)
     from .ops import logs
 
@@ -205,7 +218,8 @@ def run(config: ServerConfig) -> None:
     import trio  # noqa: PLC0415 - only after the spawner fork: trio may start threads
 
     try:
-        trio.run(_serve, config, spawner, address, ssl_context, metrics_address, service)
+        trio.run(_serve, config, spawner, address, ssl_context, metrics_address, service,
+                 garden_address, debug_address)
     except listeners.ListenError as err:
         raise ConfigError(str(err)) from None
     except BaseExceptionGroup as group:
@@ -306,7 +320,8 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 
 async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listeners.ListenAddress,
                  ssl_context: ssl.SSLContext | None, metrics_address: listeners.ListenAddress | None,
-                 service: ServiceManager) -> None:
+                 service: ServiceManager, garden_address: listeners.ListenAddress | None = None,
+                 debug_address: listeners.ListenAddress | None = None) -> None:
     import trio
 
     from .actors.container import Environment
@@ -315,7 +330,7 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
     from .kernel import cgroups, depot, init_binary, rootfs
     from .ops import http as ops_http
     from .ops.metrics import Scraper
-    from .transport import ws_server
+    from .transport import garden_conn, garden_http, ws_server
     from .transport.methods import Api
 
     cpus = os.cpu_count() or 1
@@ -357,6 +372,12 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
                                   allow_origins=frozenset(config.allow_origins))
         url = await nursery.start(ws_server.serve, api, address, access, ssl_context)
         log.info("gactor serving the websocket API on %s", url)
+        if garden_address is not None:
+            garden_url = await nursery.start(garden_http.serve, api, garden_address, access, ssl_context)
+            log.info("gactor serving the Garden HTTP API on %s", garden_url)
+        if debug_address is not None:
+            debug_url = await nursery.start(garden_conn.serve_debug, debug_address)
+            log.info("gactor serving /debug/vars on %s", debug_url)
         scraper.ready = True
         service.notify("READY=1", f"STATUS=serving the API on {url}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
