@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from ..errors import GardenError, ProcessNotFoundError
-from ..kernel import depot, image_copies, rootfs, shim_wire, shims
+from ..kernel import depot, disk, image_copies, rootfs, shim_wire, shims
 from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.container_init import MAX_UID
 from ..kernel.errors import KernelError
@@ -47,6 +47,8 @@ from ..types import (
     ContainerInfo,
     ContainerSpec,
     CPULimits,
+    DiskLimits,
+    DiskLimitScope,
     MemoryLimits,
     NetOutRule,
     PortMapping,
@@ -95,6 +97,8 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
 
 STOP_GRACE = 10.0
 OOM_EVENT = "Out of memory"  # Garden's text in ContainerInfo.events
+DISK_DEFAULT_BYTES = 1 << 40  # an inode limit without a byte limit: a sparse file this large
+DISK_MIN_INODES = 64
 
 
 def oom_victim_event(pid: int, task: str, process_id: str | None) -> str:
@@ -539,6 +543,7 @@ class ContainerActor:
         undo.callback(self.env.discard, self.dir)
         self._cgroup = self.env.cgroups.open(self.name)
         undo.callback(self._destroy_cgroup, self._cgroup)
+        undo.callback(disk.unmount, self.dir)
         undo.callback(rootfs.unmount, os.path.join(self.dir, "rootfs"))
         self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
         # The shim's pid from the socket it listens on, never from shim.pid: after a crash
@@ -574,8 +579,27 @@ class ContainerActor:
         self.image_bytes, self.image_inodes = copy.bytes, copy.inodes
         return copy.path
 
+    def _disk_size(self) -> tuple[int, int] | None:
+        """Bytes and inodes of the container's own filesystem (its disk limit, less the
+        image's share for scope total), or None without a limit. A limit the image alone
+        exceeds is refused, naming both."""
+        limits = self.spec.limits.disk
+        if not limits.byte_hard and not limits.inode_hard:
+            return None
+        total = limits.scope == DiskLimitScope.TOTAL
+        size = (limits.byte_hard or DISK_DEFAULT_BYTES) - (self.image_bytes if total and limits.byte_hard else 0)
+        inodes = limits.inode_hard - (self.image_inodes if total and limits.inode_hard else 0)
+        if size < disk.MIN_BYTES or (limits.inode_hard and inodes < DISK_MIN_INODES):
+            raise GardenError(
+                f"invalid container spec: limits.disk (byte_hard {limits.byte_hard}, inode_hard"
+                f" {limits.inode_hard}, scope {'total' if total else 'exclusive'}) leaves the container"
+                f" too little room: its image alone uses {self.image_bytes} bytes and {self.image_inodes}"
+                f" inodes, and a container needs at least {disk.MIN_BYTES} bytes and {DISK_MIN_INODES} inodes")
+        return size, max(inodes, 0)
+
     def _prepare(self, lower: str, undo: Cleanup) -> dict[str, Any]:
         """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread)."""
+        self._disk_size()  # refuse an impossible disk limit before making anything
         os.makedirs(os.path.dirname(self.dir), mode=0o711, exist_ok=True)
         os.mkdir(self.dir, 0o711)
         undo.callback(self.env.discard, self.dir)
@@ -585,7 +609,11 @@ class ContainerActor:
         self._cgroup = cgroup
         cgroup.setup_devices(DEVICE_ALLOW)
         self._apply_limits(cgroup)
-        merged = rootfs.mount_overlay(lower, self.dir, self.spec.privileged)
+        upper_root = None
+        if limited := self._disk_size():
+            upper_root = disk.mount(self.dir, *limited)
+            undo.callback(disk.unmount, self.dir)
+        merged = rootfs.mount_overlay(lower, self.dir, self.spec.privileged, upper_root)
         undo.callback(rootfs.unmount, merged)
         resolv = ""
         if self.net is not None and self.env.network is not None:
@@ -1026,6 +1054,10 @@ class ContainerRef:
         return self._actor.cgroup
 
     @property
+    def disk_limits(self) -> DiskLimits:
+        return self._actor.spec.limits.disk
+
+    @property
     def created_at(self) -> float:
         return self._actor.created_at
 
@@ -1139,6 +1171,7 @@ def remove_orphan(env: Environment, name: str, shim_pid: int | None = None) -> N
     with contextlib.suppress(KernelError):
         ContainerActor._destroy_cgroup(env.cgroups.open(name))
     rootfs.unmount(os.path.join(path, "rootfs"))
+    disk.unmount(path)
     env.discard(path)
 
 

@@ -32,7 +32,6 @@ from ..types import (
     BandwidthLimits,
     ContainerSpec,
     CPULimits,
-    DiskLimits,
     MemoryLimits,
     NetOutRule,
     ProcessSpec,
@@ -294,16 +293,6 @@ def first_error(group: BaseExceptionGroup[GardenError]) -> GardenError:
 _NOT_YET = "is not supported by this server yet"
 
 
-def check_container_spec(spec: ContainerSpec) -> None:
-    """Refuse what this server cannot do yet, naming the field."""
-    unsupported = [
-        ("limits.disk", spec.limits.disk != DiskLimits()),
-    ]
-    for name, used in unsupported:
-        if used:
-            raise GardenError(f"container spec field '{name}' {_NOT_YET}")
-
-
 def check_process_spec(spec: ProcessSpec) -> None:
     if spec.image.uri:
         raise GardenError(f"process spec field 'image' {_NOT_YET}")
@@ -311,7 +300,6 @@ def check_process_spec(spec: ProcessSpec) -> None:
 
 async def _create(api: Api, args: dict[str, Any]) -> Any:
     spec = arg(args, "spec", ContainerSpec)
-    check_container_spec(spec)
     spec.handle = spec.handle or str(uuid.uuid4())
     check_name("handle", spec.handle)
     if spec.rootfs_path and spec.image.uri:
@@ -487,7 +475,7 @@ async def _bulk_net_out(c: ContainerRef, args: dict[str, Any]) -> None:
 
 
 async def _current_disk_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
-    return to_wire(DiskLimits())  # no disk limits yet: Garden's "{}"
+    return to_wire(c.disk_limits)  # as given at create (all zero: none)
 
 
 def _not_yet(what: str) -> ContainerHandler:
