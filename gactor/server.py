@@ -21,6 +21,7 @@ from typing import Any
 from .kernel.container_init import Confinement, confinement
 from .kernel.errors import KernelError
 from .kernel.spawner import SpawnerHandle, fork_spawner
+from .ops.notify import ServiceManager
 from .transport import listeners
 
 log = logging.getLogger("gactor.server")
@@ -30,6 +31,7 @@ log = logging.getLogger("gactor.server")
 class ServerConfig:
     listen: str = "127.0.0.1:7777"
     garden_listen: str | None = None
+    debug_listen: str | None = None  # /debug/vars, as gdn's debug server (GATS reads it)
     depot: str = "/var/lib/gactor"
     default_rootfs: str = ""
     network_pool: str = "10.254.0.0/22"
@@ -42,6 +44,8 @@ class ServerConfig:
     mtu: int = 0  # 0: the MTU of the host's default-route interface
     cgroup_favordynmods: bool = True  # faster cgroup migration, host-wide (docs/limits.md)
     log_level: str = "info"
+    log_format: str = "auto"  # json, console, or auto: console when stderr is a terminal
+    metrics_listen: str = "127.0.0.1:7778"  # /metrics, /healthz, /readyz; "off" for none
     cpu_quota_per_share: int = 0
     destroy_containers_on_startup: bool = False
     token: str | None = None
@@ -54,12 +58,10 @@ class ServerConfig:
     no_new_privileges: bool = False  # for unprivileged containers; breaks setuid binaries (docs/security.md)
 
 
-# Options the contract names and the command line parses, but that no code acts on yet
-# (the Garden HTTP front end, networking): refused at startup, naming the flag, rather
-# than silently ignored. Remove an entry in the change that implements it.
-NOT_IMPLEMENTED: dict[str, str] = {
-    "garden_listen": "--garden-listen",
-}
+# Options the contract names and the command line parses, but that no code acts on yet:
+# refused at startup, naming the flag, rather than silently ignored. Remove an entry in
+# the change that implements it.
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 class ConfigError(Exception):
@@ -140,28 +142,18 @@ def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
-class _Redacting(logging.Formatter):
-    """Replaces the token wherever it would appear in a log line (tracebacks included)."""
+def _metrics_address(config: ServerConfig) -> listeners.ListenAddress | None:
+    """The operations listener's address (None: off); ConfigError if it is unusable."""
+    from .ops import config as ops_config
 
-    def __init__(self, fmt: str, secret: str) -> None:
-        super().__init__(fmt)
-        self._secret = secret
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace(self._secret, "<token>")
-
-
-def _configure_logging(config: ServerConfig) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=config.log_level.upper(), format=fmt)
-    if config.token:
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(_Redacting(fmt, config.token))
-    # trio-websocket's debug lines describe every frame; they never help an operator.
-    # So do pyroute2's (every netlink message) and asyncio's (pyroute2 runs a loop per thread).
-    for noisy in ("trio-websocket", "pyroute2", "asyncio"):
-        noisy_log = logging.getLogger(noisy)
-        noisy_log.setLevel(max(noisy_log.getEffectiveLevel(), logging.INFO))
+    try:
+        ops_config.validate(config)
+        address = ops_config.metrics_address(config)
+        if isinstance(address, listeners.UnixAddress):
+            listeners.check_unix_socket_path(address.path)
+    except (ops_config.ConfigFileError, listeners.ListenError) as err:
+        raise ConfigError(str(err)) from None
+    return address
 
 
 def _check_traversable(depot: str) -> None:
@@ -186,13 +178,30 @@ def run(config: ServerConfig) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_access(config, address)
+    garden_address = debug_address = None
+    try:
+        if config.garden_listen:
+            garden_address = listeners.parse_listen(config.garden_listen)
+        if config.debug_listen:
+            debug_address = listeners.parse_listen(config.debug_listen)
+    except ValueError as err:
+        raise ConfigError(f"--garden-listen/--debug-listen: {err}") from None
+    if garden_address is not None:
+        check_access(config, garden_address)  # the same rules: it is the same root API
+    if isinstance(debug_address, listeners.TcpAddress) and not debug_address.is_loopback and not config.insecure:
+        raise ConfigError(f"--debug-listen {config.debug_listen}: the debug server has no token or TLS; "
+                          "give a loopback address or a unix socket (or --insecure)")
     ssl_context = _tls_context(config)
-    if isinstance(address, listeners.UnixAddress):
-        try:
-            listeners.check_unix_socket_path(address.path)
-        except listeners.ListenError as err:
-            raise ConfigError(str(err)) from None
-    _configure_logging(config)
+    for each in (address, garden_address, debug_address):
+        if isinstance(each, listeners.UnixAddress):
+            try:
+                listeners.check_unix_socket_path(each.path)
+            except listeners.ListenError as err:
+                raise ConfigError(str(err)) from None
+    metrics_address = _metrics_address(config)
+    from .ops import logs
+
+    logs.configure(config.log_level, config.log_format, config.token)
     if os.geteuid() != 0:
         raise SystemExit("gactor server must run as root")
     if config.insecure and isinstance(address, listeners.TcpAddress) and not address.is_loopback \
@@ -204,11 +213,13 @@ def run(config: ServerConfig) -> None:
     os.makedirs(config.depot, mode=0o711, exist_ok=True)
     os.chmod(config.depot, 0o711)
     _check_traversable(config.depot)
+    service = ServiceManager.from_environment()  # before the fork: no helper inherits it
     spawner = fork_spawner(_confinement(config))
     import trio  # noqa: PLC0415 - only after the spawner fork: trio may start threads
 
     try:
-        trio.run(_serve, config, spawner, address, ssl_context)
+        trio.run(_serve, config, spawner, address, ssl_context, metrics_address, service,
+                 garden_address, debug_address)
     except listeners.ListenError as err:
         raise ConfigError(str(err)) from None
     except BaseExceptionGroup as group:
@@ -308,21 +319,28 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 
 
 async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listeners.ListenAddress,
-                 ssl_context: ssl.SSLContext | None) -> None:
+                 ssl_context: ssl.SSLContext | None, metrics_address: listeners.ListenAddress | None,
+                 service: ServiceManager, garden_address: listeners.ListenAddress | None = None,
+                 debug_address: listeners.ListenAddress | None = None) -> None:
     import trio
 
     from .actors.container import Environment
     from .actors.registry import Registry
     from .actors.spawner_client import SpawnerClient
     from .kernel import cgroups, depot, init_binary, rootfs
-    from .transport import ws_server
+    from .ops import http as ops_http
+    from .ops.metrics import Scraper
+    from .transport import garden_conn, garden_http, ws_server
     from .transport.methods import Api
 
     cpus = os.cpu_count() or 1
     with open("/proc/meminfo") as f:
         mem_mib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:")) // 1024
+    janitor = depot.Janitor(config.depot)
+    await trio.to_thread.run_sync(janitor.start)
     env = Environment(
         depot=config.depot,
+        discard=janitor.discard,
         cgroups=cgroups.discover(parent=cgroup_parent_for(config)),
         spawner=SpawnerClient(spawner.sock),
         image_store=os.path.join(config.depot, depot.IMAGES),
@@ -339,18 +357,34 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
     except (OSError, subprocess.SubprocessError) as err:
         log.warning("no C compiler for garden-init (%s): container pid 1 will be a Python process", err)
     async with trio.open_nursery() as nursery:
+        # The operations listener answers /healthz (and /readyz: 503) during reconcile.
+        scraper = Scraper(config.depot)
+        if metrics_address is not None:
+            metrics_url = await nursery.start(ops_http.serve, ops_http.OpsRoutes(scraper), metrics_address)
+            log.info("serving /metrics, /healthz and /readyz on %s", metrics_url)
         registry = Registry(env, config.default_rootfs, config.default_grace_time, config.max_containers,
                             subnets, ports)
         registry_ref = await nursery.start(functools.partial(
             registry.run, destroy_existing=config.destroy_containers_on_startup))
-        api = Api(registry_ref, config.network_pool)
+        scraper.registry = registry_ref
+        api = Api(registry_ref, config.network_pool, observer=scraper.api)
         access = ws_server.Access(token=config.token or None,
                                   allow_origins=frozenset(config.allow_origins))
         url = await nursery.start(ws_server.serve, api, address, access, ssl_context)
         log.info("gactor serving the websocket API on %s", url)
+        if garden_address is not None:
+            garden_url = await nursery.start(garden_http.serve, api, garden_address, access, ssl_context)
+            log.info("gactor serving the Garden HTTP API on %s", garden_url)
+        if debug_address is not None:
+            debug_url = await nursery.start(garden_conn.serve_debug, debug_address)
+            log.info("gactor serving /debug/vars on %s", debug_url)
+        scraper.ready = True
+        service.notify("READY=1", f"STATUS=serving the API on {url}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("received %s: shutting down, containers keep running", signal.Signals(signum).name)
+                service.notify("STOPPING=1")
+                scraper.ready = False
                 nursery.cancel_scope.cancel()
                 break
     if env.network is not None:
