@@ -28,12 +28,15 @@ POOLS = {"on": "10.250.8.0/24", "off": "10.250.9.0/24"}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.seccomp", description=__doc__)
     p.add_argument("--rounds", type=int, default=40, help="create+run+destroy per server [40]")
-    p.add_argument("--rootfs", default=DEFAULT_ROOTFS, help=f"server --default-rootfs [{DEFAULT_ROOTFS}]")
+    p.add_argument(
+        "--rootfs", default=DEFAULT_ROOTFS, help=f"server --default-rootfs [{DEFAULT_ROOTFS}]"
+    )
     return p.parse_args(argv)
 
 
-async def _measure(servers: dict[str, srv.BenchServer], rounds: int, prefix: str,
-                   live: set[str]) -> dict[str, dict[str, list[float]]]:
+async def _measure(
+    servers: dict[str, srv.BenchServer], rounds: int, prefix: str, live: set[str]
+) -> dict[str, dict[str, list[float]]]:
     samples = {mode: {"create": [], "run": [], "destroy": []} for mode in servers}
     async with gactor.connect(servers["on"].url) as on, gactor.connect(servers["off"].url) as off:
         clients = {"on": on, "off": off}
@@ -86,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             problems += srv.leftovers(server, prefix)
             if not srv.remove_base(server):
                 problems.append(f"temp dir {server.base} not removed")
-    print(f"loadavg before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
-          f"{args.rounds} rounds each, medians (p25-p75)")
+    print(
+        f"loadavg before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
+        f"{args.rounds} rounds each, medians (p25-p75)"
+    )
     print("| | seccomp on | seccomp off |\n|---|---|---|")
     for what in ("create", "run", "destroy"):
         print(f"| {what} | {_summary(samples['on'][what])} | {_summary(samples['off'][what])} |")

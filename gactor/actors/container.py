@@ -488,9 +488,14 @@ class ContainerActor:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(network.prepare, self.net)
                     await self._start_shim(cfg, undo)
-            except BaseException:
+            except BaseException as exc:
                 with trio.CancelScope(shield=True):
                     await network.release(self.net)
+                # One failure (the shim's "bind mount source ... does not exist", say) reaches
+                # the caller as itself, not as a group the API would call an internal error.
+                if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1 \
+                        and isinstance(exc.exceptions[0], Exception):
+                    raise exc.exceptions[0] from None
                 raise
         networked = trio.current_time()
         if self.net is not None:
