@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import tarfile
 
 import pytest
 
-from gactor import ContainerSpec, DiskLimits, GardenError, Limits
+from gactor import ContainerSpec, DiskLimits, GardenError, Limits, StreamInSpec
 from gactor.types import DiskLimitScope
 
 from .helpers import E2E_MARKS, loop_devices_under, sh, unique_handle, wait_for
@@ -114,3 +115,28 @@ async def test_a_limit_holds_across_a_server_restart(own_servers):
     await wait_for(lambda: not loop_devices_under(directory), what="the loop device to detach")
     assert not os.path.exists(directory)
     await server.finish()
+
+
+async def test_a_tar_bomb_fills_only_the_containers_own_filesystem(create_container, gactor_server):
+    """StreamIn of a 200 MiB file into a container limited to 16 MiB: the stream fails with
+    a clear error, the depot's filesystem grew by no more than the limit, and the
+    container can write again once it deleted the partial file."""
+    container = await create_container(limited(16 * MiB))
+    size = 200 * MiB
+    header = tarfile.TarInfo("bomb")
+    header.size = size
+
+    async def bomb():
+        yield header.tobuf(format=tarfile.GNU_FORMAT)
+        chunk = bytes(MiB)
+        for _ in range(size // MiB):
+            yield chunk
+        yield bytes(2 * tarfile.BLOCKSIZE)
+
+    free_before = os.statvfs(gactor_server.depot).f_bavail * os.statvfs(gactor_server.depot).f_frsize
+    with pytest.raises(GardenError) as raised:
+        await container.stream_in(StreamInSpec(path="/root", user="root", tar_stream=bomb()))
+    assert "error streaming in" in raised.value.message
+    free_after = os.statvfs(gactor_server.depot).f_bavail * os.statvfs(gactor_server.depot).f_frsize
+    assert free_before - free_after < 24 * MiB  # the limit, plus what else the host wrote meanwhile
+    assert (await sh(container, "rm -f /root/bomb && echo ok > /root/after && cat /root/after"))[1] == b"ok\n"
