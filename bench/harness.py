@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--network-pool", default="10.250.0.0/22", help="server --network-pool [10.250.0.0/22]"
     )
     p.add_argument("--server-log-level", default="info", help="server --log-level [info]")
+    p.add_argument("--server-tree", help="run the server from this checkout, e.g. a git worktree of an older commit (the client is always this one)")
     p.add_argument(
         "--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes [bench/results]"
     )
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     series = [primitive_unshare(args.runs)]
     handles = Handles(f"bench-{secrets.token_hex(3)}")
     links_before = set(os.listdir(NET_CLASS))
-    server = srv.start(args.rootfs, args.network_pool, args.server_log_level)
+    server = srv.start(args.rootfs, args.network_pool, args.server_log_level, args.server_tree)
     print(f"server pid {server.pid} on {server.url}, depot {server.depot}", flush=True)
     failures: list[str] = []
     interrupted = False

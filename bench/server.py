@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,8 +58,12 @@ class BenchServer:
         self.shims_seen.update(procmem.shim_pids(self.depot))
 
 
-def start(rootfs: str, network_pool: str, log_level: str) -> BenchServer:
-    """Start a server and wait until it answers ``ping``; stop it again if it does not."""
+def start(rootfs: str, network_pool: str, log_level: str, tree: str | None = None,
+          extra_args: Sequence[str] = ()) -> BenchServer:
+    """Start a server and wait until it answers ``ping``; stop it again if it does not.
+    ``tree``: a checkout whose ``gactor`` package the server runs instead of this one
+    (to compare two commits in one run; the client is always this checkout's).
+    ``extra_args``: more server flags (``--metrics-listen``, say)."""
     base = tempfile.mkdtemp(prefix="gactor-bench-", dir="/tmp")
     # Unprivileged container roots must be able to traverse every ancestor of the depot.
     os.chmod(base, 0o711)
@@ -69,6 +74,7 @@ def start(rootfs: str, network_pool: str, log_level: str) -> BenchServer:
         sys.executable, "-m", "gactor", "server",
         "--listen", f"127.0.0.1:{port}", "--depot", depot, "--default-rootfs", rootfs,
         "--network-pool", network_pool, "--log-level", log_level,
+        *(_OPS_DEFAULTS if _knows_ops_flags(tree) else ()), *extra_args,
     ]  # fmt: skip
     with open(os.path.join(base, "server.log"), "wb") as log:
         proc = subprocess.Popen(
@@ -77,6 +83,8 @@ def start(rootfs: str, network_pool: str, log_level: str) -> BenchServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, "PYTHONPATH": tree} if tree else None,
+            cwd=tree,
         )
     server = BenchServer(f"ws://127.0.0.1:{port}", base, depot, proc)
     try:
@@ -87,6 +95,15 @@ def start(rootfs: str, network_pool: str, log_level: str) -> BenchServer:
         raise
     server.spawners = procmem.children_named(server.pid, "gactor-spawner")
     return server
+
+
+# No metrics listener (the default port is shared by every server on the host) and logs
+# for people, for servers whose checkout has these flags (one from before them has neither).
+_OPS_DEFAULTS = ("--metrics-listen", "off", "--log-format", "console")
+
+
+def _knows_ops_flags(tree: str | None) -> bool:
+    return tree is None or os.path.isdir(os.path.join(tree, "gactor", "ops"))
 
 
 def _free_port() -> int:
@@ -206,7 +223,8 @@ def run_scenario(name: str, scenario: Any, args: Any) -> int:
         return 2
     stamp = time.strftime("%Y%m%dT%H%M%S")
     prefix = f"{name}-{os.urandom(3).hex()}"
-    server = start(args.rootfs, args.network_pool, "info")
+    server = start(args.rootfs, args.network_pool, "info", getattr(args, "server_tree", None),
+                   getattr(args, "server_args", ()))
     print(f"server pid {server.pid} on {server.url}, depot {server.depot}", flush=True)
     live: set[str] = set()
     series: list[Series] = []

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import sys
-import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
@@ -172,29 +171,11 @@ def _pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) 
 
 # ---------------------------------------------------------------- the server
 
-# TOML keys are the flag names with "-" or "_"; the repeatable flag is singular.
-_CONFIG_ALIASES = {"deny_network": "deny_networks", "allow_origin": "allow_origins"}
-
-
-def _read_config_file(path: Path, known: set[str]) -> dict[str, Any]:
-    try:
-        with path.open("rb") as file:
-            data = tomllib.load(file)
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise CommandError(f"cannot read {path}: {err}") from err
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        name = _CONFIG_ALIASES.get(name, name)
-        if name not in known:
-            raise CommandError(f"unknown key in {path}: {key}")
-        values[name] = value
-    return values
-
-
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               metavar="FILE.toml", help="TOML file of these options; flags override it.")
+@click.option("--print-config", is_flag=True,
+              help="Print the effective configuration as TOML (the token hidden) and exit.")
 @click.option("--listen", metavar="HOST:PORT|unix:///PATH",
               help="Websocket API address [127.0.0.1:7777]; a unix socket gets mode 0660.")
 @click.option("--garden-listen", metavar="HOST:PORT|unix:///PATH",
@@ -218,6 +199,10 @@ def _read_config_file(path: Path, known: set[str]) -> dict[str, Any]:
 @click.option("--mtu", type=int, metavar="BYTES",
               help="MTU of container interfaces [that of the host's default-route interface].")
 @click.option("--log-level", metavar="LEVEL", help="debug, info, warning or error [info].")
+@click.option("--log-format", metavar="json|console",
+              help="JSON lines or lines for people [console when stderr is a terminal, else json].")
+@click.option("--metrics-listen", metavar="HOST:PORT|unix:///PATH|off",
+              help="Where /metrics, /healthz and /readyz are served [127.0.0.1:7778].")
 @click.option("--cpu-quota-per-share", type=int, metavar="USEC",
               help="CPU quota per share of limit_in_shares [0 = no quota].")
 @click.option("--destroy-containers-on-startup", is_flag=True,
@@ -227,32 +212,48 @@ def _read_config_file(path: Path, known: set[str]) -> dict[str, Any]:
 @click.option("--tls-key", metavar="FILE", help="The private key of --tls-cert (PEM).")
 @click.option("--insecure", is_flag=True,
               help="Allow a non-loopback --listen without TLS and a token (logged loudly).")
+@click.option("--disable-privileged-containers", is_flag=True,
+              help="Refuse to create privileged containers.")
+@click.option("--no-new-privileges", is_flag=True,
+              help="Set no_new_privs in unprivileged containers (setuid binaries stop working).")
 @click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
               help="A browser origin allowed to open the websocket (https://host:port); "
                    "repeatable. Handshakes from any other origin get 403.")
 @click.pass_context
-def server(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
-    """Run the server in the foreground until SIGTERM."""
-    import msgspec
+def server(ctx: click.Context, /, config_file: Path | None, print_config: bool, **flags: Any) -> None:
+    """Run the server in the foreground until SIGTERM.
 
+    \b
+    Examples:
+      gactor server --config /etc/gactor/gactor.toml
+      gactor server --listen unix:///run/gactor.sock --metrics-listen off
+      gactor server --config gactor.toml --log-level debug --print-config
+    """
     from gactor import server as server_module
+    from gactor.ops import config as ops_config
 
-    known = {field.name for field in dataclasses.fields(server_module.ServerConfig)}
-    values = _read_config_file(config_file, known) if config_file else {}
+    try:
+        file_values = ops_config.load(config_file) if config_file else {}
+    except ops_config.ConfigFileError as err:
+        raise ConfigurationError(str(err)) from None
+    values: dict[str, Any] = {}
     for name, value in flags.items():
         if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
                                               ParameterSource.ENVIRONMENT):
             values[name] = list(value) if isinstance(value, tuple) else value
     # A token given to gactor itself also protects the server it starts.
     options = ctx.find_object(Options)
-    if "token" not in values and options is not None and options.token:
+    if "token" not in values and "token" not in file_values and options is not None and options.token:
         values["token"] = options.token
-    for flag in server_module.unimplemented_options(values):
+    for flag in server_module.unimplemented_options({**file_values, **values}):
         raise ConfigurationError(f"{flag} is not implemented yet")
     try:
-        config = msgspec.convert(values, server_module.ServerConfig)
-    except msgspec.ValidationError as err:
-        raise CommandError(f"invalid configuration: {err}") from err
+        config = ops_config.build(file_values, values)
+    except ops_config.ConfigFileError as err:
+        raise ConfigurationError(str(err)) from None
+    if print_config:
+        click.echo(ops_config.render(config), nl=False)
+        return
     try:
         server_module.run(config)
     except server_module.ConfigError as err:

@@ -18,7 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .kernel.container_init import Confinement, confinement
+from .kernel.errors import KernelError
 from .kernel.spawner import SpawnerHandle, fork_spawner
+from .ops.notify import ServiceManager
 from .transport import listeners
 
 log = logging.getLogger("gactor.server")
@@ -41,6 +44,8 @@ class ServerConfig:
     mtu: int = 0  # 0: the MTU of the host's default-route interface
     cgroup_favordynmods: bool = True  # faster cgroup migration, host-wide (docs/limits.md)
     log_level: str = "info"
+    log_format: str = "auto"  # json, console, or auto: console when stderr is a terminal
+    metrics_listen: str = "127.0.0.1:7778"  # /metrics, /healthz, /readyz; "off" for none
     cpu_quota_per_share: int = 0
     destroy_containers_on_startup: bool = False
     token: str | None = None
@@ -49,6 +54,8 @@ class ServerConfig:
     insecure: bool = False  # allow a non-loopback listener without TLS and a token
     allow_origins: list[str] = field(default_factory=list)
     cgroup_parent: str = ""  # default: derived from the depot, see cgroup_parent_for
+    disable_privileged_containers: bool = False
+    no_new_privileges: bool = False  # for unprivileged containers; breaks setuid binaries (docs/security.md)
 
 
 # Options the contract names and the command line parses, but that no code acts on yet:
@@ -135,28 +142,18 @@ def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
-class _Redacting(logging.Formatter):
-    """Replaces the token wherever it would appear in a log line (tracebacks included)."""
+def _metrics_address(config: ServerConfig) -> listeners.ListenAddress | None:
+    """The operations listener's address (None: off); ConfigError if it is unusable."""
+    from .ops import config as ops_config
 
-    def __init__(self, fmt: str, secret: str) -> None:
-        super().__init__(fmt)
-        self._secret = secret
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace(self._secret, "<token>")
-
-
-def _configure_logging(config: ServerConfig) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=config.log_level.upper(), format=fmt)
-    if config.token:
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(_Redacting(fmt, config.token))
-    # trio-websocket's debug lines describe every frame; they never help an operator.
-    # So do pyroute2's (every netlink message) and asyncio's (pyroute2 runs a loop per thread).
-    for noisy in ("trio-websocket", "pyroute2", "asyncio"):
-        noisy_log = logging.getLogger(noisy)
-        noisy_log.setLevel(max(noisy_log.getEffectiveLevel(), logging.INFO))
+    try:
+        ops_config.validate(config)
+        address = ops_config.metrics_address(config)
+        if isinstance(address, listeners.UnixAddress):
+            listeners.check_unix_socket_path(address.path)
+    except (ops_config.ConfigFileError, listeners.ListenError) as err:
+        raise ConfigError(str(err)) from None
+    return address
 
 
 def _check_traversable(depot: str) -> None:
@@ -201,7 +198,10 @@ def run(config: ServerConfig) -> None:
                 listeners.check_unix_socket_path(each.path)
             except listeners.ListenError as err:
                 raise ConfigError(str(err)) from None
-    _configure_logging(config)
+    metrics_address = _metrics_address(config)
+    from .ops import logs
+
+    logs.configure(config.log_level, config.log_format, config.token)
     if os.geteuid() != 0:
         raise SystemExit("gactor server must run as root")
     if config.insecure and isinstance(address, listeners.TcpAddress) and not address.is_loopback \
@@ -213,11 +213,13 @@ def run(config: ServerConfig) -> None:
     os.makedirs(config.depot, mode=0o711, exist_ok=True)
     os.chmod(config.depot, 0o711)
     _check_traversable(config.depot)
-    spawner = fork_spawner()
+    service = ServiceManager.from_environment()  # before the fork: no helper inherits it
+    spawner = fork_spawner(_confinement(config))
     import trio  # noqa: PLC0415 - only after the spawner fork: trio may start threads
 
     try:
-        trio.run(_serve, config, spawner, address, ssl_context, garden_address, debug_address)
+        trio.run(_serve, config, spawner, address, ssl_context, metrics_address, service,
+                 garden_address, debug_address)
     except listeners.ListenError as err:
         raise ConfigError(str(err)) from None
     except BaseExceptionGroup as group:
@@ -231,6 +233,27 @@ def run(config: ServerConfig) -> None:
         spawner.sock.close()
         os.kill(spawner.pid, signal.SIGKILL)
         os.waitpid(spawner.pid, 0)
+
+
+def _confinement(config: ServerConfig) -> Confinement:
+    """Seccomp program, capability sets and cgroup mounts for every container, built once
+    here (docs/security.md). GACTOR_SECCOMP=off leaves seccomp out: for measuring its cost
+    only."""
+    seccomp_on = os.environ.get("GACTOR_SECCOMP", "on") != "off"
+    if not seccomp_on:
+        log.warning("GACTOR_SECCOMP=off: unprivileged containers run WITHOUT a seccomp filter")
+    try:
+        conf = confinement(seccomp_on=seccomp_on, no_new_privs=config.no_new_privileges)
+    except KernelError as err:
+        raise SystemExit(f"cannot build the seccomp profile of unprivileged containers: {err} "
+                         f"(libseccomp2 is needed)") from None
+    if conf.missing_privileged_caps:
+        log.info("privileged containers get every capability but %s: this server's bounding "
+                 "set lacks them", ", ".join(conf.missing_privileged_caps))
+    if conf.seccomp is not None and conf.seccomp.unknown:
+        log.warning("libseccomp does not know %s: the seccomp profile denies them",
+                    " ".join(sorted(conf.seccomp.unknown)))
+    return conf
 
 
 def _favor_dynmods() -> None:
@@ -296,7 +319,8 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 
 
 async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listeners.ListenAddress,
-                 ssl_context: ssl.SSLContext | None, garden_address: listeners.ListenAddress | None = None,
+                 ssl_context: ssl.SSLContext | None, metrics_address: listeners.ListenAddress | None,
+                 service: ServiceManager, garden_address: listeners.ListenAddress | None = None,
                  debug_address: listeners.ListenAddress | None = None) -> None:
     import trio
 
@@ -304,19 +328,25 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
     from .actors.registry import Registry
     from .actors.spawner_client import SpawnerClient
     from .kernel import cgroups, depot, init_binary, rootfs
+    from .ops import http as ops_http
+    from .ops.metrics import Scraper
     from .transport import garden_conn, garden_http, ws_server
     from .transport.methods import Api
 
     cpus = os.cpu_count() or 1
     with open("/proc/meminfo") as f:
         mem_mib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:")) // 1024
+    janitor = depot.Janitor(config.depot)
+    await trio.to_thread.run_sync(janitor.start)
     env = Environment(
         depot=config.depot,
+        discard=janitor.discard,
         cgroups=cgroups.discover(parent=cgroup_parent_for(config)),
         spawner=SpawnerClient(spawner.sock),
         image_store=os.path.join(config.depot, depot.IMAGES),
         cpu_quota_per_share=config.cpu_quota_per_share,
         entitlement_per_share=cpus * 100 / mem_mib,
+        allow_privileged=not config.disable_privileged_containers,
     )
     if config.cgroup_favordynmods:
         await trio.to_thread.run_sync(_favor_dynmods)
@@ -327,11 +357,17 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
     except (OSError, subprocess.SubprocessError) as err:
         log.warning("no C compiler for garden-init (%s): container pid 1 will be a Python process", err)
     async with trio.open_nursery() as nursery:
+        # The operations listener answers /healthz (and /readyz: 503) during reconcile.
+        scraper = Scraper(config.depot)
+        if metrics_address is not None:
+            metrics_url = await nursery.start(ops_http.serve, ops_http.OpsRoutes(scraper), metrics_address)
+            log.info("serving /metrics, /healthz and /readyz on %s", metrics_url)
         registry = Registry(env, config.default_rootfs, config.default_grace_time, config.max_containers,
                             subnets, ports)
         registry_ref = await nursery.start(functools.partial(
             registry.run, destroy_existing=config.destroy_containers_on_startup))
-        api = Api(registry_ref, config.network_pool)
+        scraper.registry = registry_ref
+        api = Api(registry_ref, config.network_pool, observer=scraper.api)
         access = ws_server.Access(token=config.token or None,
                                   allow_origins=frozenset(config.allow_origins))
         url = await nursery.start(ws_server.serve, api, address, access, ssl_context)
@@ -342,9 +378,13 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
         if debug_address is not None:
             debug_url = await nursery.start(garden_conn.serve_debug, debug_address)
             log.info("gactor serving /debug/vars on %s", debug_url)
+        scraper.ready = True
+        service.notify("READY=1", f"STATUS=serving the API on {url}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("received %s: shutting down, containers keep running", signal.Signals(signum).name)
+                service.notify("STOPPING=1")
+                scraper.ready = False
                 nursery.cancel_scope.cancel()
                 break
     if env.network is not None:

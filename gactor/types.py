@@ -17,6 +17,7 @@ import enum
 import functools
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
@@ -433,33 +434,69 @@ def field_types(cls: type) -> dict[str, Any]:
 def _check_fields(tp: Any, value: Any, path: str, strict: bool) -> str | None:
     """The first field of ``value`` (already converted to ``tp`` once) out of range, or
     (``strict``) unknown, described with its dotted path; None when all are good."""
-    if value is None:
-        return None
+    return None if value is None else _checker(tp)(value, path, strict)
+
+
+Checker = Callable[[Any, str, bool], "str | None"]  # value, dotted path, strict -> problem
+
+
+@functools.cache
+def _checker(tp: Any) -> Checker:
+    """``_check_fields`` for one type, with its typing introspection done once (this runs
+    on every request)."""
     origin = typing.get_origin(tp)
     if origin is Annotated:
         base, *meta = typing.get_args(tp)
-        for bound in meta:
-            if isinstance(bound, Range) and not bound.low <= value <= bound.high:
-                return (f"{path or 'value'} = {value} is out of range for a {bound.go_type}"
-                        f" ({bound.low}..{bound.high})")
-        return _check_fields(base, value, path, strict)
+        bounds = [bound for bound in meta if isinstance(bound, Range)]
+        inner = _checker(base)
+
+        def annotated(value: Any, path: str, strict: bool) -> str | None:
+            for bound in bounds:
+                if not bound.low <= value <= bound.high:
+                    return (f"{path or 'value'} = {value} is out of range for a {bound.go_type}"
+                            f" ({bound.low}..{bound.high})")
+            return inner(value, path, strict)
+        return annotated
     if origin in (typing.Union, types.UnionType):
         arms = [arm for arm in typing.get_args(tp) if arm is not type(None)]
-        return _check_fields(arms[0], value, path, strict) if len(arms) == 1 else None
+        if len(arms) == 1:
+            arm = _checker(arms[0])
+            return lambda value, path, strict: None if value is None else arm(value, path, strict)
+        return _no_check
     if origin is list:
-        (item,) = typing.get_args(tp)
-        for i, element in enumerate(value):
-            if (problem := _check_fields(item, element, f"{path}[{i}]", strict)) is not None:
-                return problem
-        return None
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        (item_type,) = typing.get_args(tp)
+        item = _checker(item_type)
+        if item is _no_check:
+            return _no_check
+
+        def each(value: Any, path: str, strict: bool) -> str | None:
+            for i, element in enumerate(value):
+                if element is not None and (problem := item(element, f"{path}[{i}]", strict)) is not None:
+                    return problem
+            return None
+        return each
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         hints = field_types(tp)
-        for key, element in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if key not in hints:
-                if strict:
-                    return f"unknown field {where!r} (a {tp.__name__} has no field {key!r})"
-                continue
-            if (problem := _check_fields(hints[key], element, where, strict)) is not None:
-                return problem
+        fields = {name: _checker(hint) for name, hint in hints.items()}
+
+        def record(value: Any, path: str, strict: bool) -> str | None:
+            if not isinstance(value, dict):
+                return None
+            for key, element in value.items():
+                check = fields.get(key)
+                if check is None:
+                    if strict:
+                        where = f"{path}.{key}" if path else str(key)
+                        return f"unknown field {where!r} (a {tp.__name__} has no field {key!r})"
+                    continue
+                if check is not _no_check and element is not None:
+                    where = f"{path}.{key}" if path else str(key)
+                    if (problem := check(element, where, strict)) is not None:
+                        return problem
+            return None
+        return record
+    return _no_check
+
+
+def _no_check(value: Any, path: str, strict: bool) -> str | None:
     return None

@@ -12,7 +12,8 @@ STAMP=$VENV/.gactor-install-stamp
 # gcc + libc6-dev: the server compiles its static garden-init (pid 1 of every container;
 # docs/architecture.md says why not Debian's tini or catatonit).
 # openssl: the TLS tests make a self-signed certificate with it.
-PACKAGES=(busybox-static nftables conntrack socat iperf3 e2fsprogs util-linux iproute2 gcc libc6-dev openssl)
+# systemd: the tests check contrib/gactor.service with systemd-analyze verify.
+PACKAGES=(busybox-static nftables conntrack socat iperf3 e2fsprogs util-linux iproute2 gcc libc6-dev openssl systemd)
 
 step() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

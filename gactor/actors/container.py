@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.container_init import MAX_UID
 from ..kernel.errors import KernelError
 from ..kernel.netmodel import ContainerNet, NetworkError
+from ..ops import logs
 from ..types import (
     BandwidthLimits,
     ContainerInfo,
@@ -93,11 +95,20 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
 
 STOP_GRACE = 10.0
 OOM_EVENT = "Out of memory"  # Garden's text in ContainerInfo.events
+
+
+def oom_victim_event(pid: int, task: str, process_id: str | None) -> str:
+    """The event that follows OOM_EVENT and names who was killed (Garden names no one)."""
+    named = f", process id {process_id!r}" if process_id is not None else ""
+    return f"{OOM_EVENT}: killed process {pid} ({task}){named}"
 SHIM_DIED_EVENT = "container shim exited unexpectedly: its processes are lost"
 OOM_POLL = 2.0  # seconds between reads of the oom_kill counter when nothing else prompts one
 KEEP_EXITED = shim_wire.KEEP_COLLECTED  # exited processes remembered, newest first, as in the shim
 DEVICE_ALLOW = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm",
                 "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm"]
+
+
+_remove_tree = depot.remove_tree  # (the field ``depot`` below hides the module)
 
 
 @dataclass
@@ -114,6 +125,7 @@ class Environment:
     entitlement_per_share: float = 0.0
     init_binary: str = ""  # the static garden-init; empty means pid 1 stays a forked Python
     tar_binary: str = "/bin/busybox"  # static, so it runs in any image (as Garden ships its tar)
+    allow_privileged: bool = True  # False: --disable-privileged-containers
     publish: Callable[[str, str], Awaitable[None]] = field(default=lambda handle, event: _nothing())
     # How a container gets its image copy, ``(handle, source, shift) -> ImageCopy``: the
     # registry owns image references (it prepares the copy and records the reference).
@@ -123,6 +135,9 @@ class Environment:
     # Host ports for NetIn, ``(requested or 0) -> port``, and giving one back: registry-owned.
     acquire_port: Callable[[int], Awaitable[int]] = field(default=lambda port: _no_ports())
     release_port: Callable[[int], Awaitable[None]] = field(default=lambda port: _nothing())
+    # How a container directory goes (synchronous): the server's depot.Janitor moves it
+    # aside and removes it in the background.
+    discard: Callable[[str], None] = _remove_tree
 
 
 async def _nothing() -> None:
@@ -147,6 +162,14 @@ class GetInfo:
 @dataclass(frozen=True)
 class CheckOom:
     pass
+
+
+@dataclass(frozen=True)
+class OomKilled:
+    """The kernel log named a victim of an OOM kill in this container (host pid)."""
+
+    pid: int
+    task: str
 
 
 @dataclass(frozen=True)
@@ -270,6 +293,7 @@ class ContainerActor:
         self.created_at = time.time()
         self.processes: dict[str, ProcessActor] = {}
         self._early_exits: dict[str, int] = {}
+        self._exit_order: dict[str, None] = {}  # process ids in the order they exited
         self._link: ShimLink | None = None
         self._cgroup: Cgroup | None = None
         self._shim_fd = -1
@@ -281,8 +305,9 @@ class ContainerActor:
         self._save_lock = trio.Lock()
         self.mailbox = Mailbox(f"container {self.handle}")
         self._nursery: trio.Nursery | None = None
-        # Exits as the shim link reports them (synchronously), forwarded to the mailbox by
-        # a task: one entry per process that ended, so bounded by the processes started.
+        # Exits as the shim link reports them (synchronously) go straight to the mailbox;
+        # when it is full, to this overflow, which a task forwards: one entry per process
+        # that ended, so bounded by the processes started.
         self._exits = trio.open_memory_channel[tuple[str, int]](math.inf)
         self.ref = ContainerRef(self)
 
@@ -321,6 +346,7 @@ class ContainerActor:
         Raises GardenError if creation fails, after undoing every step taken (in a
         worker thread, shielded: a cancelled create still rolls back completely).
         """
+        logs.tag_task(handle=self.handle)  # this task is the actor's alone
         undo = Cleanup()
         try:
             if adopt:
@@ -364,6 +390,9 @@ class ContainerActor:
                 return self._info()
             case CheckOom():
                 await self._check_oom()
+            case OomKilled(pid, task):
+                await self._check_oom()  # Garden's "Out of memory" first, if not recorded yet
+                await self._record_event(oom_victim_event(pid, task, self._process_id_of(pid)))
             case SetProperty(name, value):
                 self.properties[name] = value
                 self.ref._publish()
@@ -422,6 +451,7 @@ class ContainerActor:
                     self._transition(Event.DESTROY_FAILED)
                     reply_to.fail(GardenError(f"destroying {self.handle}: {error}"))
             case _ProcessExited(process_id, code):
+                self._exit_order[process_id] = None
                 proc = self.processes.get(process_id)
                 if proc is None:
                     self._early_exits[process_id] = code
@@ -444,10 +474,20 @@ class ContainerActor:
         image = trio.current_time()
         cfg = await trio.to_thread.run_sync(self._prepare, lower, undo)
         prepared = trio.current_time()
-        status = await self.env.spawner.start_shim(cfg)
-        self._init_pid = int(status["init"])
-        self._own_shim(int(status["shim"]), undo)
-        self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
+        if self.net is None:
+            await self._start_shim(cfg, undo)
+        else:
+            assert self.env.network is not None
+            network = self.env.network
+            try:
+                # The host side of the network in parallel with the shim and init.
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(network.prepare, self.net)
+                    await self._start_shim(cfg, undo)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await network.release(self.net)
+                raise
         networked = trio.current_time()
         if self.net is not None:
             await self._attach_network(undo)
@@ -456,20 +496,26 @@ class ContainerActor:
                   *((t * 1000) for t in (trio.current_time() - started, image - started, prepared - image,
                                          networked - prepared, trio.current_time() - networked)))
 
+    async def _start_shim(self, cfg: dict[str, Any], undo: Cleanup) -> None:
+        status = await self.env.spawner.start_shim(cfg)
+        self._init_pid = int(status["init"])
+        self._own_shim(int(status["shim"]), undo)
+        self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
+
     async def _open_netns(self, undo: Cleanup) -> None:
         self._netns_fd = await trio.to_thread.run_sync(fetch_netns, self.handle, self.dir)
         undo.callback(os.close, self._netns_fd)
 
     async def _attach_network(self, undo: Cleanup) -> None:
-        """The veth, the firewall state, then the spec's bandwidth, NetIn and NetOut.
+        """The veth (the firewall state is in place), then the spec's bandwidth, NetIn and NetOut.
         Any failure (or cancellation) removes the network again before it propagates;
         the registry gives the address and ports back once the create has failed."""
         net, network = self.net, self.env.network
         assert net is not None
         assert network is not None
-        await self._open_netns(undo)
-        await network.attach(net, self._netns_fd)
         try:
+            await self._open_netns(undo)
+            await network.attach(net, self._netns_fd)
             bandwidth = self.spec.limits.bandwidth
             if bandwidth.rate_in_bytes_per_second:
                 await self._limit_bandwidth(bandwidth, save=False)
@@ -490,7 +536,7 @@ class ContainerActor:
 
     async def _reconnect(self, undo: Cleanup) -> None:
         """Take over a container a previous server process created."""
-        undo.callback(depot.remove_tree, self.dir)
+        undo.callback(self.env.discard, self.dir)
         self._cgroup = self.env.cgroups.open(self.name)
         undo.callback(self._destroy_cgroup, self._cgroup)
         undo.callback(rootfs.unmount, os.path.join(self.dir, "rootfs"))
@@ -513,6 +559,8 @@ class ContainerActor:
                 found = await self._link.attach(entry["id"])
             except ProcessNotFoundError:
                 continue  # collected and forgotten since the listing (bounded history)
+            if found.exit is not None:
+                self._exit_order[entry["id"]] = None
             await self._add_process(self._process_actor(
                 entry["id"], found.pid, found.tty, found.fds, found.exit, found.stdin_open))
 
@@ -530,7 +578,7 @@ class ContainerActor:
         """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread)."""
         os.makedirs(os.path.dirname(self.dir), mode=0o711, exist_ok=True)
         os.mkdir(self.dir, 0o711)
-        undo.callback(depot.remove_tree, self.dir)
+        undo.callback(self.env.discard, self.dir)
         depot.write_json(os.path.join(self.dir, "container.json"), self._record())
         cgroup = self.env.cgroups.create(self.name)
         undo.callback(self._destroy_cgroup, cgroup)
@@ -756,7 +804,8 @@ class ContainerActor:
         await self._record_event(SHIM_DIED_EVENT)
 
     def _on_exit(self, process_id: str, code: int) -> None:
-        _forward_exit(self._exits[0], process_id, code)
+        if not self.mailbox.tell_nowait(_ProcessExited(process_id, code)):
+            _forward_exit(self._exits[0], process_id, code)
 
     async def _forward_exits(self, exits: trio.MemoryReceiveChannel[tuple[str, int]]) -> None:
         async for process_id, code in exits:
@@ -863,17 +912,30 @@ class ContainerActor:
     async def _add_process(self, proc: ProcessActor) -> ProcessActor:
         assert self._nursery is not None
         self.processes[proc.id] = proc
-        await self._nursery.start(proc.run)
+        # Not ``start``: its mailbox queues commands until it serves, and the caller gets
+        # the process one scheduling round sooner.
+        self._nursery.start_soon(proc.run)
         if proc.id in self._early_exits:
             await proc.exited(self._early_exits.pop(proc.id))
         self._forget_exited()
         return proc
 
     def _forget_exited(self) -> None:
-        """Keep the newest KEEP_EXITED finished processes (dicts keep insertion order)."""
-        finished = [pid for pid, p in self.processes.items() if p.done.is_set()]
-        for process_id in finished[: max(0, len(finished) - KEEP_EXITED)]:
-            del self.processes[process_id]
+        """Forget the oldest exits beyond KEEP_EXITED, once their processes are done
+        (output drained). Looks only at the excess, not at every process: this runs on
+        every ``run``."""
+        excess = len(self._exit_order) - KEEP_EXITED
+        if excess <= 0:
+            return
+        for process_id in list(itertools.islice(self._exit_order, excess)):
+            proc = self.processes.get(process_id)
+            if proc is None or proc.done.is_set():
+                del self._exit_order[process_id]
+                self.processes.pop(process_id, None)
+
+    def _process_id_of(self, pid: int) -> str | None:
+        """The Run process with host pid ``pid`` (its children have no process id)."""
+        return next((p.id for p in self.processes.values() if p.pid == pid), None)
 
     def _process(self, process_id: str) -> ProcessActor:
         proc = self.processes.get(process_id)
@@ -986,6 +1048,10 @@ class ContainerRef:
     async def check_oom(self) -> None:
         await self._mailbox.ask(CheckOom())
 
+    async def oom_killed(self, pid: int, task: str) -> None:
+        """Report a victim the kernel log named (the registry watches the log); not waited for."""
+        await self._mailbox.tell(OomKilled(pid, task))
+
     async def set_property(self, name: str, value: str) -> None:
         await self._mailbox.ask(SetProperty(name, value))
 
@@ -1073,7 +1139,7 @@ def remove_orphan(env: Environment, name: str, shim_pid: int | None = None) -> N
     with contextlib.suppress(KernelError):
         ContainerActor._destroy_cgroup(env.cgroups.open(name))
     rootfs.unmount(os.path.join(path, "rootfs"))
-    depot.remove_tree(path)
+    env.discard(path)
 
 
 def _kill_quietly(pidfd: int) -> None:

@@ -97,6 +97,17 @@ class Mailbox:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
 
+    def tell_nowait(self, command: Any) -> bool:
+        """``tell`` from synchronous code: False when the mailbox is full (the caller must
+        keep the command and send it later); once the owner has ended it is dropped (True)."""
+        try:
+            self._send.send_nowait(Request(command))
+        except trio.WouldBlock:
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        return True
+
     async def serve(self, handler: Callable[[Request[Any]], Awaitable[Any]],
                     until: Callable[[], bool] = lambda: False) -> None:
         """The owner's loop: settle requests with ``handler`` one at a time, in arrival

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 _MEMORY_FIELDS = frozenset(ContainerMemoryStat.__dataclass_fields__)
 
 
-def _read(container: ContainerRef) -> Metrics:
+def read(container: ContainerRef) -> Metrics:
+    """The container's metrics, read here and now (blocking: call it in a worker thread).
+    Raises KernelError when its cgroup is gone (destroyed meanwhile)."""
     cgroup = container.cgroup
     stat = cgroup.memory_stat()
     usage, user, system = cgroup.cpu_stat()
@@ -57,14 +59,14 @@ def _read(container: ContainerRef) -> Metrics:
 
 
 async def collect(container: ContainerRef) -> Metrics:
-    return await trio.to_thread.run_sync(_read, container)
+    return await trio.to_thread.run_sync(read, container)
 
 
 def _read_many(containers: list[ContainerRef]) -> list[Metrics | KernelError]:
     results: list[Metrics | KernelError] = []
     for container in containers:
         try:
-            results.append(_read(container))
+            results.append(read(container))
         except KernelError as err:  # destroyed meanwhile, say: that handle's entry says so
             results.append(err)
     return results

@@ -78,8 +78,10 @@ class Networking:
 
     # ---- a container's network -----------------------------------------------------
 
-    async def attach(self, net: ContainerNet, netns_fd: int) -> None:
-        """Give the container its veth (and bridge) and its firewall state.
+    async def prepare(self, net: ContainerNet) -> None:
+        """The host side, which needs no namespace yet: a static subnet's bridge and the
+        container's firewall state (its rules name the veth, which comes in ``attach``).
+        The create runs it while the container's processes start.
 
         On failure, or when cancelled, whatever this call made is removed before it
         returns (shielded)."""
@@ -87,8 +89,17 @@ class Networking:
         try:
             if bridge is not None:
                 await self.netlink.ensure_bridge(bridge, net.alloc.gateway_ip, net.alloc.subnet.prefixlen, net.mtu)
-            await self.netlink.create_container_link(net, netns_fd, bridge)
             await trio.to_thread.run_sync(self.firewall.add_container, net)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.release(net)
+            raise
+
+    async def attach(self, net: ContainerNet, netns_fd: int) -> None:
+        """Give the container its veth (after ``prepare``). On failure, or when
+        cancelled, the network is removed (``release``) before this returns (shielded)."""
+        try:
+            await self.netlink.create_container_link(net, netns_fd, self.bridge_for(net.alloc))
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.release(net)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import GardenError
+from ..ops import logs
 from .mailbox import ActorGone, Mailbox, Request
 from .shim_link import ShimLink
 
@@ -129,6 +130,8 @@ class ProcessActor:
         self._subs: set[Subscription] = {subscriber} if subscriber is not None else set()
         self._pump_scopes: list[trio.CancelScope] = []
         self._reads: set[trio.CancelScope] = set()  # the pumps' waits for output
+        self._pumping = 0  # pumps not at EOF yet
+        self._serving = trio.CancelScope()  # the mailbox loop, ended once exited and drained
         self._mailbox = Mailbox(f"process {id}")
         self._stdin_box = Mailbox(f"the stdin of process {id}", STDIN_QUEUE)
 
@@ -140,20 +143,23 @@ class ProcessActor:
         """Pump output until exit and EOF, then end every subscription and release the
         fds (here and in the shim). Commands sent after that are answered from what the
         actor published (see the public methods)."""
+        logs.tag_task(process_id=self.id)  # this task is the actor's alone
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._mailbox.serve, self._handle)
                 # The stdin pipe's owner: writes in order, each finished before its reply.
                 nursery.start_soon(self._stdin_box.serve, self._stdin_command)
-                async with trio.open_nursery() as pumps:
-                    for fd, stream in ((1, self._stdout), (2, self._stderr)):
-                        if stream is not None:
-                            scope = trio.CancelScope()
-                            self._pump_scopes.append(scope)
-                            pumps.start_soon(self._pump, stream, fd, scope)
-                    task_status.started(self)
-                    await self._exited.wait()
-                    self._push_drain_deadline()
+                for fd, stream in ((1, self._stdout), (2, self._stderr)):
+                    if stream is not None:
+                        scope = trio.CancelScope()
+                        self._pump_scopes.append(scope)
+                        self._pumping += 1
+                        nursery.start_soon(self._pump, stream, fd, scope)
+                task_status.started(self)
+                self._end_if_finished()  # no pumps and the exit code known from the start
+                # This task serves the mailbox until the exit has come and every pump has
+                # reached EOF (whichever is last cancels ``_serving``).
+                with self._serving:
+                    await self._mailbox.serve(self._handle)
                 nursery.cancel_scope.cancel()
         finally:
             self._mailbox.close()
@@ -187,12 +193,21 @@ class ProcessActor:
             case _Exited(code):
                 if self.exit_code is None:
                     self.exit_code = code
-                self._exited.set()
+                self._set_exited()
             case _Lost(reason):
                 self.lost_reason = reason
-                self._exited.set()
+                self._set_exited()
                 for scope in self._pump_scopes:
                     scope.cancel()
+
+    def _set_exited(self) -> None:
+        self._exited.set()
+        self._push_drain_deadline()
+        self._end_if_finished()
+
+    def _end_if_finished(self) -> None:
+        if self._exited.is_set() and not self._pumping:
+            self._serving.cancel()
 
     def _push_drain_deadline(self) -> None:
         """The exit came: a pump waiting for output now gives up after EXIT_DRAIN_GRACE."""
@@ -205,24 +220,31 @@ class ProcessActor:
         taken it (so a slow one pauses the process). After the exit, only time spent waiting for the
         process to write counts towards EXIT_DRAIN_GRACE, never time spent waiting for a
         slow subscriber: that would drop output still in the pipe."""
-        with scope:  # cancelled when the shim is lost
-            while True:
-                data = b""
-                with trio.CancelScope() as reading:
-                    if self._exited.is_set():
-                        reading.deadline = trio.current_time() + EXIT_DRAIN_GRACE
-                    self._reads.add(reading)
-                    try:
-                        data = await stream.receive_some(READ_CHUNK)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        return  # EIO on a pty master is its normal end of stream
-                    finally:
-                        self._reads.discard(reading)
-                if not data:
-                    return  # EOF, or idle past the grace after the exit
-                for sub in list(self._subs):
-                    if fd in sub.fds and not await sub.deliver(fd, data):
-                        self._subs.discard(sub)
+        try:
+            with scope:  # cancelled when the shim is lost
+                await self._pump_until_eof(stream, fd)
+        finally:
+            self._pumping -= 1
+            self._end_if_finished()
+
+    async def _pump_until_eof(self, stream: trio.lowlevel.FdStream, fd: int) -> None:
+        while True:
+            data = b""
+            with trio.CancelScope() as reading:
+                if self._exited.is_set():
+                    reading.deadline = trio.current_time() + EXIT_DRAIN_GRACE
+                self._reads.add(reading)
+                try:
+                    data = await stream.receive_some(READ_CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return  # EIO on a pty master is its normal end of stream
+                finally:
+                    self._reads.discard(reading)
+            if not data:
+                return  # EOF, or idle past the grace after the exit
+            for sub in list(self._subs):
+                if fd in sub.fds and not await sub.deliver(fd, data):
+                    self._subs.discard(sub)
 
     async def _stdin_command(self, request: Request[None]) -> None:
         command = request.command

@@ -17,6 +17,7 @@ last pause ends, and an expired timer destroys the container.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ from typing import Any, Protocol
 import trio
 
 from ..errors import ContainerNotFoundError, GardenError
-from ..kernel import depot, image_copies, shims
+from ..kernel import depot, image_copies, kmsg, shims
 from ..kernel.errors import KernelError
 from ..kernel.netmodel import ContainerNet
 from ..types import Capacity, ContainerSpec
@@ -106,6 +107,7 @@ class Container(Protocol):
     def net(self) -> ContainerNet | None: ...
     async def destroy(self) -> None: ...
     async def set_grace_time(self, seconds: float) -> None: ...
+    async def oom_killed(self, pid: int, task: str) -> None: ...
 
 
 # ---- commands ---------------------------------------------------------------------------
@@ -153,6 +155,24 @@ class Subscribe:
 class Publish:
     handle: str
     event: str
+
+
+@dataclass(frozen=True)
+class TakeCensus:
+    """Asked at every metrics scrape: what the registry holds right now."""
+
+
+@dataclass(frozen=True)
+class Census:
+    """The registry's state at one moment, for metrics: the listed containers, creates
+    under way, and the pools (zeros without networking)."""
+
+    containers: tuple[Container, ...]
+    creating: int
+    subnets_in_use: int = 0
+    subnets_capacity: int = 0
+    ports_available: int = 0
+    ports_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -276,12 +296,36 @@ class Registry:
                 self._nursery = nursery
                 await self._restore()
                 nursery.start_soon(self.mailbox.serve, self._handle)
+                nursery.start_soon(self._watch_oom_kills)
                 if destroy_existing:
                     for handle in list(self.containers):
                         await ref.destroy(handle)
                 task_status.started(ref)
         finally:
             self.mailbox.close()
+
+    async def _watch_oom_kills(self) -> None:
+        """Hand each OOM victim the kernel log names in one of our containers to that
+        container's actor, which records it as an event (after Garden's "Out of memory")."""
+        try:
+            klog = await trio.to_thread.run_sync(kmsg.KernelLog)
+        except OSError as err:
+            log.warning("OOM events will not name the killed process: cannot read %s: %s", kmsg.KMSG, err)
+            return
+        parent = os.path.basename(self.env.cgroups.parent.rstrip("/"))
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(klog.fd)
+                for record in klog.read():
+                    kill = kmsg.parse(record)
+                    if kill is None or os.path.basename(os.path.dirname(kill.memcg)) != parent:
+                        continue
+                    container = next((c for c in self.containers.values() if c.name == kill.cgroup_name), None)
+                    if container is not None:
+                        await container.oom_killed(kill.pid, kill.task)
+        finally:
+            trio.lowlevel.notify_closing(klog.fd)
+            klog.close()
 
     async def _handle(self, request: Request[Any]) -> Any:  # noqa: C901 - one case per command
         match request.command:
@@ -385,9 +429,21 @@ class Registry:
                 self._publish(handle, event)
             case Adopted(container):
                 self._add(container)
+            case TakeCensus():
+                return self._census()
             case command:
                 raise GardenError(f"unknown registry command {command!r}")
         return None
+
+    def _census(self) -> Census:
+        census = Census(tuple(self.containers.values()), len(self._creating))
+        if self.subnets is not None:
+            census = dataclasses.replace(census, subnets_in_use=self.subnets.in_use(),
+                                         subnets_capacity=self.subnets.capacity())
+        if self.ports is not None:
+            census = dataclasses.replace(census, ports_available=self.ports.available(),
+                                         ports_size=self.ports.size)
+        return census
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         assert self._nursery is not None
@@ -466,6 +522,8 @@ class Registry:
             raise GardenError(f"Handle '{spec.handle}' already in use")
         if self.max_containers and len(self.containers) + len(self._creating) >= self.max_containers:
             raise GardenError("max containers reached")
+        if spec.privileged and not self.env.allow_privileged:
+            raise GardenError("privileged container creation is disabled")
         name = depot.dir_name(spec.handle)
         if any(c.name == name for c in self.containers.values()):
             raise GardenError(f"Handle '{spec.handle}' already in use")  # cannot happen: names are injective
@@ -759,6 +817,11 @@ class RegistryRef:
 
     async def adopt(self, container: Container) -> None:
         await self._mailbox.ask(Adopted(container))
+
+    async def census(self) -> Census:
+        """What the registry holds now (one round trip through its mailbox)."""
+        census: Census = await self._mailbox.ask(TakeCensus())
+        return census
 
     def capacity(self, pool_containers: int) -> Capacity:
         with open("/proc/meminfo") as f:

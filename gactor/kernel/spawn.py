@@ -25,7 +25,7 @@ from typing import Any
 import msgpack
 
 from . import linux as L
-from .container_init import CAP_SYS_ADMIN, DEFAULT_CAPS
+from .container_init import Confinement, confine
 from .users import UserNotFound, find_executable, process_env, resolve_user
 
 RLIMITS = {
@@ -128,8 +128,9 @@ def set_window_size(fd: int, columns: int, rows: int) -> None:
 
 
 def spawn(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
-          spec: dict[str, Any], stdio: Stdio) -> int:
-    """Start ``spec`` in the container; return its host pid. Raises SpawnError."""
+          spec: dict[str, Any], stdio: Stdio, conf: Confinement) -> int:
+    """Start ``spec`` in the container, confined by ``conf``; return its host pid.
+    Raises SpawnError."""
     pid_r, pid_w = os.pipe()
     err_r, err_w = os.pipe()
     helper = os.fork()
@@ -138,7 +139,7 @@ def spawn(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
         try:
             os.close(pid_r)
             os.close(err_r)
-            _helper(ns_fds, cgroup_procs, privileged, spec, stdio, pid_w, err_w)
+            _helper(ns_fds, cgroup_procs, privileged, spec, stdio, conf, pid_w, err_w)
         finally:
             os._exit(2)
     os.close(pid_w)
@@ -163,7 +164,7 @@ def spawn(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
 
 
 def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
-            spec: dict[str, Any], stdio: Stdio, pid_w: int, err_w: int) -> None:
+            spec: dict[str, Any], stdio: Stdio, conf: Confinement, pid_w: int, err_w: int) -> None:
     try:
         for path in cgroup_procs:
             with open(path, "w") as f:
@@ -196,7 +197,7 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
     if pid == 0:
         os.close(pid_w)
         try:
-            _exec(spec, privileged, stdio, err_w)
+            _exec(spec, privileged, stdio, conf)
         except SpawnError as err:
             _report(err_w, err.kind, str(err))
         except Exception:  # noqa: BLE001
@@ -210,7 +211,7 @@ def _report(fd: int, kind: str, message: str) -> None:
     os.write(fd, msgpack.packb({"type": kind, "message": message}))
 
 
-def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, err_w: int) -> None:
+def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, conf: Confinement) -> None:
     """In the container's namespaces: become the user, wire stdio, exec. Never returns."""
     # Ignored signals survive exec, and the shim (like every Python process) ignores some.
     for sig in _RESET_SIGNALS:
@@ -254,10 +255,7 @@ def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, err_w: int) -> N
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
 
-    if not privileged:
-        L.limit_capabilities(DEFAULT_CAPS)
-    elif user.uid != 0:
-        L.limit_capabilities(DEFAULT_CAPS | {CAP_SYS_ADMIN})
+    confine(conf, privileged, user.uid)  # seccomp from here on: only what the program allows
     os.setgroups(list(user.groups))
     os.setresgid(user.gid, user.gid, user.gid)
     os.setresuid(user.uid, user.uid, user.uid)

@@ -4,6 +4,10 @@ Both front ends (msgpack websocket, and later Garden HTTP) call ``Api.call``.
 Streaming calls are the context managers ``Api.process`` (run, attach) and ``Api.tar``
 (stream_in, stream_out): they yield the process and its subscription with the grace
 timer paused, and the front end pumps them. Every error leaving here is a ``GardenError``.
+
+Each entry point (``call``, ``process``, ``stream_in``, ``stream_out``) takes the name of
+the front end calling it (``front_end``, default ``WEBSOCKET``) and runs under the
+``CallObserver`` the Api was built with (metrics and request logs, ``gactor/ops``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import ipaddress
 import os
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -39,6 +44,20 @@ from . import schema
 T = TypeVar("T")
 Handler = Callable[["Api", dict[str, Any]], Awaitable[Any]]
 _SIGNALS = {0: 15, 1: 9}
+WEBSOCKET = "websocket"  # the ``front_end`` of the msgpack websocket API's calls
+
+
+class CallObserver(Protocol):
+    """Watches every API call (metrics, request logs): ``observe`` returns a context
+    manager entered around the call (for a stream: until its reply), which sees any
+    exception the call raises. It must not raise or block."""
+
+    def observe(self, method: str, front_end: str, args: dict[str, Any]) -> AbstractContextManager[None]: ...
+
+
+class _Unobserved:
+    def observe(self, method: str, front_end: str, args: dict[str, Any]) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 def arg(args: dict[str, Any], key: str, kind: type[T], default: Any = ...) -> T:
@@ -59,11 +78,17 @@ class Api:
     """Every Garden call as a coroutine over the registry's handle: validation, then
     commands to actors. Front ends decode, call and encode; nothing here knows a wire."""
 
-    def __init__(self, registry: RegistryRef, network_pool: str) -> None:
+    def __init__(self, registry: RegistryRef, network_pool: str, observer: CallObserver | None = None) -> None:
         self.registry = registry
         self.pool_containers = ipaddress.ip_network(network_pool).num_addresses // 4
+        self.observer: CallObserver = observer or _Unobserved()
 
-    async def call(self, method: str, args: dict[str, Any]) -> Any:
+    async def call(self, method: str, args: dict[str, Any], front_end: str = WEBSOCKET) -> Any:
+        """The result of ``method``; ``front_end`` names the caller's API for the observer."""
+        with self.observer.observe(method, front_end, args):
+            return await self._dispatch(method, args)
+
+    async def _dispatch(self, method: str, args: dict[str, Any]) -> Any:
         args = schema.check(method, args)  # map arguments decoded: handlers take them as they are
         if method in API_METHODS:
             return await API_METHODS[method](self, args)
@@ -73,7 +98,21 @@ class Api:
         raise GardenError(f"unknown method '{method}'")
 
     @contextlib.asynccontextmanager
-    async def process(self, method: str, args: dict[str, Any]) -> AsyncIterator[tuple[ProcessActor, Subscription]]:
+    async def _observed(self, method: str, front_end: str, args: dict[str, Any],
+                        opening: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
+        """``opening`` entered under the observer: a stream is timed until it opens."""
+        async with contextlib.AsyncExitStack() as stack:
+            with self.observer.observe(method, front_end, args):
+                opened = await stack.enter_async_context(opening)
+            yield opened
+
+    def process(self, method: str, args: dict[str, Any], front_end: str = WEBSOCKET
+                ) -> AbstractAsyncContextManager[tuple[ProcessActor, Subscription]]:
+        """``open_process`` (see there), observed until the process is started or found."""
+        return self._observed(method, front_end, args, self.open_process(method, args))
+
+    @contextlib.asynccontextmanager
+    async def open_process(self, method: str, args: dict[str, Any]) -> AsyncIterator[tuple[ProcessActor, Subscription]]:
         """Run a process (``run``) or find one (``attach``), subscribed to the output the
         caller asked for, with the container's grace timer paused until the context ends
         (Garden: for the whole life of a Run or Attach connection). A run's subscription
@@ -132,11 +171,17 @@ class Api:
                     await process.unsubscribe(sub)
 
 
-    async def stream_in(self, args: dict[str, Any], chunks: AsyncIterable[bytes]) -> None:
+    async def stream_in(self, args: dict[str, Any], chunks: AsyncIterable[bytes],
+                        front_end: str = WEBSOCKET) -> None:
         """StreamIn: extract the uncompressed tar ``chunks`` carry into ``path`` as ``user``;
-        returns once it is all written. Raises GardenError ("error streaming in: ...",
-        with tar's exit status and output; ContainerNotFoundError as it is). Cancelled
-        (the client went away): tar is killed; what it extracted so far stays."""
+        returns once it is all written (observed until then). Raises GardenError ("error
+        streaming in: ...", with tar's exit status and output; ContainerNotFoundError as
+        it is). Cancelled (the client went away): tar is killed; what it extracted so far
+        stays."""
+        with self.observer.observe("stream_in", front_end, args):
+            await self._stream_in(args, chunks)
+
+    async def _stream_in(self, args: dict[str, Any], chunks: AsyncIterable[bytes]) -> None:
         try:
             async with self.tar(args, extract=True) as (process, sub):
                 async with trio.open_nursery() as nursery:
@@ -144,13 +189,20 @@ class Api:
                     output = await _collect(sub)
                     code = await process.wait()
                     nursery.cancel_scope.cancel()
-            if code != 0:
+            # busybox tar only warns about a device node it may not make (an unprivileged
+            # container cannot), and exits 0; GNU tar, which Garden runs, fails.
+            if code != 0 or _TAR_NODE_REFUSED in output:
                 raise GardenError(f"exit status {code}. Output: {output.decode(errors='replace').strip()}")
         except* GardenError as group:
             raise stream_error(first_error(group), "in") from None
 
+    def stream_out(self, args: dict[str, Any], front_end: str = WEBSOCKET
+                   ) -> AbstractAsyncContextManager[AsyncIterator[list[bytes]]]:
+        """``open_stream_out`` (see there), observed until the archive is known readable."""
+        return self._observed("stream_out", front_end, args, self.open_stream_out(args))
+
     @contextlib.asynccontextmanager
-    async def stream_out(self, args: dict[str, Any]) -> AsyncIterator[AsyncIterator[list[bytes]]]:
+    async def open_stream_out(self, args: dict[str, Any]) -> AsyncIterator[AsyncIterator[list[bytes]]]:
         """StreamOut: a tar of ``path`` read as ``user``. The context opens once the
         archive is known to be readable (else GardenError, "error streaming out: ..."):
         tar writes an empty archive even for a missing path, so it waits for a member or
@@ -169,6 +221,7 @@ class Api:
             raise stream_error(first_error(group), "out") from None
 
 
+_TAR_NODE_REFUSED = b"tar: can't create node "
 TAR_OUTPUT_LIMIT = 64 << 10  # bytes of tar's stderr kept for an error message
 _TAR_END_MARKER = 1024  # two zero blocks end every tar archive
 

@@ -159,6 +159,9 @@ class ServerProcess:
         cmd = gactor_command(
             "server", "--listen", listen, "--depot", self.depot,
             "--default-rootfs", ROOTFS, "--network-pool", self.pool, "--log-level", "info",
+            # No metrics listener unless a test asks for one (the default port is shared),
+            # and logs for people: tests read them. Later flags override these.
+            "--metrics-listen", "off", "--log-format", "console",
             *token, *tls, *self.args, *extra,
         )  # fmt: skip
         self.note(" ".join(cmd))

@@ -356,6 +356,28 @@ async def test_sigkill_during_concurrent_destroys(own_servers):
     await server.finish()
 
 
+async def test_restart_empties_the_trash_a_crash_left(own_servers):
+    """Destroyed containers' directories are removed in the background from
+    ``<depot>/trash``; what a crash leaves there goes at the next start."""
+    server = own_servers("trash", "10.248.30.0/24")
+    await server.start()
+    async with server.connect() as client:
+        await client.create(ContainerSpec(handle="t1"))
+        await client.destroy("t1")
+    trash = os.path.join(server.depot, "trash")
+    await wait_for(lambda: not os.listdir(trash), what="the trash to be emptied after a destroy")
+    await server.kill(signal.SIGKILL)
+    left = os.path.join(trash, "t0.0123456789ab")
+    os.makedirs(os.path.join(left, "upper", "etc", "work"))
+    for name in ("container.json", "upper/etc/hosts"):
+        with open(os.path.join(left, name), "w") as f:
+            f.write("x")
+    os.chmod(os.path.join(left, "upper", "etc", "work"), 0)
+    await server.start()
+    await wait_for(lambda: not os.listdir(trash), what="the trash to be emptied at start")
+    await server.finish()
+
+
 # ---- graceful stop, and --destroy-containers-on-startup ---------------------------------------
 
 

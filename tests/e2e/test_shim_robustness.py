@@ -174,6 +174,10 @@ async def test_restart_after_ten_thousand_processes(own_servers):
             for pid_id, code in last_codes.items():
                 proc = await c.run(ProcessSpec(id=pid_id, path="sh", args=["-c", f"exit {code}"]), ProcessIO())
                 assert await proc.wait() == code
+        # The server forgot the oldest too (its memory stays bounded), before any restart.
+        with pytest.raises(ProcessNotFoundError):
+            await c.attach("p0", ProcessIO())
+        assert await (await c.attach(f"p{total - 1}", ProcessIO())).wait() == (total - 1) % 7
 
     # Pruned in the shim, exit code files included.
     files = os.listdir(os.path.join(server.container_dir("history"), "processes"))

@@ -19,7 +19,7 @@ COMMAND_OPTIONS = {
     "server": ["--config", "--listen", "--garden-listen", "--debug-listen", "--depot", "--default-rootfs",
                "--network-pool", "--port-pool-start", "--port-pool-size",
                "--default-grace-time", "--max-containers", "--deny-network", "--external-ip",
-               "--log-level", "--cpu-quota-per-share", "--destroy-containers-on-startup",
+               "--log-level", "--log-format", "--metrics-listen", "--print-config", "--cpu-quota-per-share", "--destroy-containers-on-startup",
                "--token", "--tls-cert", "--tls-key", "--insecure", "--allow-origin"],
     "ping": [],
     "capacity": [],
@@ -160,15 +160,15 @@ def test_server_unknown_config_key_is_named(tmp_path: Path) -> None:
     config_file = tmp_path / "gactor.toml"
     config_file.write_text('listen = "127.0.0.1:9000"\nlisten-harder = true\n')
     result = CliRunner().invoke(cli, ["server", "--config", str(config_file)])
-    assert result.exit_code == 1
-    assert "error: unknown key" in result.stderr
+    assert result.exit_code == 2
+    assert "unknown key" in result.stderr
     assert "listen-harder" in result.stderr
 
 
 def test_server_missing_config_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["server", "--config", str(tmp_path / "absent.toml")])
-    assert result.exit_code == 1
-    assert result.stderr.startswith("error: cannot read")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: cannot read config file")
 
 
 def test_bad_property_is_a_usage_error() -> None:

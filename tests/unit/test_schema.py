@@ -363,3 +363,16 @@ def test_check_hands_back_map_arguments_decoded_and_the_rest_as_given() -> None:
     limits = schema.check("limit_memory", {"handle": "h", "limits": {"limit_in_bytes": 1 << 30}})
     assert limits == {"handle": "h", "limits": T.MemoryLimits(limit_in_bytes=1 << 30)}
     assert schema.check("stop", {"handle": "h"}) == {"handle": "h"}  # a missing optional stays missing
+
+
+def test_a_long_rule_list_is_decoded_whole_and_a_bad_rule_still_named() -> None:
+    """bulk_net_out decodes thousands of rules in one pass; one bad rule among them is
+    refused with the same message as on its own."""
+    good = {"protocol": 1, "networks": [{"start": "10.1.0.1", "end": ""}], "ports": [{"start": 80, "end": 0}]}
+    checked = schema.check("bulk_net_out", {"handle": "h", "rules": [good] * 3000})
+    assert checked["rules"] == [T.NetOutRule(protocol=T.Protocol.TCP, networks=[T.IPRange("10.1.0.1", "")],
+                                             ports=[T.PortRange(80, 0)])] * 3000
+    for bad, words in [({**good, "ports": [{"start": 1 << 16, "end": 0}]}, "ports[0].start = 65536 is out of range"),
+                       ({**good, "colour": "red"}, "unknown field 'colour'"),
+                       ({**good, "protocol": "tcp"}, "Expected `int`")]:
+        assert words in refused("bulk_net_out", {"handle": "h", "rules": [good] * 1500 + [bad] + [good] * 1500})
