@@ -104,7 +104,10 @@ class HttpConnection:
             pass
 
     async def body_chunk(self) -> bytes | None:
-        """The next piece of the request body, None at its end. Raises ClientGone."""
+        """The next piece of the request body, None at its end. Raises ClientGone. A
+        client waiting for ``100 Continue`` (curl, for a large StreamIn) gets it first."""
+        if self.h11.client_is_waiting_for_100_continue and self.h11.our_state is h11.SEND_RESPONSE:
+            await self.send(h11.InformationalResponse(status_code=100, headers=[]))
         while True:
             event = await self._event()
             if isinstance(event, h11.Data):

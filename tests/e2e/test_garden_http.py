@@ -70,13 +70,12 @@ async def http(port: int, method: str, path: str, body: bytes | None = None, *,
         if body is not None:
             head.append(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(len(body))))
             head.append(("Content-Type", "application/json"))
-        out = conn.send(h11.Request(method=method, target=path, headers=head))
+        await stream.send_all(conn.send(h11.Request(method=method, target=path, headers=head)) or b"")
         if body is not None:
-            pieces = [body[i:i + 7000] for i in range(0, len(body), 7000)] if chunked else [body]
-            for piece in pieces:
-                out += conn.send(h11.Data(data=piece))
-        out += conn.send(h11.EndOfMessage())
-        await stream.send_all(out)
+            step = 32 << 10 if chunked else len(body) or 1  # Go's io.Copy writes 32 KiB chunks
+            for i in range(0, len(body), step):
+                await stream.send_all(conn.send(h11.Data(data=body[i:i + step])) or b"")
+        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
         status, got, data = 0, [], bytearray()
         while True:
             event = conn.next_event()
@@ -649,6 +648,53 @@ async def test_stream_in_chunked_and_stream_out_raw_tar(garden: ServerProcess, h
                         _tar({"f": b"x"}), chunked=True)
     assert denied.status == 500
     assert "error streaming in" in denied.json()["Message"]
+
+
+async def test_large_files_round_trip(garden: ServerProcess, handle: str) -> None:
+    port = port_of(garden)
+    payload = os.urandom(24 << 20)
+    response = await http(port, "PUT", f"/containers/{handle}/files?destination=/tmp/big&user=",
+                          _tar({"blob": payload}), chunked=True)
+    assert response.status == 200
+    out = await http(port, "GET", f"/containers/{handle}/files?source=/tmp/big/blob&user=")
+    with tarfile.open(fileobj=io.BytesIO(out.body)) as tar:
+        member = tar.extractfile("blob")
+        assert member is not None
+        assert hashlib.sha256(member.read()).digest() == hashlib.sha256(payload).digest()
+
+
+async def test_keep_alive_and_expect_100_continue(garden: ServerProcess, handle: str) -> None:
+    """Not what the Go client does (a socket per call), but what other HTTP clients do:
+    several requests on one connection, and a body sent only after ``100 Continue``."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port_of(garden))
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        bodies: list[bytes] = []
+        for target in ("/ping", "/capacity"):
+            await stream.send_all(conn.send(h11.Request(method="GET", target=target, headers=[("Host", "api")]))
+                                  + conn.send(h11.EndOfMessage()))
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Data):
+                    bodies.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    conn.start_next_cycle()
+                    break
+        assert bodies[0] == b"{}\n"
+        assert b"max_containers" in bodies[1]
+        body = _tar({"f": b"after continue"})
+        await stream.send_all(f"PUT /containers/{handle}/files?destination=/tmp/c&user= HTTP/1.1\r\nHost: api\r\n"
+                              f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        with trio.fail_after(0.9):  # curl would give up waiting after 1 s and send anyway
+            head = await stream.receive_some(65536)
+        assert head.startswith(b"HTTP/1.1 100 ")
+        await stream.send_all(body)
+        reply = b""
+        while not reply.endswith(b"{}\n"):
+            reply += await stream.receive_some(65536)
+        assert reply.startswith(b"HTTP/1.1 200 OK")
 
 
 # ---- grace time, access, debug ----------------------------------------------------------
