@@ -139,6 +139,8 @@ class Environment:
     # Host ports for NetIn, ``(requested or 0) -> port``, and giving one back: registry-owned.
     acquire_port: Callable[[int], Awaitable[int]] = field(default=lambda port: _no_ports())
     release_port: Callable[[int], Awaitable[None]] = field(default=lambda port: _nothing())
+    # Dropping an image reference taken with acquire_image (a pea's, when it has finished).
+    release_image: Callable[[str], Awaitable[None]] = field(default=lambda key: _nothing())
     # How a container directory goes (synchronous): the server's depot.Janitor moves it
     # aside and removes it in the background.
     discard: Callable[[str], None] = _remove_tree
@@ -247,6 +249,20 @@ class Destroy:
 class _Spawned:
     reply_to: Request[ProcessActor]
     process: ProcessActor
+    pea: Pea | None = None
+
+
+@dataclass(frozen=True)
+class _PeaDone:
+    process_id: str
+
+
+@dataclass(frozen=True)
+class Pea:
+    """A process with its own image (Garden's "pea"): its overlay root and image reference."""
+
+    key: str  # the registry's image reference
+    dir: str  # <container>/peas/<n>: rootfs (mounted), upper, work
 
 
 @dataclass(frozen=True)
@@ -298,6 +314,8 @@ class ContainerActor:
         self.processes: dict[str, ProcessActor] = {}
         self._early_exits: dict[str, int] = {}
         self._exit_order: dict[str, None] = {}  # process ids in the order they exited
+        self._peas: dict[str, Pea] = {}  # by process id, until the process is done
+        self._pea_seq = 0
         self._link: ShimLink | None = None
         self._cgroup: Cgroup | None = None
         self._shim_fd = -1
@@ -430,12 +448,17 @@ class ContainerActor:
                 self._check_run(run)
                 self._spawn(self._spawn_process, run, request)
                 return DEFERRED
-            case _Spawned(reply_to, process):
+            case _Spawned(reply_to, process, pea):
+                if pea is not None:
+                    self._peas[process.id] = pea
                 try:
                     reply_to.reply(await self._add_process(process))
                 except BaseException as err:
                     reply_to.fail(err)
                     raise
+            case _PeaDone(process_id):
+                if (pea := self._peas.pop(process_id, None)) is not None:
+                    self._spawn(self._drop_pea, pea)
             case FindProcess(process_id):
                 return self._process(process_id)
             case Stop(kill):
@@ -550,6 +573,7 @@ class ContainerActor:
         undo.callback(self._destroy_cgroup, self._cgroup)
         undo.callback(disk.unmount, self.dir)
         undo.callback(rootfs.unmount, os.path.join(self.dir, "rootfs"))
+        undo.callback(_unmount_peas, self.dir)
         self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
         # The shim's pid from the socket it listens on, never from shim.pid: after a crash
         # or a reboot that file may name an unrelated process.
@@ -620,6 +644,7 @@ class ContainerActor:
             undo.callback(disk.unmount, self.dir)
         merged = rootfs.mount_overlay(lower, self.dir, self.spec.privileged, upper_root)
         undo.callback(rootfs.unmount, merged)
+        undo.callback(_unmount_peas, self.dir)
         resolv = ""
         if self.net is not None and self.env.network is not None:
             owner = 0 if self.spec.privileged else MAX_UID  # the container's root
@@ -805,6 +830,9 @@ class ContainerActor:
                 with trio.move_on_after(5):
                     for proc in list(self.processes.values()):
                         await proc.done.wait()
+                peas, self._peas = list(self._peas.values()), {}
+                for pea in peas:
+                    await self._drop_pea(pea)
                 # Trio must forget an fd before it is closed, or a new fd given the same
                 # number (another container's pipe) would confuse its epoll registrations.
                 if self._shim_fd >= 0:
@@ -925,16 +953,66 @@ class ContainerActor:
             "rlimits": limits, "container_env": self.spec.env,
             "host_exe": run.host_exe, "dir_must_exist": run.dir_must_exist,
         }
+        pea = None
+        if spec.image.uri:
+            try:
+                pea = await self._prepare_pea(run.process_id, spec.image.uri.removeprefix("raw://"))
+            except GardenError as err:
+                request.fail(err)
+                return
+            wire_spec["pea_rootfs"] = os.path.join(pea.dir, "rootfs")
+            wire_spec["dir"] = spec.dir or "/"  # Garden's peas start in their image's root
         try:
             async with self._stop_lock:
                 reply, fds = await self._link.request("spawn", id=run.process_id, spec=wire_spec, tty=tty)
-        except GardenError as err:
+        except BaseException as err:
+            if pea is not None:
+                with trio.CancelScope(shield=True):
+                    await self._drop_pea(pea)
+            if not isinstance(err, GardenError):
+                raise
             request.fail(err)
             return
         proc = self._process_actor(run.process_id, int(reply["pid"]), tty is not None, fds,
                                    subscriber=run.subscriber)
-        if not await self.mailbox.tell(_Spawned(request, proc)):  # the owner ended meanwhile
+        if not await self.mailbox.tell(_Spawned(request, proc, pea)):  # the owner ended meanwhile
             request.fail(GardenError(f"container {self.handle} was destroyed while the process started"))
+
+    async def _prepare_pea(self, process_id: str, source: str) -> Pea:
+        """The pea's image (a registry reference, as for a container) and an overlay over
+        it in ``<container>/peas/<n>``. On failure nothing is left."""
+        self._pea_seq += 1
+        pea = Pea(f"{self.handle}\0pea\0{process_id}", os.path.join(self.dir, "peas", str(self._pea_seq)))
+        try:
+            copy = await self.env.acquire_image(pea.key, source, not self.spec.privileged)
+            await trio.to_thread.run_sync(self._mount_pea, pea, copy.path)
+        except BaseException as err:
+            with trio.CancelScope(shield=True):
+                await self._drop_pea(pea)
+            if isinstance(err, (OSError, KernelError)):
+                raise GardenError(f"process {process_id}: preparing its image {source!r}: {err}") from err
+            raise
+        return pea
+
+    def _mount_pea(self, pea: Pea, lower: str) -> None:
+        os.makedirs(pea.dir, mode=0o711)
+        rootfs.mount_overlay(lower, pea.dir, self.spec.privileged)
+
+    async def _drop_pea(self, pea: Pea) -> None:
+        """Unmount a pea's root, remove its directory, drop its image reference (shielded)."""
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(_remove_pea_dir, pea.dir, self.env.discard)
+            except (OSError, KernelError) as err:
+                log.warning("container %s: removing pea %s: %s", self.handle, pea.dir, err)
+            await self.env.release_image(pea.key)
+
+    async def _run_pea(self, proc: ProcessActor) -> None:
+        try:
+            await proc.run()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.mailbox.tell(_PeaDone(proc.id))
 
     def _process_actor(self, process_id: str, pid: int, tty: bool, fds: list[int],
                        exit_code: int | None = None, stdin_open: bool = True,
@@ -947,7 +1025,10 @@ class ContainerActor:
         self.processes[proc.id] = proc
         # Not ``start``: its mailbox queues commands until it serves, and the caller gets
         # the process one scheduling round sooner.
-        self._nursery.start_soon(proc.run)
+        if proc.id in self._peas:
+            self._nursery.start_soon(self._run_pea, proc)
+        else:
+            self._nursery.start_soon(proc.run)
         if proc.id in self._early_exits:
             await proc.exited(self._early_exits.pop(proc.id))
         self._forget_exited()
@@ -1175,9 +1256,22 @@ def remove_orphan(env: Environment, name: str, shim_pid: int | None = None) -> N
         shims.kill(shim_pid, path)
     with contextlib.suppress(KernelError):
         ContainerActor._destroy_cgroup(env.cgroups.open(name))
+    _unmount_peas(path)
     rootfs.unmount(os.path.join(path, "rootfs"))
     disk.unmount(path)
     env.discard(path)
+
+
+def _remove_pea_dir(directory: str, discard: Callable[[str], None]) -> None:
+    rootfs.unmount(os.path.join(directory, "rootfs"))
+    discard(directory)
+
+
+def _unmount_peas(container_dir: str) -> None:
+    """Unmount every pea root of a container (its destroy; also peas a restart forgot)."""
+    peas = os.path.join(container_dir, "peas")
+    for name in os.listdir(peas) if os.path.isdir(peas) else ():
+        rootfs.unmount(os.path.join(peas, name, "rootfs"))
 
 
 def _kill_quietly(pidfd: int) -> None:

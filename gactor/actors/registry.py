@@ -124,6 +124,11 @@ class DestroyContainer:
 
 
 @dataclass(frozen=True)
+class ReleasePeaImage:
+    key: str  # the reference a container's actor took for a pea with acquire_image
+
+
+@dataclass(frozen=True)
 class Pause:
     """Told: a request starts using the container (looked up in the snapshot)."""
 
@@ -287,6 +292,7 @@ class Registry:
         env.acquire_image = self._acquire_image
         env.acquire_port = self._acquire_port
         env.release_port = self._release_port
+        env.release_image = self._release_pea_image
 
     async def run(self, *, destroy_existing: bool = False,
                   task_status: trio.TaskStatus[RegistryRef] = trio.TASK_STATUS_IGNORED) -> None:
@@ -378,6 +384,8 @@ class Registry:
                     return DEFERRED
                 self._image_users[handle] = copy
                 return copy
+            case ReleasePeaImage(key):
+                self._spawn(self._release_image, key)
             case _ImageTaken(handle, copy):
                 self._image_users[handle] = copy
             case _ImagesInUse():
@@ -662,6 +670,10 @@ class Registry:
                     return
                 await self.mailbox.ask(_ImageTaken(command.handle, copy))
             request.reply(copy)
+
+    async def _release_pea_image(self, key: str) -> None:
+        """A container's actor drops a reference it took for a pea (not waited for)."""
+        await self.mailbox.tell(ReleasePeaImage(key))
 
     async def _release_image(self, handle: str) -> None:
         """Drop ``handle``'s image reference, then remove the copies nobody uses (so a

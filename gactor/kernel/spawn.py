@@ -179,6 +179,10 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
                     resource.setrlimit(RLIMITS[name], (limit, limit))
                 except (ValueError, OSError) as err:
                     raise ValueError(f"rlimit limits.{name} = {value}: {err}") from None
+        if spec.get("pea_rootfs"):
+            # A pea's own root, mounted on the host: taken along as a detached mount tree,
+            # attached in the pea's own mount namespace once inside the container.
+            spec["pea_tree_fd"] = L.open_tree_clone(spec["pea_rootfs"])
         if spec.get("host_exe"):
             # A tool of the server's (a static tar) that the image need not have: opened
             # here, on the host, and executed inside the container through /proc/self/fd.
@@ -197,6 +201,8 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
     if pid == 0:
         os.close(pid_w)
         try:
+            if "pea_tree_fd" in spec:
+                _enter_pea(spec["pea_tree_fd"])
             _exec(spec, privileged, stdio, conf)
         except SpawnError as err:
             _report(err_w, err.kind, str(err))
@@ -205,6 +211,38 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
         finally:
             os._exit(127)
     os.write(pid_w, struct.pack("q", pid))
+
+
+PEA_ATTACH = "/tmp"  # where the pea's root is attached (in its own mount namespace only)
+_PEA_SHARED = ("/proc", "/dev", "/sys")  # the container's, bound into the pea
+_PEA_FILES = ("/etc/hosts", "/etc/resolv.conf")  # the container's, as Garden's peas get them
+
+
+def _enter_pea(tree_fd: int) -> None:
+    """In the container's namespaces: a mount namespace of the pea's own, rooted at its
+    image (``tree_fd``), with the container's /proc, /dev, /sys, /etc/hosts and
+    /etc/resolv.conf. The container's own mounts are not changed."""
+    L.unshare(L.CLONE_NEWNS)
+    L.mount("", "/", None, L.MS_REC | L.MS_PRIVATE)
+    os.makedirs(PEA_ATTACH, exist_ok=True)
+    L.move_mount(tree_fd, PEA_ATTACH)
+    os.close(tree_fd)
+    for path in _PEA_SHARED:
+        target = PEA_ATTACH + path
+        os.makedirs(target, exist_ok=True)
+        L.mount(path, target, None, L.MS_BIND | L.MS_REC)
+    for path in _PEA_FILES:
+        if os.path.exists(path):
+            target = PEA_ATTACH + path
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if not os.path.exists(target):
+                with open(target, "w"):
+                    pass
+            L.mount(path, target, None, L.MS_BIND)
+    os.chdir(PEA_ATTACH)
+    L.pivot_root(".", ".")
+    L.umount(".", L.MNT_DETACH)
+    os.chdir("/")
 
 
 def _report(fd: int, kind: str, message: str) -> None:

@@ -294,8 +294,8 @@ _NOT_YET = "is not supported by this server yet"
 
 
 def check_process_spec(spec: ProcessSpec) -> None:
-    if spec.image.uri:
-        raise GardenError(f"process spec field 'image' {_NOT_YET}")
+    if spec.image.uri and spec.bind_mounts:
+        raise GardenError(f"process spec field 'bind_mounts' (for a process with its own image) {_NOT_YET}")
 
 
 async def _create(api: Api, args: dict[str, Any]) -> Any:

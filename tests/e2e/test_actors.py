@@ -93,13 +93,6 @@ async def test_awkward_handles_survive_a_restart(own_servers):
         await wait_until_nothing_left(server, {**before, "server fds": host_snapshot(server)["server fds"]})
 
 
-async def test_a_process_image_is_refused(container):
-    from gactor.types import ImageRef
-
-    with pytest.raises(GardenError, match="'image' is not supported"):
-        await container.run(ProcessSpec(path="true", image=ImageRef(uri="/some/rootfs")), ProcessIO())
-
-
 async def test_a_detach_racing_output_keeps_the_connection(gactor_server, container):
     """Detach streams whose output sends are queued on the connection: the client stops
     reading until the server's sends block (holding the connection's send lock, with the
