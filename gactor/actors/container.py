@@ -20,6 +20,7 @@ Lifecycle (the table below is the whole truth; anything else is a bug):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import itertools
 import json
@@ -52,6 +53,7 @@ from ..types import (
     MemoryLimits,
     NetOutRule,
     PortMapping,
+    ProcessLimits,
     ProcessSpec,
     from_wire,
     to_wire,
@@ -97,6 +99,9 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
 
 STOP_GRACE = 10.0
 OOM_EVENT = "Out of memory"  # Garden's text in ContainerInfo.events
+# A pea's own cgroup is "<container's name>%pea<n>": '%' before a non-hex letter never
+# comes out of depot.dir_name, so no container has that name.
+PEA_CGROUP = "%pea"
 DISK_DEFAULT_BYTES = 1 << 40  # an inode limit without a byte limit: a sparse file this large
 DISK_MIN_INODES = 64
 
@@ -263,6 +268,7 @@ class Pea:
 
     key: str  # the registry's image reference
     dir: str  # <container>/peas/<n>: rootfs (mounted), upper, work
+    cgroup: Cgroup | None = None  # with override_container_limits: its own, else the container's
 
 
 @dataclass(frozen=True)
@@ -956,12 +962,15 @@ class ContainerActor:
         pea = None
         if spec.image.uri:
             try:
-                pea = await self._prepare_pea(run.process_id, spec.image.uri.removeprefix("raw://"))
+                pea = await self._prepare_pea(run.process_id, spec.image.uri.removeprefix("raw://"),
+                                              spec.override_container_limits)
             except GardenError as err:
                 request.fail(err)
                 return
             wire_spec["pea_rootfs"] = os.path.join(pea.dir, "rootfs")
             wire_spec["dir"] = spec.dir or "/"  # Garden's peas start in their image's root
+            if pea.cgroup is not None:
+                wire_spec["cgroup_procs"] = list(pea.cgroup.procs_files)
         try:
             async with self._stop_lock:
                 reply, fds = await self._link.request("spawn", id=run.process_id, spec=wire_spec, tty=tty)
@@ -978,12 +987,17 @@ class ContainerActor:
         if not await self.mailbox.tell(_Spawned(request, proc, pea)):  # the owner ended meanwhile
             request.fail(GardenError(f"container {self.handle} was destroyed while the process started"))
 
-    async def _prepare_pea(self, process_id: str, source: str) -> Pea:
+    async def _prepare_pea(self, process_id: str, source: str, limits: ProcessLimits | None) -> Pea:
         """The pea's image (a registry reference, as for a container) and an overlay over
-        it in ``<container>/peas/<n>``. On failure nothing is left."""
+        it in ``<container>/peas/<n>``; with ``limits`` (Garden's OverrideContainerLimits,
+        even empty) a cgroup of its own, a sibling of the container's, with just those
+        limits. On failure nothing is left."""
         self._pea_seq += 1
-        pea = Pea(f"{self.handle}\0pea\0{process_id}", os.path.join(self.dir, "peas", str(self._pea_seq)))
+        n = self._pea_seq
+        pea = Pea(f"{self.handle}\0pea\0{process_id}", os.path.join(self.dir, "peas", str(n)))
         try:
+            if limits is not None:
+                pea = dataclasses.replace(pea, cgroup=await trio.to_thread.run_sync(self._pea_cgroup, n, limits))
             copy = await self.env.acquire_image(pea.key, source, not self.spec.privileged)
             await trio.to_thread.run_sync(self._mount_pea, pea, copy.path)
         except BaseException as err:
@@ -994,6 +1008,19 @@ class ContainerActor:
             raise
         return pea
 
+    def _pea_cgroup(self, n: int, limits: ProcessLimits) -> Cgroup:
+        cgroup = self.env.cgroups.create(f"{self.name}{PEA_CGROUP}{n}")
+        try:
+            cgroup.setup_devices(DEVICE_ALLOW)
+            if limits.memory is not None and limits.memory.limit_in_bytes:
+                cgroup.set_memory_limit(limits.memory.limit_in_bytes)
+            if limits.cpu is not None:
+                self._apply_cpu_limits(cgroup, limits.cpu)
+        except BaseException:
+            self._destroy_cgroup(cgroup)
+            raise
+        return cgroup
+
     def _mount_pea(self, pea: Pea, lower: str) -> None:
         os.makedirs(pea.dir, mode=0o711)
         rootfs.mount_overlay(lower, pea.dir, self.spec.privileged)
@@ -1003,6 +1030,8 @@ class ContainerActor:
         with trio.CancelScope(shield=True):
             try:
                 await trio.to_thread.run_sync(_remove_pea_dir, pea.dir, self.env.discard)
+                if pea.cgroup is not None:
+                    await trio.to_thread.run_sync(self._destroy_cgroup, pea.cgroup)
             except (OSError, KernelError) as err:
                 log.warning("container %s: removing pea %s: %s", self.handle, pea.dir, err)
             await self.env.release_image(pea.key)

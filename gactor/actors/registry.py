@@ -34,7 +34,7 @@ from ..kernel import depot, image_copies, kmsg, shims
 from ..kernel.errors import KernelError
 from ..kernel.netmodel import ContainerNet
 from ..types import Capacity, ContainerSpec
-from .container import ContainerActor, ContainerRef, Environment, State, remove_orphan
+from .container import PEA_CGROUP, ContainerActor, ContainerRef, Environment, State, remove_orphan
 from .mailbox import DEFERRED, ActorGone, Mailbox, Request
 from .pools import PoolError, PortPool, SubnetPool
 
@@ -485,6 +485,8 @@ class Registry:
                 log.warning("killing the shim of %s: no container owns it", name)
                 await trio.to_thread.run_sync(remove_orphan, self.env, name, pid)
         for name in set(self.env.cgroups.names()) - owned:
+            if name.partition(PEA_CGROUP)[0] in owned:
+                continue  # a pea's own cgroup: its container removes it
             log.warning("removing cgroup %s: no container owns it", name)
             await trio.to_thread.run_sync(remove_orphan, self.env, name)
         async with self._image_lock:

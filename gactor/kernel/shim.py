@@ -266,7 +266,9 @@ class Shim:
         tty = msg.get("tty")
         stdio = make_stdio(tty)
         try:
-            pid = spawn(self.ns_fds, self.cfg["cgroup_procs"], self.cfg["privileged"], msg["spec"], stdio,
+            # A pea with limits of its own runs in its own cgroup (the server made it).
+            procs = msg["spec"].get("cgroup_procs") or self.cfg["cgroup_procs"]
+            pid = spawn(self.ns_fds, procs, self.cfg["privileged"], msg["spec"], stdio,
                         self._confinement())
         except BaseException:
             for fd in stdio.kept:

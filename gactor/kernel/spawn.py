@@ -220,8 +220,8 @@ _PEA_FILES = ("/etc/hosts", "/etc/resolv.conf")  # the container's, as Garden's 
 
 def _enter_pea(tree_fd: int) -> None:
     """In the container's namespaces: a mount namespace of the pea's own, rooted at its
-    image (``tree_fd``), with the container's /proc, /dev, /sys, /etc/hosts and
-    /etc/resolv.conf. The container's own mounts are not changed."""
+    image (``tree_fd``), with the container's /proc, /dev (but a /dev/shm of its own),
+    /sys, /etc/hosts and /etc/resolv.conf. The container's own mounts are not changed."""
     L.unshare(L.CLONE_NEWNS)
     L.mount("", "/", None, L.MS_REC | L.MS_PRIVATE)
     os.makedirs(PEA_ATTACH, exist_ok=True)
@@ -231,6 +231,9 @@ def _enter_pea(tree_fd: int) -> None:
         target = PEA_ATTACH + path
         os.makedirs(target, exist_ok=True)
         L.mount(path, target, None, L.MS_BIND | L.MS_REC)
+    # Its own /dev/shm, as each of Garden's peas gets (what it writes there is still charged
+    # to the cgroup it runs in).
+    L.mount("tmpfs", PEA_ATTACH + "/dev/shm", "tmpfs", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC, "mode=1777")
     for path in _PEA_FILES:
         if os.path.exists(path):
             target = PEA_ATTACH + path

@@ -100,3 +100,36 @@ async def test_a_finished_pea_leaves_nothing_and_destroy_ends_running_ones(clien
 async def test_a_pea_of_a_privileged_container(create_container, pea_image):
     container = await create_container(privileged=True)
     assert await pea_out(container, pea_image, "cat /pea-marker; id -u") == "from the pea's image\n0\n"
+
+
+def limited_spec() -> ContainerSpec:
+    from gactor import Limits, MemoryLimits
+
+    return ContainerSpec(handle=unique_handle(), limits=Limits(memory=MemoryLimits(limit_in_bytes=64 << 20)))
+
+
+async def pea_code(container, image: str, script: str, **kwargs: object) -> int:
+    proc = await container.run(pea(image, script, **kwargs), ProcessIO())
+    return await proc.wait()
+
+
+async def test_a_pea_shares_the_containers_memory_limit_unless_it_has_its_own(create_container, gactor_server,
+                                                                               pea_image):
+    from gactor import MemoryLimits
+    from gactor.types import ProcessLimits
+
+    from .helpers import server_cgroup_dirs
+
+    container = await create_container(limited_spec())
+    assert (await sh_ok(container, "dd if=/dev/zero of=/dev/shm/x bs=1M count=5 2>/dev/null; echo ok")) == "ok\n"
+    # Its own /dev/shm, the container's memory: 5 + 60 MiB do not fit in 64 MiB.
+    assert await pea_code(container, pea_image, "dd if=/dev/zero of=/dev/shm/x bs=1M count=60") != 0
+    # An empty override: a cgroup of its own, without the container's limit.
+    assert await pea_code(container, pea_image, "dd if=/dev/zero of=/dev/shm/x bs=1M count=65",
+                          override_container_limits=ProcessLimits()) == 0
+    # Its own limit.
+    assert await pea_code(container, pea_image, "dd if=/dev/zero of=/dev/shm/x bs=1M count=33",
+                          override_container_limits=ProcessLimits(memory=MemoryLimits(32 << 20))) != 0
+    name = os.path.basename(gactor_server.container_dir(container.handle))
+    await wait_for(lambda: not [d for d in server_cgroup_dirs(gactor_server.depot) if f"{name}%pea" in d],
+                   what="the peas' own cgroups to go")
