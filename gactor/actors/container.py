@@ -457,6 +457,7 @@ class ContainerActor:
             case _Spawned(reply_to, process, pea):
                 if pea is not None:
                     self._peas[process.id] = pea
+                    self.ref._publish()
                 try:
                     reply_to.reply(await self._add_process(process))
                 except BaseException as err:
@@ -464,6 +465,7 @@ class ContainerActor:
                     raise
             case _PeaDone(process_id):
                 if (pea := self._peas.pop(process_id, None)) is not None:
+                    self.ref._publish()
                     self._spawn(self._drop_pea, pea)
             case FindProcess(process_id):
                 return self._process(process_id)
@@ -837,6 +839,7 @@ class ContainerActor:
                     for proc in list(self.processes.values()):
                         await proc.done.wait()
                 peas, self._peas = list(self._peas.values()), {}
+                self.ref._publish()
                 for pea in peas:
                     await self._drop_pea(pea)
                 # Trio must forget an fd before it is closed, or a new fd given the same
@@ -1157,6 +1160,7 @@ class ContainerRef:
         """Called by the owner only, after a change."""
         actor = self._actor
         self.properties: MappingProxyType[str, str] = MappingProxyType(dict(actor.properties))
+        self.peas: MappingProxyType[str, Pea] = MappingProxyType(dict(actor._peas))
         self.state = actor.state
         self.cpu_limits = CPULimits(actor.spec.limits.cpu.weight, actor.spec.limits.cpu.limit_in_shares)
         net = actor.net

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -62,6 +62,22 @@ def read(container: ContainerRef) -> Metrics:
 
 async def collect(container: ContainerRef) -> Metrics:
     return await trio.to_thread.run_sync(read, container)
+
+
+def read_pea(container: ContainerRef, pea: Any) -> Metrics:
+    """A pea's metrics (blocking): its own cgroup's when it has one, else its container's;
+    disk is what it wrote over its image. Raises KernelError when the cgroup is gone."""
+    cgroup = pea.cgroup or container.cgroup
+    stat = cgroup.memory_stat()
+    usage, user, system = cgroup.cpu_stat()
+    upper_bytes, upper_inodes = depot.disk_usage(os.path.join(pea.dir, "upper"))
+    return Metrics(
+        memory_stat=ContainerMemoryStat(**{k: v for k, v in stat.items() if k in _MEMORY_FIELDS}),
+        cpu_stat=ContainerCPUStat(usage=usage, user=user, system=system),
+        disk_stat=ContainerDiskStat(exclusive_bytes_used=upper_bytes, exclusive_inodes_used=upper_inodes,
+                                    total_bytes_used=upper_bytes, total_inodes_used=upper_inodes),
+        pid_stat=ContainerPidStat(current=cgroup.pids_current(), max=cgroup.pids_max()),
+    )
 
 
 def _read_many(containers: list[ContainerRef]) -> list[Metrics | KernelError]:

@@ -793,6 +793,16 @@ class RegistryRef:
         await trio.lowlevel.checkpoint()
         return self._find(handle)
 
+    def find_pea(self, process_id: str) -> tuple[ContainerRef, Any] | None:
+        """The container running pea ``process_id`` and the pea (Garden's BulkMetrics takes
+        a pea's process id as a handle), from the owners' published views; None if none."""
+        for container in self._containers.values():
+            ref: ContainerRef = container  # type: ignore[assignment]  # the registry holds ContainerRefs
+            pea = ref.peas.get(process_id)
+            if pea is not None:
+                return ref, pea
+        return None
+
     def _find(self, handle: str) -> ContainerRef:
         container = self._containers.get(handle)
         if container is None:

@@ -375,7 +375,15 @@ async def _bulk_metrics(api: Api, args: dict[str, Any]) -> Any:
         try:
             found[handle] = await api.registry.lookup(handle)
         except GardenError as err:
-            out[handle] = {"metrics": None, "err": error_to_wire(err)}
+            pea = api.registry.find_pea(handle)  # Garden also answers for a pea's process id
+            if pea is None:
+                out[handle] = {"metrics": None, "err": error_to_wire(err)}
+                continue
+            try:
+                out[handle] = {"metrics": to_wire(await trio.to_thread.run_sync(metrics.read_pea, *pea)),
+                               "err": None}
+            except KernelError as gone:
+                out[handle] = {"metrics": None, "err": error_to_wire(GardenError(f"metrics of {handle}: {gone}"))}
     for handle, result in zip(found, await metrics.collect_many(list(found.values())), strict=True):
         if isinstance(result, KernelError):
             out[handle] = {"metrics": None, "err": error_to_wire(GardenError(f"metrics of {handle}: {result}"))}

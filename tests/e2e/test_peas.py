@@ -10,7 +10,7 @@ import shutil
 import pytest
 import trio
 
-from gactor import ContainerSpec, GardenError, ProcessIO, ProcessSpec
+from gactor import ContainerSpec, GardenError, ProcessIO, ProcessSpec, Signal
 from gactor.types import BindMount, ImageRef
 
 from .helpers import E2E_MARKS, ROOTFS, mounts_containing, run, sh_ok, unique_handle, wait_for
@@ -133,3 +133,17 @@ async def test_a_pea_shares_the_containers_memory_limit_unless_it_has_its_own(cr
     name = os.path.basename(gactor_server.container_dir(container.handle))
     await wait_for(lambda: not [d for d in server_cgroup_dirs(gactor_server.depot) if f"{name}%pea" in d],
                    what="the peas' own cgroups to go")
+
+
+async def test_bulk_metrics_answers_for_a_peas_process_id(client, container, pea_image):
+    """As Garden's: a running pea's process id works as a handle in bulk_metrics."""
+    proc = await container.run(pea(pea_image, "sleep 1000", id=f"pea-{unique_handle()}"), ProcessIO())
+    try:
+        entries = await client.bulk_metrics([proc.id, "no-such-handle-or-pea"])
+        assert entries[proc.id].err is None
+        assert entries[proc.id].metrics.memory_stat.total_usage_toward_limit > 0
+        assert entries[proc.id].metrics.pid_stat.current >= 1
+        assert entries["no-such-handle-or-pea"].metrics is None
+    finally:
+        await proc.signal(Signal.KILL)
+        await proc.wait()
