@@ -8,15 +8,19 @@ import json
 import os
 import pty
 import select
+import signal
 import struct
 import subprocess
 import tarfile
 import termios
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from .helpers import E2E_MARKS
 from .servers import ServerProcess, gactor_command
@@ -67,10 +71,29 @@ def test_ping_and_capacity(gactor_server: ServerProcess) -> None:
 
 
 def test_list_finds_by_property(gactor_server: ServerProcess, handle: str, owner: str) -> None:
-    listed = ok(gactor(gactor_server, "list", "--property", f"owner={owner}"))
+    listed = ok(gactor(gactor_server, "list", "--quiet", "--property", f"owner={owner}"))
     assert listed.splitlines() == [handle]
-    assert ok(gactor(gactor_server, "list", "--property", f"owner={owner}-not")) == ""
-    assert json.loads(ok(gactor(gactor_server, "--json", "list", "--property", f"owner={owner}"))) == [handle]
+    assert ok(gactor(gactor_server, "list", "-q", "--property", f"owner={owner}-not")) == ""
+    assert json.loads(ok(gactor(gactor_server, "--json", "list", "-q", "--property", f"owner={owner}"))) == [handle]
+
+
+def test_list_is_a_table_and_json(gactor_server: ServerProcess, handle: str, owner: str) -> None:
+    info = json.loads(ok(gactor(gactor_server, "--json", "info", handle)))
+    header, *rows = ok(gactor(gactor_server, "list", "--property", f"owner={owner}")).splitlines()
+    assert header.split() == ["HANDLE", "STATE", "IP", "PROCESSES", "AGE", "PROPERTIES"]
+    [row] = rows
+    assert row.split() == [handle, "active", info["container_ip"], "0", row.split()[4], f"owner={owner}"]
+    assert row.split()[4][-1] in "sm"  # an age: 850ms, 3s, 1m02s
+    [listed] = json.loads(ok(gactor(gactor_server, "--json", "list", "--property", f"owner={owner}")))
+    assert listed["handle"] == handle
+    assert listed["state"] == "active"
+    assert listed["container_ip"] == info["container_ip"]
+    assert listed["properties"]["owner"] == owner
+    assert listed["process_ids"] == []
+    assert 0 < listed["age"] < TIMEOUT
+    [empty] = ok(gactor(gactor_server, "list", "--property", f"owner={owner}-not")).splitlines()
+    assert empty.split() == header.split()
+    assert json.loads(ok(gactor(gactor_server, "--json", "list", "--property", f"owner={owner}-not"))) == []
 
 
 def test_info_and_properties(gactor_server: ServerProcess, handle: str, owner: str) -> None:
@@ -134,42 +157,389 @@ def test_errors_are_one_line_and_exit_1(gactor_server: ServerProcess, handle: st
     assert result.stderr.decode() == f"error: unknown handle: {handle}\n"
 
 
-def _read_until_closed(fd: int, deadline: float) -> bytes:
-    """Everything the pty master yields until the last slave closes (EIO) or the deadline."""
-    data = b""
-    while (remaining := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
-            break
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:  # EIO: the slave side is closed, the pty's EOF
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def test_run_tty_passes_window_size(gactor_server: ServerProcess, handle: str) -> None:
-    master, slave = pty.openpty()
+def test_info_table_shows_the_memory_limit(gactor_server: ServerProcess, owner: str) -> None:
+    handle = ok(gactor(gactor_server, "create", "--memory", "64M", "--property", f"owner={owner}")).strip()
     try:
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
-        proc = subprocess.Popen(
-            gactor_command("--target", gactor_server.url,
-                           "run", "--tty", handle, "--", "stty", "size"),
-            stdin=slave, stdout=slave, stderr=subprocess.PIPE, start_new_session=True,
-        )
-        os.close(slave)
-        slave = -1
-        output = _read_until_closed(master, time.monotonic() + TIMEOUT)
-        _, stderr = proc.communicate(timeout=TIMEOUT)
-        code = proc.returncode
+        info = json.loads(ok(gactor(gactor_server, "--json", "info", handle)))
+        assert (info["handle"], info["state"], info["memory_limit_in_bytes"]) == (handle, "active", 64 << 20)
+        assert 0 < info["memory_usage_in_bytes"] < 64 << 20
+        assert info["age"] > 0
+        lines = ok(gactor(gactor_server, "info", handle)).splitlines()
+        table = {line[:14].strip(): line[14:].strip() for line in lines if line[:1] != " "}
+        assert table["handle"] == handle
+        assert table["state"] == "active"
+        assert table["container ip"] == info["container_ip"]
+        assert table["host ip"] == info["host_ip"]
+        assert table["memory"].endswith(" / 64 MiB (0%)"), table["memory"]
+        assert f"owner={owner}" in " ".join(lines)
     finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
-    if code != 0 and b"tty" in stderr.lower():
-        pytest.skip(f"no tty support in this server: {stderr!r}")
-    assert code == 0, (output, stderr)
-    assert b"33 101" in output
+        ok(gactor(gactor_server, "destroy", handle))
+
+
+def test_metrics_table_and_json(gactor_server: ServerProcess, owner: str) -> None:
+    handle = ok(gactor(gactor_server, "create", "--memory", str(32 << 20), "--property", f"owner={owner}")).strip()
+    try:
+        # 4 MiB in /dev/shm counts toward the limit; the tables must show it in MiB.
+        ok(gactor(gactor_server, "run", handle, "--", "dd", "if=/dev/zero", "of=/dev/shm/x", "bs=1M", "count=4"))
+        found = json.loads(ok(gactor(gactor_server, "--json", "metrics", handle)))
+        assert found["handle"] == handle
+        assert found["memory_limit_in_bytes"] == 32 << 20
+        assert found["memory_stat"]["total_usage_toward_limit"] >= 4 << 20
+        assert found["cpu_stat"]["usage"] > 0
+        assert found["pid_stat"]["current"] >= 1
+        assert found["age"] > 0
+        lines = ok(gactor(gactor_server, "metrics", handle)).splitlines()
+        rows = {line[:22].strip(): line[22:].strip() for line in lines}
+        assert set(rows) == {"memory", "rss / cache / swap", "cpu", "pids", "disk", "network", "age"}
+        assert " MiB / 32 MiB (" in rows["memory"], rows["memory"]
+        assert rows["cpu"].startswith(("0.", "1.", "2."))
+        assert "(user " in rows["cpu"]
+        assert "inodes" in rows["disk"]
+        assert rows["network"].startswith("rx ")
+    finally:
+        ok(gactor(gactor_server, "destroy", handle))
+
+
+def test_every_change_prints_json(gactor_server: ServerProcess, owner: str) -> None:
+    assert json.loads(ok(gactor(gactor_server, "--json", "ping"))) == {"ok": True}
+    created = json.loads(ok(gactor(gactor_server, "--json", "create", "--property", f"owner={owner}")))
+    handle = created["handle"]
+    try:
+        assert json.loads(ok(gactor(gactor_server, "--json", "set-grace-time", handle, "120"))) == {
+            "handle": handle, "grace_time": 120.0}
+        forwarded = json.loads(ok(gactor(gactor_server, "--json", "net-in", handle, "--container-port", "8080")))
+        assert forwarded["handle"] == handle
+        assert forwarded["container_port"] == 8080
+        assert forwarded["host_port"] > 0
+        info = json.loads(ok(gactor(gactor_server, "--json", "info", handle)))
+        assert info["mapped_ports"] == [{"host_port": forwarded["host_port"], "container_port": 8080}]
+        assert f"{forwarded['host_port']}->8080" in ok(gactor(gactor_server, "info", handle))
+        assert json.loads(ok(gactor(gactor_server, "--json", "stop", handle))) == {"handle": handle, "stopped": True}
+        capacity_rows = ok(gactor(gactor_server, "capacity")).splitlines()
+        assert [row.split("  ")[0] for row in capacity_rows] == [
+            "memory", "disk", "schedulable disk", "max containers"]
+    finally:
+        assert json.loads(ok(gactor(gactor_server, "--json", "destroy", handle))) == {
+            "handle": handle, "destroyed": True}
+    assert gactor(gactor_server, "info", handle).returncode == 1
+
+
+def test_attach_follows_a_running_process(gactor_server: ServerProcess, handle: str) -> None:
+    script = "while [ ! -e /tmp/go ]; do sleep 0.05; done; echo finished; exit 5"
+    runner = subprocess.Popen(
+        gactor_command("--target", gactor_server.url, "run", "--id", "job", handle, "--", "sh", "-c", script),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while "job" not in json.loads(ok(gactor(gactor_server, "--json", "info", handle)))["process_ids"]:
+            assert time.monotonic() < deadline, "the process never showed up"
+            assert runner.poll() is None, runner.communicate()
+        attached = subprocess.Popen(gactor_command("--target", gactor_server.url, "attach", handle, "job"),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ok(gactor(gactor_server, "run", handle, "--", "touch", "/tmp/go"))
+        out, err = attached.communicate(timeout=TIMEOUT)
+        assert (attached.returncode, out, err) == (5, b"finished\n", b"")
+    finally:
+        out, err = runner.communicate(timeout=TIMEOUT)
+    assert (runner.returncode, out) == (5, b"finished\n")
+    result = gactor(gactor_server, "attach", handle, "no-such-process")
+    assert result.returncode == 1
+    assert result.stderr.startswith(b"error: ")
+
+
+def test_stream_in_json_counts_the_bytes(gactor_server: ServerProcess, handle: str) -> None:
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        payload = os.urandom(300_000)
+        member = tarfile.TarInfo("blob")
+        member.size = len(payload)
+        tar.addfile(member, io.BytesIO(payload))
+    data = archive.getvalue()
+    done = json.loads(ok(gactor(gactor_server, "--json", "stream-in", handle, "--to", "/tmp/blob", stdin=data)))
+    assert done == {"handle": handle, "path": "/tmp/blob", "bytes": len(data)}
+    result = gactor(gactor_server, "stream-out", handle, "--from", "/tmp/blob/blob")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""  # no progress bar without a terminal
+    with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
+        extracted = tar.extractfile(tar.getmembers()[0])
+        assert extracted is not None
+        assert extracted.read() == payload
+
+
+def test_stream_in_shows_progress_on_a_terminal(gactor_server: ServerProcess, handle: str,
+                                                 tmp_path: Path) -> None:
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, mode="w") as tar:
+        member = tarfile.TarInfo("big")
+        member.size = 4 << 20
+        tar.addfile(member, io.BytesIO(bytes(member.size)))
+    with archive.open("rb") as stdin, Pty() as term:
+        code = term.run(gactor_command("--target", gactor_server.url, "stream-in", handle, "--to", "/tmp/big"),
+                        stdin=stdin)
+    assert code == 0, term.output
+    assert b"stream-in " + handle.encode() in term.output
+    assert b"MiB" in term.output  # the bar's "done/total MiB"
+    assert ok(gactor(gactor_server, "run", handle, "--", "stat", "-c", "%s", "/tmp/big/big")) == f"{4 << 20}\n"
+
+
+def test_events_follow_one_container_until_destroyed(gactor_server: ServerProcess, owner: str) -> None:
+    handle = ok(gactor(gactor_server, "create", "--memory", "32M", "--property", f"owner={owner}")).strip()
+    follower = subprocess.Popen(gactor_command("--target", gactor_server.url, "--json", "events", handle),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert follower.stderr is not None
+        assert follower.stdout is not None
+        assert follower.stderr.readline() == f"following events of {handle}; ^C to stop\n".encode()
+        oom = gactor(gactor_server, "run", handle, "--", "dd", "if=/dev/zero", "of=/dev/shm/x", "bs=1M", "count=48")
+        assert oom.returncode == 137
+        first = json.loads(follower.stdout.readline())
+        assert (first["handle"], first["event"]) == (handle, "Out of memory")
+        assert first["time"].endswith("Z")
+        ok(gactor(gactor_server, "destroy", handle))
+        last = json.loads(follower.stdout.readline())
+        assert (last["handle"], last["event"]) == (handle, "destroyed")
+        assert follower.wait(timeout=TIMEOUT) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        gactor(gactor_server, "destroy", handle)
+
+
+def test_events_follow_every_container_until_interrupted(gactor_server: ServerProcess, owner: str) -> None:
+    handle = ok(gactor(gactor_server, "create", "--memory", "32M", "--property", f"owner={owner}")).strip()
+    follower = subprocess.Popen(gactor_command("--target", gactor_server.url, "events"),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert follower.stderr is not None
+        assert follower.stdout is not None
+        assert follower.stderr.readline() == b"following events of every container; ^C to stop\n"
+        gactor(gactor_server, "run", handle, "--", "dd", "if=/dev/zero", "of=/dev/shm/x", "bs=1M", "count=48")
+        while True:  # other tests' containers may have events of their own
+            when, source, event = follower.stdout.readline().decode().rstrip("\n").split("  ")
+            if source == handle:
+                break
+        assert event == "Out of memory"
+        assert when[:4].isdigit()
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=TIMEOUT) == 130
+        assert b"Traceback" not in follower.stderr.read()
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        gactor(gactor_server, "destroy", handle)
+
+
+def test_events_of_an_unknown_container(gactor_server: ServerProcess) -> None:
+    result = gactor(gactor_server, "events", "no-such-container")
+    assert (result.returncode, result.stderr) == (1, b"error: unknown handle: no-such-container\n")
+
+
+def test_shell_completion(gactor_server: ServerProcess, handle: str) -> None:
+    script = subprocess.run(gactor_command(), env={**os.environ, "_GACTOR_COMPLETE": "bash_source"},
+                            capture_output=True, timeout=TIMEOUT, check=True).stdout.decode()
+    assert "complete -o nosort -F _gactor_completion gactor" in script
+    words = f"gactor --target {gactor_server.url} info {handle[:-3]}"
+    completed = subprocess.run(
+        gactor_command(), capture_output=True, timeout=TIMEOUT, check=True,
+        env={**os.environ, "_GACTOR_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": "4"})
+    assert completed.stdout.decode().splitlines() == [f"plain,{handle}"]
+    commands = subprocess.run(
+        gactor_command(), capture_output=True, timeout=TIMEOUT, check=True,
+        env={**os.environ, "_GACTOR_COMPLETE": "bash_complete", "COMP_WORDS": "gactor stream-", "COMP_CWORD": "1"})
+    assert commands.stdout.decode().splitlines() == ["plain,stream-in", "plain,stream-out"]
+
+
+def test_images_say_what_is_missing(gactor_server: ServerProcess) -> None:
+    """Until the image store API exists, the image commands fail with one clear line."""
+    from gactor.client import Client
+
+    if hasattr(Client, "images"):
+        pytest.skip("this client has the image store API: see test_images_list_prune_and_pull")
+    for args in (["images"], ["images", "prune"], ["pull", "docker://127.0.0.1:1/none"]):
+        result = gactor(gactor_server, *args)
+        assert result.returncode == 1
+        assert result.stderr.startswith(b"error: this gactor client has no image store API yet"), result.stderr
+
+
+# ---------------------------------------------------------------- --tty through a pty
+
+class Pty:
+    """A pseudo-terminal the test owns: the CLI runs with it as stdin, stdout and stderr.
+
+    The test keeps the slave side open, so it can read the terminal's mode while the CLI
+    runs and after it exits (``mode()``), and resize it. ``output`` gathers everything
+    the master side read.
+    """
+
+    def __init__(self, rows: int = 24, columns: int = 80) -> None:
+        self.master, self.slave = pty.openpty()
+        self.resize(rows, columns)
+        self.output = b""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Pty:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+        os.close(self.slave)
+
+    def resize(self, rows: int, columns: int) -> None:
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+    def mode(self) -> list[Any]:
+        return termios.tcgetattr(self.slave)
+
+    def start(self, command: list[str], stdin: Any = None, **env: str) -> subprocess.Popen[bytes]:
+        self.proc = subprocess.Popen(command, stdin=stdin if stdin is not None else self.slave,
+                                     stdout=self.slave, stderr=self.slave, start_new_session=True,
+                                     env={**os.environ, **env})
+        return self.proc
+
+    def run(self, command: list[str], stdin: Any = None, **env: str) -> int:
+        proc = self.start(command, stdin, **env)
+        deadline = time.monotonic() + TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline:
+            self._read(0.05)
+        self._read(0)
+        return proc.wait(timeout=1)
+
+    def expect(self, text: bytes, within: float = TIMEOUT) -> None:
+        deadline = time.monotonic() + within
+        while text not in self.output:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{text!r} never appeared in {self.output!r}"
+            assert self.proc is not None
+            assert self.proc.poll() is None or self._read(0), f"exited before {text!r}: {self.output!r}"
+            self._read(remaining)
+
+    def write(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def wait(self) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout=TIMEOUT)
+        self._read(0)
+        return code
+
+    def _read(self, timeout: float) -> bool:
+        """Read what is there (waiting up to ``timeout`` for the first bytes)."""
+        got = False
+        while select.select([self.master], [], [], timeout)[0]:
+            chunk = os.read(self.master, 65536)
+            if not chunk:
+                break
+            self.output += chunk
+            got = True
+            timeout = 0
+        return got
+
+
+def raw(mode: list[Any]) -> bool:
+    return not mode[3] & (termios.ICANON | termios.ECHO)
+
+
+def tty_command(server: ServerProcess, handle: str, *command: str) -> list[str]:
+    return gactor_command("--target", server.url, "run", "--tty", handle, "--", *command)
+
+
+def test_run_tty_sends_term_and_window_size(gactor_server: ServerProcess, handle: str) -> None:
+    with Pty(rows=33, columns=101) as term:
+        before = term.mode()
+        code = term.run(tty_command(gactor_server, handle, "sh", "-c", 'echo "term=$TERM"; stty size'),
+                        TERM="xterm-256color")
+        assert code == 0, term.output
+        assert b"term=xterm-256color" in term.output
+        assert b"33 101" in term.output
+        assert term.mode() == before
+
+
+def test_run_tty_without_term_gets_xterm(gactor_server: ServerProcess, handle: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TERM"}
+    with Pty() as term:
+        term.proc = subprocess.Popen(tty_command(gactor_server, handle, "sh", "-c", 'echo "term=$TERM"'),
+                                     stdin=term.slave, stdout=term.slave, stderr=term.slave,
+                                     start_new_session=True, env=env)
+        assert term.wait() == 0
+        assert b"term=xterm\r\n" in term.output
+    with Pty() as term:  # --env TERM=... wins over ours
+        code = term.run(gactor_command("--target", gactor_server.url, "run", "--tty", "--env", "TERM=vt100",
+                                       handle, "--", "sh", "-c", 'echo "term=$TERM"'), TERM="xterm-256color")
+        assert code == 0
+        assert b"term=vt100\r\n" in term.output
+
+
+def test_run_tty_is_raw_while_it_runs_and_restored_after(gactor_server: ServerProcess, handle: str) -> None:
+    with Pty() as term:
+        before = term.mode()
+        assert not raw(before)
+        term.start(tty_command(gactor_server, handle, "sh", "-c", 'echo ready; read line; echo "got:$line"; exit 4'))
+        term.expect(b"ready")
+        assert raw(term.mode())
+        term.write(b"hello\r")
+        term.expect(b"got:hello")
+        assert term.wait() == 4
+        assert term.mode() == before
+
+
+def test_run_tty_forwards_resizes(gactor_server: ServerProcess, handle: str) -> None:
+    with Pty(rows=24, columns=80) as term:
+        proc = term.start(tty_command(gactor_server, handle, "sh", "-c",
+                                      "echo ready; while read line; do stty size; done"))
+        term.expect(b"ready")
+        term.resize(40, 132)
+        proc.send_signal(signal.SIGWINCH)  # the kernel would, were this its controlling terminal
+        deadline = time.monotonic() + TIMEOUT
+        while b"40 132" not in term.output:  # the resize and the next line race; ask again
+            assert time.monotonic() < deadline, term.output
+            term.write(b"\r")
+            term._read(0.1)
+        term.write(b"\x04")  # ^D: read fails, the loop and the shell end
+        assert term.wait() == 0
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_run_tty_restores_the_terminal_when_signalled(gactor_server: ServerProcess, handle: str,
+                                                     signum: int, code: int) -> None:
+    with Pty() as term:
+        before = term.mode()
+        proc = term.start(tty_command(gactor_server, handle, "sh", "-c", "echo ready; exec sleep 60"))
+        term.expect(b"ready")
+        assert raw(term.mode())
+        proc.send_signal(signum)
+        assert term.wait() == code
+        assert term.mode() == before
+        assert b"Traceback" not in term.output
+
+
+def test_run_tty_restores_the_terminal_on_an_error(gactor_server: ServerProcess) -> None:
+    with Pty() as term:
+        before = term.mode()
+        code = term.run(tty_command(gactor_server, "no-such-container", "sh"))
+        assert code == 1
+        assert b"error: unknown handle: no-such-container" in term.output
+        assert term.mode() == before
+
+
+async def test_run_tty_restores_the_terminal_when_the_server_goes(
+    own_servers: Callable[..., ServerProcess],
+) -> None:
+    server = own_servers("cli-gone", "10.245.60.0/24")
+    await server.start()
+    async with server.connect() as client:
+        container = await client.create()
+    with Pty() as term:
+        before = term.mode()
+        term.start(tty_command(server, container.handle, "sh", "-c", "echo ready; exec sleep 60"))
+        await trio.to_thread.run_sync(term.expect, b"ready")
+        assert raw(term.mode())
+        await server.kill()
+        assert await trio.to_thread.run_sync(term.wait) == 1
+        assert b"error: connection to gactor server lost" in term.output, term.output
+        assert term.mode() == before
+    await server.start()  # a fresh server on the depot cleans up after the killed one
