@@ -282,53 +282,106 @@ def test_stream_in_shows_progress_on_a_terminal(gactor_server: ServerProcess, ha
     assert ok(gactor(gactor_server, "run", handle, "--", "stat", "-c", "%s", "/tmp/big/big")) == f"{4 << 20}\n"
 
 
+def _events_until(follower: subprocess.Popen[bytes], handle: str, last: str) -> list[str]:
+    """The events of ``handle`` a ``--json events`` follower prints, up to ``last``."""
+    assert follower.stdout is not None
+    seen: list[str] = []
+    while not seen or seen[-1] != last:
+        line = follower.stdout.readline()
+        assert line, f"the follower ended after {seen}"
+        event = json.loads(line)
+        assert event["time"].endswith("Z")
+        if event["handle"] == handle:  # other tests' containers have events of their own
+            seen.append(event["event"])
+    return seen
+
+
+def _oom_and_stop(follower: subprocess.Popen[bytes], handle: str) -> list[str]:
+    """The server's OOM event and the polled state change, in whichever order they came."""
+    seen = _events_until(follower, handle, "stopped")
+    if "Out of memory" not in seen:
+        seen += _events_until(follower, handle, "Out of memory")
+    return seen
+
+
+def _follow(server: ServerProcess, *args: str) -> subprocess.Popen[bytes]:
+    """``gactor --json events ARGS`` once its subscription is live (it says so on stderr)."""
+    follower = subprocess.Popen(gactor_command("--target", server.url, "--json", "events", *args),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert follower.stderr is not None
+    what = args[0] if args else "every container"
+    assert follower.stderr.readline() == f"following events of {what}; ^C to stop\n".encode()
+    return follower
+
+
+def test_stream_out_shows_progress_on_a_terminal_stderr(gactor_server: ServerProcess, handle: str,
+                                                        tmp_path: Path) -> None:
+    ok(gactor(gactor_server, "run", handle, "--", "dd", "if=/dev/zero", "of=/tmp/big", "bs=1M", "count=4"))
+    with (tmp_path / "out.tar").open("wb") as stdout, Pty() as term:
+        code = term.run(gactor_command("--target", gactor_server.url, "stream-out", handle, "--from", "/tmp/big"),
+                        stdin=subprocess.DEVNULL, stdout=stdout)
+    assert code == 0, term.output
+    assert b"stream-out " + handle.encode() in term.output
+    with tarfile.open(tmp_path / "out.tar") as tar:
+        assert tar.getmember("big").size == 4 << 20
+
+
 def test_events_follow_one_container_until_destroyed(gactor_server: ServerProcess, owner: str) -> None:
     handle = ok(gactor(gactor_server, "create", "--memory", "32M", "--property", f"owner={owner}")).strip()
-    follower = subprocess.Popen(gactor_command("--target", gactor_server.url, "--json", "events", handle),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    follower = _follow(gactor_server, handle)
     try:
-        assert follower.stderr is not None
-        assert follower.stdout is not None
-        assert follower.stderr.readline() == f"following events of {handle}; ^C to stop\n".encode()
         oom = gactor(gactor_server, "run", handle, "--", "dd", "if=/dev/zero", "of=/dev/shm/x", "bs=1M", "count=48")
         assert oom.returncode == 137
-        first = json.loads(follower.stdout.readline())
-        assert (first["handle"], first["event"]) == (handle, "Out of memory")
-        assert first["time"].endswith("Z")
+        assert sorted(_oom_and_stop(follower, handle)) == ["Out of memory", "stopped"]
         ok(gactor(gactor_server, "destroy", handle))
-        last = json.loads(follower.stdout.readline())
-        assert (last["handle"], last["event"]) == (handle, "destroyed")
+        assert _events_until(follower, handle, "destroyed") == ["destroyed"]
         assert follower.wait(timeout=TIMEOUT) == 0
     finally:
         if follower.poll() is None:
             follower.kill()
-            follower.wait()
+        follower.wait()
         gactor(gactor_server, "destroy", handle)
 
 
 def test_events_follow_every_container_until_interrupted(gactor_server: ServerProcess, owner: str) -> None:
-    handle = ok(gactor(gactor_server, "create", "--memory", "32M", "--property", f"owner={owner}")).strip()
-    follower = subprocess.Popen(gactor_command("--target", gactor_server.url, "events"),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    follower = _follow(gactor_server)
+    handle = ""
     try:
-        assert follower.stderr is not None
-        assert follower.stdout is not None
-        assert follower.stderr.readline() == b"following events of every container; ^C to stop\n"
+        handle = ok(gactor(gactor_server, "create", "--memory", "32M", "--property", f"owner={owner}")).strip()
+        assert _events_until(follower, handle, "created") == ["created"]
         gactor(gactor_server, "run", handle, "--", "dd", "if=/dev/zero", "of=/dev/shm/x", "bs=1M", "count=48")
-        while True:  # other tests' containers may have events of their own
-            when, source, event = follower.stdout.readline().decode().rstrip("\n").split("  ")
-            if source == handle:
-                break
-        assert event == "Out of memory"
-        assert when[:4].isdigit()
+        assert sorted(_oom_and_stop(follower, handle)) == ["Out of memory", "stopped"]
+        ok(gactor(gactor_server, "destroy", handle))
+        assert _events_until(follower, handle, "destroyed")[-1:] == ["destroyed"]
         follower.send_signal(signal.SIGINT)
         assert follower.wait(timeout=TIMEOUT) == 130
+        assert follower.stderr is not None
         assert b"Traceback" not in follower.stderr.read()
     finally:
         if follower.poll() is None:
             follower.kill()
-            follower.wait()
-        gactor(gactor_server, "destroy", handle)
+        follower.wait()
+        if handle:
+            gactor(gactor_server, "destroy", handle)
+
+
+def test_events_in_plain_text(gactor_server: ServerProcess, handle: str) -> None:
+    follower = subprocess.Popen(gactor_command("--target", gactor_server.url, "events", handle),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert follower.stderr is not None
+        assert follower.stdout is not None
+        assert follower.stderr.readline().startswith(b"following events of ")
+        ok(gactor(gactor_server, "destroy", handle))
+        when, source, event = follower.stdout.readline().decode().rstrip("\n").split("  ")
+        assert (source, event) == (handle, "destroyed")
+        assert when[:4].isdigit()
+        assert when.endswith("Z")
+        assert follower.wait(timeout=TIMEOUT) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+        follower.wait()
 
 
 def test_events_of_an_unknown_container(gactor_server: ServerProcess) -> None:
@@ -395,14 +448,15 @@ class Pty:
     def mode(self) -> list[Any]:
         return termios.tcgetattr(self.slave)
 
-    def start(self, command: list[str], stdin: Any = None, **env: str) -> subprocess.Popen[bytes]:
+    def start(self, command: list[str], stdin: Any = None, stdout: Any = None,
+              **env: str) -> subprocess.Popen[bytes]:
         self.proc = subprocess.Popen(command, stdin=stdin if stdin is not None else self.slave,
-                                     stdout=self.slave, stderr=self.slave, start_new_session=True,
-                                     env={**os.environ, **env})
+                                     stdout=stdout if stdout is not None else self.slave,
+                                     stderr=self.slave, start_new_session=True, env={**os.environ, **env})
         return self.proc
 
-    def run(self, command: list[str], stdin: Any = None, **env: str) -> int:
-        proc = self.start(command, stdin, **env)
+    def run(self, command: list[str], stdin: Any = None, stdout: Any = None, **env: str) -> int:
+        proc = self.start(command, stdin, stdout, **env)
         deadline = time.monotonic() + TIMEOUT
         while proc.poll() is None and time.monotonic() < deadline:
             self._read(0.05)
