@@ -165,13 +165,19 @@ def _own(properties: dict[str, str]) -> dict[str, str]:
 
 
 async def _info(container: Any) -> dict[str, Any]:
+    """Info, then the memory limit and metrics; those two are None when the container
+    cannot say (a broken one, whose cgroup is gone): info alone still describes it."""
+    from gactor.errors import GardenError
+
     info = msgspec.to_builtins(await container.info())
-    limit = await container.current_memory_limits()
-    metrics = await container.metrics()
-    return {"handle": container.handle, **info,
-            "memory_limit_in_bytes": limit.limit_in_bytes,
-            "memory_usage_in_bytes": metrics.memory_stat.total_usage_toward_limit,
-            "age": metrics.age}
+    try:
+        limit = (await container.current_memory_limits()).limit_in_bytes
+        metrics = await container.metrics()
+    except GardenError:
+        return {"handle": container.handle, **info, "memory_limit_in_bytes": None,
+                "memory_usage_in_bytes": None, "age": None}
+    return {"handle": container.handle, **info, "memory_limit_in_bytes": limit,
+            "memory_usage_in_bytes": metrics.memory_stat.total_usage_toward_limit, "age": metrics.age}
 
 
 @examples("gactor info web", "gactor --json info web | jq -r .container_ip")
@@ -182,7 +188,8 @@ def info(opts: Options, handle: str) -> None:
     """Show a container's state, addresses, ports, processes, memory and properties.
 
     With --json: Garden's ContainerInfo fields, plus handle, age (seconds),
-    memory_limit_in_bytes (0 = none) and memory_usage_in_bytes.
+    memory_limit_in_bytes (0 = none) and memory_usage_in_bytes (null when the
+    container cannot report them).
     """
     found = with_container(opts, handle, _info)
     if opts.json:
@@ -192,8 +199,9 @@ def info(opts: Options, handle: str) -> None:
         ("handle", found["handle"]),
         ("state", found["state"]),
         ("events", ", ".join(found["events"]) or "-"),
-        ("age", render.duration(found["age"])),
-        ("memory", render.usage_of(found["memory_usage_in_bytes"], found["memory_limit_in_bytes"])),
+        ("age", render.duration(found["age"]) if found["age"] is not None else "-"),
+        ("memory", render.usage_of(found["memory_usage_in_bytes"], found["memory_limit_in_bytes"])
+         if found["memory_usage_in_bytes"] is not None else "-"),
         ("container ip", found["container_ip"] or "-"),
         ("host ip", found["host_ip"] or "-"),
         ("external ip", found["external_ip"] or "-"),

@@ -4,8 +4,8 @@ These need the image store API of the client (``Client.images()``,
 ``Client.prune_images()``, ``Client.pull(uri, progress=None)``), which comes with the
 images work (issue 9). Against a client or server without it each command fails with
 one clear ``error:`` line instead of a traceback. Image records are shown through the
-fields they are expected to carry (a URI, a size in bytes, the handles using it); a
-record of another shape is still printed, as its JSON.
+fields they are expected to carry (the source URI, the layer count, the size in bytes,
+the handles using it); a record of another shape is still printed, as its JSON.
 """
 
 from __future__ import annotations
@@ -36,13 +36,17 @@ def _first(record: dict[str, Any], names: tuple[str, ...]) -> Any:
     return next((record[n] for n in names if n in record), None)
 
 
+HEADERS = ["image", "layers", "size", "users"]
+
+
 def _row(record: dict[str, Any]) -> list[str]:
     uri, size, users = (_first(record, f) for f in (_URI_FIELDS, _SIZE_FIELDS, _USER_FIELDS))
     if isinstance(users, list):
         users_text = ", ".join(map(str, users)) or "-"
     else:
         users_text = "-" if users is None else str(users)
-    return [str(uri) if uri is not None else json.dumps(record),
+    layers = record.get("layers")
+    return [str(uri) if uri else json.dumps(record), str(layers) if layers is not None else "-",
             render.size(size) if isinstance(size, int) else "-", users_text]
 
 
@@ -58,7 +62,7 @@ def images(ctx: click.Context, opts: Options) -> None:
     if opts.json:
         echo_json(found)
         return
-    render.table(["image", "size", "users"], [_row(r) for r in found])
+    render.table(HEADERS, [_row(r) for r in found])
 
 
 @examples("gactor images prune", "gactor --json images prune")
@@ -94,6 +98,6 @@ def pull(opts: Options, uri: str) -> None:
     if opts.json:
         echo_json(plain if plain is not None else {"uri": uri})
     elif isinstance(plain, dict):
-        render.table(["image", "size", "users"], [_row(plain)])
+        render.table(HEADERS, [_row(plain)])
     else:
         click.echo(uri)

@@ -166,7 +166,7 @@ def run(opts: Options, handle: str, tty: bool, user: str, env: list[str], direct
 
     Put -- before COMMAND when it has options of its own. ^C in a --tty session
     goes to the process; outside one, it ends this command (exit 130) and the process
-    runs on.
+    runs on. The output is the process's, so --json changes nothing here.
     """
     from gactor.types import ProcessSpec, TTYSpec
 

@@ -416,6 +416,25 @@ def test_images_say_what_is_missing(gactor_server: ServerProcess) -> None:
         assert result.stderr.startswith(b"error: this gactor client has no image store API yet"), result.stderr
 
 
+def test_images_list_prune_and_pull(gactor_server: ServerProcess, handle: str) -> None:
+    """With the image store API: the container's image is listed with it as a user, and
+    ``images prune`` keeps an image in use."""
+    from gactor.client import Client
+
+    if not hasattr(Client, "images"):
+        pytest.skip("no image store API in this client yet (test_images_say_what_is_missing)")
+    listed = json.loads(ok(gactor(gactor_server, "--json", "images")))
+    assert isinstance(listed, list)
+    [ours] = [image for image in listed if handle in image["users"]]
+    header, *rows = ok(gactor(gactor_server, "images")).splitlines()
+    assert header.split() == ["IMAGE", "LAYERS", "SIZE", "USERS"]
+    assert any(handle in row for row in rows)
+    removed = json.loads(ok(gactor(gactor_server, "--json", "images", "prune")))
+    assert isinstance(removed, list)
+    after = json.loads(ok(gactor(gactor_server, "--json", "images")))
+    assert any(handle in image["users"] for image in after), (ours, after)
+
+
 # ---------------------------------------------------------------- --tty through a pty
 
 class Pty:
@@ -538,6 +557,20 @@ def test_run_tty_is_raw_while_it_runs_and_restored_after(gactor_server: ServerPr
         term.write(b"hello\r")
         term.expect(b"got:hello")
         assert term.wait() == 4
+        assert term.mode() == before
+
+
+def test_run_tty_sends_ctrl_c_to_the_process(gactor_server: ServerProcess, handle: str) -> None:
+    """Raw mode: ^C is a byte for the container's terminal, whose line discipline turns
+    it into SIGINT for the process; our CLI just reports the process's exit."""
+    with Pty() as term:
+        before = term.mode()
+        term.start(tty_command(gactor_server, handle, "sh", "-c",
+                               "trap 'echo caught; exit 42' INT; echo ready; while :; do sleep 0.1; done"))
+        term.expect(b"ready")
+        term.write(b"\x03")
+        term.expect(b"caught")
+        assert term.wait() == 42
         assert term.mode() == before
 
 

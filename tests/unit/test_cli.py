@@ -399,3 +399,14 @@ def test_progress_is_silent_off_a_terminal(tmp_path: Path) -> None:
         assert not progress.shown
     assert progress.transferred == 10
     assert (tmp_path / "out").read_text() == ""
+
+
+def test_image_rows_from_image_records() -> None:
+    from gactor.cli import images
+
+    record = {"path": "/depot/images/ab", "source": "oci:///srv/app.tar#v2", "bytes": 5 << 20,
+              "layers": 3, "users": ["web", "db"]}
+    assert images._row(record) == ["oci:///srv/app.tar#v2", "3", "5 MiB", "web, db"]
+    assert images._row({"source": "/images/busybox", "bytes": 0, "users": []}) == [
+        "/images/busybox", "-", "0 B", "-"]
+    assert images._row({"other": 1}) == ['{"other": 1}', "-", "-", "-"]
