@@ -225,23 +225,22 @@ def test_every_change_prints_json(gactor_server: ServerProcess, owner: str) -> N
 
 
 def test_attach_follows_a_running_process(gactor_server: ServerProcess, handle: str) -> None:
-    script = "while [ ! -e /tmp/go ]; do sleep 0.05; done; echo finished; exit 5"
+    """The process waits for a line that only the attached client sends, so the attach is
+    live before there is anything to see; both clients then get its output and exit code."""
     runner = subprocess.Popen(
-        gactor_command("--target", gactor_server.url, "run", "--id", "job", handle, "--", "sh", "-c", script),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        gactor_command("--target", gactor_server.url, "run", "--id", "job", handle, "--",
+                       "sh", "-c", 'read line; echo "got $line"; exit 5'),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + TIMEOUT
         while "job" not in json.loads(ok(gactor(gactor_server, "--json", "info", handle)))["process_ids"]:
             assert time.monotonic() < deadline, "the process never showed up"
             assert runner.poll() is None, runner.communicate()
-        attached = subprocess.Popen(gactor_command("--target", gactor_server.url, "attach", handle, "job"),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        ok(gactor(gactor_server, "run", handle, "--", "touch", "/tmp/go"))
-        out, err = attached.communicate(timeout=TIMEOUT)
-        assert (attached.returncode, out, err) == (5, b"finished\n", b"")
+        attached = gactor(gactor_server, "attach", handle, "job", stdin=b"from attach\n")
+        assert (attached.returncode, attached.stdout, attached.stderr) == (5, b"got from attach\n", b"")
     finally:
         out, err = runner.communicate(timeout=TIMEOUT)
-    assert (runner.returncode, out) == (5, b"finished\n")
+    assert (runner.returncode, out, err) == (5, b"got from attach\n", b"")
     result = gactor(gactor_server, "attach", handle, "no-such-process")
     assert result.returncode == 1
     assert result.stderr.startswith(b"error: ")
