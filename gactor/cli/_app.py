@@ -185,8 +185,9 @@ def as_dict(values: list[str]) -> dict[str, str]:
 
 # ---------------------------------------------------------------- shell completion
 
-def complete_handle(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
-    """The server's handles starting with ``incomplete``, for shell completion.
+def _complete(ctx: click.Context, incomplete: str, names: Callable[[Any], Awaitable[list[str]]]
+              ) -> list[CompletionItem]:
+    """``names(client)`` starting with ``incomplete``, for shell completion.
 
     Completion must never hang a shell or print errors into it: an unreachable
     server, a wrong token or a slow answer (over COMPLETION_TIMEOUT) completes nothing.
@@ -198,17 +199,38 @@ def complete_handle(ctx: click.Context, param: click.Parameter, incomplete: str)
     root = ctx.find_root().params
     target = root.get("target") or "ws://127.0.0.1:7777"
 
-    async def handles() -> list[str]:
+    async def ask() -> list[str]:
         with trio.move_on_after(COMPLETION_TIMEOUT):
             async with connect(target, token=root.get("token")) as client:
-                return [c.handle for c in await client.containers()]
+                return await names(client)
         return []
 
     try:
-        found = trio.run(handles)
+        found = trio.run(ask)
     except Exception:  # noqa: BLE001 - see the docstring: completion fails silently
         return []
-    return [CompletionItem(h) for h in sorted(found) if h.startswith(incomplete)]
+    return [CompletionItem(name) for name in sorted(found) if name.startswith(incomplete)]
+
+
+def complete_handle(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """The server's handles."""
+
+    async def handles(client: Any) -> list[str]:
+        return [c.handle for c in await client.containers()]
+
+    return _complete(ctx, incomplete, handles)
+
+
+def complete_process_id(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """The ids of the processes in the container named by the HANDLE before it."""
+    handle = ctx.params.get("handle")
+    if not handle:
+        return []
+
+    async def process_ids(client: Any) -> list[str]:
+        return list((await (await client.lookup(handle)).info()).process_ids)
+
+    return _complete(ctx, incomplete, process_ids)
 
 
 def handle_argument(required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

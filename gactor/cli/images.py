@@ -1,8 +1,9 @@
 """``images``, ``images prune`` and ``pull``: the server's image store.
 
 These need the image store API of the client (``Client.images()``,
-``Client.prune_images()``, ``Client.pull(uri, progress=None)``), which comes with the
-images work (issue 9). Against a client or server without it each command fails with
+``Client.prune_images()``, ``Client.pull(uri)``), which comes with the images work
+(issue 9). A ``pull`` that takes ``progress=`` is given a callback ``(done_bytes,
+total_bytes or None)`` that moves the bar. Against a client or server without it each command fails with
 one clear ``error:`` line instead of a traceback. Image records are shown through the
 fields they are expected to carry (the source URI, the layer count, the size in bytes,
 the handles using it); a record of another shape is still printed, as its JSON.
@@ -10,6 +11,7 @@ the handles using it); a record of another shape is still printed, as its JSON.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from typing import Any
@@ -90,10 +92,18 @@ def pull(opts: Options, uri: str) -> None:
         seen = [0]
 
         def advance(done: int, total: int | None = None) -> None:
+            if total:
+                progress.set_total(total)
             progress.advance(max(0, done - seen[0]))
             seen[0] = max(seen[0], done)
 
-        result = call(opts, lambda client: _api(client, "pull")(uri, progress=advance))
+        async def fetch(client: Any) -> Any:
+            method = _api(client, "pull")
+            if "progress" in inspect.signature(method).parameters:
+                return await method(uri, progress=advance)
+            return await method(uri)
+
+        result = call(opts, fetch)
     plain = msgspec.to_builtins(result)
     if opts.json:
         echo_json(plain if plain is not None else {"uri": uri})

@@ -18,7 +18,16 @@ from typing import IO, Any
 
 import click
 
-from ._app import Options, cli, examples, handle_argument, pairs, pass_options, with_container
+from ._app import (
+    Options,
+    cli,
+    complete_process_id,
+    examples,
+    handle_argument,
+    pairs,
+    pass_options,
+    with_container,
+)
 
 READ_CHUNK = 65536  # bytes read from our stdin per stdin frame
 DEFAULT_TERM = "xterm"  # what docker gives a tty process when the client has no TERM
@@ -182,7 +191,7 @@ def run(opts: Options, handle: str, tty: bool, user: str, env: list[str], direct
           "gactor attach --tty web shell")
 @cli.command()
 @handle_argument()
-@click.argument("process_id")
+@click.argument("process_id", shell_complete=complete_process_id)
 @click.option("--tty", is_flag=True,
               help="The process has a pseudo-terminal: go raw, forward resizes.")
 @pass_options

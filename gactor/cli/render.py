@@ -133,7 +133,7 @@ class Progress:
     """A transfer's progress bar on ``file`` when it is a terminal, else nothing.
 
     ``with Progress("stream-in", total, sys.stdout) as bar: bar.advance(n)``. ``total``
-    None (a pipe's length is unknown) shows bytes and rate without a bar. The bar is
+    None (a pipe's length is unknown) pulses the bar and shows bytes and rate. The bar is
     removed from the terminal when the block ends, whichever way it ends.
     """
 
@@ -154,16 +154,20 @@ class Progress:
             return self
         from rich import progress as p
 
-        columns: list[Any] = [p.TextColumn("{task.description}")]
-        if self._total is not None:
-            columns += [p.BarColumn(), p.DownloadColumn(binary_units=True), p.TimeRemainingColumn()]
-        else:
-            columns += [p.FileSizeColumn()]
-        columns += [p.TransferSpeedColumn()]
+        # Without a total the bar pulses and the size column shows what has gone so far.
+        columns: list[Any] = [p.TextColumn("{task.description}"), p.BarColumn(),
+                              p.DownloadColumn(binary_units=True), p.TransferSpeedColumn(),
+                              p.TimeRemainingColumn()]
         self._progress = p.Progress(*columns, console=console(self._file), transient=True)
         self._progress.start()
         self._task = self._progress.add_task(self._description, total=self._total)
         return self
+
+    def set_total(self, total: int) -> None:
+        """The size, once it is known (a pull learns it from the manifest)."""
+        self._total = total
+        if self._progress is not None:
+            self._progress.update(self._task, total=total)
 
     def advance(self, n: int) -> None:
         self.transferred += n

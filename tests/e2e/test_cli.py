@@ -397,6 +397,20 @@ def test_shell_completion(gactor_server: ServerProcess, handle: str) -> None:
         gactor_command(), capture_output=True, timeout=TIMEOUT, check=True,
         env={**os.environ, "_GACTOR_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": "4"})
     assert completed.stdout.decode().splitlines() == [f"plain,{handle}"]
+    runner = subprocess.Popen(gactor_command("--target", gactor_server.url, "run", "--id", "completed-proc",
+                                             handle, "--", "sh", "-c", "read line"),
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while "completed-proc" not in json.loads(ok(gactor(gactor_server, "--json", "info", handle)))["process_ids"]:
+            assert time.monotonic() < deadline, "the process never showed up"
+        words = f"gactor --target {gactor_server.url} attach {handle} completed-"
+        completed = subprocess.run(
+            gactor_command(), capture_output=True, timeout=TIMEOUT, check=True,
+            env={**os.environ, "_GACTOR_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": "5"})
+        assert completed.stdout.decode().splitlines() == ["plain,completed-proc"]
+    finally:
+        runner.communicate(b"done\n", timeout=TIMEOUT)
     commands = subprocess.run(
         gactor_command(), capture_output=True, timeout=TIMEOUT, check=True,
         env={**os.environ, "_GACTOR_COMPLETE": "bash_complete", "COMP_WORDS": "gactor stream-", "COMP_CWORD": "1"})

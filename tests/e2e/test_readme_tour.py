@@ -2,7 +2,8 @@
 
 The tour's blocks are found by their markers (``<!-- tour:cli -->`` and so on), so the
 README cannot drift from what works: every ``$ command`` of the CLI block runs in bash
-(``gactor`` on the PATH, ``GACTOR_TARGET`` naming the test server) and must print the
+(``gactor`` on the PATH, ``GACTOR_TARGET`` naming the test server, a temporary
+directory as the working directory) and must print the
 lines shown under it, where ``…`` matches anything on its line and runs of blanks match
 any run of blanks. The Python block runs as a script and must print its output block.
 """
@@ -74,13 +75,13 @@ def tour_env(gactor_server: ServerProcess) -> Iterator[dict[str, str]]:
         subprocess.run(destroy, capture_output=True, timeout=TIMEOUT, check=False)
 
 
-def test_the_cli_tour(tour_env: dict[str, str]) -> None:
+def test_the_cli_tour(tour_env: dict[str, str], tmp_path: Path) -> None:
     tour = steps(block("tour:cli"))
     assert len(tour) >= 10
     assert tour[-1][0] == f"gactor destroy {TOUR_HANDLE}"
     for command, expected in tour:
-        result = subprocess.run(["bash", "-o", "pipefail", "-c", command], env=tour_env, capture_output=True,
-                                text=True, timeout=TIMEOUT, check=False)
+        result = subprocess.run(["bash", "-o", "pipefail", "-c", command], env=tour_env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=TIMEOUT, check=False)
         assert result.returncode == 0, f"{command!r} exited {result.returncode}: {result.stderr}"
         assert "error:" not in result.stderr, (command, result.stderr)
         assert_prints(command, result.stdout, expected)
