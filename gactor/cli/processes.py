@@ -111,12 +111,14 @@ def raw_terminal(enabled: bool) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-async def _session(container: Any, start: Any, tty: bool) -> int:
+async def _session(container: Any, start: Any, tty: bool, resize_now: bool = False) -> int:
     """Start the process with ``start(container)`` and return its exit code.
 
     With a tty, meanwhile: SIGWINCH sends our window size; SIGTERM or SIGHUP ends the
     session (the process runs on, unattached, as with ``docker attach``) with 128+N.
-    The signal receivers open before the process starts, so no resize is missed.
+    The signal receivers open before the process starts, so no resize is missed;
+    ``resize_now`` sends our size at once (attach: the terminal is not the one the
+    process was started with).
     """
     if not tty:
         return int(await (await start(container)).wait())
@@ -126,6 +128,8 @@ async def _session(container: Any, start: Any, tty: bool) -> int:
 
     with trio.open_signal_receiver(signal.SIGWINCH, *ENDING_SIGNALS) as signals:
         process = await start(container)
+        if resize_now and (size := window_size()) is not None:
+            await process.set_tty(TTYSpec(window_size=size))
 
         ended_by: list[int] = []
 
@@ -147,9 +151,9 @@ async def _session(container: Any, start: Any, tty: bool) -> int:
     return code
 
 
-def _run_session(opts: Options, handle: str, start: Any, tty: bool) -> None:
+def _run_session(opts: Options, handle: str, start: Any, tty: bool, resize_now: bool = False) -> None:
     with raw_terminal(tty):
-        code = with_container(opts, handle, lambda c: _session(c, start, tty))
+        code = with_container(opts, handle, lambda c: _session(c, start, tty, resize_now))
     raise click.exceptions.Exit(code)
 
 
@@ -196,5 +200,9 @@ def run(opts: Options, handle: str, tty: bool, user: str, env: list[str], direct
               help="The process has a pseudo-terminal: go raw, forward resizes.")
 @pass_options
 def attach(opts: Options, handle: str, process_id: str, tty: bool) -> None:
-    """Wire our stdio to a running process; exit with its code."""
-    _run_session(opts, handle, lambda c: c.attach(process_id, _stdio()), tty)
+    """Wire our stdio to a running process; exit with its code.
+
+    With --tty our terminal goes raw and the process's terminal takes our window size,
+    as with run --tty; the process keeps its TERM.
+    """
+    _run_session(opts, handle, lambda c: c.attach(process_id, _stdio()), tty, resize_now=True)

@@ -603,6 +603,25 @@ def test_run_tty_forwards_resizes(gactor_server: ServerProcess, handle: str) -> 
         assert term.wait() == 0
 
 
+def test_attach_tty_takes_our_window_size(gactor_server: ServerProcess, handle: str) -> None:
+    with Pty(rows=20, columns=70) as first:
+        first.start(gactor_command("--target", gactor_server.url, "run", "--tty", "--id", "shell", handle, "--",
+                                   "sh", "-c", "echo ready; while read line; do stty size; done"))
+        first.expect(b"ready")
+        with Pty(rows=50, columns=160) as second:
+            before = second.mode()
+            second.start(gactor_command("--target", gactor_server.url, "attach", "--tty", handle, "shell"))
+            deadline = time.monotonic() + TIMEOUT
+            while b"50 160" not in second.output:  # the attach and the line race; ask again
+                assert time.monotonic() < deadline, second.output
+                first.write(b"\r")
+                second._read(0.1)
+            first.write(b"\x04")
+            assert second.wait() == 0
+            assert second.mode() == before
+        assert first.wait() == 0
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_run_tty_restores_the_terminal_when_signalled(gactor_server: ServerProcess, handle: str,
                                                      signum: int, code: int) -> None:
