@@ -95,6 +95,19 @@ def examples(*lines: str) -> Callable[[C], C]:
     return add
 
 
+def _json_here(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        opts = ctx.find_object(Options)
+        if opts is not None:
+            ctx.obj = dataclasses.replace(opts, json=True)
+
+
+def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``COMMAND --json``, the same as ``gactor --json COMMAND`` (which the contract names)."""
+    return click.option("--json", "json_here", is_flag=True, expose_value=False, callback=_json_here,
+                        help="Print JSON (the same as gactor --json COMMAND).")(function)
+
+
 # ---------------------------------------------------------------- running client calls
 
 def _sole_exception(exc: BaseException) -> BaseException:

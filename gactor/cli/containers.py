@@ -17,6 +17,7 @@ from ._app import (
     echo_json,
     examples,
     handle_argument,
+    json_option,
     pairs,
     pass_options,
     with_container,
@@ -35,6 +36,7 @@ def _byte_size(ctx: click.Context, param: click.Parameter, value: str | int) -> 
 
 @examples("gactor ping", "gactor --target unix:///run/gactor.sock ping")
 @cli.command()
+@json_option
 @pass_options
 def ping(opts: Options) -> None:
     """Check that the server answers: prints "ok"."""
@@ -47,6 +49,7 @@ def ping(opts: Options) -> None:
 
 @examples("gactor capacity", "gactor --json capacity")
 @cli.command()
+@json_option
 @pass_options
 def capacity(opts: Options) -> None:
     """Show the server's memory, disk and container capacity."""
@@ -79,6 +82,7 @@ def capacity(opts: Options) -> None:
 @click.option("--grace-time", type=float, default=0.0, metavar="SECONDS",
               help="Destroy the container after this long without a client [never].")
 @click.option("--privileged", is_flag=True, help="Do not map container root to an unprivileged user.")
+@json_option
 @pass_options
 def create(opts: Options, handle: str, rootfs: str, properties: list[str], memory: int,
            env: list[str], grace_time: float, privileged: bool) -> None:
@@ -131,6 +135,7 @@ def _properties_text(properties: dict[str, str], separator: str = ", ") -> str:
 @click.option("--property", "properties", multiple=True, metavar="K=V", callback=pairs,
               help="Only containers with this property; repeatable, ANDed.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the handles, one a line.")
+@json_option
 @pass_options
 def list_containers(opts: Options, properties: list[str], quiet: bool) -> None:
     """List containers: handle, state, IP, processes, age and properties.
@@ -183,6 +188,7 @@ async def _info(container: Any) -> dict[str, Any]:
 @examples("gactor info web", "gactor --json info web | jq -r .container_ip")
 @cli.command()
 @handle_argument()
+@json_option
 @pass_options
 def info(opts: Options, handle: str) -> None:
     """Show a container's state, addresses, ports, processes, memory and properties.
@@ -221,6 +227,7 @@ async def _metrics(container: Any) -> dict[str, Any]:
 @examples("gactor metrics web", "gactor --json metrics web | jq .memory_stat.rss")
 @cli.command()
 @handle_argument()
+@json_option
 @pass_options
 def metrics(opts: Options, handle: str) -> None:
     """Show a container's memory (next to its limit), CPU, pids, disk and network use.
@@ -252,6 +259,7 @@ def metrics(opts: Options, handle: str) -> None:
 @examples("gactor properties web", "gactor --json properties web")
 @cli.command()
 @handle_argument()
+@json_option
 @pass_options
 def properties(opts: Options, handle: str) -> None:
     """Print a container's properties as "key value" lines."""
@@ -272,6 +280,7 @@ def _done(opts: Options, handle: str, **facts: Any) -> None:
 @examples("gactor destroy web", "gactor list -q --property team=garden | xargs -n1 gactor destroy")
 @cli.command()
 @handle_argument()
+@json_option
 @pass_options
 def destroy(opts: Options, handle: str) -> None:
     """Destroy a container and everything running in it."""
@@ -283,6 +292,7 @@ def destroy(opts: Options, handle: str) -> None:
 @cli.command(name="set-grace-time")
 @handle_argument()
 @click.argument("seconds", type=float)
+@json_option
 @pass_options
 def set_grace_time(opts: Options, handle: str, seconds: float) -> None:
     """Destroy the container after SECONDS without a client (0 = never)."""
@@ -294,6 +304,7 @@ def set_grace_time(opts: Options, handle: str, seconds: float) -> None:
 @cli.command()
 @handle_argument()
 @click.option("--kill", is_flag=True, help="SIGKILL at once instead of SIGTERM first.")
+@json_option
 @pass_options
 def stop(opts: Options, handle: str, kill: bool) -> None:
     """Stop every process in a container (SIGTERM, then SIGKILL after 10 s)."""
@@ -307,6 +318,7 @@ def stop(opts: Options, handle: str, kill: bool) -> None:
 @handle_argument()
 @click.option("--host-port", type=int, default=0, metavar="N", help="[a free pool port].")
 @click.option("--container-port", type=int, required=True, metavar="N")
+@json_option
 @pass_options
 def net_in(opts: Options, handle: str, host_port: int, container_port: int) -> None:
     """Forward a host port to the container and print the host port."""

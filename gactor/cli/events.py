@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from ._app import Options, call, cli, examples, handle_argument, pass_options
+from ._app import Options, call, cli, examples, handle_argument, json_option, pass_options
 
 CREATED, DESTROYED = "created", "destroyed"
 POLL_INTERVAL = 1.0  # seconds between two looks at the containers' states
@@ -43,6 +43,7 @@ def _emit(opts: Options, handle: str, event: str) -> None:
 @examples("gactor events", "gactor events web", "gactor --json events | jq -r 'select(.event == \"Out of memory\") | .handle'")
 @cli.command()
 @handle_argument(required=False)
+@json_option
 @pass_options
 def events(opts: Options, handle: str | None) -> None:
     """Follow OOM and lifecycle events (of HANDLE, or of every container) until ^C.

@@ -20,7 +20,7 @@ import click
 import msgspec
 
 from . import render
-from ._app import CommandError, Options, call, cli, echo_json, examples, pass_options
+from ._app import CommandError, Options, call, cli, echo_json, examples, json_option, pass_options
 
 _URI_FIELDS = ("uri", "source", "name", "key")
 _SIZE_FIELDS = ("size_in_bytes", "size", "bytes")
@@ -54,6 +54,7 @@ def _row(record: dict[str, Any]) -> list[str]:
 
 @examples("gactor images", "gactor --json images", "gactor images prune")
 @cli.group(invoke_without_command=True)
+@json_option
 @pass_options
 @click.pass_context
 def images(ctx: click.Context, opts: Options) -> None:
@@ -69,6 +70,7 @@ def images(ctx: click.Context, opts: Options) -> None:
 
 @examples("gactor images prune", "gactor --json images prune")
 @images.command()
+@json_option
 @pass_options
 def prune(opts: Options) -> None:
     """Remove the images no container uses; print what was removed."""
@@ -85,6 +87,7 @@ def prune(opts: Options) -> None:
           "gactor pull oci:///srv/images/app.tar#v2")
 @cli.command()
 @click.argument("uri")
+@json_option
 @pass_options
 def pull(opts: Options, uri: str) -> None:
     """Fetch the image URI into the store, with a progress bar on a terminal."""

@@ -22,6 +22,7 @@ from ._app import (
     echo_json,
     examples,
     handle_argument,
+    json_option,
     pass_options,
     with_container,
 )
@@ -48,6 +49,7 @@ def _stdin_size() -> int | None:
 @handle_argument()
 @click.option("--to", "path", required=True, metavar="PATH", help="Directory to extract into.")
 @click.option("--user", default="", metavar="U", help="Owner of the extracted files.")
+@json_option
 @pass_options
 def stream_in(opts: Options, handle: str, path: str, user: str) -> None:
     """Extract the (uncompressed) tar stream on stdin into the container."""

@@ -202,6 +202,7 @@ def test_metrics_table_and_json(gactor_server: ServerProcess, owner: str) -> Non
 
 def test_every_change_prints_json(gactor_server: ServerProcess, owner: str) -> None:
     assert json.loads(ok(gactor(gactor_server, "--json", "ping"))) == {"ok": True}
+    assert json.loads(ok(gactor(gactor_server, "ping", "--json"))) == {"ok": True}  # either place
     created = json.loads(ok(gactor(gactor_server, "--json", "create", "--property", f"owner={owner}")))
     handle = created["handle"]
     try:
@@ -211,7 +212,7 @@ def test_every_change_prints_json(gactor_server: ServerProcess, owner: str) -> N
         assert forwarded["handle"] == handle
         assert forwarded["container_port"] == 8080
         assert forwarded["host_port"] > 0
-        info = json.loads(ok(gactor(gactor_server, "--json", "info", handle)))
+        info = json.loads(ok(gactor(gactor_server, "info", handle, "--json")))
         assert info["mapped_ports"] == [{"host_port": forwarded["host_port"], "container_port": 8080}]
         assert f"{forwarded['host_port']}->8080" in ok(gactor(gactor_server, "info", handle))
         assert json.loads(ok(gactor(gactor_server, "--json", "stop", handle))) == {"handle": handle, "stopped": True}

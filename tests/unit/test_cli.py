@@ -69,6 +69,16 @@ def test_every_command_help_has_examples(command: str) -> None:
     assert any(line.strip().startswith(f"gactor {command.split()[0]}") for line in examples), examples
 
 
+JSON_HERE = ["ping", "capacity", "create", "list", "info", "destroy", "stream-in", "net-in", "metrics",
+             "properties", "set-grace-time", "stop", "events", "images", "images prune", "pull"]
+
+
+@pytest.mark.parametrize("command", JSON_HERE)
+def test_json_is_also_a_command_option(command: str) -> None:
+    result = CliRunner().invoke(cli, [*command.split(), "--help"])
+    assert "--json" in result.output
+
+
 def test_global_help_documents_completion() -> None:
     result = CliRunner().invoke(cli, ["--help"])
     assert 'eval "$(_GACTOR_COMPLETE=bash_source gactor)"' in result.output
