@@ -9,6 +9,7 @@ connection drops, we get SIGINT, SIGTERM or SIGHUP.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -60,12 +61,19 @@ async def stdin_chunks(progress: Any = None) -> AsyncIterator[bytes]:
     """Our stdin until EOF, read in a thread because regular files cannot be polled.
 
     The read is abandoned on cancellation: the process may exit while we wait for a key.
+    A read error (a terminal that hung up) ends the input like EOF.
     ``progress.advance(n)`` is told of every chunk.
     """
     import trio
 
     fd = sys.stdin.fileno()
-    while chunk := await trio.to_thread.run_sync(os.read, fd, READ_CHUNK, abandon_on_cancel=True):
+    while True:
+        try:
+            chunk = await trio.to_thread.run_sync(os.read, fd, READ_CHUNK, abandon_on_cancel=True)
+        except OSError:  # EIO: our terminal hung up; the process's stdin ends as at EOF
+            return
+        if not chunk:
+            return
         if progress is not None:
             progress.advance(len(chunk))
         yield chunk
@@ -108,7 +116,9 @@ def raw_terminal(enabled: bool) -> Iterator[None]:
         yield
     finally:
         # TCSADRAIN: what the process printed last reaches the screen in its raw form.
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        # A terminal that hung up (SIGHUP) cannot be restored, nor does it need to be.
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 async def _session(container: Any, start: Any, tty: bool, resize_now: bool = False) -> int:

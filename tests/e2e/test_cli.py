@@ -481,12 +481,25 @@ class Pty:
     def mode(self) -> list[Any]:
         return termios.tcgetattr(self.slave)
 
-    def start(self, command: list[str], stdin: Any = None, stdout: Any = None,
-              **env: str) -> subprocess.Popen[bytes]:
+    def start(self, command: list[str], stdin: Any = None, stdout: Any = None, stderr: Any = None,
+              controlling: bool = False, **env: str) -> subprocess.Popen[bytes]:
+        """Start ``command`` in a session of its own; ``controlling`` makes this pty its
+        controlling terminal, so the kernel signals it (SIGWINCH, SIGHUP) as a shell's."""
+
+        def take_terminal() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
         self.proc = subprocess.Popen(command, stdin=stdin if stdin is not None else self.slave,
                                      stdout=stdout if stdout is not None else self.slave,
-                                     stderr=self.slave, start_new_session=True, env={**os.environ, **env})
+                                     stderr=stderr if stderr is not None else self.slave,
+                                     start_new_session=True, env={**os.environ, **env},
+                                     preexec_fn=take_terminal if controlling else None)
         return self.proc
+
+    def hang_up(self) -> None:
+        """Close the master side, as a terminal emulator does when its window closes."""
+        os.close(self.master)
+        self.master = os.open("/dev/null", os.O_RDONLY)  # so that __exit__ closes something
 
     def run(self, command: list[str], stdin: Any = None, stdout: Any = None, **env: str) -> int:
         proc = self.start(command, stdin, stdout, **env)
@@ -635,6 +648,26 @@ def test_run_tty_restores_the_terminal_when_signalled(gactor_server: ServerProce
         assert term.wait() == code
         assert term.mode() == before
         assert b"Traceback" not in term.output
+
+
+def test_run_tty_resizes_and_hangs_up_as_under_a_shell(gactor_server: ServerProcess, handle: str) -> None:
+    """With the pty as its controlling terminal the kernel sends the CLI SIGWINCH on a
+    resize and SIGHUP when the terminal goes away: the session ends with 129, quietly."""
+    with Pty(rows=24, columns=80) as term:
+        proc = term.start(tty_command(gactor_server, handle, "sh", "-c",
+                                      "echo ready; while read line; do stty size; done"),
+                          stderr=subprocess.PIPE, controlling=True)
+        term.expect(b"ready")
+        term.resize(41, 133)  # no signal sent by the test: the kernel does it
+        deadline = time.monotonic() + TIMEOUT
+        while b"41 133" not in term.output:
+            assert time.monotonic() < deadline, term.output
+            term.write(b"\r")
+            term._read(0.1)
+        term.hang_up()
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 129, stderr
+        assert b"Traceback" not in stderr
 
 
 def test_run_tty_restores_the_terminal_on_an_error(gactor_server: ServerProcess) -> None:
