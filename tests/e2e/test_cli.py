@@ -334,7 +334,8 @@ def test_events_follow_one_container_until_destroyed(gactor_server: ServerProces
         assert oom.returncode == 137
         assert sorted(_oom_and_stop(follower, handle)) == ["Out of memory", "stopped"]
         ok(gactor(gactor_server, "destroy", handle))
-        assert _events_until(follower, handle, "destroyed") == ["destroyed"]
+        # A look at the states during the destroy may see it "destroying" first.
+        assert _events_until(follower, handle, "destroyed") in (["destroyed"], ["destroying", "destroyed"])
         assert follower.wait(timeout=TIMEOUT) == 0
     finally:
         if follower.poll() is None:
@@ -374,6 +375,8 @@ def test_events_in_plain_text(gactor_server: ServerProcess, handle: str) -> None
         assert follower.stderr.readline().startswith(b"following events of ")
         ok(gactor(gactor_server, "destroy", handle))
         when, source, event = follower.stdout.readline().decode().rstrip("\n").split("  ")
+        if event == "destroying":  # a look at the states during the destroy
+            when, source, event = follower.stdout.readline().decode().rstrip("\n").split("  ")
         assert (source, event) == (handle, "destroyed")
         assert when[:4].isdigit()
         assert when.endswith("Z")
