@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .kernel.container_init import Confinement, confinement
+from .kernel.errors import KernelError
 from .kernel.spawner import SpawnerHandle, fork_spawner
 from .ops.notify import ServiceManager
 from .transport import listeners
@@ -29,6 +31,7 @@ log = logging.getLogger("gactor.server")
 class ServerConfig:
     listen: str = "127.0.0.1:7777"
     garden_listen: str | None = None
+    debug_listen: str | None = None  # /debug/vars, as gdn's debug server (GATS reads it)
     depot: str = "/var/lib/gactor"
     default_rootfs: str = ""
     network_pool: str = "10.254.0.0/22"
@@ -51,14 +54,14 @@ class ServerConfig:
     insecure: bool = False  # allow a non-loopback listener without TLS and a token
     allow_origins: list[str] = field(default_factory=list)
     cgroup_parent: str = ""  # default: derived from the depot, see cgroup_parent_for
+    disable_privileged_containers: bool = False
+    no_new_privileges: bool = False  # for unprivileged containers; breaks setuid binaries (docs/security.md)
 
 
-# Options the contract names and the command line parses, but that no code acts on yet
-# (the Garden HTTP front end, networking): refused at startup, naming the flag, rather
-# than silently ignored. Remove an entry in the change that implements it.
-NOT_IMPLEMENTED: dict[str, str] = {
-    "garden_listen": "--garden-listen",
-}
+# Options the contract names and the command line parses, but that no code acts on yet:
+# refused at startup, naming the flag, rather than silently ignored. Remove an entry in
+# the change that implements it.
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 class ConfigError(Exception):
@@ -175,12 +178,26 @@ def run(config: ServerConfig) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_access(config, address)
+    garden_address = debug_address = None
+    try:
+        if config.garden_listen:
+            garden_address = listeners.parse_listen(config.garden_listen)
+        if config.debug_listen:
+            debug_address = listeners.parse_listen(config.debug_listen)
+    except ValueError as err:
+        raise ConfigError(f"--garden-listen/--debug-listen: {err}") from None
+    if garden_address is not None:
+        check_access(config, garden_address)  # the same rules: it is the same root API
+    if isinstance(debug_address, listeners.TcpAddress) and not debug_address.is_loopback and not config.insecure:
+        raise ConfigError(f"--debug-listen {config.debug_listen}: the debug server has no token or TLS; "
+                          "give a loopback address or a unix socket (or --insecure)")
     ssl_context = _tls_context(config)
-    if isinstance(address, listeners.UnixAddress):
-        try:
-            listeners.check_unix_socket_path(address.path)
-        except listeners.ListenError as err:
-            raise ConfigError(str(err)) from None
+    for each in (address, garden_address, debug_address):
+        if isinstance(each, listeners.UnixAddress):
+            try:
+                listeners.check_unix_socket_path(each.path)
+            except listeners.ListenError as err:
+                raise ConfigError(str(err)) from None
     metrics_address = _metrics_address(config)
     from .ops import logs
 
@@ -197,11 +214,12 @@ def run(config: ServerConfig) -> None:
     os.chmod(config.depot, 0o711)
     _check_traversable(config.depot)
     service = ServiceManager.from_environment()  # before the fork: no helper inherits it
-    spawner = fork_spawner()
+    spawner = fork_spawner(_confinement(config))
     import trio  # noqa: PLC0415 - only after the spawner fork: trio may start threads
 
     try:
-        trio.run(_serve, config, spawner, address, ssl_context, metrics_address, service)
+        trio.run(_serve, config, spawner, address, ssl_context, metrics_address, service,
+                 garden_address, debug_address)
     except listeners.ListenError as err:
         raise ConfigError(str(err)) from None
     except BaseExceptionGroup as group:
@@ -215,6 +233,27 @@ def run(config: ServerConfig) -> None:
         spawner.sock.close()
         os.kill(spawner.pid, signal.SIGKILL)
         os.waitpid(spawner.pid, 0)
+
+
+def _confinement(config: ServerConfig) -> Confinement:
+    """Seccomp program, capability sets and cgroup mounts for every container, built once
+    here (docs/security.md). GACTOR_SECCOMP=off leaves seccomp out: for measuring its cost
+    only."""
+    seccomp_on = os.environ.get("GACTOR_SECCOMP", "on") != "off"
+    if not seccomp_on:
+        log.warning("GACTOR_SECCOMP=off: unprivileged containers run WITHOUT a seccomp filter")
+    try:
+        conf = confinement(seccomp_on=seccomp_on, no_new_privs=config.no_new_privileges)
+    except KernelError as err:
+        raise SystemExit(f"cannot build the seccomp profile of unprivileged containers: {err} "
+                         f"(libseccomp2 is needed)") from None
+    if conf.missing_privileged_caps:
+        log.info("privileged containers get every capability but %s: this server's bounding "
+                 "set lacks them", ", ".join(conf.missing_privileged_caps))
+    if conf.seccomp is not None and conf.seccomp.unknown:
+        log.warning("libseccomp does not know %s: the seccomp profile denies them",
+                    " ".join(sorted(conf.seccomp.unknown)))
+    return conf
 
 
 def _favor_dynmods() -> None:
@@ -281,7 +320,8 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 
 async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listeners.ListenAddress,
                  ssl_context: ssl.SSLContext | None, metrics_address: listeners.ListenAddress | None,
-                 service: ServiceManager) -> None:
+                 service: ServiceManager, garden_address: listeners.ListenAddress | None = None,
+                 debug_address: listeners.ListenAddress | None = None) -> None:
     import trio
 
     from .actors.container import Environment
@@ -290,7 +330,7 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
     from .kernel import cgroups, depot, init_binary, rootfs
     from .ops import http as ops_http
     from .ops.metrics import Scraper
-    from .transport import ws_server
+    from .transport import garden_conn, garden_http, ws_server
     from .transport.methods import Api
 
     cpus = os.cpu_count() or 1
@@ -306,6 +346,7 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
         image_store=os.path.join(config.depot, depot.IMAGES),
         cpu_quota_per_share=config.cpu_quota_per_share,
         entitlement_per_share=cpus * 100 / mem_mib,
+        allow_privileged=not config.disable_privileged_containers,
     )
     if config.cgroup_favordynmods:
         await trio.to_thread.run_sync(_favor_dynmods)
@@ -331,6 +372,12 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
                                   allow_origins=frozenset(config.allow_origins))
         url = await nursery.start(ws_server.serve, api, address, access, ssl_context)
         log.info("gactor serving the websocket API on %s", url)
+        if garden_address is not None:
+            garden_url = await nursery.start(garden_http.serve, api, garden_address, access, ssl_context)
+            log.info("gactor serving the Garden HTTP API on %s", garden_url)
+        if debug_address is not None:
+            debug_url = await nursery.start(garden_conn.serve_debug, debug_address)
+            log.info("gactor serving /debug/vars on %s", debug_url)
         scraper.ready = True
         service.notify("READY=1", f"STATUS=serving the API on {url}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -20,6 +20,7 @@ Lifecycle (the table below is the whole truth; anything else is a bug):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import itertools
 import json
@@ -36,7 +37,7 @@ from typing import Any
 import trio
 
 from ..errors import GardenError, ProcessNotFoundError
-from ..kernel import depot, image_copies, rootfs, shim_wire, shims
+from ..kernel import depot, disk, image_copies, rootfs, shim_wire, shims
 from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.container_init import MAX_UID
 from ..kernel.errors import KernelError
@@ -47,9 +48,12 @@ from ..types import (
     ContainerInfo,
     ContainerSpec,
     CPULimits,
+    DiskLimits,
+    DiskLimitScope,
     MemoryLimits,
     NetOutRule,
     PortMapping,
+    ProcessLimits,
     ProcessSpec,
     from_wire,
     to_wire,
@@ -95,6 +99,17 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
 
 STOP_GRACE = 10.0
 OOM_EVENT = "Out of memory"  # Garden's text in ContainerInfo.events
+# A pea's own cgroup is "<container's name>%pea<n>": '%' before a non-hex letter never
+# comes out of depot.dir_name, so no container has that name.
+PEA_CGROUP = "%pea"
+DISK_DEFAULT_BYTES = 1 << 40  # an inode limit without a byte limit: a sparse file this large
+DISK_MIN_INODES = 64
+
+
+def oom_victim_event(pid: int, task: str, process_id: str | None) -> str:
+    """The event that follows OOM_EVENT and names who was killed (Garden names no one)."""
+    named = f", process id {process_id!r}" if process_id is not None else ""
+    return f"{OOM_EVENT}: killed process {pid} ({task}){named}"
 SHIM_DIED_EVENT = "container shim exited unexpectedly: its processes are lost"
 OOM_POLL = 2.0  # seconds between reads of the oom_kill counter when nothing else prompts one
 KEEP_EXITED = shim_wire.KEEP_COLLECTED  # exited processes remembered, newest first, as in the shim
@@ -119,6 +134,7 @@ class Environment:
     entitlement_per_share: float = 0.0
     init_binary: str = ""  # the static garden-init; empty means pid 1 stays a forked Python
     tar_binary: str = "/bin/busybox"  # static, so it runs in any image (as Garden ships its tar)
+    allow_privileged: bool = True  # False: --disable-privileged-containers
     publish: Callable[[str, str], Awaitable[None]] = field(default=lambda handle, event: _nothing())
     # How a container gets its image copy, ``(handle, source, shift) -> ImageCopy``: the
     # registry owns image references (it prepares the copy and records the reference).
@@ -128,6 +144,8 @@ class Environment:
     # Host ports for NetIn, ``(requested or 0) -> port``, and giving one back: registry-owned.
     acquire_port: Callable[[int], Awaitable[int]] = field(default=lambda port: _no_ports())
     release_port: Callable[[int], Awaitable[None]] = field(default=lambda port: _nothing())
+    # Dropping an image reference taken with acquire_image (a pea's, when it has finished).
+    release_image: Callable[[str], Awaitable[None]] = field(default=lambda key: _nothing())
     # How a container directory goes (synchronous): the server's depot.Janitor moves it
     # aside and removes it in the background.
     discard: Callable[[str], None] = _remove_tree
@@ -155,6 +173,14 @@ class GetInfo:
 @dataclass(frozen=True)
 class CheckOom:
     pass
+
+
+@dataclass(frozen=True)
+class OomKilled:
+    """The kernel log named a victim of an OOM kill in this container (host pid)."""
+
+    pid: int
+    task: str
 
 
 @dataclass(frozen=True)
@@ -228,6 +254,21 @@ class Destroy:
 class _Spawned:
     reply_to: Request[ProcessActor]
     process: ProcessActor
+    pea: Pea | None = None
+
+
+@dataclass(frozen=True)
+class _PeaDone:
+    process_id: str
+
+
+@dataclass(frozen=True)
+class Pea:
+    """A process with its own image (Garden's "pea"): its overlay root and image reference."""
+
+    key: str  # the registry's image reference
+    dir: str  # <container>/peas/<n>: rootfs (mounted), upper, work
+    cgroup: Cgroup | None = None  # with override_container_limits: its own, else the container's
 
 
 @dataclass(frozen=True)
@@ -279,6 +320,8 @@ class ContainerActor:
         self.processes: dict[str, ProcessActor] = {}
         self._early_exits: dict[str, int] = {}
         self._exit_order: dict[str, None] = {}  # process ids in the order they exited
+        self._peas: dict[str, Pea] = {}  # by process id, until the process is done
+        self._pea_seq = 0
         self._link: ShimLink | None = None
         self._cgroup: Cgroup | None = None
         self._shim_fd = -1
@@ -375,6 +418,9 @@ class ContainerActor:
                 return self._info()
             case CheckOom():
                 await self._check_oom()
+            case OomKilled(pid, task):
+                await self._check_oom()  # Garden's "Out of memory" first, if not recorded yet
+                await self._record_event(oom_victim_event(pid, task, self._process_id_of(pid)))
             case SetProperty(name, value):
                 self.properties[name] = value
                 self.ref._publish()
@@ -408,12 +454,17 @@ class ContainerActor:
                 self._check_run(run)
                 self._spawn(self._spawn_process, run, request)
                 return DEFERRED
-            case _Spawned(reply_to, process):
+            case _Spawned(reply_to, process, pea):
+                if pea is not None:
+                    self._peas[process.id] = pea
                 try:
                     reply_to.reply(await self._add_process(process))
                 except BaseException as err:
                     reply_to.fail(err)
                     raise
+            case _PeaDone(process_id):
+                if (pea := self._peas.pop(process_id, None)) is not None:
+                    self._spawn(self._drop_pea, pea)
             case FindProcess(process_id):
                 return self._process(process_id)
             case Stop(kill):
@@ -466,9 +517,14 @@ class ContainerActor:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(network.prepare, self.net)
                     await self._start_shim(cfg, undo)
-            except BaseException:
+            except BaseException as exc:
                 with trio.CancelScope(shield=True):
                     await network.release(self.net)
+                # One failure (the shim's "bind mount source ... does not exist", say) reaches
+                # the caller as itself, not as a group the API would call an internal error.
+                if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1 \
+                        and isinstance(exc.exceptions[0], Exception):
+                    raise exc.exceptions[0] from None
                 raise
         networked = trio.current_time()
         if self.net is not None:
@@ -521,7 +577,9 @@ class ContainerActor:
         undo.callback(self.env.discard, self.dir)
         self._cgroup = self.env.cgroups.open(self.name)
         undo.callback(self._destroy_cgroup, self._cgroup)
+        undo.callback(disk.unmount, self.dir)
         undo.callback(rootfs.unmount, os.path.join(self.dir, "rootfs"))
+        undo.callback(_unmount_peas, self.dir)
         self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
         # The shim's pid from the socket it listens on, never from shim.pid: after a crash
         # or a reboot that file may name an unrelated process.
@@ -556,8 +614,27 @@ class ContainerActor:
         self.image_bytes, self.image_inodes = copy.bytes, copy.inodes
         return copy.path
 
+    def _disk_size(self) -> tuple[int, int] | None:
+        """Bytes and inodes of the container's own filesystem (its disk limit, less the
+        image's share for scope total), or None without a limit. A limit the image alone
+        exceeds is refused, naming both."""
+        limits = self.spec.limits.disk
+        if not limits.byte_hard and not limits.inode_hard:
+            return None
+        total = limits.scope == DiskLimitScope.TOTAL
+        size = (limits.byte_hard or DISK_DEFAULT_BYTES) - (self.image_bytes if total and limits.byte_hard else 0)
+        inodes = limits.inode_hard - (self.image_inodes if total and limits.inode_hard else 0)
+        if size < disk.MIN_BYTES or (limits.inode_hard and inodes < DISK_MIN_INODES):
+            raise GardenError(
+                f"invalid container spec: limits.disk (byte_hard {limits.byte_hard}, inode_hard"
+                f" {limits.inode_hard}, scope {'total' if total else 'exclusive'}) leaves the container"
+                f" too little room: its image alone uses {self.image_bytes} bytes and {self.image_inodes}"
+                f" inodes, and a container needs at least {disk.MIN_BYTES} bytes and {DISK_MIN_INODES} inodes")
+        return size, max(inodes, 0)
+
     def _prepare(self, lower: str, undo: Cleanup) -> dict[str, Any]:
         """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread)."""
+        self._disk_size()  # refuse an impossible disk limit before making anything
         os.makedirs(os.path.dirname(self.dir), mode=0o711, exist_ok=True)
         os.mkdir(self.dir, 0o711)
         undo.callback(self.env.discard, self.dir)
@@ -567,8 +644,13 @@ class ContainerActor:
         self._cgroup = cgroup
         cgroup.setup_devices(DEVICE_ALLOW)
         self._apply_limits(cgroup)
-        merged = rootfs.mount_overlay(lower, self.dir, self.spec.privileged)
+        upper_root = None
+        if limited := self._disk_size():
+            upper_root = disk.mount(self.dir, *limited)
+            undo.callback(disk.unmount, self.dir)
+        merged = rootfs.mount_overlay(lower, self.dir, self.spec.privileged, upper_root)
         undo.callback(rootfs.unmount, merged)
+        undo.callback(_unmount_peas, self.dir)
         resolv = ""
         if self.net is not None and self.env.network is not None:
             owner = 0 if self.spec.privileged else MAX_UID  # the container's root
@@ -754,6 +836,9 @@ class ContainerActor:
                 with trio.move_on_after(5):
                     for proc in list(self.processes.values()):
                         await proc.done.wait()
+                peas, self._peas = list(self._peas.values()), {}
+                for pea in peas:
+                    await self._drop_pea(pea)
                 # Trio must forget an fd before it is closed, or a new fd given the same
                 # number (another container's pipe) would confuse its epoll registrations.
                 if self._shim_fd >= 0:
@@ -874,16 +959,89 @@ class ContainerActor:
             "rlimits": limits, "container_env": self.spec.env,
             "host_exe": run.host_exe, "dir_must_exist": run.dir_must_exist,
         }
+        pea = None
+        if spec.image.uri:
+            try:
+                pea = await self._prepare_pea(run.process_id, spec.image.uri.removeprefix("raw://"),
+                                              spec.override_container_limits)
+            except GardenError as err:
+                request.fail(err)
+                return
+            wire_spec["pea_rootfs"] = os.path.join(pea.dir, "rootfs")
+            wire_spec["dir"] = spec.dir or "/"  # Garden's peas start in their image's root
+            if pea.cgroup is not None:
+                wire_spec["cgroup_procs"] = list(pea.cgroup.procs_files)
         try:
             async with self._stop_lock:
                 reply, fds = await self._link.request("spawn", id=run.process_id, spec=wire_spec, tty=tty)
-        except GardenError as err:
+        except BaseException as err:
+            if pea is not None:
+                with trio.CancelScope(shield=True):
+                    await self._drop_pea(pea)
+            if not isinstance(err, GardenError):
+                raise
             request.fail(err)
             return
         proc = self._process_actor(run.process_id, int(reply["pid"]), tty is not None, fds,
                                    subscriber=run.subscriber)
-        if not await self.mailbox.tell(_Spawned(request, proc)):  # the owner ended meanwhile
+        if not await self.mailbox.tell(_Spawned(request, proc, pea)):  # the owner ended meanwhile
             request.fail(GardenError(f"container {self.handle} was destroyed while the process started"))
+
+    async def _prepare_pea(self, process_id: str, source: str, limits: ProcessLimits | None) -> Pea:
+        """The pea's image (a registry reference, as for a container) and an overlay over
+        it in ``<container>/peas/<n>``; with ``limits`` (Garden's OverrideContainerLimits,
+        even empty) a cgroup of its own, a sibling of the container's, with just those
+        limits. On failure nothing is left."""
+        self._pea_seq += 1
+        n = self._pea_seq
+        pea = Pea(f"{self.handle}\0pea\0{process_id}", os.path.join(self.dir, "peas", str(n)))
+        try:
+            if limits is not None:
+                pea = dataclasses.replace(pea, cgroup=await trio.to_thread.run_sync(self._pea_cgroup, n, limits))
+            copy = await self.env.acquire_image(pea.key, source, not self.spec.privileged)
+            await trio.to_thread.run_sync(self._mount_pea, pea, copy.path)
+        except BaseException as err:
+            with trio.CancelScope(shield=True):
+                await self._drop_pea(pea)
+            if isinstance(err, (OSError, KernelError)):
+                raise GardenError(f"process {process_id}: preparing its image {source!r}: {err}") from err
+            raise
+        return pea
+
+    def _pea_cgroup(self, n: int, limits: ProcessLimits) -> Cgroup:
+        cgroup = self.env.cgroups.create(f"{self.name}{PEA_CGROUP}{n}")
+        try:
+            cgroup.setup_devices(DEVICE_ALLOW)
+            if limits.memory is not None and limits.memory.limit_in_bytes:
+                cgroup.set_memory_limit(limits.memory.limit_in_bytes)
+            if limits.cpu is not None:
+                self._apply_cpu_limits(cgroup, limits.cpu)
+        except BaseException:
+            self._destroy_cgroup(cgroup)
+            raise
+        return cgroup
+
+    def _mount_pea(self, pea: Pea, lower: str) -> None:
+        os.makedirs(pea.dir, mode=0o711)
+        rootfs.mount_overlay(lower, pea.dir, self.spec.privileged)
+
+    async def _drop_pea(self, pea: Pea) -> None:
+        """Unmount a pea's root, remove its directory, drop its image reference (shielded)."""
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(_remove_pea_dir, pea.dir, self.env.discard)
+                if pea.cgroup is not None:
+                    await trio.to_thread.run_sync(self._destroy_cgroup, pea.cgroup)
+            except (OSError, KernelError) as err:
+                log.warning("container %s: removing pea %s: %s", self.handle, pea.dir, err)
+            await self.env.release_image(pea.key)
+
+    async def _run_pea(self, proc: ProcessActor) -> None:
+        try:
+            await proc.run()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.mailbox.tell(_PeaDone(proc.id))
 
     def _process_actor(self, process_id: str, pid: int, tty: bool, fds: list[int],
                        exit_code: int | None = None, stdin_open: bool = True,
@@ -896,7 +1054,10 @@ class ContainerActor:
         self.processes[proc.id] = proc
         # Not ``start``: its mailbox queues commands until it serves, and the caller gets
         # the process one scheduling round sooner.
-        self._nursery.start_soon(proc.run)
+        if proc.id in self._peas:
+            self._nursery.start_soon(self._run_pea, proc)
+        else:
+            self._nursery.start_soon(proc.run)
         if proc.id in self._early_exits:
             await proc.exited(self._early_exits.pop(proc.id))
         self._forget_exited()
@@ -914,6 +1075,10 @@ class ContainerActor:
             if proc is None or proc.done.is_set():
                 del self._exit_order[process_id]
                 self.processes.pop(process_id, None)
+
+    def _process_id_of(self, pid: int) -> str | None:
+        """The Run process with host pid ``pid`` (its children have no process id)."""
+        return next((p.id for p in self.processes.values() if p.pid == pid), None)
 
     def _process(self, process_id: str) -> ProcessActor:
         proc = self.processes.get(process_id)
@@ -1004,6 +1169,10 @@ class ContainerRef:
         return self._actor.cgroup
 
     @property
+    def disk_limits(self) -> DiskLimits:
+        return self._actor.spec.limits.disk
+
+    @property
     def created_at(self) -> float:
         return self._actor.created_at
 
@@ -1025,6 +1194,10 @@ class ContainerRef:
 
     async def check_oom(self) -> None:
         await self._mailbox.ask(CheckOom())
+
+    async def oom_killed(self, pid: int, task: str) -> None:
+        """Report a victim the kernel log named (the registry watches the log); not waited for."""
+        await self._mailbox.tell(OomKilled(pid, task))
 
     async def set_property(self, name: str, value: str) -> None:
         await self._mailbox.ask(SetProperty(name, value))
@@ -1112,8 +1285,22 @@ def remove_orphan(env: Environment, name: str, shim_pid: int | None = None) -> N
         shims.kill(shim_pid, path)
     with contextlib.suppress(KernelError):
         ContainerActor._destroy_cgroup(env.cgroups.open(name))
+    _unmount_peas(path)
     rootfs.unmount(os.path.join(path, "rootfs"))
+    disk.unmount(path)
     env.discard(path)
+
+
+def _remove_pea_dir(directory: str, discard: Callable[[str], None]) -> None:
+    rootfs.unmount(os.path.join(directory, "rootfs"))
+    discard(directory)
+
+
+def _unmount_peas(container_dir: str) -> None:
+    """Unmount every pea root of a container (its destroy; also peas a restart forgot)."""
+    peas = os.path.join(container_dir, "peas")
+    for name in os.listdir(peas) if os.path.isdir(peas) else ():
+        rootfs.unmount(os.path.join(peas, name, "rootfs"))
 
 
 def _kill_quietly(pidfd: int) -> None:

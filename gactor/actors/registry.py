@@ -30,11 +30,11 @@ from typing import Any, Protocol
 import trio
 
 from ..errors import ContainerNotFoundError, GardenError
-from ..kernel import depot, image_copies, shims
+from ..kernel import depot, image_copies, kmsg, shims
 from ..kernel.errors import KernelError
 from ..kernel.netmodel import ContainerNet
 from ..types import Capacity, ContainerSpec
-from .container import ContainerActor, ContainerRef, Environment, State, remove_orphan
+from .container import PEA_CGROUP, ContainerActor, ContainerRef, Environment, State, remove_orphan
 from .mailbox import DEFERRED, ActorGone, Mailbox, Request
 from .pools import PoolError, PortPool, SubnetPool
 
@@ -107,6 +107,7 @@ class Container(Protocol):
     def net(self) -> ContainerNet | None: ...
     async def destroy(self) -> None: ...
     async def set_grace_time(self, seconds: float) -> None: ...
+    async def oom_killed(self, pid: int, task: str) -> None: ...
 
 
 # ---- commands ---------------------------------------------------------------------------
@@ -120,6 +121,11 @@ class Create:
 @dataclass(frozen=True)
 class DestroyContainer:
     handle: str
+
+
+@dataclass(frozen=True)
+class ReleasePeaImage:
+    key: str  # the reference a container's actor took for a pea with acquire_image
 
 
 @dataclass(frozen=True)
@@ -286,6 +292,7 @@ class Registry:
         env.acquire_image = self._acquire_image
         env.acquire_port = self._acquire_port
         env.release_port = self._release_port
+        env.release_image = self._release_pea_image
 
     async def run(self, *, destroy_existing: bool = False,
                   task_status: trio.TaskStatus[RegistryRef] = trio.TASK_STATUS_IGNORED) -> None:
@@ -295,12 +302,36 @@ class Registry:
                 self._nursery = nursery
                 await self._restore()
                 nursery.start_soon(self.mailbox.serve, self._handle)
+                nursery.start_soon(self._watch_oom_kills)
                 if destroy_existing:
                     for handle in list(self.containers):
                         await ref.destroy(handle)
                 task_status.started(ref)
         finally:
             self.mailbox.close()
+
+    async def _watch_oom_kills(self) -> None:
+        """Hand each OOM victim the kernel log names in one of our containers to that
+        container's actor, which records it as an event (after Garden's "Out of memory")."""
+        try:
+            klog = await trio.to_thread.run_sync(kmsg.KernelLog)
+        except OSError as err:
+            log.warning("OOM events will not name the killed process: cannot read %s: %s", kmsg.KMSG, err)
+            return
+        parent = os.path.basename(self.env.cgroups.parent.rstrip("/"))
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(klog.fd)
+                for record in klog.read():
+                    kill = kmsg.parse(record)
+                    if kill is None or os.path.basename(os.path.dirname(kill.memcg)) != parent:
+                        continue
+                    container = next((c for c in self.containers.values() if c.name == kill.cgroup_name), None)
+                    if container is not None:
+                        await container.oom_killed(kill.pid, kill.task)
+        finally:
+            trio.lowlevel.notify_closing(klog.fd)
+            klog.close()
 
     async def _handle(self, request: Request[Any]) -> Any:  # noqa: C901 - one case per command
         match request.command:
@@ -353,6 +384,8 @@ class Registry:
                     return DEFERRED
                 self._image_users[handle] = copy
                 return copy
+            case ReleasePeaImage(key):
+                self._spawn(self._release_image, key)
             case _ImageTaken(handle, copy):
                 self._image_users[handle] = copy
             case _ImagesInUse():
@@ -452,6 +485,8 @@ class Registry:
                 log.warning("killing the shim of %s: no container owns it", name)
                 await trio.to_thread.run_sync(remove_orphan, self.env, name, pid)
         for name in set(self.env.cgroups.names()) - owned:
+            if name.partition(PEA_CGROUP)[0] in owned:
+                continue  # a pea's own cgroup: its container removes it
             log.warning("removing cgroup %s: no container owns it", name)
             await trio.to_thread.run_sync(remove_orphan, self.env, name)
         async with self._image_lock:
@@ -497,6 +532,8 @@ class Registry:
             raise GardenError(f"Handle '{spec.handle}' already in use")
         if self.max_containers and len(self.containers) + len(self._creating) >= self.max_containers:
             raise GardenError("max containers reached")
+        if spec.privileged and not self.env.allow_privileged:
+            raise GardenError("privileged container creation is disabled")
         name = depot.dir_name(spec.handle)
         if any(c.name == name for c in self.containers.values()):
             raise GardenError(f"Handle '{spec.handle}' already in use")  # cannot happen: names are injective
@@ -635,6 +672,10 @@ class Registry:
                     return
                 await self.mailbox.ask(_ImageTaken(command.handle, copy))
             request.reply(copy)
+
+    async def _release_pea_image(self, key: str) -> None:
+        """A container's actor drops a reference it took for a pea (not waited for)."""
+        await self.mailbox.tell(ReleasePeaImage(key))
 
     async def _release_image(self, handle: str) -> None:
         """Drop ``handle``'s image reference, then remove the copies nobody uses (so a

@@ -18,7 +18,10 @@ from ._app import ConfigurationError, Options, cli
               help="Print the effective configuration as TOML (the token hidden) and exit.")
 @click.option("--listen", metavar="HOST:PORT|unix:///PATH",
               help="Websocket API address [127.0.0.1:7777]; a unix socket gets mode 0660.")
-@click.option("--garden-listen", metavar="HOST:PORT", help="Garden HTTP API address [off].")
+@click.option("--garden-listen", metavar="HOST:PORT|unix:///PATH",
+              help="Garden HTTP API address (Garden's Go client, GATS) [off]; same access rules as --listen.")
+@click.option("--debug-listen", metavar="HOST:PORT|unix:///PATH",
+              help="Serve /debug/vars (memstats, as gdn's debug server) here [off]; loopback only.")
 @click.option("--depot", metavar="DIR", help="State directory [/var/lib/gactor].")
 @click.option("--default-rootfs", metavar="PATH|URI", help="Image used when a spec names none.")
 @click.option("--network-pool", metavar="CIDR", help="Container subnets [10.254.0.0/22].")
@@ -49,6 +52,10 @@ from ._app import ConfigurationError, Options, cli
 @click.option("--tls-key", metavar="FILE", help="The private key of --tls-cert (PEM).")
 @click.option("--insecure", is_flag=True,
               help="Allow a non-loopback --listen without TLS and a token (logged loudly).")
+@click.option("--disable-privileged-containers", is_flag=True,
+              help="Refuse to create privileged containers.")
+@click.option("--no-new-privileges", is_flag=True,
+              help="Set no_new_privs in unprivileged containers (setuid binaries stop working).")
 @click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
               help="A browser origin allowed to open the websocket (https://host:port); "
                    "repeatable. Handshakes from any other origin get 403.")

@@ -25,10 +25,25 @@ DIRS = {  # mode -> directories
     0o1777: "tmp var/tmp",
     0o700: "root",
 }
+# The users and groups of Docker's busybox image, which Garden's tests (GATS) and images
+# built for Garden expect (operator, uid 37, for one).
+_USERS = [
+    ("root", 0, 0, "root", "/root", "/bin/sh"), ("daemon", 1, 1, "daemon", "/usr/sbin", "/bin/false"),
+    ("bin", 2, 2, "bin", "/bin", "/bin/false"), ("sys", 3, 3, "sys", "/dev", "/bin/false"),
+    ("sync", 4, 100, "sync", "/bin", "/bin/sync"), ("mail", 8, 8, "mail", "/var/spool/mail", "/bin/false"),
+    ("www-data", 33, 33, "www-data", "/var/www", "/bin/false"), ("operator", 37, 37, "Operator", "/var", "/bin/false"),
+    ("nobody", 65534, 65534, "nobody", "/nonexistent", "/bin/false"),
+]
+_GROUPS = [
+    ("root", 0), ("daemon", 1), ("bin", 2), ("sys", 3), ("adm", 4), ("tty", 5), ("disk", 6), ("lp", 7),
+    ("mail", 8), ("kmem", 9), ("wheel", 10), ("cdrom", 11), ("dialout", 18), ("floppy", 19), ("video", 28),
+    ("audio", 29), ("tape", 32), ("www-data", 33), ("operator", 37), ("utmp", 43), ("plugdev", 46),
+    ("staff", 50), ("lock", 54), ("netdev", 82), ("users", 100), ("nogroup", 65534),
+]
 ETC = {
-    "passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-    "group": "root:x:0:\ntty:x:5:\nusers:x:100:\nnogroup:x:65534:\n",
-    "shadow": "root:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n",
+    "passwd": "".join(f"{n}:x:{u}:{g}:{gecos}:{home}:{shell}\n" for n, u, g, gecos, home, shell in _USERS),
+    "group": "".join(f"{n}:x:{g}:{'root' if n == 'wheel' else ''}\n" for n, g in _GROUPS),
+    "shadow": "".join(f"{n}:*:19000:0:99999:7:::\n" for n, *_ in _USERS),
     "hosts": "",
     "resolv.conf": "",
     "os-release": 'NAME="gactor busybox"\nID=busybox\nPRETTY_NAME="gactor busybox rootfs"\n',

@@ -15,6 +15,7 @@ import os
 import signal
 from dataclasses import dataclass
 
+from gactor.kernel import bpf_devices
 from gactor.kernel import cgroups as cg
 from gactor.kernel.errors import CgroupError
 
@@ -149,12 +150,9 @@ class CgroupV2(cg.Cgroup):
         cg.rmdir("cgroup.destroy", self.path)
 
     def setup_devices(self, allow: list[str]) -> None:
-        """No-op: on cgroup v2 gactor applies **no device control yet**. v2 has no
-        devices.* files; its device controller is an eBPF program (BPF_CGROUP_DEVICE)
-        attached to the cgroup, and nothing in gactor installs one, so ``allow`` is
-        ignored. What still keeps an unprivileged container off host devices is its user
-        namespace (no CAP_MKNOD outside it, and host device nodes it is not given are
-        not reachable); a privileged container on v2 can mknod and open any device."""
+        """v2 has no devices.* files: attach an eBPF device program (``bpf_devices``) that
+        denies every device ``allow`` does not list. It lives as long as the cgroup."""
+        bpf_devices.attach(self.path, allow)
 
 
 class CgroupV2Driver(cg.CgroupDriver):

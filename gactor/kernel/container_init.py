@@ -16,14 +16,18 @@ import os
 import re
 import signal
 import socket
+import stat
 import struct
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import setproctitle
 
 from . import linux as L
+from . import seccomp
+from .seccomp import Program
 
 # Garden's unprivileged set (SECURITY_BASELINE.md), mask 0xa80425fb.
 DEFAULT_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31})
@@ -31,7 +35,14 @@ CAP_SYS_ADMIN = 21
 MAX_UID = 4294967294
 UID_MAP = f"0 {MAX_UID} 1\n1 1 {MAX_UID - 1}\n"
 
-NAMESPACES = ("user", "ipc", "uts", "net", "pid", "mnt")
+# The order setns joins them: user first (the rest are owned by it), mnt last.
+NAMESPACES = ("user", "ipc", "uts", "net", "pid", "cgroup", "mnt")
+CAP_NAMES = (
+    "chown dac_override dac_read_search fowner fsetid kill setgid setuid setpcap linux_immutable "
+    "net_bind_service net_broadcast net_admin net_raw ipc_lock ipc_owner sys_module sys_rawio "
+    "sys_chroot sys_ptrace sys_pacct sys_admin sys_boot sys_nice sys_resource sys_time "
+    "sys_tty_config mknod lease audit_write audit_control setfcap mac_override mac_admin syslog "
+    "wake_alarm block_suspend audit_read perfmon bpf checkpoint_restore").split()
 
 MASKED_FILES = ("/proc/asound", "/proc/acpi", "/proc/interrupts", "/proc/kcore", "/proc/keys",
                 "/proc/latency_stats", "/proc/sched_debug", "/proc/scsi", "/proc/timer_list",
@@ -41,11 +52,81 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
 
+
+@dataclass(frozen=True)
+class CgroupMount:
+    """A cgroup hierarchy of the host: where it is mounted, its type and (v1) the
+    options naming it (its controllers, or ``name=...``)."""
+
+    path: str
+    fstype: str
+    options: str
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """How containers' processes are confined: decided once by the server (``confinement()``)
+    before it forks the spawner, so every shim holds the same immutable copy.
+
+    ``seccomp`` is the program of unprivileged containers (None: none, for measurements
+    only); ``privileged_caps`` what privileged root gets (every capability the server's own
+    bounding set has); ``no_new_privs`` sets PR_SET_NO_NEW_PRIVS for unprivileged processes
+    (off by default, as in Garden: it would break setuid binaries); ``cgroup_mounts`` are the
+    host's cgroup hierarchies, mounted read-only in unprivileged containers where the
+    container has a cgroup of its own."""
+
+    seccomp: Program | None
+    privileged_caps: frozenset[int]
+    no_new_privs: bool = False
+    cgroup_mounts: tuple[CgroupMount, ...] = ()
+
+    @property
+    def missing_privileged_caps(self) -> list[str]:
+        """Names of the kernel's capabilities privileged root will not get."""
+        return [f"CAP_{CAP_NAMES[c].upper()}" if c < len(CAP_NAMES) else str(c)
+                for c in range(_cap_last_cap() + 1) if c not in self.privileged_caps]
+
+
+def _cap_last_cap() -> int:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def host_cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> tuple[CgroupMount, ...]:
+    """Every cgroup hierarchy mounted on the host (the first mount of each)."""
+    found: dict[str, CgroupMount] = {}
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            fstype = fields[sep + 1]
+            if fstype not in ("cgroup", "cgroup2"):
+                continue
+            names = ",".join(o for o in fields[sep + 3].split(",") if fstype == "cgroup"
+                             and (o.startswith("name=") or o in _V1_CONTROLLERS))
+            found.setdefault(f"{fstype}:{names}", CgroupMount(_unescape(fields[4]), fstype, names))
+    return tuple(found.values())
+
+
+_V1_CONTROLLERS = frozenset(
+    "cpu cpuacct cpuset memory devices freezer blkio pids net_cls net_prio perf_event "
+    "hugetlb rdma misc".split())
+
+
+def confinement(seccomp_on: bool = True, no_new_privs: bool = False) -> Confinement:
+    """This host's confinement (see ``Confinement``). Builds the seccomp program (about
+    0.1 s); raises SeccompError when libseccomp is missing."""
+    with open("/proc/self/status") as f:
+        bounding = int(next(line.split()[1] for line in f if line.startswith("CapBnd:")), 16)
+    caps = frozenset(c for c in range(_cap_last_cap() + 1) if bounding >> c & 1)
+    return Confinement(seccomp.build() if seccomp_on else None, caps, no_new_privs, host_cgroup_mounts())
+
+
 _LOCKED = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC | L.MS_RDONLY
 _ATIME = ((os.ST_NOATIME, L.MS_NOATIME), (os.ST_NODIRATIME, L.MS_NODIRATIME), (os.ST_RELATIME, L.MS_RELATIME))
 
 
-def start_init(cfg: dict[str, Any]) -> int:
+def start_init(cfg: dict[str, Any], conf: Confinement) -> int:
     """Create the container's namespaces and its pid 1; return pid 1's host pid.
 
     ``cfg`` keys: rootfs, hostname, privileged, cgroup_procs, bind_mounts
@@ -58,7 +139,7 @@ def start_init(cfg: dict[str, Any]) -> int:
     if helper == 0:
         os.close(to_child_w)
         os.close(from_child_r)
-        _run_child(_helper, cfg, to_child_r, from_child_w)
+        _run_child(_helper, cfg, conf, to_child_r, from_child_w)
     os.close(to_child_r)
     os.close(from_child_w)
     try:
@@ -100,11 +181,13 @@ def _run_child(fn: Any, *args: Any) -> None:
             os._exit(1)
 
 
-def _helper(cfg: dict[str, Any], go_fd: int, report_fd: int) -> None:
+def _helper(cfg: dict[str, Any], conf: Confinement, go_fd: int, report_fd: int) -> None:
     for path in cfg["cgroup_procs"]:
         with open(path, "w") as f:
             f.write(str(os.getpid()))
-    flags = L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET | L.CLONE_NEWPID
+    # Joined its cgroups above, so the new cgroup namespace has them as its root.
+    flags = (L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET | L.CLONE_NEWPID
+             | L.CLONE_NEWCGROUP)
     if not cfg["privileged"]:
         L.unshare(L.CLONE_NEWUSER)
         os.write(report_fd, msgpack.packb("map"))
@@ -115,20 +198,19 @@ def _helper(cfg: dict[str, Any], go_fd: int, report_fd: int) -> None:
     L.unshare(flags)
     init = os.fork()
     if init == 0:
-        _run_child(_init, cfg, report_fd)
+        _run_child(_init, cfg, conf, report_fd)
     os.write(report_fd, msgpack.packb({"init": init}))
 
 
-def _init(cfg: dict[str, Any], report_fd: int) -> None:
+def _init(cfg: dict[str, Any], conf: Confinement, report_fd: int) -> None:
     """Pid 1: build the rootfs, report ready, then become garden-init (or reap in Python)."""
     init_fd = -1
     if cfg.get("init_binary"):
         init_fd = os.open(cfg["init_binary"], os.O_RDONLY)  # reachable after pivot_root only this way
-    _setup_rootfs(cfg)
+    _setup_rootfs(cfg, conf)
     socket.sethostname(cfg["hostname"])
     _loopback_up()
-    if not cfg["privileged"]:
-        L.limit_capabilities(DEFAULT_CAPS)
+    confine(conf, cfg["privileged"], 0)
     setproctitle.setproctitle("garden-init")
     L.set_process_name("garden-init")
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE):
@@ -148,6 +230,28 @@ def _init(cfg: dict[str, Any], report_fd: int) -> None:
             os.execve(f"/proc/self/fd/{init_fd}", ["garden-init"], {})
     while True:
         signal.pause()
+
+
+def confine(conf: Confinement, privileged: bool, uid: int) -> None:
+    """Seccomp, no_new_privs and capabilities for a process of the container that will run
+    as ``uid``, while it is still (container) root; all that may follow is setgroups,
+    setresgid/setresuid, chdir and execve, which the seccomp program allows.
+
+    Unprivileged: the program is loaded first, while the process still holds
+    CAP_SYS_ADMIN in its user namespace (so no_new_privs is not needed), then the
+    capabilities shrink to Garden's 14 (a non-root uid loses the effective and permitted
+    ones at setuid). Privileged root: every capability the server has, inheritable too;
+    a privileged non-root user: the 14 plus CAP_SYS_ADMIN as a ceiling, as in Garden."""
+    if not privileged:
+        if conf.no_new_privs:
+            L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+        if conf.seccomp is not None:
+            conf.seccomp.load()
+        L.limit_capabilities(DEFAULT_CAPS)
+    elif uid != 0:
+        L.limit_capabilities(DEFAULT_CAPS | {CAP_SYS_ADMIN})
+    else:
+        L.limit_capabilities(conf.privileged_caps)
 
 
 def _mount_at(root: str, rel: str, source: str, fstype: str | None, flags: int = 0,
@@ -234,13 +338,40 @@ def in_root(root: str, path: str) -> str:
     return resolved
 
 
-def _setup_rootfs(cfg: dict[str, Any]) -> None:
+def _mount_cgroups(root: str, cfg: dict[str, Any], conf: Confinement) -> None:
+    """Read-only cgroup filesystems at /sys/fs/cgroup, one per host hierarchy the container
+    has a cgroup of its own in (in the others its namespace root would be the host's).
+    Fresh mounts in the container's cgroup namespace, so each shows its cgroup as the root."""
+    own = [m for m in conf.cgroup_mounts
+           if any(p.startswith(m.path.rstrip("/") + "/") for p in cfg["cgroup_procs"])]
+    if not own:
+        return
+    nse = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
+    if len(own) == 1 and own[0].fstype == "cgroup2":
+        _mount_at(root, "/sys/fs/cgroup", "cgroup2", "cgroup2", nse | L.MS_RDONLY)
+        return
+    top = _mount_at(root, "/sys/fs/cgroup", "tmpfs", "tmpfs", nse, "mode=755")
+    names = {os.path.basename(m.path.rstrip("/")) for m in own}
+    for m in own:
+        name = os.path.basename(m.path.rstrip("/"))
+        _mount_at(root, f"/sys/fs/cgroup/{name}", "cgroup", m.fstype, nse | L.MS_RDONLY, m.options or None)
+        # Co-mounted controllers (cpu,cpuacct on many hosts) get a link per controller, as runc makes.
+        for controller in m.options.split(","):
+            if "," in m.options and controller not in names and not controller.startswith("name="):
+                os.symlink(name, f"{top}/{controller}")
+                names.add(controller)
+    L.mount("", top, None, L.MS_REMOUNT | L.MS_RDONLY | nse, "mode=755")
+
+
+def _setup_rootfs(cfg: dict[str, Any], conf: Confinement) -> None:
     root = cfg["rootfs"]
     L.mount("", "/", None, L.MS_REC | L.MS_PRIVATE)
     L.mount(root, root, None, L.MS_BIND | L.MS_REC)
     nse = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
     _mount_at(root, "/proc", "proc", "proc", nse)
     _mount_at(root, "/sys", "sysfs", "sysfs", nse | L.MS_RDONLY)
+    if not cfg["privileged"]:
+        _mount_cgroups(root, cfg, conf)  # none in privileged ones, as in Garden
     _mount_at(root, "/dev", "tmpfs", "tmpfs", L.MS_NOSUID | L.MS_STRICTATIME, "mode=755,size=65536k")
     for dev in DEVICES:
         _mount_at(root, f"/dev/{dev}", f"/dev/{dev}", None, L.MS_BIND, is_file=True)
@@ -248,6 +379,10 @@ def _setup_rootfs(cfg: dict[str, Any]) -> None:
         os.symlink(target, f"{root}/dev/{name}")
     if os.path.exists("/proc/kcore"):
         os.symlink("/proc/kcore", f"{root}/dev/core")
+    if cfg["privileged"]:
+        # Garden gives privileged containers FUSE; host root may make the node itself.
+        os.mknod(f"{root}/dev/fuse", 0o666 | stat.S_IFCHR, os.makedev(10, 229))
+        os.chmod(f"{root}/dev/fuse", 0o666)
     _mount_at(root, "/dev/pts", "devpts", "devpts", L.MS_NOSUID | L.MS_NOEXEC,
               "newinstance,ptmxmode=0666,mode=0620,gid=5")
     _mount_at(root, "/dev/shm", "tmpfs", "tmpfs", nse, "mode=1777")

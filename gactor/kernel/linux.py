@@ -91,6 +91,26 @@ def mount_setattr(target: str, attr_set: int, recursive: bool = True) -> None:
                          ctypes.c_long(flags), attr, ctypes.c_long(len(attr))), f"mount_setattr {target}")
 
 
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT = 428, 429  # x86_64, Linux 5.2+
+OPEN_TREE_CLONE = 1
+_OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+
+def open_tree_clone(path: str) -> int:
+    """A detached copy of the mount tree at ``path`` (recursive), as an fd: it can be
+    attached in another mount namespace with ``move_mount``."""
+    return _check(_libc.syscall(ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_long(_AT_FDCWD), path.encode(),
+                                ctypes.c_uint(OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_RECURSIVE)),
+                  f"open_tree {path}")
+
+
+def move_mount(tree_fd: int, target: str) -> None:
+    """Attach the detached mount ``tree_fd`` at ``target`` (in this mount namespace)."""
+    _check(_libc.syscall(ctypes.c_long(_SYS_MOVE_MOUNT), ctypes.c_long(tree_fd), b"", ctypes.c_long(_AT_FDCWD),
+                         target.encode(), ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH)), f"move_mount to {target}")
+
+
 def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(_SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
 

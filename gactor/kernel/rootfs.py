@@ -35,9 +35,12 @@ def remove_partial_images(store: str) -> None:
             shutil.rmtree(os.path.join(store, name), ignore_errors=True)
 
 
-def mount_overlay(lower: str, container_dir: str, privileged: bool) -> str:
-    """Mount ``<container_dir>/rootfs`` as an overlay over ``lower``; returns its path."""
-    upper, work, merged = (os.path.join(container_dir, n) for n in ("upper", "work", "rootfs"))
+def mount_overlay(lower: str, container_dir: str, privileged: bool, upper_root: str | None = None) -> str:
+    """Mount ``<container_dir>/rootfs`` as an overlay over ``lower``; returns its path.
+    The upper and work dirs are made in ``upper_root`` (a disk-limited filesystem) when
+    given, else in ``container_dir``."""
+    upper, work = (os.path.join(upper_root or container_dir, n) for n in ("upper", "work"))
+    merged = os.path.join(container_dir, "rootfs")
     for d in (upper, work, merged):
         os.makedirs(d, exist_ok=True)
     st = os.stat(lower)

@@ -55,7 +55,7 @@ import setproctitle
 from . import linux as L
 from . import shim_wire as wire
 from . import shims
-from .container_init import open_namespaces, start_init
+from .container_init import Confinement, open_namespaces, start_init
 from .spawn import SpawnError, Stdio, make_stdio, set_window_size, spawn
 from .spawner import COMMIT
 
@@ -120,8 +120,9 @@ def _log(what: str) -> None:
 
 
 class Shim:
-    def __init__(self, cfg: dict[str, Any], dir_fd: int) -> None:
+    def __init__(self, cfg: dict[str, Any], dir_fd: int, conf: Confinement | None = None) -> None:
         self.cfg = cfg
+        self.conf = conf
         self.dir_fd = dir_fd
         self.procs_dir = os.open("processes", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
         self.init_pid = 0
@@ -136,8 +137,14 @@ class Shim:
 
     # ---- setup -------------------------------------------------------------------
 
+    def _confinement(self) -> Confinement:
+        # Only a Shim built for bookkeeping tests has none; one that runs containers must.
+        if self.conf is None:
+            raise RuntimeError("this shim has no confinement: it cannot start processes")
+        return self.conf
+
     def start(self) -> None:
-        self.init_pid = start_init(self.cfg)
+        self.init_pid = start_init(self.cfg, self._confinement())
         self.ns_fds = open_namespaces(self.init_pid, self.cfg["privileged"])
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         path = wire.socket_path(self.dir_fd, "shim.sock")
@@ -259,7 +266,10 @@ class Shim:
         tty = msg.get("tty")
         stdio = make_stdio(tty)
         try:
-            pid = spawn(self.ns_fds, self.cfg["cgroup_procs"], self.cfg["privileged"], msg["spec"], stdio)
+            # A pea with limits of its own runs in its own cgroup (the server made it).
+            procs = msg["spec"].get("cgroup_procs") or self.cfg["cgroup_procs"]
+            pid = spawn(self.ns_fds, procs, self.cfg["privileged"], msg["spec"], stdio,
+                        self._confinement())
         except BaseException:
             for fd in stdio.kept:
                 os.close(fd)
@@ -401,7 +411,7 @@ class Shim:
         self._broadcast({"event": "exit", "id": proc.id, "code": proc.exit})
 
 
-def shim_main(cfg: dict[str, Any], status_fd: int) -> None:
+def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement) -> None:
     """Entry point in the freshly forked shim; never returns.
 
     ``status_fd`` is the shim's end of the spawner's status socket: the report goes
@@ -433,7 +443,7 @@ def shim_main(cfg: dict[str, Any], status_fd: int) -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         if not _exists(dir_fd, "processes"):
             os.mkdir("processes", 0o700, dir_fd=dir_fd)
-        shim = Shim(cfg, dir_fd)
+        shim = Shim(cfg, dir_fd, conf)
         shim.start()
         os.write(status_fd, msgpack.packb({"shim": os.getpid(), "init": shim.init_pid}))
         if os.read(status_fd, 1) != COMMIT:

@@ -25,7 +25,7 @@ from typing import Any
 import msgpack
 
 from . import linux as L
-from .container_init import CAP_SYS_ADMIN, DEFAULT_CAPS
+from .container_init import Confinement, confine
 from .users import UserNotFound, find_executable, process_env, resolve_user
 
 RLIMITS = {
@@ -128,8 +128,9 @@ def set_window_size(fd: int, columns: int, rows: int) -> None:
 
 
 def spawn(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
-          spec: dict[str, Any], stdio: Stdio) -> int:
-    """Start ``spec`` in the container; return its host pid. Raises SpawnError."""
+          spec: dict[str, Any], stdio: Stdio, conf: Confinement) -> int:
+    """Start ``spec`` in the container, confined by ``conf``; return its host pid.
+    Raises SpawnError."""
     pid_r, pid_w = os.pipe()
     err_r, err_w = os.pipe()
     helper = os.fork()
@@ -138,7 +139,7 @@ def spawn(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
         try:
             os.close(pid_r)
             os.close(err_r)
-            _helper(ns_fds, cgroup_procs, privileged, spec, stdio, pid_w, err_w)
+            _helper(ns_fds, cgroup_procs, privileged, spec, stdio, conf, pid_w, err_w)
         finally:
             os._exit(2)
     os.close(pid_w)
@@ -163,7 +164,7 @@ def spawn(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
 
 
 def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
-            spec: dict[str, Any], stdio: Stdio, pid_w: int, err_w: int) -> None:
+            spec: dict[str, Any], stdio: Stdio, conf: Confinement, pid_w: int, err_w: int) -> None:
     try:
         for path in cgroup_procs:
             with open(path, "w") as f:
@@ -178,6 +179,10 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
                     resource.setrlimit(RLIMITS[name], (limit, limit))
                 except (ValueError, OSError) as err:
                     raise ValueError(f"rlimit limits.{name} = {value}: {err}") from None
+        if spec.get("pea_rootfs"):
+            # A pea's own root, mounted on the host: taken along as a detached mount tree,
+            # attached in the pea's own mount namespace once inside the container.
+            spec["pea_tree_fd"] = L.open_tree_clone(spec["pea_rootfs"])
         if spec.get("host_exe"):
             # A tool of the server's (a static tar) that the image need not have: opened
             # here, on the host, and executed inside the container through /proc/self/fd.
@@ -196,7 +201,9 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
     if pid == 0:
         os.close(pid_w)
         try:
-            _exec(spec, privileged, stdio, err_w)
+            if "pea_tree_fd" in spec:
+                _enter_pea(spec["pea_tree_fd"])
+            _exec(spec, privileged, stdio, conf)
         except SpawnError as err:
             _report(err_w, err.kind, str(err))
         except Exception:  # noqa: BLE001
@@ -206,11 +213,46 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
     os.write(pid_w, struct.pack("q", pid))
 
 
+PEA_ATTACH = "/tmp"  # where the pea's root is attached (in its own mount namespace only)
+_PEA_SHARED = ("/proc", "/dev", "/sys")  # the container's, bound into the pea
+_PEA_FILES = ("/etc/hosts", "/etc/resolv.conf")  # the container's, as Garden's peas get them
+
+
+def _enter_pea(tree_fd: int) -> None:
+    """In the container's namespaces: a mount namespace of the pea's own, rooted at its
+    image (``tree_fd``), with the container's /proc, /dev (but a /dev/shm of its own),
+    /sys, /etc/hosts and /etc/resolv.conf. The container's own mounts are not changed."""
+    L.unshare(L.CLONE_NEWNS)
+    L.mount("", "/", None, L.MS_REC | L.MS_PRIVATE)
+    os.makedirs(PEA_ATTACH, exist_ok=True)
+    L.move_mount(tree_fd, PEA_ATTACH)
+    os.close(tree_fd)
+    for path in _PEA_SHARED:
+        target = PEA_ATTACH + path
+        os.makedirs(target, exist_ok=True)
+        L.mount(path, target, None, L.MS_BIND | L.MS_REC)
+    # Its own /dev/shm, as each of Garden's peas gets (what it writes there is still charged
+    # to the cgroup it runs in).
+    L.mount("tmpfs", PEA_ATTACH + "/dev/shm", "tmpfs", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC, "mode=1777")
+    for path in _PEA_FILES:
+        if os.path.exists(path):
+            target = PEA_ATTACH + path
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if not os.path.exists(target):
+                with open(target, "w"):
+                    pass
+            L.mount(path, target, None, L.MS_BIND)
+    os.chdir(PEA_ATTACH)
+    L.pivot_root(".", ".")
+    L.umount(".", L.MNT_DETACH)
+    os.chdir("/")
+
+
 def _report(fd: int, kind: str, message: str) -> None:
     os.write(fd, msgpack.packb({"type": kind, "message": message}))
 
 
-def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, err_w: int) -> None:
+def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, conf: Confinement) -> None:
     """In the container's namespaces: become the user, wire stdio, exec. Never returns."""
     # Ignored signals survive exec, and the shim (like every Python process) ignores some.
     for sig in _RESET_SIGNALS:
@@ -254,10 +296,7 @@ def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, err_w: int) -> N
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
 
-    if not privileged:
-        L.limit_capabilities(DEFAULT_CAPS)
-    elif user.uid != 0:
-        L.limit_capabilities(DEFAULT_CAPS | {CAP_SYS_ADMIN})
+    confine(conf, privileged, user.uid)  # seccomp from here on: only what the program allows
     os.setgroups(list(user.groups))
     os.setresgid(user.gid, user.gid, user.gid)
     os.setresuid(user.uid, user.uid, user.uid)

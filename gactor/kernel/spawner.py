@@ -21,6 +21,7 @@ shim nobody took over never outlives its request. The pidfd lets the server wait
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import signal
@@ -34,6 +35,7 @@ import setproctitle
 
 from . import linux as L
 from . import shim_wire as wire
+from .container_init import Confinement, confinement
 
 _PR_SET_PDEATHSIG = 1
 COMMIT = b"k"  # the server took the shim over
@@ -47,8 +49,12 @@ class SpawnerHandle:
     pid: int
 
 
-def fork_spawner() -> SpawnerHandle:
-    """Fork the spawner. Call before any thread exists in this process."""
+def fork_spawner(conf: Confinement | None = None) -> SpawnerHandle:
+    """Fork the spawner, whose shims confine their containers with ``conf`` (default:
+    ``container_init.confinement()``, built here). Call before any thread exists in this
+    process."""
+    if conf is None:
+        conf = confinement()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     wire.size_socket(ours)
     wire.size_socket(theirs)
@@ -57,7 +63,7 @@ def fork_spawner() -> SpawnerHandle:
     if pid == 0:
         ours.close()
         try:
-            _serve(theirs)
+            _serve(theirs, conf)
         except BaseException:  # noqa: BLE001 - never unwind into the server's code
             traceback.print_exc()
         finally:
@@ -66,7 +72,7 @@ def fork_spawner() -> SpawnerHandle:
     return SpawnerHandle(ours, pid)
 
 
-def _serve(sock: socket.socket) -> None:
+def _serve(sock: socket.socket, conf: Confinement) -> None:
     L.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
     setproctitle.setproctitle("gactor-spawner")
     L.set_process_name("gactor-spawner")
@@ -95,7 +101,7 @@ def _serve(sock: socket.socket) -> None:
         try:
             if not isinstance(msg, dict) or not isinstance(msg.get("cfg"), dict):
                 raise ValueError(f"bad spawner request {msg!r:.200}")
-            shim_pid, out_fds = _fork_shim(msg["cfg"], sock, shim_main)
+            shim_pid, out_fds = _fork_shim(msg["cfg"], sock, functools.partial(shim_main, conf=conf))
             reply: dict[str, Any] = {"rid": rid, "ok": True, "shim": shim_pid}
         except Exception:  # noqa: BLE001 - keep serving; the server sees the error text
             reply = {"rid": rid, "ok": False, "error": traceback.format_exc(limit=2)}

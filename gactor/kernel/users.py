@@ -65,7 +65,8 @@ def resolve_user(spec: str, etc: str = "/etc") -> User:
         else:
             uid = int(user_part)
             gid = _group_id(group_part, group_rows, spec) if group_part else uid
-            return User(name=user_part, uid=uid, gid=gid, home="/", groups=(gid,))
+            # runc sets no supplementary groups for a user without a passwd entry (GATS checks `id`).
+            return User(name=user_part, uid=uid, gid=gid, home="/", groups=())
     name, uid, gid, home = entry[0], int(entry[2]), int(entry[3]), entry[5] or "/"
     if group_part:
         gid = _group_id(group_part, group_rows, spec)

@@ -393,6 +393,8 @@ async def test_destroy_kills_processes_and_releases_everything(gactor_server, cl
     assert not await trio.Path(container_path).exists()
     assert mounts_containing(container_path) == []
     assert mounts_containing(container_path, gactor_server.proc.pid) == []
-    assert [p for p in paths_under(gactor_server.depot) if handle in p] == []
+    # Its directory goes through the trash, which the server empties in the background.
+    await wait_for(lambda: [p for p in paths_under(gactor_server.depot) if handle in p] == [], 10,
+                   what="the container's directory to be removed")
     with pytest.raises(ContainerNotFoundError):
         await client.lookup(handle)

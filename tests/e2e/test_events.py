@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import trio
 
 import gactor
-from gactor import ContainerSpec, Limits, MemoryLimits
+from gactor import ContainerSpec, Limits, MemoryLimits, ProcessIO, ProcessSpec
 
 from .helpers import E2E_MARKS, sh
 
@@ -34,7 +36,8 @@ async def test_a_client_wide_subscription_hears_every_container(client, create_c
         await oom(second)
         with trio.fail_after(10):
             async for handle, event in events:
-                heard.append((handle, event))
+                if event == OOM:  # each also gets an event naming the victim (below)
+                    heard.append((handle, event))
                 if len(heard) == 2:
                     break
     assert sorted(heard) == sorted([(first.handle, OOM), (second.handle, OOM)])
@@ -50,14 +53,37 @@ async def test_a_container_subscription_ends_when_it_is_destroyed(client, create
         with trio.fail_after(10):
             assert [event async for event in _first(events)] == [OOM]
         await client.destroy(container.handle)
-        with trio.fail_after(10):
-            assert [event async for event in events] == []  # the stream just ends
+        with trio.fail_after(10):  # the stream just ends (after the event naming the victim)
+            assert [e for e in [event async for event in events] if not e.startswith(f"{OOM}:")] == []
 
 
 async def _first(events):
     async for event in events:
         yield event
         return
+
+
+async def test_an_oom_event_names_the_killed_process(create_container):
+    """Garden's "Out of memory", then which process the kernel killed: its host pid,
+    command and, for a process started by run, its process id."""
+    container = await create_container(small())
+    async with container.events() as events:
+        proc = await container.run(ProcessSpec(id="hog", path="dd", args=["if=/dev/zero", "of=/dev/shm/x",
+                                                                        "bs=1M", "count=48"]), ProcessIO())
+        assert await proc.wait() == 137
+        with trio.fail_after(10):
+            got = [event async for event in _take(events, 2)]
+    assert got[0] == OOM
+    assert re.fullmatch(r"Out of memory: killed process \d+ \(dd\), process id 'hog'", got[1]), got
+    assert (await container.info()).events[-2:] == got
+
+
+async def _take(events, n):
+    async for event in events:
+        yield event
+        n -= 1
+        if not n:
+            return
 
 
 async def test_subscribing_to_a_destroyed_container_fails(client):

@@ -95,7 +95,8 @@ async def test_oom_kills_records_the_event_and_stops_the_container(gactor_server
     await wait_for(lambda: _state_is(container, "stopped"), what="state stopped")
     info = await container.info()
     assert info.state == "stopped"
-    assert info.events == [OOM_EVENT]
+    assert garden_events(info) == [OOM_EVENT]
+    await wait_for(lambda: _victim_named(container, "dd"), what="the event naming the victim")
 
     # Stopped is not destroyed: the cgroup and its limit stay, init stays, and so does
     # the filesystem (seen from the host through init's root).
@@ -116,7 +117,7 @@ async def test_oom_kills_records_the_event_and_stops_the_container(gactor_server
 
     assert await wait_for(echo, what="a process to survive") == "alive"
     info = await container.info()
-    assert (info.state, info.events) == ("stopped", [OOM_EVENT])
+    assert (info.state, garden_events(info)) == ("stopped", [OOM_EVENT])
 
 
 async def test_an_event_after_a_subscriber_left(create_container):
@@ -127,7 +128,7 @@ async def test_an_event_after_a_subscriber_left(create_container):
     assert code == 137
     await wait_for(lambda: _has_event(container, OOM_EVENT), what="the OOM event")
     info = await container.info()
-    assert (info.state, info.events) == ("stopped", [OOM_EVENT])
+    assert (info.state, garden_events(info)) == ("stopped", [OOM_EVENT])
 
 
 async def test_oom_of_a_child_process_is_recorded(gactor_server, create_container):
@@ -139,7 +140,21 @@ async def test_oom_of_a_child_process_is_recorded(gactor_server, create_containe
     oom_control = cgroup_file(gactor_server, "memory", container.handle, "memory.oom_control")
     assert "oom_kill 1" in oom_control.splitlines()  # the kernel counted the kill
     info = await container.info()
-    assert (info.events, info.state) == ([OOM_EVENT], "stopped")
+    assert (garden_events(info), info.state) == ([OOM_EVENT], "stopped")
+    # The victim is named, without a process id: dd was not started by run.
+    await wait_for(lambda: _victim_named(container, "dd"), what="the event naming the victim")
+    victims = [e for e in (await container.info()).events if e.startswith(f"{OOM_EVENT}:")]
+    assert re.fullmatch(rf"{OOM_EVENT}: killed process \d+ \(dd\)", victims[0]), victims
+
+
+def garden_events(info) -> list[str]:
+    """The events Garden itself records (an OOM's victim event follows "Out of memory")."""
+    return [e for e in info.events if not e.startswith(f"{OOM_EVENT}:")]
+
+
+async def _victim_named(container, task: str) -> bool:
+    return any(e.startswith(f"{OOM_EVENT}: killed process ") and f"({task})" in e
+               for e in (await container.info()).events)
 
 
 async def _state_is(container, state: str) -> bool:

@@ -491,6 +491,13 @@ async def test_numeric_user_and_group(container):
     assert re.match(rb"uid=1000\b.* gid=1000\b", out), out
 
 
+async def test_a_user_without_a_passwd_entry_has_no_supplementary_groups(container):
+    """As runc does (GATS: "users has a sufficiently large UID/GID range")."""
+    out = await sh_ok(container, "grep -E '^(Uid|Gid|Groups):' /proc/self/status", user="1000000000:1000000000")
+    fields = {line.split(":")[0]: line.split(":")[1].split() for line in out.splitlines()}
+    assert fields == {"Uid": ["1000000000"] * 4, "Gid": ["1000000000"] * 4, "Groups": []}
+
+
 async def test_unknown_user(container):
     with pytest.raises(GardenError) as raised:
         await container.run(ProcessSpec(path="whoami", user="bob-nope"), ProcessIO())

@@ -59,7 +59,10 @@ def test_passwd_and_group_parse(rootfs: Path) -> None:
     assert groups["tty"][2] == "5"
     assert {"nogroup", "users"} <= groups.keys()
     shadow = (rootfs / "etc/shadow").read_text().splitlines()
-    assert {ln.split(":")[0] for ln in shadow} == {"root", "nobody"}
+    assert {ln.split(":")[0] for ln in shadow} == set(users)
+    # Docker's busybox users, which Garden's tests expect (operator is uid 37).
+    assert users["operator"][2:4] == ["37", "37"]
+    assert groups["operator"][2] == "37"
 
 
 def test_directory_modes(rootfs: Path) -> None:

@@ -277,9 +277,13 @@ def test_destroy_is_idempotent_and_wraps_errors(root: Path, cgroup: CgroupV2) ->
     assert not Path(cgroup.path).exists()
 
 
-def test_setup_devices_is_a_no_op_on_v2(cgroup: CgroupV2) -> None:
+def test_setup_devices_on_v2_attaches_a_program_not_files(cgroup: CgroupV2) -> None:
+    # A plain directory is no cgroup: the attach fails, naming it, and writes nothing.
+    # (tests/kernel/test_bpf_devices.py attaches to a real cgroup2 directory.)
     before = sorted(p.name for p in Path(cgroup.path).iterdir())
-    cgroup.setup_devices(["c 1:3 rwm"])
+    with pytest.raises(CgroupError) as info:
+        cgroup.setup_devices(["c 1:3 rwm"])
+    assert info.value.op.startswith("bpf.")  # prog_load when not root, else prog_attach
     assert sorted(p.name for p in Path(cgroup.path).iterdir()) == before
 
 

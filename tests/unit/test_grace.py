@@ -190,6 +190,8 @@ class FakeContainer:
 
 
 class NoCgroups:
+    parent = "gactor-unit-test"
+
     def names(self) -> list[str]:
         return []
 
