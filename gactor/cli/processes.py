@@ -10,6 +10,7 @@ connection drops, we get SIGINT, SIGTERM or SIGHUP.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -42,19 +43,43 @@ class Sink:
 
     Writes happen in a thread: a terminal or pipe that is slow to drain must not stall
     the event loop, and making a shared descriptor non-blocking would break the shell.
+
+    When the reader is gone, ``gone`` is set and ``exit_code`` says how the command
+    should end, as a shell tool would: a closed pipe (EPIPE, ``gactor run ... | head
+    -1``) 141, as if killed by SIGPIPE; a terminal that hung up (EIO) 129, as if by
+    SIGHUP. What comes after has nowhere to go and is discarded; whoever owns the sink
+    watches ``gone`` and ends the command (the process in the container runs on,
+    unattached).
     """
 
-    def __init__(self, file: IO[bytes]) -> None:
+    def __init__(self, file: IO[bytes], gone: Any) -> None:
         self._file = file
+        self.gone = gone  # a trio.Event, shared by the sinks of one command
+        self.exit_code: int | None = None
 
     async def send_all(self, data: bytes) -> None:
         import trio
 
-        await trio.to_thread.run_sync(self._write, data)
+        if self.gone.is_set():
+            return
+        code = await trio.to_thread.run_sync(self._write, data)
+        if code is not None:
+            self.exit_code = code
+            self.gone.set()
 
-    def _write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._file.flush()
+    def _write(self, data: bytes) -> int | None:
+        try:
+            self._file.write(data)
+            self._file.flush()
+        except OSError as err:
+            if err.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            # Python flushes the file once more at exit; let that find somewhere to go.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._file.fileno())
+            os.close(devnull)
+            return 128 + (signal.SIGPIPE if err.errno == errno.EPIPE else signal.SIGHUP)
+        return None
 
 
 async def stdin_chunks(progress: Any = None) -> AsyncIterator[bytes]:
@@ -79,11 +104,39 @@ async def stdin_chunks(progress: Any = None) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _stdio() -> Any:
+def _stdio() -> tuple[Any, list[Sink]]:
+    """Our stdio as a ProcessIO, and its sinks (sharing one ``gone`` event)."""
+    import trio
+
     from gactor.client import ProcessIO
 
+    gone = trio.Event()
+    sinks = [Sink(sys.stdout.buffer, gone), Sink(sys.stderr.buffer, gone)]
     return ProcessIO(stdin=stdin_chunks() if sys.stdin is not None else None,
-                     stdout=Sink(sys.stdout.buffer), stderr=Sink(sys.stderr.buffer))
+                     stdout=sinks[0], stderr=sinks[1]), sinks
+
+
+async def _wait_or_gone(process: Any, sinks: list[Sink]) -> int:
+    """The process's exit code, or the exit code for a reader gone (see Sink)."""
+    import trio
+
+    code: int | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def wait() -> None:
+            nonlocal code
+            code = int(await process.wait())
+            nursery.cancel_scope.cancel()
+
+        async def gone() -> None:
+            await sinks[0].gone.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(wait)
+        nursery.start_soon(gone)
+    if code is None:
+        raise click.exceptions.Exit(next(s.exit_code for s in sinks if s.exit_code is not None))
+    return code
 
 
 def window_size() -> Any:
@@ -122,7 +175,7 @@ def raw_terminal(enabled: bool) -> Iterator[None]:
 
 
 async def _session(container: Any, start: Any, tty: bool, resize_now: bool = False) -> int:
-    """Start the process with ``start(container)`` and return its exit code.
+    """Start the process with ``start(container, io)`` (our stdio) and return its exit code.
 
     With a tty, meanwhile: SIGWINCH sends our window size; SIGTERM or SIGHUP ends the
     session (the process runs on, unattached, as with ``docker attach``) with 128+N.
@@ -130,14 +183,15 @@ async def _session(container: Any, start: Any, tty: bool, resize_now: bool = Fal
     ``resize_now`` sends our size at once (attach: the terminal is not the one the
     process was started with).
     """
+    io, sinks = _stdio()
     if not tty:
-        return int(await (await start(container)).wait())
+        return await _wait_or_gone(await start(container, io), sinks)
     import trio
 
     from gactor.types import TTYSpec
 
     with trio.open_signal_receiver(signal.SIGWINCH, *ENDING_SIGNALS) as signals:
-        process = await start(container)
+        process = await start(container, io)
         if resize_now and (size := window_size()) is not None:
             await process.set_tty(TTYSpec(window_size=size))
 
@@ -154,7 +208,7 @@ async def _session(container: Any, start: Any, tty: bool, resize_now: bool = Fal
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follow_signals, nursery)
-            code = int(await process.wait())
+            code = await _wait_or_gone(process, sinks)
             nursery.cancel_scope.cancel()
         if ended_by:
             raise click.exceptions.Exit(128 + ended_by[0])
@@ -198,7 +252,7 @@ def run(opts: Options, handle: str, tty: bool, user: str, env: list[str], direct
     spec = ProcessSpec(id=process_id, path=command[0], args=list(command[1:]), env=env,
                        dir=directory, user=user,
                        tty=TTYSpec(window_size=window_size()) if tty else None)
-    _run_session(opts, handle, lambda c: c.run(spec, _stdio()), tty)
+    _run_session(opts, handle, lambda c, io: c.run(spec, io), tty)
 
 
 @examples("gactor run --id job web -- sh -c 'sleep 5; echo done' &", "gactor attach web job",
@@ -215,4 +269,4 @@ def attach(opts: Options, handle: str, process_id: str, tty: bool) -> None:
     With --tty our terminal goes raw and the process's terminal takes our window size,
     as with run --tty; the process keeps its TERM.
     """
-    _run_session(opts, handle, lambda c: c.attach(process_id, _stdio()), tty, resize_now=True)
+    _run_session(opts, handle, lambda c, io: c.attach(process_id, io), tty, resize_now=True)

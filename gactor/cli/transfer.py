@@ -81,15 +81,18 @@ def stream_out(opts: Options, handle: str, path: str, user: str) -> None:
 
     if sys.stdout.isatty():
         raise CommandError("refusing to write a tar stream to a terminal; redirect stdout")
-    sink = Sink(sys.stdout.buffer)
-
     with render.Progress(f"stream-out {handle}:{path}", None, sys.stderr) as progress:
 
         async def action(container: Any) -> None:
+            import trio
+
+            sink = Sink(sys.stdout.buffer, trio.Event())
             stream = await container.stream_out(StreamOutSpec(path=path, user=user))
             async with stream:
                 async for chunk in stream:
                     await sink.send_all(chunk)
+                    if sink.exit_code is not None:  # the reader left: stop the stream
+                        raise click.exceptions.Exit(sink.exit_code)
                     progress.advance(len(chunk))
 
         with_container(opts, handle, action)

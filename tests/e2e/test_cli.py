@@ -118,6 +118,23 @@ def test_run_streams_piped_stdin(gactor_server: ServerProcess, handle: str) -> N
     assert result.stdout == data
 
 
+def test_run_into_a_closed_pipe_ends_quietly(gactor_server: ServerProcess, handle: str) -> None:
+    """``gactor run ... | head -1``: the reader goes, the command ends as SIGPIPE would end
+    it (141), with nothing on stderr."""
+    command = " ".join(gactor_command("--target", gactor_server.url, "run", handle, "--", "yes"))
+    result = subprocess.run(["bash", "-c", f'{command} | head -1; echo "status ${{PIPESTATUS[0]}}"'],
+                            capture_output=True, timeout=TIMEOUT, check=False)
+    assert (result.stdout, result.stderr) == (b"y\nstatus 141\n", b"")
+
+
+def test_stream_out_into_a_closed_pipe_ends_quietly(gactor_server: ServerProcess, handle: str) -> None:
+    command = " ".join(gactor_command("--target", gactor_server.url, "stream-out", handle, "--from", "/bin"))
+    result = subprocess.run(["bash", "-c", f'{command} | head -c 10 >/dev/null; echo "status ${{PIPESTATUS[0]}}"'],
+                            capture_output=True, timeout=TIMEOUT, check=False)
+    assert (result.stdout, result.stderr) == (b"status 141\n", b"")
+    assert ok(gactor(gactor_server, "run", handle, "--", "echo", "still usable")) == "still usable\n"
+
+
 def test_run_env_dir_and_user(gactor_server: ServerProcess, handle: str) -> None:
     out = ok(gactor(gactor_server, "run", handle, "--env", "GREETING=hi", "--dir", "/tmp",
                     "--user", "root", "--", "sh", "-c", 'echo "$GREETING $(pwd) $(id -u)"'))
@@ -282,25 +299,37 @@ def test_stream_in_shows_progress_on_a_terminal(gactor_server: ServerProcess, ha
     assert ok(gactor(gactor_server, "run", handle, "--", "stat", "-c", "%s", "/tmp/big/big")) == f"{4 << 20}\n"
 
 
-def _events_until(follower: subprocess.Popen[bytes], handle: str, last: str) -> list[str]:
-    """The events of ``handle`` a ``--json events`` follower prints, up to ``last``."""
+def _next_event(follower: subprocess.Popen[bytes], handle: str) -> str:
+    """The next event of ``handle`` a ``--json events`` follower prints (other tests'
+    containers have events of their own)."""
     assert follower.stdout is not None
-    seen: list[str] = []
-    while not seen or seen[-1] != last:
+    while True:
         line = follower.stdout.readline()
-        assert line, f"the follower ended after {seen}"
+        assert line, "the follower ended"
         event = json.loads(line)
         assert event["time"].endswith("Z")
-        if event["handle"] == handle:  # other tests' containers have events of their own
-            seen.append(event["event"])
+        if event["handle"] == handle:
+            return str(event["event"])
+
+
+def _events_until(follower: subprocess.Popen[bytes], handle: str, last: str) -> list[str]:
+    """The events of ``handle``, up to ``last``."""
+    seen = [_next_event(follower, handle)]
+    while seen[-1] != last:
+        seen.append(_next_event(follower, handle))
     return seen
 
 
+VICTIM = "Out of memory: killed process "
+
+
 def _oom_and_stop(follower: subprocess.Popen[bytes], handle: str) -> list[str]:
-    """The server's OOM event and the polled state change, in whichever order they came."""
-    seen = _events_until(follower, handle, "stopped")
-    if "Out of memory" not in seen:
-        seen += _events_until(follower, handle, "Out of memory")
+    """The server's OOM events (Garden's, then the one naming the victim, dd) and the
+    polled state change, in whichever order they come; the victim's event as ``victim``."""
+    seen: list[str] = []
+    while not {"Out of memory", "stopped", "victim"} <= set(seen):
+        event = _next_event(follower, handle)
+        seen.append("victim" if event.startswith(VICTIM) and "(dd)" in event else event)
     return seen
 
 
@@ -332,7 +361,7 @@ def test_events_follow_one_container_until_destroyed(gactor_server: ServerProces
     try:
         oom = gactor(gactor_server, "run", handle, "--", "dd", "if=/dev/zero", "of=/dev/shm/x", "bs=1M", "count=48")
         assert oom.returncode == 137
-        assert sorted(_oom_and_stop(follower, handle)) == ["Out of memory", "stopped"]
+        assert sorted(_oom_and_stop(follower, handle)) == ["Out of memory", "stopped", "victim"]
         ok(gactor(gactor_server, "destroy", handle))
         # A look at the states during the destroy may see it "destroying" first.
         assert _events_until(follower, handle, "destroyed") in (["destroyed"], ["destroying", "destroyed"])
@@ -351,7 +380,7 @@ def test_events_follow_every_container_until_interrupted(gactor_server: ServerPr
         handle = ok(gactor(gactor_server, "create", "--memory", "32M", "--property", f"owner={owner}")).strip()
         assert _events_until(follower, handle, "created") == ["created"]
         gactor(gactor_server, "run", handle, "--", "dd", "if=/dev/zero", "of=/dev/shm/x", "bs=1M", "count=48")
-        assert sorted(_oom_and_stop(follower, handle)) == ["Out of memory", "stopped"]
+        assert sorted(_oom_and_stop(follower, handle)) == ["Out of memory", "stopped", "victim"]
         ok(gactor(gactor_server, "destroy", handle))
         assert _events_until(follower, handle, "destroyed")[-1:] == ["destroyed"]
         follower.send_signal(signal.SIGINT)
