@@ -1,18 +1,20 @@
 """``images``, ``images prune`` and ``pull``: the server's image store.
 
-These need the image store API of the client (``Client.images()``,
-``Client.prune_images()``, ``Client.pull(uri)``), which comes with the images work
-(issue 9). A ``pull`` that takes ``progress=`` is given a callback ``(done_bytes,
-total_bytes or None)`` that moves the bar. Against a client or server without it each command fails with
-one clear ``error:`` line instead of a traceback. Image records are shown through the
-fields they are expected to carry (the source URI, the layer count, the size in bytes,
-the handles using it); a record of another shape is still printed, as its JSON.
+They use the image store API of the client (``Client.images()``, ``Client.pull(uri,
+username, password)``, ``Client.prune_images()``, from the images work, issue 9); against
+a client without it each fails with one clear ``error:`` line. The output is what the
+images branch's CLI printed (its tests read it): ``images`` one line per image, ``SIZE
+N layers  users: H,H  SOURCE``; ``pull`` ``SOURCE: SIZE, N layers``; ``prune`` one line
+per removed image or layer, or ``nothing to prune``.
+
+The server does not report a pull's progress (yet); while a pull runs on a terminal, a
+spinner with the time taken shows that it does. A client whose ``pull`` takes
+``progress=`` is given a callback ``(done_bytes, total_bytes or None)`` that moves a bar.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import sys
 from typing import Any
 
@@ -22,10 +24,6 @@ import msgspec
 from . import render
 from ._app import CommandError, Options, call, cli, echo_json, examples, json_option, pass_options
 
-_URI_FIELDS = ("uri", "source", "name", "key")
-_SIZE_FIELDS = ("size_in_bytes", "size", "bytes")
-_USER_FIELDS = ("users", "handles", "containers")
-
 
 def _api(client: Any, method: str) -> Any:
     found = getattr(client, method, None)
@@ -34,38 +32,35 @@ def _api(client: Any, method: str) -> Any:
     return found
 
 
-def _first(record: dict[str, Any], names: tuple[str, ...]) -> Any:
-    return next((record[n] for n in names if n in record), None)
+def _layers(n: int) -> str:
+    return f"{n} layer{'' if n == 1 else 's'}"
 
 
-HEADERS = ["image", "layers", "size", "users"]
+def image_line(record: dict[str, Any]) -> str:
+    """One image (ImageInfo's fields: path, source, bytes, layers, users) on one line."""
+    users = ",".join(record.get("users") or []) or "-"
+    return (f"{render.size(int(record.get('bytes') or 0)):>9}  {_layers(int(record.get('layers') or 0))}  "
+            f"users: {users}  {record.get('source') or record.get('path') or '?'}")
 
 
-def _row(record: dict[str, Any]) -> list[str]:
-    uri, size, users = (_first(record, f) for f in (_URI_FIELDS, _SIZE_FIELDS, _USER_FIELDS))
-    if isinstance(users, list):
-        users_text = ", ".join(map(str, users)) or "-"
-    else:
-        users_text = "-" if users is None else str(users)
-    layers = record.get("layers")
-    return [str(uri) if uri else json.dumps(record), str(layers) if layers is not None else "-",
-            render.size(size) if isinstance(size, int) else "-", users_text]
-
-
-@examples("gactor images", "gactor --json images", "gactor images prune")
+@examples("gactor images", "gactor --json images | jq -r '.[] | select(.users == []) | .source'",
+          "gactor images prune")
 @cli.group(invoke_without_command=True)
 @json_option
 @pass_options
 @click.pass_context
 def images(ctx: click.Context, opts: Options) -> None:
-    """List the image store: one line per image with its size and the containers using it."""
+    """List the image store: one line per image with its size, layers, users and source."""
     if ctx.invoked_subcommand is not None:
         return
     found = [msgspec.to_builtins(i) for i in call(opts, lambda client: _api(client, "images")())]
     if opts.json:
         echo_json(found)
-        return
-    render.table(HEADERS, [_row(r) for r in found])
+    elif found:
+        for record in found:
+            click.echo(image_line(record))
+    else:
+        click.echo("no images")
 
 
 @examples("gactor images prune", "gactor --json images prune")
@@ -73,25 +68,33 @@ def images(ctx: click.Context, opts: Options) -> None:
 @json_option
 @pass_options
 def prune(opts: Options) -> None:
-    """Remove the images no container uses; print what was removed."""
-    removed = call(opts, lambda client: _api(client, "prune_images")())
-    plain = msgspec.to_builtins(removed)
+    """Remove every image and layer no container uses; print what was removed."""
+    removed = list(call(opts, lambda client: _api(client, "prune_images")()))
     if opts.json:
-        echo_json(plain)
-        return
-    for item in plain or []:
-        click.echo(_row(item)[0] if isinstance(item, dict) else str(item))
+        echo_json(removed)
+    elif removed:
+        for item in removed:
+            click.echo(str(item))
+    else:
+        click.echo("nothing to prune")
 
 
-@examples("gactor pull docker://registry.local:5000/busybox#latest",
-          "gactor pull oci:///srv/images/app.tar#v2")
+@examples("gactor pull oci:///srv/images/app.tar#v2",
+          "gactor pull docker://registry.local:5000/busybox#latest",
+          "GACTOR_REGISTRY_PASSWORD=s3cret gactor pull --username ci docker://registry.local:5000/app")
 @cli.command()
 @click.argument("uri")
+@click.option("--username", default="", help="Registry login for docker:// images.")
+@click.option("--password", default="", envvar="GACTOR_REGISTRY_PASSWORD",
+              help="Its password [env GACTOR_REGISTRY_PASSWORD, which keeps it out of ps].")
 @json_option
 @pass_options
-def pull(opts: Options, uri: str) -> None:
-    """Fetch the image URI into the store, with a progress bar on a terminal."""
-    with render.Progress(f"pull {uri}", None, sys.stdout) as progress:
+def pull(opts: Options, uri: str, username: str, password: str) -> None:
+    """Fetch the image URI into the store; a progress display while it runs on a terminal."""
+    from gactor.client import Client
+
+    reports = "progress" in inspect.signature(getattr(Client, "pull", lambda uri: None)).parameters
+    with render.Progress(f"pull {uri}", None, sys.stdout, counts_bytes=reports) as progress:
         seen = [0]
 
         def advance(done: int, total: int | None = None) -> None:
@@ -102,15 +105,17 @@ def pull(opts: Options, uri: str) -> None:
 
         async def fetch(client: Any) -> Any:
             method = _api(client, "pull")
+            login = {"username": username, "password": password} if username or password else {}
             if "progress" in inspect.signature(method).parameters:
-                return await method(uri, progress=advance)
-            return await method(uri)
+                return await method(uri, progress=advance, **login)
+            return await method(uri, **login)
 
-        result = call(opts, fetch)
-    plain = msgspec.to_builtins(result)
+        image = call(opts, fetch)
+    record = msgspec.to_builtins(image)
     if opts.json:
-        echo_json(plain if plain is not None else {"uri": uri})
-    elif isinstance(plain, dict):
-        render.table(HEADERS, [_row(plain)])
+        echo_json(record)
+    elif isinstance(record, dict):
+        click.echo(f"{record.get('source') or uri}: {render.size(int(record.get('bytes') or 0))}, "
+                   f"{_layers(int(record.get('layers') or 0))}")
     else:
         click.echo(uri)

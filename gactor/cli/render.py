@@ -133,11 +133,13 @@ class Progress:
     """A transfer's progress bar on ``file`` when it is a terminal, else nothing.
 
     ``with Progress("stream-in", total, sys.stdout) as bar: bar.advance(n)``. ``total``
-    None (a pipe's length is unknown) pulses the bar and shows bytes and rate. The bar is
+    None (a pipe's length is unknown) pulses the bar and shows bytes and rate;
+    ``counts_bytes=False`` (nothing reports progress) shows a spinner and the time taken. The bar is
     removed from the terminal when the block ends, whichever way it ends.
     """
 
-    def __init__(self, description: str, total: int | None, file: IO[str]) -> None:
+    def __init__(self, description: str, total: int | None, file: IO[str], counts_bytes: bool = True) -> None:
+        self._counts_bytes = counts_bytes
         self._description = description
         self._total = total
         self._file = file
@@ -158,6 +160,8 @@ class Progress:
         columns: list[Any] = [p.TextColumn("{task.description}"), p.BarColumn(),
                               p.DownloadColumn(binary_units=True), p.TransferSpeedColumn(),
                               p.TimeRemainingColumn()]
+        if not self._counts_bytes:  # work whose progress nobody reports: show that it runs
+            columns = [p.SpinnerColumn(), p.TextColumn("{task.description}"), p.TimeElapsedColumn()]
         self._progress = p.Progress(*columns, console=console(self._file), transient=True)
         self._progress.start()
         self._task = self._progress.add_task(self._description, total=self._total)

@@ -463,8 +463,8 @@ def test_images_say_what_is_missing(gactor_server: ServerProcess) -> None:
 
 
 def test_images_list_prune_and_pull(gactor_server: ServerProcess, handle: str) -> None:
-    """With the image store API: the container's image is listed with it as a user, and
-    ``images prune`` keeps an image in use."""
+    """With the image store API: the container's image is listed with it as a user,
+    ``images prune`` keeps an image in use, and pulling its source again works."""
     from gactor.client import Client
 
     if not hasattr(Client, "images"):
@@ -472,13 +472,17 @@ def test_images_list_prune_and_pull(gactor_server: ServerProcess, handle: str) -
     listed = json.loads(ok(gactor(gactor_server, "--json", "images")))
     assert isinstance(listed, list)
     [ours] = [image for image in listed if handle in image["users"]]
-    header, *rows = ok(gactor(gactor_server, "images")).splitlines()
-    assert header.split() == ["IMAGE", "LAYERS", "SIZE", "USERS"]
-    assert any(handle in row for row in rows)
+    lines = ok(gactor(gactor_server, "images")).splitlines()
+    assert len(lines) == len(listed)  # one line per image
+    [line] = [line for line in lines if handle in line]
+    assert f"users: {','.join(ours['users'])}  {ours['source'] or ours['path']}" in line
+    assert " layer" in line
     removed = json.loads(ok(gactor(gactor_server, "--json", "images", "prune")))
     assert isinstance(removed, list)
     after = json.loads(ok(gactor(gactor_server, "--json", "images")))
     assert any(handle in image["users"] for image in after), (ours, after)
+    pulled = ok(gactor(gactor_server, "pull", ours["source"] or ours["path"]))
+    assert pulled.startswith(f"{ours['source'] or ours['path']}: ")
 
 
 # ---------------------------------------------------------------- --tty through a pty

@@ -395,12 +395,11 @@ def test_progress_is_silent_off_a_terminal(tmp_path: Path) -> None:
     assert (tmp_path / "out").read_text() == ""
 
 
-def test_image_rows_from_image_records() -> None:
+def test_image_lines_from_image_records() -> None:
     from gactor.cli import images
 
     record = {"path": "/depot/images/ab", "source": "oci:///srv/app.tar#v2", "bytes": 5 << 20,
               "layers": 3, "users": ["web", "db"]}
-    assert images._row(record) == ["oci:///srv/app.tar#v2", "3", "5 MiB", "web, db"]
-    assert images._row({"source": "/images/busybox", "bytes": 0, "users": []}) == [
-        "/images/busybox", "-", "0 B", "-"]
-    assert images._row({"other": 1}) == ['{"other": 1}', "-", "-", "-"]
+    assert images.image_line(record) == "    5 MiB  3 layers  users: web,db  oci:///srv/app.tar#v2"
+    assert images.image_line({"path": "/depot/images/cd", "bytes": 512, "layers": 1, "users": []}) == (
+        "    512 B  1 layer  users: -  /depot/images/cd")
