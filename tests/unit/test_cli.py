@@ -40,7 +40,7 @@ COMMAND_OPTIONS = {
     "events": [],
     "images": ["prune"],
     "images prune": [],
-    "pull": [],
+    "pull": ["--username", "--password"],
 }
 
 
