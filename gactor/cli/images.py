@@ -43,6 +43,15 @@ def image_line(record: dict[str, Any]) -> str:
             f"users: {users}  {record.get('source') or record.get('path') or '?'}")
 
 
+def _print_lines(opts: Options, found: list[Any], lines: list[str], none: str) -> None:
+    """``found`` as JSON with --json, else ``lines``, or ``none`` when there are none."""
+    if opts.json:
+        echo_json(found)
+        return
+    for line in lines or [none]:
+        click.echo(line)
+
+
 @examples("gactor images", "gactor --json images | jq -r '.[] | select(.users == []) | .source'",
           "gactor images prune")
 @cli.group(invoke_without_command=True)
@@ -54,13 +63,7 @@ def images(ctx: click.Context, opts: Options) -> None:
     if ctx.invoked_subcommand is not None:
         return
     found = [msgspec.to_builtins(i) for i in call(opts, lambda client: _api(client, "images")())]
-    if opts.json:
-        echo_json(found)
-    elif found:
-        for record in found:
-            click.echo(image_line(record))
-    else:
-        click.echo("no images")
+    _print_lines(opts, found, [image_line(record) for record in found], "no images")
 
 
 @examples("gactor images prune", "gactor --json images prune")
@@ -70,13 +73,7 @@ def images(ctx: click.Context, opts: Options) -> None:
 def prune(opts: Options) -> None:
     """Remove every image and layer no container uses; print what was removed."""
     removed = list(call(opts, lambda client: _api(client, "prune_images")()))
-    if opts.json:
-        echo_json(removed)
-    elif removed:
-        for item in removed:
-            click.echo(str(item))
-    else:
-        click.echo("nothing to prune")
+    _print_lines(opts, removed, [str(item) for item in removed], "nothing to prune")
 
 
 @examples("gactor pull oci:///srv/images/app.tar#v2",
