@@ -25,7 +25,7 @@ COMMAND_OPTIONS = {
     "capacity": [],
     "create": ["--handle", "--rootfs", "--property", "--memory", "--env", "--grace-time",
                "--privileged"],
-    "list": ["--property"],
+    "list": ["--property", "--quiet"],
     "info": [],
     "destroy": [],
     "run": ["--tty", "--user", "--env", "--dir", "--id"],
@@ -37,22 +37,51 @@ COMMAND_OPTIONS = {
     "properties": [],
     "set-grace-time": [],
     "stop": ["--kill"],
+    "events": [],
+    "images": ["prune"],
+    "images prune": [],
+    "pull": ["--username", "--password"],
 }
 
 
 def test_global_help_lists_options_and_commands() -> None:
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0, result.output
-    for word in ["--target", "--json", "--token", *COMMAND_OPTIONS]:
+    for word in ["--target", "--json", "--token", *(c for c in COMMAND_OPTIONS if " " not in c)]:
         assert word in result.output
 
 
 @pytest.mark.parametrize(("command", "options"), COMMAND_OPTIONS.items())
 def test_command_help_lists_its_options(command: str, options: list[str]) -> None:
-    result = CliRunner().invoke(cli, [command, "--help"])
+    result = CliRunner().invoke(cli, [*command.split(), "--help"])
     assert result.exit_code == 0, result.output
     for option in options:
         assert option in result.output
+
+
+@pytest.mark.parametrize("command", [*COMMAND_OPTIONS])
+def test_every_command_help_has_examples(command: str) -> None:
+    """Each --help ends with runnable examples that start with the command itself."""
+    result = CliRunner().invoke(cli, [*command.split(), "--help"])
+    assert result.exit_code == 0, result.output
+    examples = result.output.split("Examples:\n", 1)[1].splitlines()
+    assert examples
+    assert any(line.strip().startswith(f"gactor {command.split()[0]}") for line in examples), examples
+
+
+JSON_HERE = ["ping", "capacity", "create", "list", "info", "destroy", "stream-in", "net-in", "metrics",
+             "properties", "set-grace-time", "stop", "events", "images", "images prune", "pull"]
+
+
+@pytest.mark.parametrize("command", JSON_HERE)
+def test_json_is_also_a_command_option(command: str) -> None:
+    result = CliRunner().invoke(cli, [*command.split(), "--help"])
+    assert "--json" in result.output
+
+
+def test_global_help_documents_completion() -> None:
+    result = CliRunner().invoke(cli, ["--help"])
+    assert 'eval "$(_GACTOR_COMPLETE=bash_source gactor)"' in result.output
 
 
 @pytest.fixture
@@ -266,16 +295,6 @@ def test_properties_human_and_json(fake_client: FakeClient) -> None:
     assert json.loads(result.stdout) == {"owner": "me", "team": "garden"}
 
 
-def test_info_human_and_json(fake_client: FakeClient) -> None:
-    lines = CliRunner().invoke(cli, ["info", "h1"]).stdout.splitlines()
-    assert "state active" in lines
-    assert "properties.owner me" in lines
-    assert 'process_ids ["p1"]' in lines
-    info = json.loads(CliRunner().invoke(cli, ["--json", "info", "h1"]).stdout)
-    assert info["state"] == "active"
-    assert info["mapped_ports"] == [{"host_port": 61001, "container_port": 8080}]
-
-
 def test_net_in_prints_the_host_port(fake_client: FakeClient) -> None:
     result = CliRunner().invoke(cli, ["net-in", "h1", "--container-port", "8080"])
     assert result.stdout == "61001\n"
@@ -300,3 +319,87 @@ def test_favordynmods_can_be_turned_off(captured_config: list[Any]) -> None:
     result = CliRunner().invoke(cli, ["server", "--no-cgroup-favordynmods"])
     assert result.exit_code == 0, result.output
     assert captured_config[0].cgroup_favordynmods is False
+
+
+@pytest.mark.parametrize(("n", "text"), [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1 KiB"), (1536, "1.5 KiB"), (64 << 20, "64 MiB"),
+    ((5 << 30) + (300 << 20), "5.3 GiB"), (3 << 40, "3 TiB"),
+])
+def test_sizes_in_binary_units(n: int, text: str) -> None:
+    from gactor.cli import render
+
+    assert render.size(n) == text
+
+
+@pytest.mark.parametrize(("text", "n"), [
+    ("1048576", 1 << 20), ("512K", 512 << 10), ("64M", 64 << 20), ("64MiB", 64 << 20),
+    ("64mb", 64 << 20), ("1.5G", 3 << 29), ("2T", 2 << 40),
+])
+def test_parse_size(text: str, n: int) -> None:
+    from gactor.cli import render
+
+    assert render.parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1", "12Q", "1.2.3M", "64 M B"])
+def test_parse_size_refuses_what_is_not_a_size(text: str) -> None:
+    from gactor.cli import render
+
+    with pytest.raises(ValueError, match="not a size"):
+        render.parse_size(text)
+
+
+def test_memory_option_takes_units_and_names_a_bad_one() -> None:
+    result = CliRunner().invoke(cli, ["create", "--memory", "lots"])
+    assert result.exit_code == 2
+    assert "not a size: 'lots'" in result.stderr
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0.25, "250ms"), (5, "5s"), (59.9, "59s"), (62, "1m02s"), (3 * 3600 + 7 * 60, "3h07m"),
+    (2 * 86400 + 5 * 3600, "2d05h"),
+])
+def test_durations(seconds: float, text: str) -> None:
+    from gactor.cli import render
+
+    assert render.duration(seconds) == text
+
+
+def test_usage_next_to_the_limit() -> None:
+    from gactor.cli import render
+
+    assert render.usage_of(16 << 20, 64 << 20) == "16 MiB / 64 MiB (25%)"
+    assert render.usage_of(16 << 20, 0) == "16 MiB (no limit)"
+    assert render.usage_of(16 << 20, render.NO_LIMIT) == "16 MiB (no limit)"
+    assert render.cpu_time(12_000_000) == "0.012s"
+    assert render.cpu_time(3_400_000_000) == "3.40s"
+
+
+def test_a_table_on_a_pipe_is_plain_and_never_folds(capsys: pytest.CaptureFixture[str]) -> None:
+    from gactor.cli import render
+
+    long_value = "x" * 500
+    render.table(["handle", "properties"], [["a", long_value], ["bb", "-"]])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["HANDLE  PROPERTIES", f"a       {long_value}", "bb      -"]
+
+
+def test_progress_is_silent_off_a_terminal(tmp_path: Path) -> None:
+    from gactor.cli import render
+
+    with (tmp_path / "out").open("w") as file, render.Progress("x", 10, file) as progress:
+        progress.advance(4)
+        progress.advance(6)
+        assert not progress.shown
+    assert progress.transferred == 10
+    assert (tmp_path / "out").read_text() == ""
+
+
+def test_image_lines_from_image_records() -> None:
+    from gactor.cli import images
+
+    record = {"path": "/depot/images/ab", "source": "oci:///srv/app.tar#v2", "bytes": 5 << 20,
+              "layers": 3, "users": ["web", "db"]}
+    assert images.image_line(record) == "    5 MiB  3 layers  users: web,db  oci:///srv/app.tar#v2"
+    assert images.image_line({"path": "/depot/images/cd", "bytes": 512, "layers": 1, "users": []}) == (
+        "    512 B  1 layer  users: -  /depot/images/cd")
