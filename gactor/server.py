@@ -41,6 +41,7 @@ class ServerConfig:
     max_containers: int = 0
     deny_networks: list[str] = field(default_factory=list)
     external_ip: str | None = None
+    allow_host_access: bool = False  # Garden's default: containers reach no host service
     mtu: int = 0  # 0: the MTU of the host's default-route interface
     cgroup_favordynmods: bool = True  # faster cgroup migration, host-wide (docs/limits.md)
     log_level: str = "info"
@@ -302,7 +303,7 @@ async def _start_networking(config: ServerConfig, env: Any) -> tuple[Any, Any]:
     external_ip = config.external_ip or await netlink.call(netlink.primary_address) or "127.0.0.1"
     await trio.to_thread.run_sync(netlink.enable_forwarding)
     tag = netmodel.server_tag(os.path.realpath(config.depot))
-    firewall = Firewall(Nft(), tag, pool, deny, external_ip)
+    firewall = Firewall(Nft(), tag, pool, deny, external_ip, config.allow_host_access)
     env.network = Networking(NetworkConfig(tag, pool, deny, mtu, external_ip), netlink, firewall)
     log.info("networking: pool %s, mtu %d, external ip %s%s", pool, mtu, external_ip,
              f", denying {', '.join(map(str, deny))}" if deny else "")

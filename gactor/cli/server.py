@@ -33,6 +33,8 @@ from ._app import ConfigurationError, Options, cli
 @click.option("--deny-network", "deny_networks", multiple=True, metavar="CIDR",
               help="Network containers may never reach; repeatable.")
 @click.option("--external-ip", metavar="IP", help="[the host's primary address].")
+@click.option("--allow-host-access", is_flag=True,
+              help="Let containers reach the host's own services (Garden's default: only replies get in).")
 @click.option("--cgroup-favordynmods/--no-cgroup-favordynmods", default=True,
               help="Remount a cgroup hierarchy with favordynmods: ~10 ms faster creates and runs, "
                    "host-wide until reboot [on].")

@@ -133,7 +133,7 @@ class Firewall:
     """Synchronous; call it from a worker thread. Every method is one transaction."""
 
     def __init__(self, nft: Nft, tag: str, pool: IPv4Network, deny: list[IPv4Network],
-                 external_ip: str = "") -> None:
+                 external_ip: str = "", allow_host_access: bool = False) -> None:
         self.nft = nft
         self.tag = tag
         self.table = f"ip {table_name(tag)}"
@@ -141,6 +141,7 @@ class Firewall:
         self.pool = pool
         self.deny = deny
         self.external_ip = external_ip
+        self.allow_host_access = allow_host_access
 
     def _base(self) -> list[str]:
         t, ifs = self.table, f'"{self.prefix}*"'
@@ -161,9 +162,13 @@ class Firewall:
             f"add rule {t} forward ct state established,related accept",
             f"add rule {t} forward iifname {ifs} ip saddr vmap @egress",
             f"add rule {t} forward iifname {ifs} ip daddr @deny drop",
-            # The host itself: a container must not reach the gateway's services as another one.
+            # The host itself: a container must not reach the gateway's services as another one,
+            # and (Garden's default, --allow-host-access otherwise) reaches none of the host's
+            # services at all: only replies to what the host started get in.
             f"add chain {t} input {{ type filter hook input priority filter; policy accept; }}",
             f"add rule {t} input iifname {ifs} iifname . ip saddr != @sources drop",
+            f"add rule {t} input iifname {ifs} ct state established,related accept",
+            "" if self.allow_host_access else f"add rule {t} input iifname {ifs} reject with icmp type host-prohibited",
             f"add chain {t} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}",
             f"add rule {t} prerouting fib daddr type local dnat ip to tcp dport map @netin",
             external,

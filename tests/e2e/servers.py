@@ -96,6 +96,7 @@ class ServerProcess:
         os.mkdir(self.depot, 0o711)
         self.pool = pool
         self.args = list(args)
+        self.allow_host_access = True  # False: Garden's default, containers reach no host service
         self.token = token
         self.tls = tls
         self.socket_path = os.path.join(self.base, "api.sock") if unix_socket else None
@@ -162,6 +163,9 @@ class ServerProcess:
             # No metrics listener unless a test asks for one (the default port is shared),
             # and logs for people: tests read them. Later flags override these.
             "--metrics-listen", "off", "--log-format", "console",
+            # The networking tests measure and ping through the gateway; Garden's default
+            # (no host access) has a test of its own (test_net_outside).
+            *(["--allow-host-access"] if self.allow_host_access else []),
             *token, *tls, *self.args, *extra,
         )  # fmt: skip
         self.note(" ".join(cmd))

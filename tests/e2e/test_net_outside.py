@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -200,6 +201,33 @@ async def test_container_to_container_and_host(create_container):
     assert await reaches(b, ia.container_ip, 9000)
     assert await pings(b, (await b.info()).host_ip)
     assert await host_fetch(ia.container_ip, 9000) == HALLO  # the host routes to the /30
+
+
+async def test_by_default_containers_reach_no_host_service(own_servers):
+    """Garden's default (without --allow-host-access): a container's packets to the host
+    itself are rejected, while replies to the host's own connections (NetIn, the host
+    fetching from a container) and container-to-container traffic still flow."""
+    slot = NetSlot(7)
+    server = own_servers("nohost", slot.pool, *slot.args)
+    server.allow_host_access = False
+    await server.start()
+    async with server.connect() as client:
+        a = await client.create(ContainerSpec(handle="a"))
+        b = await client.create(ContainerSpec(handle="b"))
+        ia, ib = await a.info(), await b.info()
+        with socket.create_server((ia.host_ip, 0)) as listener:
+            port = listener.getsockname()[1]
+            code, _, err = await sh(a, f"nc -w 2 {ia.host_ip} {port} </dev/null", seconds=15)
+            assert code != 0, err
+        assert not await pings(a, ia.host_ip)
+        await listen(a, 9000)
+        assert await host_fetch(ia.container_ip, 9000) == HALLO
+        host_port, _ = await a.net_in(0, 9000)
+        assert await host_fetch("127.0.0.1", host_port) == HALLO
+        assert await reaches(b, ia.container_ip, 9000)
+        assert ib.host_ip != ia.host_ip
+    await server.destroy_all()
+    await server.finish()
 
 
 # ---- NetIn ----------------------------------------------------------------------------------

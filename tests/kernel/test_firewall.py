@@ -32,7 +32,10 @@ def ruleset():
     return plain(json.loads(subprocess.run(["nft", "-j", "list", "ruleset"], check=True, capture_output=True,
                                            text=True).stdout))
 
-fw = Firewall(Nft(), "abcd", ipaddress.IPv4Network("10.199.0.0/22"), [ipaddress.IPv4Network("10.0.0.0/8")])
+# With host access (what the input chain's anti-spoofing needs to be seen; the default,
+# Garden's, rejects container->host outright: tests/e2e/test_net_outside.py checks it).
+fw = Firewall(Nft(), "abcd", ipaddress.IPv4Network("10.199.0.0/22"), [ipaddress.IPv4Network("10.0.0.0/8")],
+              allow_host_access=True)
 """
 
 
