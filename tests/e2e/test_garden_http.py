@@ -123,6 +123,12 @@ class Hijacked:
             pass
         return bytes(self.buffer)
 
+    async def read_until(self, wanted: bytes) -> None:
+        """Wait until ``wanted`` has arrived (it stays in the buffer)."""
+        with trio.fail_after(10):
+            while wanted not in self.buffer:
+                assert await self._fill(), f"connection ended before {wanted!r}: {bytes(self.buffer)!r}"
+
     async def send(self, message: dict[str, Any]) -> None:
         await self.stream.send_all(json.dumps(message).encode() + b"\n")
 
@@ -417,6 +423,7 @@ async def test_stdin_tty_resize_and_signals(garden: ServerProcess, handle: str) 
                                                     "tty": {"window_size": {"columns": 100, "rows": 30}}},
                                      stderr=False)
     assert out is not None
+    await out.read_until(b"30 100\r\n")  # the size it started with, before the resize
     await control.send({"process_id": pid, "tty": {"window_size": {"columns": 132, "rows": 43}}})
     await control.send({"process_id": pid, "source": 0, "data": "go\n"})
     assert (await wait_exit(control))["exit_status"] == 0
