@@ -147,3 +147,11 @@ async def test_bulk_metrics_answers_for_a_peas_process_id(client, container, pea
     finally:
         await proc.signal(Signal.KILL)
         await proc.wait()
+
+
+async def test_a_pea_is_confined_like_any_process(container, pea_image):
+    """Seccomp filter and Garden's root capabilities in a pea of an unprivileged container."""
+    status = await pea_out(container, pea_image, "grep -E '^(Seccomp|CapEff|CapBnd):' /proc/self/status")
+    fields = dict(line.split(":\t") for line in status.splitlines())
+    assert fields == {"Seccomp": "2", "CapEff": "00000000a80425fb", "CapBnd": "00000000a80425fb"}
+    assert "Operation not permitted" in await pea_out(container, pea_image, "unshare --user true 2>&1; true")
