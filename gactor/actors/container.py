@@ -971,6 +971,8 @@ class ContainerActor:
                 request.fail(err)
                 return
             wire_spec["pea_rootfs"] = os.path.join(pea.dir, "rootfs")
+            wire_spec["pea_binds"] = [{"src": bm.src_path, "dst": bm.dst_path, "ro": bm.mode == 0,
+                                       "from_container": bm.origin == 1} for bm in spec.bind_mounts]
             wire_spec["dir"] = spec.dir or "/"  # Garden's peas start in their image's root
             if pea.cgroup is not None:
                 wire_spec["cgroup_procs"] = list(pea.cgroup.procs_files)

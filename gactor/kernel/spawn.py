@@ -183,6 +183,9 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
             # A pea's own root, mounted on the host: taken along as a detached mount tree,
             # attached in the pea's own mount namespace once inside the container.
             spec["pea_tree_fd"] = L.open_tree_clone(spec["pea_rootfs"])
+            for bind in spec.get("pea_binds") or []:  # host sources, taken along the same way
+                if not bind["from_container"]:
+                    bind["tree_fd"] = L.open_tree_clone(bind["src"])
         if spec.get("host_exe"):
             # A tool of the server's (a static tar) that the image need not have: opened
             # here, on the host, and executed inside the container through /proc/self/fd.
@@ -202,7 +205,7 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
         os.close(pid_w)
         try:
             if "pea_tree_fd" in spec:
-                _enter_pea(spec["pea_tree_fd"])
+                _enter_pea(spec["pea_tree_fd"], spec.get("pea_binds") or [])
             _exec(spec, privileged, stdio, conf)
         except SpawnError as err:
             _report(err_w, err.kind, str(err))
@@ -218,7 +221,7 @@ _PEA_SHARED = ("/proc", "/dev", "/sys")  # the container's, bound into the pea
 _PEA_FILES = ("/etc/hosts", "/etc/resolv.conf")  # the container's, as Garden's peas get them
 
 
-def _enter_pea(tree_fd: int) -> None:
+def _enter_pea(tree_fd: int, binds: list[dict[str, Any]]) -> None:
     """In the container's namespaces: a mount namespace of the pea's own, rooted at its
     image (``tree_fd``), with the container's /proc, /dev (but a /dev/shm of its own),
     /sys, /etc/hosts and /etc/resolv.conf. The container's own mounts are not changed."""
@@ -242,6 +245,24 @@ def _enter_pea(tree_fd: int) -> None:
                 with open(target, "w"):
                     pass
             L.mount(path, target, None, L.MS_BIND)
+    for bind in binds:  # the pea's own bind mounts: from the host (a tree) or the container
+        source = bind["src"]
+        target = PEA_ATTACH + os.path.normpath("/" + bind["dst"])
+        is_dir = os.path.isdir(source) if bind["from_container"] else os.path.isdir(f"/proc/self/fd/{bind['tree_fd']}")
+        if is_dir:
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if not os.path.exists(target):
+                with open(target, "w"):
+                    pass
+        if bind["from_container"]:
+            L.mount(source, target, None, L.MS_BIND | L.MS_REC)
+        else:
+            L.move_mount(bind["tree_fd"], target)
+            os.close(bind["tree_fd"])
+        if bind["ro"]:
+            L.mount_setattr(target, L.MOUNT_ATTR_RDONLY)
     os.chdir(PEA_ATTACH)
     L.pivot_root(".", ".")
     L.umount(".", L.MNT_DETACH)

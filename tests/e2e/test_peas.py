@@ -75,10 +75,27 @@ async def test_a_pea_without_the_executable_fails_in_run(container, pea_image):
         await container.run(ProcessSpec(path="no-such-binary", image=ImageRef(uri=pea_image)), ProcessIO())
 
 
-async def test_a_pea_with_bind_mounts_is_refused_clearly(container, pea_image):
-    spec = pea(pea_image, "true", bind_mounts=[BindMount(src_path="/tmp", dst_path="/mnt")])
-    with pytest.raises(GardenError, match="'bind_mounts' .* not supported"):
-        await container.run(spec, ProcessIO())
+async def test_a_peas_own_bind_mounts_from_the_host_and_the_container(container, pea_image, tmp_path):
+    from gactor.types import BindMountMode, BindMountOrigin
+
+    host_dir = tmp_path / "shared"
+    host_dir.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(host_dir, 0o755)
+    (host_dir / "from-host").write_text("host file\n")
+    await sh_ok(container, "mkdir -p /srv/box && echo container file > /srv/box/from-container")
+    binds = [BindMount(src_path=str(host_dir), dst_path="/mnt/host"),
+             BindMount(src_path="/srv/box", dst_path="/mnt/box", mode=BindMountMode.RW,
+                       origin=BindMountOrigin.CONTAINER)]
+    out = await pea_out(container, pea_image, "cat /mnt/host/from-host /mnt/box/from-container;"
+                        " touch /mnt/host/x 2>/dev/null && echo host-writable; echo pea > /mnt/box/from-pea",
+                        bind_mounts=binds)
+    assert out == "host file\ncontainer file\n"
+    assert await sh_ok(container, "cat /srv/box/from-pea") == "pea\n"
+    assert not (host_dir / "x").exists()
+    missing = [BindMount(src_path=str(tmp_path / "missing"), dst_path="/mnt/m")]
+    with pytest.raises(GardenError, match="missing"):
+        await container.run(pea(pea_image, "true", bind_mounts=missing), ProcessIO())
 
 
 async def test_a_finished_pea_leaves_nothing_and_destroy_ends_running_ones(client, gactor_server, pea_image):
