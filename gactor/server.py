@@ -42,6 +42,7 @@ class ServerConfig:
     deny_networks: list[str] = field(default_factory=list)
     external_ip: str | None = None
     allow_host_access: bool = False  # Garden's default: containers reach no host service
+    mount_cgroup_controllers: bool = False  # mount the v1 controllers the host left unmounted
     mtu: int = 0  # 0: the MTU of the host's default-route interface
     cgroup_favordynmods: bool = True  # faster cgroup migration, host-wide (docs/limits.md)
     log_level: str = "info"
@@ -215,6 +216,8 @@ def run(config: ServerConfig) -> None:
     os.chmod(config.depot, 0o711)
     _check_traversable(config.depot)
     service = ServiceManager.from_environment()  # before the fork: no helper inherits it
+    if config.mount_cgroup_controllers:
+        _mount_cgroup_controllers()
     spawner = fork_spawner(_confinement(config))
     import trio  # noqa: PLC0415 - only after the spawner fork: trio may start threads
 
@@ -255,6 +258,19 @@ def _confinement(config: ServerConfig) -> Confinement:
         log.warning("libseccomp does not know %s: the seccomp profile denies them",
                     " ".join(sorted(conf.seccomp.unknown)))
     return conf
+
+
+def _mount_cgroup_controllers() -> None:
+    from .kernel import cgroups
+    from .kernel.errors import KernelError
+
+    try:
+        mounted = cgroups.mount_missing_v1()
+    except KernelError as err:
+        raise ConfigError(f"--mount-cgroup-controllers: {err}") from None
+    if mounted:
+        log.info("mounted the cgroup v1 controllers the host had left unmounted: %s (they stay "
+                 "mounted; each container gets a cgroup in each)", ", ".join(mounted))
 
 
 def _favor_dynmods() -> None:

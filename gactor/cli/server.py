@@ -33,6 +33,10 @@ from ._app import ConfigurationError, Options, cli
 @click.option("--deny-network", "deny_networks", multiple=True, metavar="CIDR",
               help="Network containers may never reach; repeatable.")
 @click.option("--external-ip", metavar="IP", help="[the host's primary address].")
+@click.option("--mount-cgroup-controllers", is_flag=True,
+              help="Mount the cgroup v1 controllers the host enables but left unmounted (net_cls, "
+                   "perf_event, ...), as Garden's server does: host-wide, and one more cgroup per "
+                   "container each.")
 @click.option("--allow-host-access", is_flag=True,
               help="Let containers reach the host's own services (Garden's default: only replies get in).")
 @click.option("--cgroup-favordynmods/--no-cgroup-favordynmods", default=True,

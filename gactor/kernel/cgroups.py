@@ -394,6 +394,41 @@ def discover(mountinfo: str = "/proc/self/mountinfo", parent: str = "gactor") ->
 
 
 # ---------------------------------------------------------------------------------------
+# v1 controllers the host enables but does not mount
+
+def unmounted_v1_controllers(proc_cgroups: str = "/proc/cgroups") -> list[str]:
+    """Controllers ``/proc/cgroups`` lists as enabled but in no hierarchy (hierarchy 0)."""
+    names = []
+    for line in read_file("cgroup.controllers", proc_cgroups).splitlines():
+        fields = line.split()
+        if len(fields) == 4 and not line.startswith("#") and fields[1] == "0" and fields[3] == "1":
+            names.append(fields[0])
+    return names
+
+
+def mount_missing_v1(root: str = "/sys/fs/cgroup") -> list[str]:
+    """Mount each enabled but unmounted v1 controller at ``<root>/<name>``, as Garden's
+    server does; returns the ones mounted. Only where ``root`` holds v1 hierarchies (a
+    tmpfs); the mounts stay after the server exits. Every container then also gets a
+    cgroup in each (one more directory per create, one more migration per create and per
+    process each)."""
+    from gactor.kernel import linux as L
+
+    if not os.path.isdir(os.path.join(root, "memory")) or os.path.exists(os.path.join(root, "cgroup.controllers")):
+        return []  # not a v1 layout (a cgroup2 root has cgroup.controllers)
+    mounted = []
+    for name in unmounted_v1_controllers():
+        target = os.path.join(root, name)
+        os.makedirs(target, exist_ok=True)
+        try:
+            L.mount("cgroup", target, "cgroup", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC, name)
+        except OSError as err:
+            raise CgroupError("mount", err.errno or 0, f"cgroup {name} on {target}: {err}") from err
+        mounted.append(name)
+    return mounted
+
+
+# ---------------------------------------------------------------------------------------
 # favordynmods
 
 def favordynmods_plan(text: str) -> list[tuple[str, str]]:

@@ -22,3 +22,13 @@ def test_nothing_to_do_when_a_mount_shows_it_already():
 
 def test_no_cgroup_mounts_no_plan():
     assert favordynmods_plan("22 1 0:5 / /proc rw - proc proc rw\n") == []
+
+
+def test_unmounted_v1_controllers_are_the_enabled_ones_in_hierarchy_zero(tmp_path) -> None:
+    from gactor.kernel.cgroups import unmounted_v1_controllers
+
+    proc = tmp_path / "cgroups"
+    proc.write_text("#subsys_name\thierarchy\tnum_cgroups\tenabled\n"
+                    "cpuset\t3\t2\t1\nmemory\t4\t196\t1\nnet_cls\t0\t1\t1\n"
+                    "perf_event\t0\t1\t1\nrdma\t0\t1\t0\n")
+    assert unmounted_v1_controllers(str(proc)) == ["net_cls", "perf_event"]
