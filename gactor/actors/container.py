@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from ..errors import GardenError, ProcessNotFoundError
-from ..kernel import depot, image_copies, rootfs, shim_wire, shims
+from ..kernel import depot, images, rootfs, shim_wire, shims
 from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.container_init import MAX_UID
 from ..kernel.errors import KernelError
@@ -122,7 +122,7 @@ class Environment:
     publish: Callable[[str, str], Awaitable[None]] = field(default=lambda handle, event: _nothing())
     # How a container gets its image copy, ``(handle, source, shift) -> ImageCopy``: the
     # registry owns image references (it prepares the copy and records the reference).
-    acquire_image: Callable[[str, str, bool], Awaitable[image_copies.ImageCopy]] = field(
+    acquire_image: Callable[[str, str, bool], Awaitable[images.Image]] = field(
         default=lambda handle, source, shift: _no_images())
     network: Networking | None = None  # None: containers get only a loopback interface
     # Host ports for NetIn, ``(requested or 0) -> port``, and giving one back: registry-owned.
@@ -137,7 +137,7 @@ async def _nothing() -> None:
     return None
 
 
-async def _no_images() -> image_copies.ImageCopy:
+async def _no_images() -> images.Image:
     raise GardenError("no image store")
 
 
@@ -285,6 +285,7 @@ class ContainerActor:
         self._owned = Cleanup()
         self._init_pid = 0
         self.image_bytes = self.image_inodes = 0
+        self.image_config = images.ImageConfig()  # Env, User, WorkingDir defaults for processes
         self._oom_seen = 0
         self._stop_lock = trio.Lock()  # a Run waits for a stop in progress, or the stop would kill it
         self._save_lock = trio.Lock()
@@ -452,9 +453,9 @@ class ContainerActor:
 
     async def _create(self, undo: Cleanup) -> None:
         started = trio.current_time()
-        lower = await self._image()
+        lowers = await self._image()
         image = trio.current_time()
-        cfg = await trio.to_thread.run_sync(self._prepare, lower, undo)
+        cfg = await trio.to_thread.run_sync(self._prepare, lowers, undo)
         prepared = trio.current_time()
         if self.net is None:
             await self._start_shim(cfg, undo)
@@ -530,8 +531,9 @@ class ContainerActor:
             await self._open_netns(undo)
         if self.image_copy:
             with contextlib.suppress(KernelError, OSError):
-                copy = await trio.to_thread.run_sync(image_copies.read, self.image_copy)
+                copy = await trio.to_thread.run_sync(images.read, self.image_copy)
                 self.image_bytes, self.image_inodes = copy.bytes, copy.inodes
+                self.image_config = copy.config
 
     async def _adopt_processes(self) -> None:
         assert self._link is not None
@@ -546,17 +548,18 @@ class ContainerActor:
             await self._add_process(self._process_actor(
                 entry["id"], found.pid, found.tty, found.fds, found.exit, found.stdin_open))
 
-    async def _image(self) -> str:
-        """The overlay's lower dir: a copy of the source as it is now (uid-shifted unless
-        privileged) that never changes, so no container sees later changes to its source.
+    async def _image(self) -> images.Image:
+        """The overlay's lower dirs: the image's layers, or a copy of a rootfs directory as
+        it is now, which never change, so no container sees later changes to its source.
         The registry holds this container's reference to it from here on and releases it
         when the container is destroyed or its creation fails."""
         copy = await self.env.acquire_image(self.handle, self.rootfs_source, not self.spec.privileged)
         self.image_copy = copy.path
         self.image_bytes, self.image_inodes = copy.bytes, copy.inodes
-        return copy.path
+        self.image_config = copy.config
+        return copy
 
-    def _prepare(self, lower: str, undo: Cleanup) -> dict[str, Any]:
+    def _prepare(self, image: images.Image, undo: Cleanup) -> dict[str, Any]:
         """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread)."""
         os.makedirs(os.path.dirname(self.dir), mode=0o711, exist_ok=True)
         os.mkdir(self.dir, 0o711)
@@ -567,7 +570,7 @@ class ContainerActor:
         self._cgroup = cgroup
         cgroup.setup_devices(DEVICE_ALLOW)
         self._apply_limits(cgroup)
-        merged = rootfs.mount_overlay(lower, self.dir, self.spec.privileged)
+        merged = rootfs.mount_overlay(image.layers, self.dir, self.spec.privileged, idmapped=not image.shifted)
         undo.callback(rootfs.unmount, merged)
         resolv = ""
         if self.net is not None and self.env.network is not None:
@@ -870,8 +873,9 @@ class ContainerActor:
             ws = spec.tty.window_size
             tty = {"columns": ws.columns if ws else 0, "rows": ws.rows if ws else 0}
         wire_spec = {
-            "path": spec.path, "args": spec.args, "env": spec.env, "dir": spec.dir, "user": spec.user,
-            "rlimits": limits, "container_env": self.spec.env,
+            "path": spec.path, "args": spec.args, "env": spec.env, "dir": spec.dir or self.image_config.working_dir,
+            "user": spec.user or self.image_config.user, "rlimits": limits,
+            "image_env": list(self.image_config.env), "container_env": self.spec.env,
             "host_exe": run.host_exe, "dir_must_exist": run.dir_must_exist,
         }
         try:

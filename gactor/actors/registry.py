@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import trio
 
 from ..errors import ContainerNotFoundError, GardenError
-from ..kernel import depot, image_copies, shims
+from ..kernel import depot, idmap, image_copies, images, shims
 from ..kernel.errors import KernelError
 from ..kernel.netmodel import ContainerNet
 from ..types import Capacity, ContainerSpec
@@ -191,7 +191,22 @@ class AcquireImage:
 @dataclass(frozen=True)
 class _ImageTaken:
     handle: str
-    copy: image_copies.ImageCopy
+    copy: images.Image
+
+
+@dataclass(frozen=True)
+class ListImages:
+    pass
+
+
+@dataclass(frozen=True)
+class PruneImages:
+    pass
+
+
+@dataclass(frozen=True)
+class _ImageUsers:
+    pass
 
 
 @dataclass(frozen=True)
@@ -245,10 +260,21 @@ class _Expired:
     timer: GraceTimer
 
 
-def _adopted_copy(path: str) -> image_copies.ImageCopy:
-    """A re-adopted container's copy, as far as the registry needs it (its path; no
+def _adopted_copy(path: str) -> images.Image:
+    """A re-adopted container's image, as far as the registry needs it (its path; no
     source, so releasing it always collects)."""
-    return image_copies.ImageCopy(path, "", "", True, 0, 0)
+    return images.Image(path, (path,), images.ImageConfig(), "", True, 0, 0)
+
+
+@dataclass(frozen=True)
+class ImageUsage:
+    """One image in the store, and the containers using it."""
+
+    path: str
+    source: str
+    bytes: int
+    layers: int
+    users: tuple[str, ...]
 
 
 class Registry:
@@ -271,8 +297,9 @@ class Registry:
         # Image references: the copy (overlay lower dir) each container uses. Copies are
         # prepared and collected by registry tasks holding _image_lock, so a collect never
         # runs between a prepare and the reference it leads to.
-        self._image_users: dict[str, image_copies.ImageCopy] = {}
+        self._image_users: dict[str, images.Image] = {}
         self._image_lock = trio.Lock()
+        self._idmap = False  # whether unprivileged containers see unshifted layers idmapped
         # Networking: the pools, and the bridges being deleted (a create on that subnet
         # waits until its bridge is gone, then makes a new one).
         self.subnets = subnets
@@ -357,12 +384,25 @@ class Registry:
                 self._image_users[handle] = copy
             case _ImagesInUse():
                 return {c.path for c in self._image_users.values()}
+            case ListImages():
+                self._spawn(self._list_images, request)
+                return DEFERRED
+            case PruneImages():
+                self._spawn(self._prune_images, request)
+                return DEFERRED
+            case _ImageUsers():
+                users: dict[str, list[str]] = {}
+                for handle, image in self._image_users.items():
+                    users.setdefault(image.path, []).append(handle)
+                return users
             case _ReleaseImage(handle):
                 # The copy when that was its last user, else None: only then can a collect
                 # free it, so 50 destroys of containers sharing one image run no 50 collects.
                 released = self._image_users.pop(handle, None)
                 if released is None or any(c.path == released.path for c in self._image_users.values()):
                     return None
+                if released.layered:
+                    return None  # layers are a cache: they go at a prune, not with their last user
                 return released
             case _Created(reply_to, handle, container, error):
                 self._creating.discard(handle)
@@ -456,6 +496,7 @@ class Registry:
             await trio.to_thread.run_sync(remove_orphan, self.env, name)
         async with self._image_lock:
             self._collect_due = False
+            self._idmap = await trio.to_thread.run_sync(self._probe_idmap)
             await self._collect_images({c.path for c in self._image_users.values()})
         if self.env.network is not None:
             nets = [c.net for c in self.containers.values() if c.net is not None]
@@ -614,22 +655,60 @@ class Registry:
 
     # ---- image references ----------------------------------------------------------
 
-    async def _acquire_image(self, handle: str, source: str, shift: bool) -> image_copies.ImageCopy:
-        copy: image_copies.ImageCopy = await self.mailbox.ask(AcquireImage(handle, source, shift))
+    def _probe_idmap(self) -> bool:
+        os.makedirs(self.env.image_store, mode=0o711, exist_ok=True)
+        supported = idmap.supported(self.env.image_store)
+        log.info("image store %s: %s", self.env.image_store, "unshifted layers, idmapped for unprivileged containers"
+                 if supported else "no idmapped mounts: unprivileged containers get uid-shifted copies")
+        return supported
+
+    async def _acquire_image(self, handle: str, source: str, shift: bool) -> images.Image:
+        """``shift``: the container is unprivileged (its root is MAX_UID on the host)."""
+        copy: images.Image = await self.mailbox.ask(AcquireImage(handle, source, shift))
         return copy
 
-    async def _prepare_image(self, request: Request[image_copies.ImageCopy]) -> None:
+    async def _list_images(self, request: Request[list[ImageUsage]]) -> None:
+        try:
+            async with self._image_lock:
+                users: dict[str, list[str]] = await self.mailbox.ask(_ImageUsers())
+                found = await trio.to_thread.run_sync(images.listed, self.env.image_store)
+        except (KernelError, OSError) as err:
+            request.fail(GardenError(f"listing images: {err}"))
+            return
+        request.reply([ImageUsage(i.path, i.source, i.bytes, i.layers, tuple(sorted(users.get(i.path, ()))))
+                       for i in found])
+
+    async def _prune_images(self, request: Request[list[str]]) -> None:
+        """Remove every image and layer no container uses. Shielded: once started, a
+        prune finishes (under the image lock, so no prepare runs meanwhile)."""
+        with trio.CancelScope(shield=True):
+            async with self._image_lock:
+                in_use = await self.mailbox.ask(_ImagesInUse())
+                try:
+                    removed: list[str] = await trio.to_thread.run_sync(images.prune, self.env.image_store, in_use)
+                except (KernelError, OSError) as err:
+                    request.fail(GardenError(f"pruning images: {err}"))
+                    return
+        for item in removed:
+            log.info("pruned %s: no container uses it", item)
+        request.reply(removed)
+
+    async def _prepare_image(self, request: Request[images.Image]) -> None:
         """Prepare the copy and record the reference before another collect can run.
         Shielded: a reference is never half-taken."""
         command: AcquireImage = request.command
         with trio.CancelScope(shield=True):
             async with self._image_lock:
+                privileged, store = not command.shift, self.env.image_store
                 try:
-                    copy = image_copies.known(command.source, self.env.image_store, shift=command.shift)
+                    copy = images.known(command.source, store, privileged=privileged, idmap=self._idmap)
                     if copy is None:
                         self._collect_due = True  # a scan: the source may have changed
-                        copy = await trio.to_thread.run_sync(
-                            lambda: image_copies.prepare(command.source, self.env.image_store, shift=command.shift))
+                        copy = await trio.to_thread.run_sync(lambda: images.prepare(
+                            command.source, store, privileged=privileged, idmap=self._idmap))
+                except images.ImageError as err:
+                    request.fail(GardenError(str(err)))
+                    return
                 except (KernelError, OSError) as err:
                     request.fail(GardenError(f"preparing image {command.source!r}: {err}"))
                     return
@@ -640,7 +719,7 @@ class Registry:
         """Drop ``handle``'s image reference, then remove the copies nobody uses (so a
         destroy returns with the disk freed). Shielded; from registry tasks only."""
         with trio.CancelScope(shield=True):
-            released: image_copies.ImageCopy | None = await self.mailbox.ask(_ReleaseImage(handle))
+            released: images.Image | None = await self.mailbox.ask(_ReleaseImage(handle))
             if released is None:
                 return
             async with self._image_lock:
@@ -649,20 +728,24 @@ class Registry:
                 self._collect_due = False
                 await self._collect_images(await self.mailbox.ask(_ImagesInUse()))
 
-    def _known_copy(self, source: str, shift: bool) -> image_copies.ImageCopy | None:
-        """``image_copies.known`` (no scan, safe on the event loop); an error means "not
+    def _known_copy(self, source: str, shift: bool) -> images.Image | None:
+        """``images.known`` (no scan, safe on the event loop); an error means "not
         known": the prepare that follows reports it."""
         try:
-            return image_copies.known(source, self.env.image_store, shift=shift)
+            return images.known(source, self.env.image_store, privileged=not shift, idmap=self._idmap)
         except (KernelError, OSError):
             return None
 
-    def _current(self, copy: image_copies.ImageCopy) -> bool:
-        """Whether ``copy`` is what a create from its source gets now, known without a
-        scan (``image_copies.known``: no thread hop). Unknown counts as not current."""
+    def _current(self, copy: images.Image) -> bool:
+        """Whether the directory copy ``copy`` is what a create from its source gets now,
+        known without a scan (``image_copies.known``: no thread hop). Unknown counts as
+        not current."""
         if not copy.source:
             return False
-        now = self._known_copy(copy.source, copy.shifted)
+        try:
+            now = image_copies.known(copy.source, self.env.image_store, shift=copy.shifted)
+        except (KernelError, OSError):
+            return False
         return now is not None and now.path == copy.path
 
     async def _collect_images(self, in_use: set[str]) -> None:
@@ -734,8 +817,19 @@ class RegistryRef:
         self.max_containers = registry.max_containers
         self._subnets = registry.subnets
 
+    async def images(self) -> list[ImageUsage]:
+        """Every image in the store, with the handles of the containers using it."""
+        found: list[ImageUsage] = await self._mailbox.ask(ListImages())
+        return found
+
+    async def prune_images(self) -> list[str]:
+        """Remove every image and layer no container uses; returns the removed image
+        paths and layer digests. Cancelled: the prune goes on."""
+        removed: list[str] = await self._mailbox.ask(PruneImages())
+        return removed
+
     async def create(self, spec: ContainerSpec, source: str) -> ContainerRef:
-        """Create the container ``spec.handle`` from the rootfs directory ``source``.
+        """Create the container ``spec.handle`` from the image ``source`` (CLIENT_API §4).
         Cancelled: creation goes on; the container is listed once it exists (and its
         grace time applies), or rolled back if it failed."""
         container: ContainerRef = await self._mailbox.ask(Create(spec, source))

@@ -1,19 +1,23 @@
-"""Container root filesystems: per-container overlays over immutable image copies.
+"""Container root filesystems: per-container overlays over immutable image layers.
 
-The lower dir of every overlay is a copy in the image store (``image_copies``):
-uid-shifted for unprivileged containers (their root maps to host uid ``MAX_UID``, so
-files the image owns as uid/gid 0 must be owned by ``MAX_UID`` on the host, as Garden's
-grootfs does at unpack), unshifted for privileged ones. Each container then gets an
-overlay with its own upper and work dirs in the depot.
+The lower dirs of every overlay are in the image store (``images``): the layers of a
+layered image, or a copy of a rootfs directory (``image_copies``). An unprivileged
+container's root is host uid ``MAX_UID``, so files the image owns as uid/gid 0 must
+appear owned by ``MAX_UID``: through idmapped mounts of unshifted layers (``idmap``;
+nothing copied, one store for both kinds of container), or, where the kernel cannot,
+through a copy chowned on disk (as Garden's grootfs does at unpack). Each container then
+gets an overlay with its own upper and work dirs in the depot.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 
-from . import image_copies
+from . import idmap, image_copies
 from . import linux as L
+from .container_init import MAX_UID
 from .errors import KernelError
 
 
@@ -30,25 +34,50 @@ def remove_partial_images(store: str) -> None:
     any ``prepare``; ``image_copies.collect`` does this too)."""
     if not os.path.isdir(store):
         return
-    for name in os.listdir(store):
-        if ".tmp-" in name or ".old-" in name:
-            shutil.rmtree(os.path.join(store, name), ignore_errors=True)
+    for top in (store, os.path.join(store, "layers"), os.path.join(store, "manifests")):
+        for name in os.listdir(top) if os.path.isdir(top) else []:
+            if ".tmp-" in name or ".old-" in name:
+                shutil.rmtree(os.path.join(top, name), ignore_errors=True)
 
 
-def mount_overlay(lower: str, container_dir: str, privileged: bool) -> str:
-    """Mount ``<container_dir>/rootfs`` as an overlay over ``lower``; returns its path."""
+def mount_overlay(lowers: str | Sequence[str], container_dir: str, privileged: bool, idmapped: bool = False) -> str:
+    """Mount ``<container_dir>/rootfs`` as an overlay over ``lowers`` (top first); returns
+    its path. With ``idmapped`` (an unprivileged container over unshifted layers) each
+    lower dir is first attached idmapped and read-only at ``<container_dir>/lower/<n>``;
+    the overlay keeps private clones of those mounts, so they are detached again before
+    this returns, whatever happens."""
+    layers = [lowers] if isinstance(lowers, str) else list(lowers)
     upper, work, merged = (os.path.join(container_dir, n) for n in ("upper", "work", "rootfs"))
     for d in (upper, work, merged):
         os.makedirs(d, exist_ok=True)
-    st = os.stat(lower)
+    st = os.stat(layers[0])
     # The merged root takes the upper dir's owner and mode.
-    os.chown(upper, st.st_uid, st.st_gid)
+    shift = idmapped and not privileged
+    os.chown(upper, _shifted(st.st_uid, shift), _shifted(st.st_gid, shift))
     os.chmod(upper, st.st_mode & 0o7777)
+    attached: list[str] = []
     try:
-        L.mount("overlay", merged, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
+        if shift:
+            for n, layer in enumerate(layers):
+                point = os.path.join(container_dir, "lower", str(n))
+                os.makedirs(point, exist_ok=True)
+                idmap.attach(layer, point)
+                attached.append(point)
+            layers = attached
+        L.mount("overlay", merged, "overlay", 0, f"lowerdir={':'.join(layers)},upperdir={upper},workdir={work}")
     except OSError as err:
         raise KernelError("mount overlay", err.errno or 0, f"{merged}: {err}") from err
+    finally:
+        for point in attached:
+            unmount(point)
+            os.rmdir(point)
+        if attached:
+            os.rmdir(os.path.dirname(attached[0]))
     return merged
+
+
+def _shifted(owner: int, shift: bool) -> int:
+    return MAX_UID if shift and owner == 0 else owner
 
 
 def unmount(path: str) -> None:

@@ -27,6 +27,7 @@ from ..actors.container import ContainerRef
 from ..actors.process import ProcessActor, Subscription
 from ..actors.registry import RegistryRef, check_name
 from ..errors import ContainerNotFoundError, GardenError, error_to_wire
+from ..kernel import images
 from ..kernel.errors import KernelError
 from ..types import (
     BandwidthLimits,
@@ -316,8 +317,10 @@ async def _create(api: Api, args: dict[str, Any]) -> Any:
     source = (spec.image.uri or spec.rootfs_path or api.registry.default_rootfs).removeprefix("raw://")
     if not source:
         raise GardenError("no rootfs given and the server has no default rootfs")
-    if not os.path.isdir(source):
-        raise GardenError(f"rootfs {source!r} is not a directory (images are not supported yet)")
+    try:
+        images.check_source(source)
+    except images.ImageError as err:
+        raise GardenError(str(err)) from None
     for mount in spec.bind_mounts:
         if not mount.dst_path.startswith("/"):
             raise GardenError(f"bind mount destination {mount.dst_path!r} must be an absolute path")
