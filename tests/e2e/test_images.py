@@ -1,0 +1,135 @@
+"""Layered images through the real server: containers created from OCI layouts
+(directory and tar, ``oci://PATH#TAG`` and plain paths) and rootfs tars, with the image
+config honoured (Env image < container < process, User, WorkingDir), whiteouts and opaque
+dirs applied, root-owned files owned by root inside an unprivileged container, layers
+unpacked once and shared, kept while in use and pruned after, clear errors naming the
+image. Checked from inside the containers and from outside (the depot's image store)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from gactor import ContainerSpec, GardenError, ImageRef
+
+from ..oci_images import Entry, default_layers, sha256, tar_bytes, tar_directory, write_layout
+from .helpers import E2E_MARKS, sh_ok
+from .servers import ServerProcess
+
+pytestmark = E2E_MARKS
+
+
+@pytest.fixture(scope="module")
+def layer_blobs() -> list[bytes]:
+    return default_layers()
+
+
+@pytest.fixture
+def layout(tmp_path: Path, layer_blobs: list[bytes]) -> str:
+    root = str(tmp_path / "layout")
+    write_layout(root, {"latest": (layer_blobs, None),
+                        "alice": (layer_blobs, {"Env": ["WHO=alice"], "User": "1000:1000", "WorkingDir": "/work"})})
+    os.chmod(tmp_path, 0o755)
+    return root
+
+
+def layer_names(server: ServerProcess) -> list[str]:
+    root = os.path.join(server.depot, "images", "layers")
+    return sorted(n for n in os.listdir(root) if not n.startswith(".")) if os.path.isdir(root) else []
+
+
+async def test_oci_layout_container(create_container, layout: str) -> None:
+    c = await create_container(image=ImageRef(uri=f"oci://{layout}#latest"),
+                               env=["OVERRIDE=container", "FROM_CONTAINER=yes", "PROC=container"])
+    out = await sh_ok(c, 'echo "$FROM_IMAGE $FROM_CONTAINER $OVERRIDE $PROC"; echo "$PATH"; pwd; id -u; '
+                         'ls /opaque; test -e /etc/motd-gone || echo gone; stat -c "%u %a" /bin/busybox /bin/suid; '
+                         'stat -c %u /hello', env=["PROC=process"])
+    assert out.splitlines() == ["yes yes container process", "/usr/sbin:/usr/bin:/sbin:/bin:/from-image",
+                                "/opaque", "0", "new", "gone", "0 755", "0 4755", "1000"]
+    # The container writes over a read-only shared layer: only its upper dir changes.
+    await sh_ok(c, "echo changed > /hello && rm /bin/suid && cat /hello")
+    c2 = await create_container(image=ImageRef(uri=f"oci://{layout}#latest"))
+    assert (await sh_ok(c2, "cat /hello; ls /bin/suid")) == "from layer two\n/bin/suid\n"
+
+
+async def test_image_user_and_working_dir(create_container, layout: str) -> None:
+    c = await create_container(image=ImageRef(uri=f"oci://{layout}#alice"))
+    assert (await sh_ok(c, "id -u; id -g; pwd; echo $WHO")).splitlines() == ["1000", "1000", "/work", "alice"]
+    # The process spec still wins over the image's defaults.
+    assert (await sh_ok(c, "id -u; pwd", user="root", dir="/tmp")).splitlines() == ["0", "/tmp"]
+
+
+async def test_layout_tar_and_rootfs_tars(create_container, layout: str, tmp_path: Path,
+                                          layer_blobs: list[bytes]) -> None:
+    archive = str(tmp_path / "layout.tar")
+    tar_directory(layout, archive)
+    rootfs_gz = tmp_path / "rootfs.tar.gz"
+    rootfs_gz.write_bytes(layer_blobs[0])
+    rootfs_tar = tmp_path / "rootfs.tar"
+    rootfs_tar.write_bytes(gzip.decompress(layer_blobs[0]))
+    for source, privileged in ((f"oci://{archive}#latest", False), (str(rootfs_gz), True), (str(rootfs_tar), False)):
+        c = await create_container(rootfs_path=source, privileged=privileged)
+        out = await sh_ok(c, "cat /etc/motd-gone 2>/dev/null || echo gone; stat -c %u /bin/busybox")
+        expected = "gone\n0\n" if source.startswith("oci://") else "should be whited out\n0\n"
+        assert out == expected, source
+
+
+async def test_layers_shared_kept_in_use_and_pruned(own_servers, layout: str, layer_blobs: list[bytes]) -> None:
+    server = own_servers("img-layers", "10.250.8.0/24")
+    await server.start()
+    async with server.connect() as client:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:  # concurrent creates of one new image
+                for n in range(4):
+                    nursery.start_soon(client.create, ContainerSpec(
+                        handle=f"c{n}", image=ImageRef(uri=f"oci://{layout}#latest"), privileged=n % 2 == 1))
+        assert layer_names(server) == sorted(sha256(b).replace(":", "-") for b in layer_blobs)
+        listed = await client.images()
+        assert len(listed) == 1
+        assert sorted(listed[0].users) == ["c0", "c1", "c2", "c3"]
+        for n in range(3):
+            await client.destroy(f"c{n}")
+        assert await client.prune_images() == []  # c3 still uses it
+        assert len(layer_names(server)) == 2
+        c3 = await client.lookup("c3")
+        assert (await sh_ok(c3, "ls /opaque")) == "new\n"
+        await client.destroy("c3")
+        removed = await client.prune_images()
+        assert len(removed) == 3  # the image record and its two layers
+        assert layer_names(server) == []
+        assert await client.images() == []
+    await server.finish()
+
+
+async def test_image_config_survives_a_restart(own_servers, layout: str) -> None:
+    server = own_servers("img-restart", "10.250.9.0/24")
+    await server.start()
+    async with server.connect() as client:
+        await client.create(ContainerSpec(handle="keep", image=ImageRef(uri=f"oci://{layout}#alice")))
+    await server.stop()
+    await server.start()
+    async with server.connect() as client:
+        c = await client.lookup("keep")
+        assert (await sh_ok(c, "id -u; pwd; echo $WHO")).splitlines() == ["1000", "/work", "alice"]
+        await client.destroy("keep")
+    await server.finish()
+
+
+async def test_bad_images_name_the_image(client, layout: str, tmp_path: Path, layer_blobs: list[bytes]) -> None:
+    with pytest.raises(GardenError, match="nowhere.*does not exist"):
+        await client.create(ContainerSpec(image=ImageRef(uri=f"oci://{tmp_path}/nowhere#x")))
+    with pytest.raises(GardenError, match="has no tag 'nope'"):
+        await client.create(ContainerSpec(image=ImageRef(uri=f"oci://{layout}#nope")))
+    # A layer of its own (a cached layer is not unpacked again, so not checked again).
+    fresh = tar_bytes([Entry("unique", data=os.urandom(64))])
+    corrupt = str(tmp_path / "corrupt")
+    write_layout(corrupt, {"latest": ([layer_blobs[0], fresh], None)})
+    blob = Path(corrupt, "blobs", "sha256", sha256(fresh).partition(":")[2])
+    blob.write_bytes(blob.read_bytes()[:-1] + b"\1")
+    with pytest.raises(GardenError, match=f"oci://{corrupt}#latest.*{sha256(fresh)}: digest mismatch"):
+        await client.create(ContainerSpec(handle="corrupt", image=ImageRef(uri=f"oci://{corrupt}#latest")))
+    assert "corrupt" not in [c.handle for c in await client.containers()]
