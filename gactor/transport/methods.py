@@ -34,6 +34,7 @@ from ..types import (
     ContainerSpec,
     CPULimits,
     DiskLimits,
+    ImageInfo,
     MemoryLimits,
     NetOutRule,
     ProcessSpec,
@@ -339,6 +340,14 @@ async def _ping(api: Api, args: dict[str, Any]) -> None:
     return None
 
 
+async def _images(api: Api, args: dict[str, Any]) -> Any:
+    return [to_wire(ImageInfo(i.path, i.source, i.bytes, i.layers, list(i.users))) for i in await api.registry.images()]
+
+
+async def _prune_images(api: Api, args: dict[str, Any]) -> Any:
+    return await api.registry.prune_images()
+
+
 async def _capacity(api: Api, args: dict[str, Any]) -> Any:
     return to_wire(api.registry.capacity(api.pool_containers))
 
@@ -504,6 +513,8 @@ ContainerHandler = Callable[[ContainerRef, dict[str, Any]], Awaitable[Any]]
 API_METHODS: dict[str, Handler] = {
     "ping": _ping,
     "capacity": _capacity,
+    "images": _images,
+    "prune_images": _prune_images,
     "create": _create,
     "destroy": _destroy,
     "containers": _containers,
