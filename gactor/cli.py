@@ -293,6 +293,37 @@ def create(opts: Options, handle: str, rootfs: str, properties: list[str], memor
     _show(opts, {"handle": container.handle}, container.handle)
 
 
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def images(ctx: click.Context) -> None:
+    """List the server's image store: one line per image (size, layers, users, source)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    opts = ctx.find_object(Options)
+    assert opts is not None
+    found = _call(opts, lambda client: client.images())
+    lines = [f"{_size(i.bytes):>9}  {i.layers} layer{'s' if i.layers != 1 else ''}  "
+             f"users: {','.join(i.users) or '-'}  {i.source or i.path}" for i in found]
+    _show(opts, found, "\n".join(lines) if lines else "no images")
+
+
+@images.command(name="prune")
+@pass_options
+def images_prune(opts: Options) -> None:
+    """Remove every image and layer no container uses; print what was removed."""
+    removed = _call(opts, lambda client: client.prune_images())
+    _show(opts, removed, "\n".join(removed) if removed else "nothing to prune")
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
 @cli.command(name="list")
 @click.option("--property", "properties", multiple=True, metavar="K=V", callback=_pairs,
               help="Only containers with this property; repeatable, ANDed.")
