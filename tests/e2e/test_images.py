@@ -8,6 +8,7 @@ image. Checked from inside the containers and from outside (the depot's image st
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from gactor import ContainerSpec, GardenError, ImageRef
 
 from ..oci_images import Entry, default_layers, sha256, tar_bytes, tar_directory, write_layout
 from .helpers import E2E_MARKS, sh_ok
-from .servers import ServerProcess
+from .servers import ServerProcess, gactor_command
 
 pytestmark = E2E_MARKS
 
@@ -35,6 +36,13 @@ def layout(tmp_path: Path, layer_blobs: list[bytes]) -> str:
                         "alice": (layer_blobs, {"Env": ["WHO=alice"], "User": "1000:1000", "WorkingDir": "/work"})})
     os.chmod(tmp_path, 0o755)
     return root
+
+
+async def cli(server: ServerProcess, *args: str) -> str:
+    result = await trio.run_process(gactor_command("--target", server.url, *args), capture_stdout=True,
+                                    capture_stderr=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.decode()
 
 
 def layer_names(server: ServerProcess) -> list[str]:
@@ -97,11 +105,15 @@ async def test_layers_shared_kept_in_use_and_pruned(own_servers, layout: str, la
         assert len(layer_names(server)) == 2
         c3 = await client.lookup("c3")
         assert (await sh_ok(c3, "ls /opaque")) == "new\n"
+        listing = (await cli(server, "images")).split()
+        assert listing[2:] == ["2", "layers", "users:", "c3", f"oci://{layout}#latest"]
         await client.destroy("c3")
-        removed = await client.prune_images()
+        assert json.loads(await cli(server, "--json", "images"))[0]["users"] == []
+        removed = (await cli(server, "images", "prune")).splitlines()
         assert len(removed) == 3  # the image record and its two layers
         assert layer_names(server) == []
         assert await client.images() == []
+        assert (await cli(server, "images", "prune")) == "nothing to prune\n"
     await server.finish()
 
 
