@@ -44,8 +44,8 @@ def mount_overlay(lowers: str | Sequence[str], container_dir: str, privileged: b
     """Mount ``<container_dir>/rootfs`` as an overlay over ``lowers`` (top first); returns
     its path. With ``idmapped`` (an unprivileged container over unshifted layers) each
     lower dir is first attached idmapped and read-only at ``<container_dir>/lower/<n>``;
-    the overlay keeps private clones of those mounts, so they are detached again before
-    this returns, whatever happens."""
+    the overlay keeps private clones of those mounts, so they are unmounted again before
+    this returns, whatever happens (the empty mount points stay)."""
     layers = [lowers] if isinstance(lowers, str) else list(lowers)
     upper, work, merged = (os.path.join(container_dir, n) for n in ("upper", "work", "rootfs"))
     for d in (upper, work, merged):
@@ -68,11 +68,13 @@ def mount_overlay(lowers: str | Sequence[str], container_dir: str, privileged: b
     except OSError as err:
         raise KernelError("mount overlay", err.errno or 0, f"{merged}: {err}") from err
     finally:
+        # The empty mount points stay for the container directory's removal: an rmdir
+        # right after the umount waits milliseconds for the mount to be released.
         for point in attached:
-            unmount(point)
-            os.rmdir(point)
-        if attached:
-            os.rmdir(os.path.dirname(attached[0]))
+            try:
+                L.umount(point, 0)
+            except OSError:
+                unmount(point)
     return merged
 
 
