@@ -300,6 +300,7 @@ class Registry:
         self._image_users: dict[str, images.Image] = {}
         self._image_lock = trio.Lock()
         self._idmap = False  # whether unprivileged containers see unshifted layers idmapped
+        self._credentials: dict[str, tuple[str, str]] = {}  # registry logins of creates under way
         # Networking: the pools, and the bridges being deleted (a create on that subnet
         # waits until its bridge is gone, then makes a new one).
         self.subnets = subnets
@@ -349,6 +350,8 @@ class Registry:
                 self._check_create(spec)
                 net = self._allocate_network(spec)
                 self._creating.add(spec.handle)
+                if spec.image.username or spec.image.password:  # for a docker:// pull; gone once created
+                    self._credentials[spec.handle] = (spec.image.username, spec.image.password)
                 bridge_going = self._bridges_going.get(str(net.alloc.subnet)) if net is not None else None
                 self._spawn(self._create, spec, source, net, bridge_going, request)
                 return DEFERRED
@@ -406,6 +409,7 @@ class Registry:
                 return released
             case _Created(reply_to, handle, container, error):
                 self._creating.discard(handle)
+                self._credentials.pop(handle, None)
                 if container is None:
                     reply_to.fail(error or GardenError(f"creating {handle} failed"))
                 else:
@@ -700,12 +704,14 @@ class Registry:
         with trio.CancelScope(shield=True):
             async with self._image_lock:
                 privileged, store = not command.shift, self.env.image_store
+                username, password = self._credentials.get(command.handle, ("", ""))
                 try:
                     copy = images.known(command.source, store, privileged=privileged, idmap=self._idmap)
                     if copy is None:
                         self._collect_due = True  # a scan: the source may have changed
                         copy = await trio.to_thread.run_sync(lambda: images.prepare(
-                            command.source, store, privileged=privileged, idmap=self._idmap))
+                            command.source, store, privileged=privileged, idmap=self._idmap,
+                            username=username, password=password))
                 except images.ImageError as err:
                     request.fail(GardenError(str(err)))
                     return

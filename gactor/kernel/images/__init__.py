@@ -74,7 +74,10 @@ def is_directory_rootfs(source: str) -> bool:
 def check_source(source: str) -> None:
     """ImageError if ``source`` cannot name an image here (cheap: no reading of layers)."""
     if source.startswith("docker://"):
-        raise ImageError(f"image {source!r}: docker:// images are not supported by this server yet")
+        from . import registry_client
+
+        registry_client.parse(source)
+        return
     path, _ = oci.parse_uri(source)
     if not os.path.exists(path):
         raise ImageError(f"image {source!r}: {path} does not exist", errno.ENOENT)
@@ -98,6 +101,8 @@ def _signature(source: str) -> tuple[int, ...]:
 def known(source: str, store: str, *, privileged: bool, idmap: bool) -> Image | None:
     """The image ``prepare`` would return, if known without reading anything but a stat
     or two (safe on an event loop); else None."""
+    if source.startswith("docker://"):
+        return None  # its tag may have moved: resolved by every prepare
     if is_directory_rootfs(source):
         copy = image_copies.known(source, store, shift=not privileged and not idmap)
         return None if copy is None else _from_copy(copy)
@@ -111,12 +116,21 @@ def known(source: str, store: str, *, privileged: bool, idmap: bool) -> Image | 
     return cached[1]
 
 
-def prepare(source: str, store: str, *, privileged: bool, idmap: bool) -> Image:
+def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username: str = "",
+            password: str = "") -> Image:
     """The image ``source`` names, unpacked (each layer once, ever) and recorded. Blocking.
+    A ``docker://`` image's manifest is fetched each time (its tag may have moved; the
+    layers are cached), with ``username``/``password`` for the registry if given.
     Raises ImageError (or KernelError) naming the source for anything wrong with it."""
     if is_directory_rootfs(source):
         return _from_copy(image_copies.prepare(source, store, shift=not privileged and not idmap))
     check_source(source)
+    if source.startswith("docker://"):
+        from . import registry_client  # only pulls need the HTTP client
+
+        resolved = registry_client.resolve(source, username, password)
+        unpacked = [layers.ensure(store, blob, f"image {source!r}") for blob in resolved.blobs]
+        return _record(store, resolved, unpacked)
     signature = _signature(source)
     resolved = oci.resolve(source)
     if not privileged and not idmap:
