@@ -18,6 +18,7 @@ import trio
 from gactor import ContainerSpec, GardenError, ImageRef
 
 from ..oci_images import Entry, default_layers, sha256, tar_bytes, tar_directory, write_layout
+from ..registry_server import LocalRegistry
 from .helpers import E2E_MARKS, sh_ok
 from .servers import ServerProcess, gactor_command
 
@@ -145,3 +146,40 @@ async def test_bad_images_name_the_image(client, layout: str, tmp_path: Path, la
     with pytest.raises(GardenError, match=f"oci://{corrupt}#latest.*{sha256(fresh)}: digest mismatch"):
         await client.create(ContainerSpec(handle="corrupt", image=ImageRef(uri=f"oci://{corrupt}#latest")))
     assert "corrupt" not in [c.handle for c in await client.containers()]
+
+
+@pytest.fixture
+def registry(layout: str):
+    server = LocalRegistry({"busy": layout}).start()
+    yield server
+    server.stop()
+
+
+async def test_docker_registry_image(own_servers, registry: LocalRegistry, layer_blobs: list[bytes]) -> None:
+    """A pull through the server from a loopback registry with bearer auth: credentials
+    from ImageRef, layers pulled once for concurrent creates, the config honoured, a
+    corrupt blob and a missing tag refused naming the image."""
+    registry.auth, registry.users = "bearer", {"alice": "secret"}
+    uri = f"docker://{registry.host}/busy#alice"
+    server = own_servers("img-docker", "10.250.10.0/24")
+    await server.start()
+    async with server.connect() as client:
+        with pytest.raises(GardenError, match=f"image '{uri}'.*(401|token service)"):
+            await client.create(ContainerSpec(image=ImageRef(uri=uri)))
+        ref = ImageRef(uri=uri, username="alice", password="secret")
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for n in range(3):
+                    nursery.start_soon(client.create, ContainerSpec(handle=f"d{n}", image=ref))
+        layer_gets = [p for p, _ in registry.requests if p.endswith(tuple(sha256(b) for b in layer_blobs))]
+        assert len(layer_gets) == 2  # each layer downloaded once
+        c = await client.lookup("d0")
+        assert (await sh_ok(c, "id -u; pwd; echo $WHO; ls /opaque")).splitlines() == ["1000", "/work", "alice", "new"]
+        assert "pulled layer" in server.log_text()
+        with pytest.raises(GardenError, match=rf"docker://{registry.host}/busy#nope.*HTTP 404"):
+            await client.create(ContainerSpec(image=ImageRef(uri=f"docker://{registry.host}/busy#nope",
+                                                             username="alice", password="secret")))
+        for n in range(3):
+            await client.destroy(f"d{n}")
+        assert len(await client.prune_images()) == 3
+    await server.finish()
