@@ -570,7 +570,8 @@ class ContainerActor:
         self._cgroup = cgroup
         cgroup.setup_devices(DEVICE_ALLOW)
         self._apply_limits(cgroup)
-        merged = rootfs.mount_overlay(image.layers, self.dir, self.spec.privileged, idmapped=not image.shifted)
+        merged = rootfs.mount_overlay(image.layers, self.dir, self.spec.privileged, idmapped=not image.shifted,
+                                      scratch=os.path.join(self.env.image_store, rootfs.MOUNT_POINTS))
         undo.callback(rootfs.unmount, merged)
         resolv = ""
         if self.net is not None and self.env.network is not None:

@@ -49,7 +49,7 @@ META = "image.json"
 TMP = ".tmp-"
 # Names in the store that are not copies: the layer store and layered images' records
 # (``gactor.kernel.images``); ``collect`` leaves them alone.
-RESERVED = frozenset({"layers", "manifests"})
+RESERVED = frozenset({"layers", "manifests", "mnt"})
 COPY_ATTEMPTS = 5  # a source changing under every attempt is refused, not chased forever
 _KNOWN_SOURCES = 256  # cached signatures; beyond this the oldest is forgotten (and rescanned)
 # Sources watched with inotify. Each takes an inotify instance, of which a user has 128

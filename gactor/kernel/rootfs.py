@@ -11,8 +11,10 @@ gets an overlay with its own upper and work dirs in the depot.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import threading
 from collections.abc import Sequence
 
 from . import idmap, image_copies
@@ -29,23 +31,30 @@ def shifted_image(source: str, store: str) -> str:
     return image_copies.prepare(source, store, shift=True).path
 
 
+MOUNT_POINTS = "mnt"  # in the image store: where idmapped layers are attached for a moment
+
+
 def remove_partial_images(store: str) -> None:
     """Remove copies a killed server left half-built or half-removed (startup only, before
     any ``prepare``; ``image_copies.collect`` does this too)."""
     if not os.path.isdir(store):
         return
+    remove_mount_points(os.path.join(store, MOUNT_POINTS))
     for top in (store, os.path.join(store, "layers"), os.path.join(store, "manifests")):
         for name in os.listdir(top) if os.path.isdir(top) else []:
             if ".tmp-" in name or ".old-" in name:
                 shutil.rmtree(os.path.join(top, name), ignore_errors=True)
 
 
-def mount_overlay(lowers: str | Sequence[str], container_dir: str, privileged: bool, idmapped: bool = False) -> str:
+def mount_overlay(lowers: str | Sequence[str], container_dir: str, privileged: bool, idmapped: bool = False,
+                  scratch: str = "") -> str:
     """Mount ``<container_dir>/rootfs`` as an overlay over ``lowers`` (top first); returns
     its path. With ``idmapped`` (an unprivileged container over unshifted layers) each
-    lower dir is first attached idmapped and read-only at ``<container_dir>/lower/<n>``;
-    the overlay keeps private clones of those mounts, so they are unmounted again before
-    this returns, whatever happens (the empty mount points stay)."""
+    lower dir is first attached idmapped and read-only at a mount point in ``scratch``
+    (default ``<container_dir>/lower``); the overlay keeps private clones of those
+    mounts, so they are unmounted again before this returns, whatever happens. The empty
+    mount points are kept for the next call: an rmdir right after the umount waits
+    milliseconds for the mount to be released."""
     layers = [lowers] if isinstance(lowers, str) else list(lowers)
     upper, work, merged = (os.path.join(container_dir, n) for n in ("upper", "work", "rootfs"))
     for d in (upper, work, merged):
@@ -58,24 +67,56 @@ def mount_overlay(lowers: str | Sequence[str], container_dir: str, privileged: b
     attached: list[str] = []
     try:
         if shift:
-            for n, layer in enumerate(layers):
-                point = os.path.join(container_dir, "lower", str(n))
-                os.makedirs(point, exist_ok=True)
-                idmap.attach(layer, point)
+            for layer in layers:
+                point = _take_point(scratch or os.path.join(container_dir, "lower"))
+                try:
+                    idmap.attach(layer, point)
+                except BaseException:
+                    _give_back(point)
+                    raise
                 attached.append(point)
             layers = attached
         L.mount("overlay", merged, "overlay", 0, f"lowerdir={':'.join(layers)},upperdir={upper},workdir={work}")
     except OSError as err:
         raise KernelError("mount overlay", err.errno or 0, f"{merged}: {err}") from err
     finally:
-        # The empty mount points stay for the container directory's removal: an rmdir
-        # right after the umount waits milliseconds for the mount to be released.
         for point in attached:
             try:
                 L.umount(point, 0)
             except OSError:
                 unmount(point)
+            _give_back(point)
     return merged
+
+
+_free_points: set[str] = set()
+_points_lock = threading.Lock()
+
+
+def _take_point(scratch: str) -> str:
+    with _points_lock:
+        for point in sorted(_free_points):
+            if os.path.dirname(point) == scratch:
+                _free_points.discard(point)
+                return point
+    point = os.path.join(scratch, os.urandom(6).hex())
+    os.makedirs(point, mode=0o700)
+    return point
+
+
+def _give_back(point: str) -> None:
+    with _points_lock:
+        _free_points.add(point)
+
+
+def remove_mount_points(scratch: str) -> None:
+    """Detach whatever a killed server left mounted in ``scratch`` (read-only idmapped
+    layers) and remove the mount points (startup only, before any ``mount_overlay``)."""
+    for name in os.listdir(scratch) if os.path.isdir(scratch) else []:
+        point = os.path.join(scratch, name)
+        unmount(point)
+        with contextlib.suppress(OSError):
+            os.rmdir(point)
 
 
 def _shifted(owner: int, shift: bool) -> int:
