@@ -205,6 +205,13 @@ class PruneImages:
 
 
 @dataclass(frozen=True)
+class PullImage:
+    source: str
+    username: str
+    password: str
+
+
+@dataclass(frozen=True)
 class _ImageUsers:
     pass
 
@@ -392,6 +399,9 @@ class Registry:
                 return DEFERRED
             case PruneImages():
                 self._spawn(self._prune_images, request)
+                return DEFERRED
+            case PullImage():
+                self._spawn(self._pull_image, request)
                 return DEFERRED
             case _ImageUsers():
                 users: dict[str, list[str]] = {}
@@ -682,6 +692,26 @@ class Registry:
         request.reply([ImageUsage(i.path, i.source, i.bytes, i.layers, tuple(sorted(users.get(i.path, ()))))
                        for i in found])
 
+    async def _pull_image(self, request: Request[ImageUsage]) -> None:
+        """Fetch and unpack an image into the store with no container using it (it stays
+        until a prune). Shielded, under the image lock, like a create's prepare."""
+        command: PullImage = request.command
+        with trio.CancelScope(shield=True):
+            async with self._image_lock:
+                try:
+                    image = await trio.to_thread.run_sync(lambda: images.prepare(
+                        command.source, self.env.image_store, privileged=True, idmap=self._idmap,
+                        username=command.username, password=command.password))
+                except images.ImageError as err:
+                    request.fail(GardenError(str(err)))
+                    return
+                except (KernelError, OSError) as err:
+                    request.fail(GardenError(f"pulling image {command.source!r}: {err}"))
+                    return
+                users: dict[str, list[str]] = await self.mailbox.ask(_ImageUsers())
+        request.reply(ImageUsage(image.path, image.source, image.bytes, max(1, len(image.digests)),
+                                 tuple(sorted(users.get(image.path, ())))))
+
     async def _prune_images(self, request: Request[list[str]]) -> None:
         """Remove every image and layer no container uses. Shielded: once started, a
         prune finishes (under the image lock, so no prepare runs meanwhile)."""
@@ -827,6 +857,16 @@ class RegistryRef:
         """Every image in the store, with the handles of the containers using it."""
         found: list[ImageUsage] = await self._mailbox.ask(ListImages())
         return found
+
+    async def pull(self, source: str, username: str = "", password: str = "") -> ImageUsage:
+        """Fetch ``source`` into the image store (no container uses it until one is
+        created from it). Raises GardenError naming the image. Cancelled: the pull goes on."""
+        try:
+            images.check_source(source)
+        except images.ImageError as err:
+            raise GardenError(str(err)) from None
+        pulled: ImageUsage = await self._mailbox.ask(PullImage(source, username, password))
+        return pulled
 
     async def prune_images(self) -> list[str]:
         """Remove every image and layer no container uses; returns the removed image

@@ -344,6 +344,11 @@ async def _images(api: Api, args: dict[str, Any]) -> Any:
     return [to_wire(ImageInfo(i.path, i.source, i.bytes, i.layers, list(i.users))) for i in await api.registry.images()]
 
 
+async def _pull(api: Api, args: dict[str, Any]) -> Any:
+    i = await api.registry.pull(arg(args, "uri", str), args.get("username", ""), args.get("password", ""))
+    return to_wire(ImageInfo(i.path, i.source, i.bytes, i.layers, list(i.users)))
+
+
 async def _prune_images(api: Api, args: dict[str, Any]) -> Any:
     return await api.registry.prune_images()
 
@@ -515,6 +520,7 @@ API_METHODS: dict[str, Handler] = {
     "capacity": _capacity,
     "images": _images,
     "prune_images": _prune_images,
+    "pull": _pull,
     "create": _create,
     "destroy": _destroy,
     "containers": _containers,

@@ -106,6 +106,7 @@ async def test_layers_shared_kept_in_use_and_pruned(own_servers, layout: str, la
         assert len(layer_names(server)) == 2
         c3 = await client.lookup("c3")
         assert (await sh_ok(c3, "ls /opaque")) == "new\n"
+        assert (await cli(server, "pull", f"oci://{layout}#latest")).startswith(f"oci://{layout}#latest: ")
         listing = (await cli(server, "images")).split()
         assert listing[2:] == ["2", "layers", "users:", "c3", f"oci://{layout}#latest"]
         await client.destroy("c3")
@@ -167,6 +168,8 @@ async def test_docker_registry_image(own_servers, registry: LocalRegistry, layer
         with pytest.raises(GardenError, match=f"image '{uri}'.*(401|token service)"):
             await client.create(ContainerSpec(image=ImageRef(uri=uri)))
         ref = ImageRef(uri=uri, username="alice", password="secret")
+        pulled = await client.pull(uri, "alice", "secret")
+        assert (pulled.source, pulled.layers, pulled.users) == (uri, 2, [])
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 for n in range(3):
