@@ -315,6 +315,17 @@ def images_prune(opts: Options) -> None:
     _show(opts, removed, "\n".join(removed) if removed else "nothing to prune")
 
 
+@cli.command()
+@click.argument("uri")
+@click.option("--username", default="", help="Registry login for docker:// images.")
+@click.option("--password", default="", envvar="GACTOR_REGISTRY_PASSWORD", help="[env GACTOR_REGISTRY_PASSWORD]")
+@pass_options
+def pull(opts: Options, uri: str, username: str, password: str) -> None:
+    """Fetch an image into the server's image store."""
+    image = _call(opts, lambda client: client.pull(uri, username, password))
+    _show(opts, image, f"{image.source}: {_size(image.bytes)}, {image.layers} layer{'s' if image.layers != 1 else ''}")
+
+
 def _size(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB"):
