@@ -23,7 +23,7 @@ import math
 import os
 import re
 import types
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -308,6 +308,9 @@ class Registry:
         self._image_lock = trio.Lock()
         self._idmap = False  # whether unprivileged containers see unshifted layers idmapped
         self._credentials: dict[str, tuple[str, str]] = {}  # registry logins of creates under way
+        # Collects and prunes under way (each with _image_lock held): while one runs, from
+        # its snapshot of the references to its end, no reference is taken without the lock.
+        self._collecting = 0
         # Networking: the pools, and the bridges being deleted (a create on that subnet
         # waits until its bridge is gone, then makes a new one).
         self.subnets = subnets
@@ -382,9 +385,10 @@ class Registry:
             case _BridgeGone(subnet):
                 self._bridges_going.pop(subnet).set()
             case AcquireImage(handle, source, shift):
-                # A copy the cache knows, with no prepare or collect under way, is taken
-                # here in one step; anything else is prepared by a task holding the lock.
-                copy = None if self._image_lock.locked() else self._known_copy(source, shift)
+                # An image the cache knows, with no collect or prune under way, is taken
+                # here in one step (also while a long pull holds the lock); anything else is
+                # prepared by a task holding the lock.
+                copy = None if self._collecting else self._known_copy(source, shift)
                 if copy is None:
                     self._spawn(self._prepare_image, request)
                     return DEFERRED
@@ -717,12 +721,13 @@ class Registry:
         prune finishes (under the image lock, so no prepare runs meanwhile)."""
         with trio.CancelScope(shield=True):
             async with self._image_lock:
-                in_use = await self.mailbox.ask(_ImagesInUse())
-                try:
-                    removed: list[str] = await trio.to_thread.run_sync(images.prune, self.env.image_store, in_use)
-                except (KernelError, OSError) as err:
-                    request.fail(GardenError(f"pruning images: {err}"))
-                    return
+                with self._no_fast_references():
+                    in_use = await self.mailbox.ask(_ImagesInUse())
+                    try:
+                        removed: list[str] = await trio.to_thread.run_sync(images.prune, self.env.image_store, in_use)
+                    except (KernelError, OSError) as err:
+                        request.fail(GardenError(f"pruning images: {err}"))
+                        return
         for item in removed:
             log.info("pruned %s: no container uses it", item)
         request.reply(removed)
@@ -762,7 +767,8 @@ class Registry:
                 if not self._collect_due and self._current(released):
                     return  # a collect would keep it (keep_current) and nothing else is stale
                 self._collect_due = False
-                await self._collect_images(await self.mailbox.ask(_ImagesInUse()))
+                with self._no_fast_references():
+                    await self._collect_images(await self.mailbox.ask(_ImagesInUse()))
 
     def _known_copy(self, source: str, shift: bool) -> images.Image | None:
         """``images.known`` (no scan, safe on the event loop); an error means "not
@@ -783,6 +789,14 @@ class Registry:
         except (KernelError, OSError):
             return False
         return now is not None and now.path == copy.path
+
+    @contextlib.contextmanager
+    def _no_fast_references(self) -> Iterator[None]:
+        self._collecting += 1
+        try:
+            yield
+        finally:
+            self._collecting -= 1
 
     async def _collect_images(self, in_use: set[str]) -> None:
         """Remove every image copy no container references (and half-built ones); a

@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from gactor import ContainerSpec
+from gactor.kernel import image_copies
 
 from .helpers import E2E_MARKS, ROOTFS, sh_ok
 from .servers import ServerProcess
@@ -52,9 +53,9 @@ def change_image(image: str) -> None:
 
 
 def store(server: ServerProcess) -> list[str]:
-    """The entries of the server's image store."""
+    """The image copies in the server's image store (not the layer store's directories)."""
     path = os.path.join(server.depot, "images")
-    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    return sorted(set(os.listdir(path)) - image_copies.RESERVED) if os.path.isdir(path) else []
 
 
 def copy_of(server: ServerProcess, handle: str) -> str:
