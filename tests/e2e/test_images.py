@@ -124,12 +124,16 @@ async def test_image_config_survives_a_restart(own_servers, layout: str) -> None
     await server.start()
     async with server.connect() as client:
         await client.create(ContainerSpec(handle="keep", image=ImageRef(uri=f"oci://{layout}#alice")))
-    await server.stop()
+    await server.kill()  # SIGKILL: nothing is saved at exit
     await server.start()
     async with server.connect() as client:
         c = await client.lookup("keep")
         assert (await sh_ok(c, "id -u; pwd; echo $WHO")).splitlines() == ["1000", "/work", "alice"]
+        assert await client.prune_images() == []  # the re-adopted container still holds its image
+        assert [i.users for i in await client.images()] == [["keep"]]
         await client.destroy("keep")
+        assert len(await client.prune_images()) == 3
+        assert layer_names(server) == []
     await server.finish()
 
 
