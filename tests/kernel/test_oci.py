@@ -311,3 +311,11 @@ def test_bad_sources_name_the_image(tmp_path: Path, store: str) -> None:
     (tmp_path / "notlayout").mkdir()
     with pytest.raises(images.ImageError, match="not an OCI layout"):
         prepare(f"oci://{tmp_path}/notlayout", store)
+
+
+def test_layered_images_without_idmap_need_privilege(layout: str, store: str) -> None:
+    privileged = images.prepare(f"oci://{layout}#latest", store, privileged=True, idmap=False)
+    assert images.known(f"oci://{layout}#latest", store, privileged=True, idmap=False) == privileged
+    assert images.known(f"oci://{layout}#latest", store, privileged=False, idmap=False) is None
+    with pytest.raises(images.ImageError, match="cannot idmap mounts"):
+        images.prepare(f"oci://{layout}#latest", store, privileged=False, idmap=False)

@@ -101,11 +101,11 @@ def _signature(source: str) -> tuple[int, ...]:
 def known(source: str, store: str, *, privileged: bool, idmap: bool) -> Image | None:
     """The image ``prepare`` would return, if known without reading anything but a stat
     or two (safe on an event loop); else None."""
-    if source.startswith("docker://"):
-        return None  # its tag may have moved: resolved by every prepare
     if is_directory_rootfs(source):
         copy = image_copies.known(source, store, shift=not privileged and not idmap)
         return None if copy is None else _from_copy(copy)
+    if source.startswith("docker://") or (not privileged and not idmap):
+        return None  # a tag may have moved / only prepare says why this cannot work
     with _known_lock:
         cached = _known.get(source)
     try:
@@ -125,6 +125,9 @@ def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username:
     if is_directory_rootfs(source):
         return _from_copy(image_copies.prepare(source, store, shift=not privileged and not idmap))
     check_source(source)
+    if not privileged and not idmap:
+        raise ImageError(f"image {source!r}: this kernel cannot idmap mounts, so layered images "
+                         "need a privileged container")
     if source.startswith("docker://"):
         from . import registry_client  # only pulls need the HTTP client
 
@@ -133,9 +136,6 @@ def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username:
         return _record(store, resolved, unpacked)
     signature = _signature(source)
     resolved = oci.resolve(source)
-    if not privileged and not idmap:
-        raise ImageError(f"image {source!r}: this kernel cannot idmap mounts, so layered images "
-                         "need a privileged container")
     unpacked = [layers.ensure(store, blob, f"image {source!r}") for blob in resolved.blobs]
     image = _record(store, resolved, unpacked)
     with _known_lock:
