@@ -176,6 +176,9 @@ def test_docker_save_archive(tmp_path: Path, store: str, layer_blobs: list[bytes
     assert image.config == oci.ImageConfig(("A=1",), "alice", "/home/alice")
     assert len(image.layers) == 2
     assert prepare(str(archive), store).path == image.path
+    compressed = tmp_path / "saved.tar.gz"
+    compressed.write_bytes(gzip.compress(archive.read_bytes(), compresslevel=1))
+    assert prepare(str(compressed), store).layers == image.layers
 
 
 def test_digest_mismatch_leaves_nothing(layout: str, store: str, layer_blobs: list[bytes]) -> None:
@@ -319,3 +322,18 @@ def test_layered_images_without_idmap_need_privilege(layout: str, store: str) ->
     assert images.known(f"oci://{layout}#latest", store, privileged=False, idmap=False) is None
     with pytest.raises(images.ImageError, match="cannot idmap mounts"):
         images.prepare(f"oci://{layout}#latest", store, privileged=False, idmap=False)
+
+
+def test_compressed_layout_and_docker_save_tars(layout: str, store: str, tmp_path: Path) -> None:
+    """``docker save | gzip`` and a gzipped OCI layout: unpacked to a scratch layout, which goes."""
+    plain = str(tmp_path / "layout.tar")
+    tar_directory(layout, plain)
+    compressed = tmp_path / "layout.tar.gz"
+    compressed.write_bytes(gzip.compress(Path(plain).read_bytes(), compresslevel=1))
+    from_dir = prepare(f"oci://{layout}#latest", store)
+    from_gz = prepare(f"oci://{compressed}#latest", store)
+    assert from_gz.path == from_dir.path
+    assert from_gz.layers == from_dir.layers
+    assert [n for n in os.listdir(os.path.join(store, "manifests")) if n.startswith(".tmp-")] == []
+    with pytest.raises(images.ImageError, match=rf"oci://{compressed}#nope' has no tag 'nope'"):
+        prepare(f"oci://{compressed}#nope", store)

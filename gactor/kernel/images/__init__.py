@@ -22,6 +22,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -135,8 +136,21 @@ def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username:
         unpacked = [layers.ensure(store, blob, f"image {source!r}") for blob in resolved.blobs]
         return _record(store, resolved, unpacked)
     signature = _signature(source)
-    resolved = oci.resolve(source)
-    unpacked = [layers.ensure(store, blob, f"image {source!r}") for blob in resolved.blobs]
+    path, tag = oci.parse_uri(source)
+    if oci.compressed_layout(path):
+        # Blobs are read in place, which a compressed tar does not allow: unpack it first.
+        root = os.path.join(store, MANIFESTS)
+        os.makedirs(root, mode=0o711, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix=TMP + "layout-", dir=root)
+        try:
+            layers.unpack_archive(path, scratch, f"image {source!r}")
+            resolved = oci.resolve(f"oci://{scratch}" + (f"#{tag}" if tag else ""), shown=source)
+            unpacked = [layers.ensure(store, blob, f"image {source!r}") for blob in resolved.blobs]
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    else:
+        resolved = oci.resolve(source)
+        unpacked = [layers.ensure(store, blob, f"image {source!r}") for blob in resolved.blobs]
     image = _record(store, resolved, unpacked)
     with _known_lock:
         if len(_known) > 256:

@@ -126,6 +126,12 @@ def ensure(store: str, blob: Blob, what: str) -> Layer:
     return layer
 
 
+def unpack_archive(path: str, target: str, what: str) -> None:
+    """Unpack the (compressed) tar ``path`` into the directory ``target``, confined as a
+    layer is (``unpack.py``) but with no digest to check: a compressed OCI layout."""
+    _unpack(Blob("", -1, lambda: open(path, "rb")), target, what)
+
+
 def _unpack(blob: Blob, target: str, what: str) -> dict[str, int]:
     child = subprocess.Popen([sys.executable, "-I", "-S", _unpack_script.__file__, target],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -166,7 +172,7 @@ def _unpack(blob: Blob, target: str, what: str) -> dict[str, int]:
         raise KernelError("layer", errno.ETIMEDOUT,
                           f"{what}: layer {blob.digest}: unpacking took over {UNPACK_TIMEOUT:.0f} s")
     got = "sha256:" + digest.hexdigest()
-    if got != blob.digest:
+    if blob.digest and got != blob.digest:
         raise KernelError("layer", errno.EBADMSG, f"{what}: layer {blob.digest}: digest mismatch "
                           f"(the blob's content hashes to {got})")
     if blob.size >= 0 and size != blob.size:

@@ -77,15 +77,19 @@ def parse_uri(uri: str) -> tuple[str, str]:
     return uri, ""
 
 
-def resolve(uri: str) -> Resolved:
+def resolve(source: str, shown: str = "") -> Resolved:
     """Resolve a non-directory-rootfs source: an OCI layout (directory or tar), a docker
     save archive, or a rootfs tar (``.tar``, ``.tar.gz``). Blocking (reads the index,
-    manifest and config; a rootfs tar is hashed once per change of its file)."""
-    path, tag = parse_uri(uri)
+    manifest and config; a rootfs tar is hashed once per change of its file). Messages
+    and the result's ``name`` say ``shown`` (default: ``source``)."""
+    path, tag = parse_uri(source)
+    uri = shown or source
     if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "index.json")):
-            raise ImageError(f"image {uri!r}: {path} has no index.json, so it is not an OCI layout")
-        return _from_layout(_DirLayout(path), uri, tag)
+        if os.path.exists(os.path.join(path, "index.json")):
+            return _from_layout(_DirLayout(path), uri, tag)
+        if os.path.exists(os.path.join(path, "manifest.json")):
+            return _from_docker_archive(_DirLayout(path), uri, tag)
+        raise ImageError(f"image {uri!r}: {path} has no index.json, so it is not an OCI layout")
     if not os.path.isfile(path):
         raise ImageError(f"image {uri!r}: {path} does not exist", errno.ENOENT)
     try:
@@ -108,6 +112,22 @@ def resolve(uri: str) -> Resolved:
 
 
 _MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: what tarfile's "r|*" reads
+
+
+def compressed_layout(path: str) -> bool:
+    """Whether ``path`` is a compressed tar of an OCI layout or docker save archive
+    (``docker save | gzip``): its first members name layout files."""
+    if not os.path.isfile(path) or not _compressed(path):
+        return False
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for _, member in zip(range(8), tar, strict=False):
+                name = member.name.removeprefix("./")
+                if name in ("oci-layout", "index.json", "manifest.json", "repositories") or name.startswith("blobs/"):
+                    return True
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+    return False
 
 
 def _compressed(path: str) -> bool:
@@ -289,7 +309,7 @@ def _config(raw: Any) -> ImageConfig:
                        str(section.get("WorkingDir") or ""))
 
 
-def _from_docker_archive(layout: _TarLayout, uri: str, tag: str) -> Resolved:
+def _from_docker_archive(layout: _Layout, uri: str, tag: str) -> Resolved:
     """``docker save`` before Docker 25: manifest.json lists config and layer files; each
     layer file is an uncompressed tar whose sha256 is its diff_id in the config."""
     entries = _read_json(layout, "manifest.json", uri)
