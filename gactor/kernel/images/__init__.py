@@ -84,7 +84,7 @@ def check_source(source: str) -> None:
         raise ImageError(f"image {source!r}: {path} does not exist", errno.ENOENT)
 
 
-_known: dict[str, tuple[tuple[int, ...], Image]] = {}
+_known: dict[tuple[str, str], tuple[tuple[int, ...], Image]] = {}  # (store, source) ->
 _known_lock = threading.Lock()
 
 
@@ -108,7 +108,7 @@ def known(source: str, store: str, *, privileged: bool, idmap: bool) -> Image | 
     if source.startswith("docker://") or (not privileged and not idmap):
         return None  # a tag may have moved / only prepare says why this cannot work
     with _known_lock:
-        cached = _known.get(source)
+        cached = _known.get((os.path.realpath(store), source))
     try:
         if cached is None or cached[0] != _signature(source) or not os.path.isdir(cached[1].path):
             return None
@@ -155,7 +155,7 @@ def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username:
     with _known_lock:
         if len(_known) > 256:
             _known.clear()
-        _known[source] = (signature, image)
+        _known[(os.path.realpath(store), source)] = (signature, image)
     return image
 
 
@@ -243,8 +243,8 @@ def prune(store: str, in_use: Iterable[str]) -> list[str]:
         if TMP not in name:
             removed.append(path)
     with _known_lock:
-        for source in [s for s, (_, image) in _known.items() if image.path in removed]:
-            del _known[source]
+        for key in [k for k, (_, image) in _known.items() if image.path in removed]:
+            del _known[key]
     used_layers: set[str] = set()
     for path in keep:
         with contextlib.suppress(KernelError):
