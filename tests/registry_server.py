@@ -7,7 +7,7 @@ the images of OCI layouts the tests build.
 "bearer", with ``users``), ``break_blobs`` (digest -> bytes after which the first
 download of it is cut off), ``corrupt_blobs``, ``redirect_blobs`` (blobs answered with a
 307 to another path), ``indexes`` (tags answered with an image index of several
-platforms). ``requests`` records every request's path and Range.
+platforms), ``hold_blobs`` (an Event: blob downloads wait while it is clear). ``requests`` records every request's path and Range.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class LocalRegistry:
         self.break_blobs: dict[str, int] = {}
         self.corrupt_blobs: set[str] = set()
         self.redirect_blobs = False
+        self.hold_blobs = threading.Event()  # cleared: blob downloads wait until it is set
+        self.hold_blobs.set()
         self.indexes: dict[str, list[tuple[str, str]]] = {}  # tag -> [(os/arch, tag it points to)]
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -146,6 +148,7 @@ class LocalRegistry:
         return _send(h, 404, b"{}")
 
     def _send_blob(self, h: BaseHTTPRequestHandler, repo: str, digest: str) -> None:
+        self.hold_blobs.wait(30)
         path = self._blob_path(repo.replace("_", "/"), digest) or self._blob_path(repo, digest)
         if path is None:
             return _send(h, 404, b'{"errors": [{"code": "BLOB_UNKNOWN"}]}')

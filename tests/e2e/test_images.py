@@ -19,7 +19,7 @@ from gactor import ContainerSpec, GardenError, ImageRef
 
 from ..oci_images import Entry, default_layers, sha256, tar_bytes, tar_directory, write_layout
 from ..registry_server import LocalRegistry
-from .helpers import E2E_MARKS, sh_ok
+from .helpers import E2E_MARKS, sh_ok, wait_for
 from .servers import ServerProcess, gactor_command
 
 pytestmark = E2E_MARKS
@@ -189,4 +189,22 @@ async def test_docker_registry_image(own_servers, registry: LocalRegistry, layer
         for n in range(3):
             await client.destroy(f"d{n}")
         assert len(await client.prune_images()) == 3
+    await server.finish()
+
+
+async def test_cancelled_pull_goes_on(own_servers, registry: LocalRegistry) -> None:
+    """A client that gives up on a pull cancels only its wait: the server finishes the
+    pull, and the image is in the store."""
+    uri = f"docker://{registry.host}/busy#latest"
+    server = own_servers("img-cancel", "10.250.11.0/24")
+    await server.start()
+    registry.hold_blobs.clear()
+    async with server.connect() as client:
+        with trio.move_on_after(0.5) as scope:
+            await client.pull(uri)
+        assert scope.cancelled_caught
+    registry.hold_blobs.set()
+    async with server.connect() as client:
+        listed = await wait_for(client.images, within=30, what="the pulled image")
+        assert [(i.source, i.layers) for i in listed] == [(uri, 2)]
     await server.finish()
