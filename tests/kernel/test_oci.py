@@ -337,3 +337,22 @@ def test_compressed_layout_and_docker_save_tars(layout: str, store: str, tmp_pat
     assert [n for n in os.listdir(os.path.join(store, "manifests")) if n.startswith(".tmp-")] == []
     with pytest.raises(images.ImageError, match=rf"oci://{compressed}#nope' has no tag 'nope'"):
         prepare(f"oci://{compressed}#nope", store)
+
+
+def test_startup_detaches_leftover_idmapped_mounts(layout: str, store: str) -> None:
+    """A server killed between attaching a layer and mounting its overlay leaves a
+    read-only idmapped mount in <store>/mnt; the next start detaches and removes it."""
+    if not idmap.supported(store):
+        pytest.skip("no idmapped mounts on this kernel")
+    image = prepare(f"oci://{layout}#latest", store)
+    point = Path(store, rootfs.MOUNT_POINTS, "left-over")
+    point.mkdir(parents=True)
+    idmap.attach(image.layers[0], str(point))
+    with pytest.raises(OSError, match="Read-only"):
+        (point / "new").write_text("x")  # read-only: a stray rmtree could never empty a layer
+    rootfs.remove_partial_images(store)
+    assert not point.exists()
+    with open("/proc/self/mountinfo") as f:
+        assert not [line for line in f if str(point) in line.split()[4]]
+    assert images.read(image.path).layers == image.layers  # the layer itself is untouched
+    assert (Path(image.layers[1]) / "bin" / "busybox").is_file()
