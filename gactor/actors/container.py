@@ -120,8 +120,8 @@ class Environment:
     init_binary: str = ""  # the static garden-init; empty means pid 1 stays a forked Python
     tar_binary: str = "/bin/busybox"  # static, so it runs in any image (as Garden ships its tar)
     publish: Callable[[str, str], Awaitable[None]] = field(default=lambda handle, event: _nothing())
-    # How a container gets its image copy, ``(handle, source, shift) -> ImageCopy``: the
-    # registry owns image references (it prepares the copy and records the reference).
+    # How a container gets its image, ``(handle, source, unprivileged) -> Image``: the
+    # registry owns image references (it prepares the image and records the reference).
     acquire_image: Callable[[str, str, bool], Awaitable[images.Image]] = field(
         default=lambda handle, source, shift: _no_images())
     network: Networking | None = None  # None: containers get only a loopback interface
@@ -453,9 +453,9 @@ class ContainerActor:
 
     async def _create(self, undo: Cleanup) -> None:
         started = trio.current_time()
-        lowers = await self._image()
+        source_image = await self._image()
         image = trio.current_time()
-        cfg = await trio.to_thread.run_sync(self._prepare, lowers, undo)
+        cfg = await trio.to_thread.run_sync(self._prepare, source_image, undo)
         prepared = trio.current_time()
         if self.net is None:
             await self._start_shim(cfg, undo)
