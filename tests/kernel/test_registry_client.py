@@ -94,6 +94,16 @@ def test_broken_download_resumes_with_range(registry: LocalRegistry, store: str,
     assert ranges == ["", "bytes=100000-"]  # redirected to blob storage, then resumed there
 
 
+def test_broken_download_without_ranges_skips_what_it_has(registry: LocalRegistry, store: str,
+                                                         layer_blobs: list[bytes]) -> None:
+    digest = sha256(layer_blobs[0])
+    registry.break_blobs[digest] = 50_000
+    registry.ranges = False
+    image = pull(f"docker://{registry.host}/busy#latest", store)
+    assert (Path(image.layers[1]) / "bin" / "busybox").is_file()
+    assert [r for p, r in registry.requests if p.endswith(digest)] == ["", "bytes=50000-"]
+
+
 def test_corrupt_blob_is_refused(registry: LocalRegistry, store: str, layer_blobs: list[bytes]) -> None:
     registry.corrupt_blobs.add(sha256(layer_blobs[1]))
     with pytest.raises(KernelError, match=f"busy#latest.*{sha256(layer_blobs[1])}: digest mismatch"):
