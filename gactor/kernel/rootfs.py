@@ -39,7 +39,7 @@ def remove_partial_images(store: str) -> None:
     any ``prepare``; ``image_copies.collect`` does this too)."""
     if not os.path.isdir(store):
         return
-    remove_mount_points(os.path.join(store, MOUNT_POINTS))
+    reclaim_mount_points(os.path.join(store, MOUNT_POINTS))
     for top in (store, os.path.join(store, "layers"), os.path.join(store, "manifests")):
         for name in os.listdir(top) if os.path.isdir(top) else []:
             if ".tmp-" in name or ".old-" in name:
@@ -47,16 +47,18 @@ def remove_partial_images(store: str) -> None:
 
 
 def mount_overlay(lowers: str | Sequence[str], container_dir: str, privileged: bool, idmapped: bool = False,
-                  scratch: str = "") -> str:
+                  scratch: str = "", upper_root: str = "") -> str:
     """Mount ``<container_dir>/rootfs`` as an overlay over ``lowers`` (top first); returns
     its path. With ``idmapped`` (an unprivileged container over unshifted layers) each
     lower dir is first attached idmapped and read-only at a mount point in ``scratch``
     (default ``<container_dir>/lower``); the overlay keeps private clones of those
     mounts, so they are unmounted again before this returns, whatever happens. The empty
     mount points are kept for the next call: an rmdir right after the umount waits
-    milliseconds for the mount to be released."""
+    milliseconds for the mount to be released. The upper and work dirs are made in
+    ``upper_root`` (default ``container_dir``; a disk-limited file system)."""
     layers = [lowers] if isinstance(lowers, str) else list(lowers)
-    upper, work, merged = (os.path.join(container_dir, n) for n in ("upper", "work", "rootfs"))
+    upper, work = (os.path.join(upper_root or container_dir, n) for n in ("upper", "work"))
+    merged = os.path.join(container_dir, "rootfs")
     for d in (upper, work, merged):
         os.makedirs(d, exist_ok=True)
     st = os.stat(layers[0])
@@ -109,14 +111,16 @@ def _give_back(point: str) -> None:
         _free_points.add(point)
 
 
-def remove_mount_points(scratch: str) -> None:
+def reclaim_mount_points(scratch: str) -> None:
     """Detach whatever a killed server left mounted in ``scratch`` (read-only idmapped
-    layers) and remove the mount points (startup only, before any ``mount_overlay``)."""
+    layers) and take its mount points into this process's pool (startup only, before any
+    ``mount_overlay``)."""
     for name in os.listdir(scratch) if os.path.isdir(scratch) else []:
         point = os.path.join(scratch, name)
         unmount(point)
         with contextlib.suppress(OSError):
-            os.rmdir(point)
+            if not os.listdir(point):
+                _give_back(point)
 
 
 def _shifted(owner: int, shift: bool) -> int:
