@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from ..errors import GardenError, ProcessNotFoundError
-from ..kernel import depot, images, rootfs, shim_wire, shims
+from ..kernel import depot, disk_limits, images, rootfs, shim_wire, shims
 from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.container_init import MAX_UID
 from ..kernel.errors import KernelError
@@ -47,6 +47,8 @@ from ..types import (
     ContainerInfo,
     ContainerSpec,
     CPULimits,
+    DiskLimits,
+    DiskLimitScope,
     MemoryLimits,
     NetOutRule,
     PortMapping,
@@ -570,9 +572,15 @@ class ContainerActor:
         self._cgroup = cgroup
         cgroup.setup_devices(DEVICE_ALLOW)
         self._apply_limits(cgroup)
+        limited = self._disk_limit(image) if self.spec.limits.disk.byte_hard else None
+        if limited:
+            undo.callback(disk_limits.detach, limited)
         merged = rootfs.mount_overlay(image.layers, self.dir, self.spec.privileged, idmapped=not image.shifted,
-                                      scratch=os.path.join(self.env.image_store, rootfs.MOUNT_POINTS))
+                                      scratch=os.path.join(self.env.image_store, rootfs.MOUNT_POINTS),
+                                      upper_root=limited or "")
         undo.callback(rootfs.unmount, merged)
+        if limited:
+            disk_limits.detach(limited)  # the overlay holds it: it lives as long as the rootfs
         resolv = ""
         if self.net is not None and self.env.network is not None:
             owner = 0 if self.spec.privileged else MAX_UID  # the container's root
@@ -595,6 +603,19 @@ class ContainerActor:
                 for bm in self.spec.bind_mounts
             ],
         }
+
+    def _disk_limit(self, image: images.Image) -> str:
+        """The limited file system for the upper dir (docs/images.md): the limit itself
+        (exclusive scope) or what the image leaves of it (total scope)."""
+        disk = self.spec.limits.disk
+        size = disk.byte_hard - (image.bytes if disk.scope == DiskLimitScope.TOTAL else 0)
+        if size <= 0:
+            raise GardenError(f"disk limit of {disk.byte_hard} bytes (total scope) is not above the image's "
+                              f"{image.bytes} bytes")
+        try:
+            return disk_limits.create(self.dir, size, disk.inode_hard)
+        except KernelError as err:
+            raise GardenError(f"cannot apply the disk limit: {err}") from err
 
     def _apply_limits(self, cgroup: Cgroup) -> None:
         limits = self.spec.limits
@@ -1007,6 +1028,10 @@ class ContainerRef:
     @property
     def cgroup(self) -> Cgroup:
         return self._actor.cgroup
+
+    @property
+    def disk_limits(self) -> DiskLimits:
+        return self._actor.spec.limits.disk
 
     @property
     def created_at(self) -> float:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..kernel import depot
+from ..kernel import depot, disk_limits
 from ..kernel.errors import KernelError
 from ..types import (
     ContainerCPUStat,
@@ -31,7 +31,9 @@ def read(container: ContainerRef) -> Metrics:
     cgroup = container.cgroup
     stat = cgroup.memory_stat()
     usage, user, system = cgroup.cpu_stat()
-    upper_bytes, upper_inodes = depot.disk_usage(os.path.join(container.dir, "upper"))
+    # A disk-limited container's upper file system keeps counters; others are walked.
+    upper_bytes, upper_inodes = (disk_limits.usage(container.dir)
+                                 or depot.disk_usage(os.path.join(container.dir, "upper")))
     age = time.time() - container.created_at
     image_bytes, image_inodes = container.image_usage
     # Garden's entitlement is in shares; on v2 the cgroup holds a converted weight, so use

@@ -33,7 +33,6 @@ from ..types import (
     BandwidthLimits,
     ContainerSpec,
     CPULimits,
-    DiskLimits,
     ImageInfo,
     MemoryLimits,
     NetOutRule,
@@ -295,9 +294,7 @@ _NOT_YET = "is not supported by this server yet"
 
 def check_container_spec(spec: ContainerSpec) -> None:
     """Refuse what this server cannot do yet, naming the field."""
-    unsupported = [
-        ("limits.disk", spec.limits.disk != DiskLimits()),
-    ]
+    unsupported: list[tuple[str, bool]] = []
     for name, used in unsupported:
         if used:
             raise GardenError(f"container spec field '{name}' {_NOT_YET}")
@@ -501,7 +498,7 @@ async def _bulk_net_out(c: ContainerRef, args: dict[str, Any]) -> None:
 
 
 async def _current_disk_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
-    return to_wire(DiskLimits())  # no disk limits yet: Garden's "{}"
+    return to_wire(c.disk_limits)  # as given at create: all zero (Garden's "{}") when none was
 
 
 def _not_yet(what: str) -> ContainerHandler:

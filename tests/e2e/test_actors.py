@@ -13,14 +13,12 @@ from trio_websocket import open_websocket_url
 
 from gactor import ContainerSpec, GardenError, ProcessIO, ProcessSpec, StreamInSpec
 from gactor.transport import protocol as P
-from gactor.types import DiskLimits, Limits
 
 from .helpers import (
     Sink,
     StdinGate,
     host_snapshot,
     sh_ok,
-    unique_handle,
     wait_until_nothing_left,
 )
 
@@ -93,16 +91,6 @@ async def test_awkward_handles_survive_a_restart(own_servers):
             assert await sh_ok(container, "echo ok") == "ok\n"
             await client.destroy(handle)
         await wait_until_nothing_left(server, {**before, "server fds": host_snapshot(server)["server fds"]})
-
-
-@pytest.mark.parametrize(("spec", "field"), [
-    (ContainerSpec(limits=Limits(disk=DiskLimits(byte_hard=1 << 20))), "limits.disk"),
-])
-async def test_unimplemented_container_fields_are_refused(client, spec, field):
-    spec.handle = unique_handle()
-    with pytest.raises(GardenError, match=f"'{field}' is not supported"):
-        await client.create(spec)
-    assert spec.handle not in [c.handle for c in await client.containers()]
 
 
 async def test_a_process_image_is_refused(container):

@@ -1,0 +1,91 @@
+"""Disk limits (``limits.disk``) on the real server: a limited container's writes stop at
+its limit with ENOSPC (as root and as another user), its neighbours are unaffected, the
+total scope counts the image, metrics come from the limited file system's counters, and
+destroying the container releases its loop device."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from gactor import ContainerSpec, DiskLimits, DiskLimitScope, GardenError, Limits
+
+from .helpers import E2E_MARKS, sh, sh_ok, wait_for
+
+pytestmark = E2E_MARKS
+MiB = 1 << 20
+
+
+def loop_devices_for(path: str) -> str:
+    return "\n".join(line for line in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+                     .splitlines() if path in line)
+
+
+async def test_exclusive_limit_stops_writes(gactor_server, client, create_container) -> None:
+    limits = DiskLimits(byte_hard=16 * MiB, scope=DiskLimitScope.EXCLUSIVE)
+    c = await create_container(limits=Limits(disk=limits))
+    assert await c.current_disk_limits() == limits
+    code, out, err = await sh(c, "dd if=/dev/zero of=/big bs=1M count=32 2>&1; sync; ls -l /big")
+    assert code != 0 or b"No space left" in out + err
+    assert b"No space left on device" in out + err
+    written = int((await sh_ok(c, "stat -c %s /big")).strip())
+    assert 12 * MiB <= written <= 16 * MiB
+    metrics = await c.metrics()
+    assert 12 * MiB <= metrics.disk_stat.exclusive_bytes_used <= 17 * MiB
+    # As another user too, and the container keeps working once space is freed.
+    await sh_ok(c, "adduser -D -u 1234 writer")
+    code, out, err = await sh(c, "dd if=/dev/zero of=/tmp/more bs=1M count=8 2>&1", user="writer")
+    assert b"No space left on device" in out + err
+    await sh_ok(c, "rm /big /tmp/more && echo fine > /ok && cat /ok")
+    # An unlimited neighbour is not affected.
+    neighbour = await create_container()
+    assert await neighbour.current_disk_limits() == DiskLimits()
+    await sh_ok(neighbour, "dd if=/dev/zero of=/big bs=1M count=32 2>/dev/null && rm /big")
+    image = gactor_server.container_dir(c.handle) + "/disk.img"
+    assert loop_devices_for(image)
+    await client.destroy(c.handle)
+    await wait_for(lambda: not loop_devices_for(image), within=15, what="the loop device released")
+
+
+async def test_total_scope_counts_the_image(client, create_container) -> None:
+    with pytest.raises(GardenError, match="not above the image's"):
+        await client.create(ContainerSpec(limits=Limits(disk=DiskLimits(byte_hard=1024))))
+    c = await create_container(limits=Limits(disk=DiskLimits(byte_hard=24 * MiB)))
+    image_bytes = (await c.metrics()).disk_stat.total_bytes_used
+    assert image_bytes > 0
+    code, out, err = await sh(c, "dd if=/dev/zero of=/big bs=1M count=64 2>&1")
+    assert b"No space left on device" in out + err
+    total = (await c.metrics()).disk_stat.total_bytes_used
+    assert 20 * MiB <= total <= 25 * MiB
+
+
+async def test_inode_limit(create_container) -> None:
+    c = await create_container(limits=Limits(disk=DiskLimits(byte_hard=64 * MiB, inode_hard=4096,
+                                                            scope=DiskLimitScope.EXCLUSIVE)))
+    code, out, err = await sh(c, "mkdir /many && cd /many && i=0; while [ $i -lt 20000 ]; do "
+                                 ": > f$i || exit 3; i=$((i+1)); done")
+    assert code != 0, (out, err)
+    assert b"No space left on device" in err
+    count = int((await sh_ok(c, "ls /many | wc -l")).strip())
+    assert 3500 <= count <= 4096
+
+
+async def test_limit_survives_a_restart(own_servers) -> None:
+    server = own_servers("disk-restart", "10.250.13.0/24")
+    await server.start()
+    limits = DiskLimits(byte_hard=16 * MiB, scope=DiskLimitScope.EXCLUSIVE)
+    async with server.connect() as client:
+        await client.create(ContainerSpec(handle="kept", limits=Limits(disk=limits)))
+    await server.kill()
+    await server.start()
+    async with server.connect() as client:
+        c = await client.lookup("kept")
+        assert await c.current_disk_limits() == limits
+        code, out, err = await sh(c, "dd if=/dev/zero of=/big bs=1M count=32 2>&1")
+        assert b"No space left on device" in out + err
+        assert (await c.metrics()).disk_stat.exclusive_bytes_used >= 12 * MiB
+        image = server.container_dir("kept") + "/disk.img"
+        await client.destroy("kept")
+        await wait_for(lambda: not loop_devices_for(image), within=15, what="the loop device released")
+    await server.finish()
