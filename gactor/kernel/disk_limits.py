@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import subprocess
+import threading
 
 from . import linux as L
 from .errors import KernelError
@@ -28,21 +29,38 @@ MOUNT = "disk"
 RECORD = "disk.json"
 MIN_BYTES = 4 << 20  # the smallest ext4 worth making; smaller limits get this much
 STEP_TIMEOUT = 30.0
+PADDING_ROUNDS = 4
+
+
+# ext4's own metadata (inode tables, bitmaps) by (limit, inodes): added to the image's
+# size so that what the container can write is the limit. Learnt at the first create
+# of each limit (one more mkfs then), remembered for the process.
+_padding: dict[tuple[int, int], int] = {}
+_padding_lock = threading.Lock()
 
 
 def create(container_dir: str, byte_limit: int, inode_limit: int = 0) -> str:
-    """The mounted limited file system for ``container_dir``'s upper dir; returns its
-    mount point. Raises KernelError (and leaves nothing mounted) if it cannot be made."""
+    """The mounted limited file system for ``container_dir``'s upper dir, with
+    ``byte_limit`` bytes free (within a block group's rounding); returns its mount point.
+    Raises KernelError (and leaves nothing mounted) if it cannot be made."""
     image, mount = os.path.join(container_dir, IMAGE), os.path.join(container_dir, MOUNT)
-    size = max(byte_limit, MIN_BYTES)
-    with open(image, "wb") as f:
-        f.truncate(size)
-    mkfs = ["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-m", "0", "-E", "nodiscard,lazy_itable_init=1"]
-    if inode_limit:
-        mkfs += ["-N", str(inode_limit)]
-    _run([*mkfs, image], "mkfs.ext4")
+    limit = max(byte_limit, MIN_BYTES)
     os.makedirs(mount, exist_ok=True)
-    _run(["mount", "-o", "loop,nosuid,nodev,noatime", image, mount], "mount")
+    with _padding_lock:
+        padding = _padding.get((limit, inode_limit))
+    _make(image, mount, limit + (padding or 0), inode_limit)
+    if padding is None:
+        padding = 0
+        for _ in range(PADDING_ROUNDS):  # a bigger file system has more metadata: settle it
+            st = os.statvfs(mount)
+            short = limit - st.f_bavail * st.f_frsize
+            if short <= 0:
+                break
+            padding += short
+            detach(mount, lazy=False)
+            _make(image, mount, limit + padding, inode_limit)
+        with _padding_lock:
+            _padding[(limit, inode_limit)] = padding
     try:
         st = os.statvfs(mount)
         with open(os.path.join(container_dir, RECORD), "w") as f:
@@ -54,10 +72,22 @@ def create(container_dir: str, byte_limit: int, inode_limit: int = 0) -> str:
     return mount
 
 
-def detach(mount: str) -> None:
+def _make(image: str, mount: str, size: int, inode_limit: int) -> None:
+    with open(image, "wb") as f:
+        f.truncate(0)
+        f.truncate(size)
+    mkfs = ["mkfs.ext4", "-q", "-F", "-O", "^has_journal,^resize_inode", "-m", "0",
+            "-E", "nodiscard,lazy_itable_init=1"]
+    if inode_limit:
+        mkfs += ["-N", str(inode_limit)]
+    _run([*mkfs, image], "mkfs.ext4")
+    _run(["mount", "-o", "loop,nosuid,nodev,noatime", image, mount], "mount")
+
+
+def detach(mount: str, lazy: bool = True) -> None:
     """Detach the mount point (the overlay keeps the file system)."""
     try:
-        L.umount(mount, L.MNT_DETACH)
+        L.umount(mount, L.MNT_DETACH if lazy else 0)
     except OSError as err:
         if err.errno not in (errno.EINVAL, errno.ENOENT):
             raise KernelError.from_os_error("umount", err, mount) from err
