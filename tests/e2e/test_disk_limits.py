@@ -5,6 +5,7 @@ destroying the container releases its loop device."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -17,9 +18,12 @@ pytestmark = E2E_MARKS
 MiB = 1 << 20
 
 
-def loop_devices_for(path: str) -> str:
+def loop_devices_for(image: str) -> str:
+    """Loop devices backed by the container's disk image, wherever its directory is now
+    (a destroyed container's directory is renamed into the depot's trash first)."""
+    name = os.path.basename(os.path.dirname(image))
     return "\n".join(line for line in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-                     .splitlines() if path in line)
+                     .splitlines() if "disk.img" in line and f"/{name}" in line)
 
 
 async def test_exclusive_limit_stops_writes(gactor_server, client, create_container) -> None:
@@ -89,3 +93,18 @@ async def test_limit_survives_a_restart(own_servers) -> None:
         await client.destroy("kept")
         await wait_for(lambda: not loop_devices_for(image), within=15, what="the loop device released")
     await server.finish()
+
+
+async def test_a_failed_create_releases_the_disk(gactor_server, client) -> None:
+    from gactor import BindMount, BindMountOrigin
+
+    from .helpers import unique_handle
+
+    handle = unique_handle()
+    with pytest.raises(GardenError):
+        await client.create(ContainerSpec(handle=handle, limits=Limits(disk=DiskLimits(byte_hard=16 * MiB)),
+                                          bind_mounts=[BindMount(src_path="/no/such/dir", dst_path="/mnt/x",
+                                                                 origin=BindMountOrigin.CONTAINER)]))
+    assert handle not in [c.handle for c in await client.containers()]
+    image = gactor_server.container_dir(handle) + "/disk.img"
+    await wait_for(lambda: not loop_devices_for(image), within=15, what="the loop device released")
