@@ -686,10 +686,11 @@ class Registry:
         return copy
 
     async def _list_images(self, request: Request[list[ImageUsage]]) -> None:
+        """Without the image lock, so a listing never waits for a pull: an image removed
+        meanwhile is left out, one being unpacked shows once it is recorded."""
         try:
-            async with self._image_lock:
-                users: dict[str, list[str]] = await self.mailbox.ask(_ImageUsers())
-                found = await trio.to_thread.run_sync(images.listed, self.env.image_store)
+            users: dict[str, list[str]] = await self.mailbox.ask(_ImageUsers())
+            found = await trio.to_thread.run_sync(images.listed, self.env.image_store)
         except (KernelError, OSError) as err:
             request.fail(GardenError(f"listing images: {err}"))
             return

@@ -203,6 +203,7 @@ async def test_cancelled_pull_goes_on(own_servers, registry: LocalRegistry) -> N
         with trio.move_on_after(0.5) as scope:
             await client.pull(uri)
         assert scope.cancelled_caught
+        assert await client.images() == []  # a listing does not wait for the pull
     registry.hold_blobs.set()
     async with server.connect() as client:
         listed = await wait_for(client.images, within=30, what="the pulled image")
