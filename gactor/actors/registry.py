@@ -91,6 +91,56 @@ class GraceTimer:
         return not self.defused
 
 
+class ImageStoreLock:
+    """Who may work on the image store at once: prepares and pulls share it (one per
+    source at a time, so concurrent creates from one new image unpack it once), while a
+    collect or prune has it alone. A waiting collect or prune goes first: new prepares
+    wait for it, so a stream of creates never starves a destroy's collect."""
+
+    def __init__(self) -> None:
+        self._changed = trio.Condition()
+        self._sharing = 0
+        self._alone = False
+        self._waiting_alone = 0
+        self._sources: dict[str, trio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def shared(self, source: str) -> AsyncIterator[None]:
+        async with self._changed:
+            while self._alone or self._waiting_alone:
+                await self._changed.wait()
+            self._sharing += 1
+        lock = self._sources.setdefault(source, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            with trio.CancelScope(shield=True):
+                if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                    self._sources.pop(source, None)
+                async with self._changed:
+                    self._sharing -= 1
+                    self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._waiting_alone += 1
+            try:
+                while self._alone or self._sharing:
+                    await self._changed.wait()
+            finally:
+                self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                async with self._changed:
+                    self._alone = False
+                    self._changed.notify_all()
+
+
 class Container(Protocol):
     """What the registry needs of a container (a ContainerRef; a fake in unit tests)."""
 
@@ -301,14 +351,14 @@ class Registry:
         self._nursery: trio.Nursery | None = None
         # Event subscribers by handle; the key None subscribes to every container.
         self._subscribers: dict[str | None, set[trio.MemorySendChannel[tuple[str, str]]]] = {}
-        # Image references: the copy (overlay lower dir) each container uses. Copies are
-        # prepared and collected by registry tasks holding _image_lock, so a collect never
-        # runs between a prepare and the reference it leads to.
+        # Image references: the image each container uses. Images are prepared (sharing
+        # _image_lock) and collected (alone) by registry tasks, so a collect never runs
+        # between a prepare and the reference it leads to.
         self._image_users: dict[str, images.Image] = {}
-        self._image_lock = trio.Lock()
+        self._image_lock = ImageStoreLock()
         self._idmap = False  # whether unprivileged containers see unshifted layers idmapped
         self._credentials: dict[str, tuple[str, str]] = {}  # registry logins of creates under way
-        # Collects and prunes under way (each with _image_lock held): while one runs, from
+        # Collects and prunes under way (each with _image_lock alone): while one runs, from
         # its snapshot of the references to its end, no reference is taken without the lock.
         self._collecting = 0
         # Networking: the pools, and the bridges being deleted (a create on that subnet
@@ -512,7 +562,7 @@ class Registry:
         for name in set(self.env.cgroups.names()) - owned:
             log.warning("removing cgroup %s: no container owns it", name)
             await trio.to_thread.run_sync(remove_orphan, self.env, name)
-        async with self._image_lock:
+        async with self._image_lock.alone():
             self._collect_due = False
             self._idmap = await trio.to_thread.run_sync(self._probe_idmap)
             await self._collect_images({c.path for c in self._image_users.values()})
@@ -702,7 +752,7 @@ class Registry:
         until a prune). Shielded, under the image lock, like a create's prepare."""
         command: PullImage = request.command
         with trio.CancelScope(shield=True):
-            async with self._image_lock:
+            async with self._image_lock.shared(command.source):
                 try:
                     image = await trio.to_thread.run_sync(lambda: images.prepare(
                         command.source, self.env.image_store, privileged=True, idmap=self._idmap,
@@ -721,7 +771,7 @@ class Registry:
         """Remove every image and layer no container uses. Shielded: once started, a
         prune finishes (under the image lock, so no prepare runs meanwhile)."""
         with trio.CancelScope(shield=True):
-            async with self._image_lock:
+            async with self._image_lock.alone():
                 with self._no_fast_references():
                     in_use = await self.mailbox.ask(_ImagesInUse())
                     try:
@@ -738,7 +788,7 @@ class Registry:
         Shielded: a reference is never half-taken."""
         command: AcquireImage = request.command
         with trio.CancelScope(shield=True):
-            async with self._image_lock:
+            async with self._image_lock.shared(command.source):
                 privileged, store = not command.shift, self.env.image_store
                 username, password = self._credentials.get(command.handle, ("", ""))
                 try:
@@ -764,7 +814,7 @@ class Registry:
             released: images.Image | None = await self.mailbox.ask(_ReleaseImage(handle))
             if released is None:
                 return
-            async with self._image_lock:
+            async with self._image_lock.alone():
                 if not self._collect_due and self._current(released):
                     return  # a collect would keep it (keep_current) and nothing else is stale
                 self._collect_due = False
@@ -801,7 +851,7 @@ class Registry:
 
     async def _collect_images(self, in_use: set[str]) -> None:
         """Remove every image copy no container references (and half-built ones); a
-        failure is logged, never raised. Called with _image_lock held."""
+        failure is logged, never raised. Called with _image_lock held alone."""
         try:
             removed = await trio.to_thread.run_sync(image_copies.collect, self.env.image_store, in_use)
         except (KernelError, OSError) as err:
