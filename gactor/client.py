@@ -41,6 +41,7 @@ from .types import (
     ContainerSpec,
     CPULimits,
     DiskLimits,
+    ImageInfo,
     MemoryLimits,
     Metrics,
     NetOutRule,
@@ -525,6 +526,21 @@ class Client:
 
     async def capacity(self) -> Capacity:
         return from_wire(Capacity, await self._conn.call("capacity"))
+
+    async def images(self) -> list[ImageInfo]:
+        """The server's image store: one entry per image, with the containers using it."""
+        return [from_wire(ImageInfo, i) for i in await self._conn.call("images")]
+
+    async def pull(self, uri: str, username: str = "", password: str = "") -> ImageInfo:
+        """Fetch an image into the server's store (a registry login for ``docker://``);
+        raises GardenError naming the image. Cancelled: the pull goes on on the server."""
+        return from_wire(ImageInfo, await self._conn.call("pull", uri=uri, username=username, password=password))
+
+    async def prune_images(self) -> list[str]:
+        """Remove every image and layer no container uses; returns the removed images'
+        paths and layers' digests. Cancelled: the prune goes on on the server."""
+        removed: list[str] = await self._conn.call("prune_images")
+        return removed
 
     async def create(self, spec: ContainerSpec | None = None) -> Container:
         """Create a container; raises GardenError if the server cannot.

@@ -258,6 +258,19 @@ class PortMapping:
 
 
 @dataclass
+class ImageInfo:
+    """One image in the server's image store (``images``): ``path`` identifies it,
+    ``source`` is the URI it was made from, ``bytes`` its size on disk, ``layers`` how
+    many layers it has, ``users`` the handles of the containers using it."""
+
+    path: str = ""
+    source: str = ""
+    bytes: int = 0
+    layers: int = 0
+    users: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclass
 class Capacity:
     memory_in_bytes: int = 0
     disk_in_bytes: int = 0

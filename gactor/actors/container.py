@@ -37,7 +37,7 @@ from typing import Any
 import trio
 
 from ..errors import GardenError, ProcessNotFoundError
-from ..kernel import depot, disk, image_copies, rootfs, shim_wire, shims
+from ..kernel import depot, disk_limits, images, rootfs, shim_wire, shims
 from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.container_init import MAX_UID
 from ..kernel.errors import KernelError
@@ -102,8 +102,6 @@ OOM_EVENT = "Out of memory"  # Garden's text in ContainerInfo.events
 # A pea's own cgroup is "<container's name>%pea<n>": '%' before a non-hex letter never
 # comes out of depot.dir_name, so no container has that name.
 PEA_CGROUP = "%pea"
-DISK_DEFAULT_BYTES = 1 << 40  # an inode limit without a byte limit: a sparse file this large
-DISK_MIN_INODES = 64
 
 
 def oom_victim_event(pid: int, task: str, process_id: str | None) -> str:
@@ -136,9 +134,9 @@ class Environment:
     tar_binary: str = "/bin/busybox"  # static, so it runs in any image (as Garden ships its tar)
     allow_privileged: bool = True  # False: --disable-privileged-containers
     publish: Callable[[str, str], Awaitable[None]] = field(default=lambda handle, event: _nothing())
-    # How a container gets its image copy, ``(handle, source, shift) -> ImageCopy``: the
-    # registry owns image references (it prepares the copy and records the reference).
-    acquire_image: Callable[[str, str, bool], Awaitable[image_copies.ImageCopy]] = field(
+    # How a container gets its image, ``(handle, source, unprivileged) -> Image``: the
+    # registry owns image references (it prepares the image and records the reference).
+    acquire_image: Callable[[str, str, bool], Awaitable[images.Image]] = field(
         default=lambda handle, source, shift: _no_images())
     network: Networking | None = None  # None: containers get only a loopback interface
     # Host ports for NetIn, ``(requested or 0) -> port``, and giving one back: registry-owned.
@@ -155,7 +153,7 @@ async def _nothing() -> None:
     return None
 
 
-async def _no_images() -> image_copies.ImageCopy:
+async def _no_images() -> images.Image:
     raise GardenError("no image store")
 
 
@@ -269,6 +267,7 @@ class Pea:
     key: str  # the registry's image reference
     dir: str  # <container>/peas/<n>: rootfs (mounted), upper, work
     cgroup: Cgroup | None = None  # with override_container_limits: its own, else the container's
+    config: images.ImageConfig = field(default_factory=lambda: images.ImageConfig())  # its image's Env, User, WorkingDir
 
 
 @dataclass(frozen=True)
@@ -328,6 +327,7 @@ class ContainerActor:
         self._owned = Cleanup()
         self._init_pid = 0
         self.image_bytes = self.image_inodes = 0
+        self.image_config = images.ImageConfig()  # Env, User, WorkingDir defaults for processes
         self._oom_seen = 0
         self._stop_lock = trio.Lock()  # a Run waits for a stop in progress, or the stop would kill it
         self._save_lock = trio.Lock()
@@ -505,9 +505,9 @@ class ContainerActor:
 
     async def _create(self, undo: Cleanup) -> None:
         started = trio.current_time()
-        lower = await self._image()
+        source_image = await self._image()
         image = trio.current_time()
-        cfg = await trio.to_thread.run_sync(self._prepare, lower, undo)
+        cfg = await trio.to_thread.run_sync(self._prepare, source_image, undo)
         prepared = trio.current_time()
         if self.net is None:
             await self._start_shim(cfg, undo)
@@ -579,7 +579,6 @@ class ContainerActor:
         undo.callback(self.env.discard, self.dir)
         self._cgroup = self.env.cgroups.open(self.name)
         undo.callback(self._destroy_cgroup, self._cgroup)
-        undo.callback(disk.unmount, self.dir)
         undo.callback(rootfs.unmount, os.path.join(self.dir, "rootfs"))
         undo.callback(_unmount_peas, self.dir)
         self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
@@ -590,8 +589,9 @@ class ContainerActor:
             await self._open_netns(undo)
         if self.image_copy:
             with contextlib.suppress(KernelError, OSError):
-                copy = await trio.to_thread.run_sync(image_copies.read, self.image_copy)
+                copy = await trio.to_thread.run_sync(images.read, self.image_copy)
                 self.image_bytes, self.image_inodes = copy.bytes, copy.inodes
+                self.image_config = copy.config
 
     async def _adopt_processes(self) -> None:
         assert self._link is not None
@@ -606,37 +606,19 @@ class ContainerActor:
             await self._add_process(self._process_actor(
                 entry["id"], found.pid, found.tty, found.fds, found.exit, found.stdin_open))
 
-    async def _image(self) -> str:
-        """The overlay's lower dir: a copy of the source as it is now (uid-shifted unless
-        privileged) that never changes, so no container sees later changes to its source.
+    async def _image(self) -> images.Image:
+        """The overlay's lower dirs: the image's layers, or a copy of a rootfs directory as
+        it is now, which never change, so no container sees later changes to its source.
         The registry holds this container's reference to it from here on and releases it
         when the container is destroyed or its creation fails."""
         copy = await self.env.acquire_image(self.handle, self.rootfs_source, not self.spec.privileged)
         self.image_copy = copy.path
         self.image_bytes, self.image_inodes = copy.bytes, copy.inodes
-        return copy.path
+        self.image_config = copy.config
+        return copy
 
-    def _disk_size(self) -> tuple[int, int] | None:
-        """Bytes and inodes of the container's own filesystem (its disk limit, less the
-        image's share for scope total), or None without a limit. A limit the image alone
-        exceeds is refused, naming both."""
-        limits = self.spec.limits.disk
-        if not limits.byte_hard and not limits.inode_hard:
-            return None
-        total = limits.scope == DiskLimitScope.TOTAL
-        size = (limits.byte_hard or DISK_DEFAULT_BYTES) - (self.image_bytes if total and limits.byte_hard else 0)
-        inodes = limits.inode_hard - (self.image_inodes if total and limits.inode_hard else 0)
-        if size < disk.MIN_BYTES or (limits.inode_hard and inodes < DISK_MIN_INODES):
-            raise GardenError(
-                f"invalid container spec: limits.disk (byte_hard {limits.byte_hard}, inode_hard"
-                f" {limits.inode_hard}, scope {'total' if total else 'exclusive'}) leaves the container"
-                f" too little room: its image alone uses {self.image_bytes} bytes and {self.image_inodes}"
-                f" inodes, and a container needs at least {disk.MIN_BYTES} bytes and {DISK_MIN_INODES} inodes")
-        return size, max(inodes, 0)
-
-    def _prepare(self, lower: str, undo: Cleanup) -> dict[str, Any]:
+    def _prepare(self, image: images.Image, undo: Cleanup) -> dict[str, Any]:
         """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread)."""
-        self._disk_size()  # refuse an impossible disk limit before making anything
         os.makedirs(os.path.dirname(self.dir), mode=0o711, exist_ok=True)
         os.mkdir(self.dir, 0o711)
         undo.callback(self.env.discard, self.dir)
@@ -646,13 +628,16 @@ class ContainerActor:
         self._cgroup = cgroup
         cgroup.setup_devices(DEVICE_ALLOW)
         self._apply_limits(cgroup)
-        upper_root = None
-        if limited := self._disk_size():
-            upper_root = disk.mount(self.dir, *limited)
-            undo.callback(disk.unmount, self.dir)
-        merged = rootfs.mount_overlay(lower, self.dir, self.spec.privileged, upper_root)
+        limited = self._disk_limit(image) if self.spec.limits.disk.byte_hard else None
+        if limited:
+            undo.callback(disk_limits.detach, limited)
+        merged = rootfs.mount_overlay(image.layers, self.dir, self.spec.privileged, idmapped=not image.shifted,
+                                      scratch=os.path.join(self.env.image_store, rootfs.MOUNT_POINTS),
+                                      upper_root=limited or "")
         undo.callback(rootfs.unmount, merged)
         undo.callback(_unmount_peas, self.dir)
+        if limited:
+            disk_limits.detach(limited)  # the overlay holds it: it lives as long as the rootfs
         resolv = ""
         if self.net is not None and self.env.network is not None:
             owner = 0 if self.spec.privileged else MAX_UID  # the container's root
@@ -675,6 +660,19 @@ class ContainerActor:
                 for bm in self.spec.bind_mounts
             ],
         }
+
+    def _disk_limit(self, image: images.Image) -> str:
+        """The limited file system for the upper dir (docs/images.md): the limit itself
+        (exclusive scope) or what the image leaves of it (total scope)."""
+        disk = self.spec.limits.disk
+        size = disk.byte_hard - (image.bytes if disk.scope == DiskLimitScope.TOTAL else 0)
+        if size <= 0:
+            raise GardenError(f"disk limit of {disk.byte_hard} bytes (total scope) is not above the image's "
+                              f"{image.bytes} bytes")
+        try:
+            return disk_limits.create(self.dir, size, disk.inode_hard)
+        except KernelError as err:
+            raise GardenError(f"cannot apply the disk limit: {err}") from err
 
     def _apply_limits(self, cgroup: Cgroup) -> None:
         limits = self.spec.limits
@@ -958,8 +956,9 @@ class ContainerActor:
             ws = spec.tty.window_size
             tty = {"columns": ws.columns if ws else 0, "rows": ws.rows if ws else 0}
         wire_spec = {
-            "path": spec.path, "args": spec.args, "env": spec.env, "dir": spec.dir, "user": spec.user,
-            "rlimits": limits, "container_env": self.spec.env,
+            "path": spec.path, "args": spec.args, "env": spec.env, "dir": spec.dir or self.image_config.working_dir,
+            "user": spec.user or self.image_config.user, "rlimits": limits,
+            "image_env": list(self.image_config.env), "container_env": self.spec.env,
             "host_exe": run.host_exe, "dir_must_exist": run.dir_must_exist,
         }
         pea = None
@@ -973,7 +972,10 @@ class ContainerActor:
             wire_spec["pea_rootfs"] = os.path.join(pea.dir, "rootfs")
             wire_spec["pea_binds"] = [{"src": bm.src_path, "dst": bm.dst_path, "ro": bm.mode == 0,
                                        "from_container": bm.origin == 1} for bm in spec.bind_mounts]
-            wire_spec["dir"] = spec.dir or "/"  # Garden's peas start in their image's root
+            # Its own image's config, not the container's; Garden's peas start in "/".
+            wire_spec["dir"] = spec.dir or pea.config.working_dir or "/"
+            wire_spec["user"] = spec.user or pea.config.user
+            wire_spec["image_env"] = list(pea.config.env)
             if pea.cgroup is not None:
                 wire_spec["cgroup_procs"] = list(pea.cgroup.procs_files)
         try:
@@ -1003,8 +1005,9 @@ class ContainerActor:
         try:
             if limits is not None:
                 pea = dataclasses.replace(pea, cgroup=await trio.to_thread.run_sync(self._pea_cgroup, n, limits))
-            copy = await self.env.acquire_image(pea.key, source, not self.spec.privileged)
-            await trio.to_thread.run_sync(self._mount_pea, pea, copy.path)
+            image = await self.env.acquire_image(pea.key, source, not self.spec.privileged)
+            await trio.to_thread.run_sync(self._mount_pea, pea, image)
+            pea = dataclasses.replace(pea, config=image.config)
         except BaseException as err:
             with trio.CancelScope(shield=True):
                 await self._drop_pea(pea)
@@ -1026,9 +1029,10 @@ class ContainerActor:
             raise
         return cgroup
 
-    def _mount_pea(self, pea: Pea, lower: str) -> None:
+    def _mount_pea(self, pea: Pea, image: images.Image) -> None:
         os.makedirs(pea.dir, mode=0o711)
-        rootfs.mount_overlay(lower, pea.dir, self.spec.privileged)
+        rootfs.mount_overlay(image.layers, pea.dir, self.spec.privileged, idmapped=not image.shifted,
+                             scratch=os.path.join(self.env.image_store, rootfs.MOUNT_POINTS))
 
     async def _drop_pea(self, pea: Pea) -> None:
         """Unmount a pea's root, remove its directory, drop its image reference (shielded)."""
@@ -1293,7 +1297,6 @@ def remove_orphan(env: Environment, name: str, shim_pid: int | None = None) -> N
         ContainerActor._destroy_cgroup(env.cgroups.open(name))
     _unmount_peas(path)
     rootfs.unmount(os.path.join(path, "rootfs"))
-    disk.unmount(path)
     env.discard(path)
 
 

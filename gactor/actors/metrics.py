@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..kernel import depot, disk
+from ..kernel import depot, disk_limits
 from ..kernel.errors import KernelError
 from ..types import (
     ContainerCPUStat,
@@ -31,8 +31,8 @@ def read(container: ContainerRef) -> Metrics:
     cgroup = container.cgroup
     stat = cgroup.memory_stat()
     usage, user, system = cgroup.cpu_stat()
-    # A disk-limited container's filesystem counts its own use; otherwise walk the upper dir.
-    upper_bytes, upper_inodes = (disk.usage(container.dir)
+    # A disk-limited container's upper file system keeps counters; others are walked.
+    upper_bytes, upper_inodes = (disk_limits.usage(container.dir)
                                  or depot.disk_usage(os.path.join(container.dir, "upper")))
     age = time.time() - container.created_at
     image_bytes, image_inodes = container.image_usage

@@ -23,14 +23,14 @@ import math
 import os
 import re
 import types
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
 
 from ..errors import ContainerNotFoundError, GardenError
-from ..kernel import depot, image_copies, kmsg, shims
+from ..kernel import depot, idmap, image_copies, images, kmsg, shims
 from ..kernel.errors import KernelError
 from ..kernel.netmodel import ContainerNet
 from ..types import Capacity, ContainerSpec
@@ -89,6 +89,56 @@ class GraceTimer:
         with self.scope:
             await trio.sleep_forever()
         return not self.defused
+
+
+class ImageStoreLock:
+    """Who may work on the image store at once: prepares and pulls share it (one per
+    source at a time, so concurrent creates from one new image unpack it once), while a
+    collect or prune has it alone. A waiting collect or prune goes first: new prepares
+    wait for it, so a stream of creates never starves a destroy's collect."""
+
+    def __init__(self) -> None:
+        self._changed = trio.Condition()
+        self._sharing = 0
+        self._alone = False
+        self._waiting_alone = 0
+        self._sources: dict[str, trio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def shared(self, source: str) -> AsyncIterator[None]:
+        async with self._changed:
+            while self._alone or self._waiting_alone:
+                await self._changed.wait()
+            self._sharing += 1
+        lock = self._sources.setdefault(source, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            with trio.CancelScope(shield=True):
+                if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                    self._sources.pop(source, None)
+                async with self._changed:
+                    self._sharing -= 1
+                    self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._waiting_alone += 1
+            try:
+                while self._alone or self._sharing:
+                    await self._changed.wait()
+            finally:
+                self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                async with self._changed:
+                    self._alone = False
+                    self._changed.notify_all()
 
 
 class Container(Protocol):
@@ -197,7 +247,29 @@ class AcquireImage:
 @dataclass(frozen=True)
 class _ImageTaken:
     handle: str
-    copy: image_copies.ImageCopy
+    copy: images.Image
+
+
+@dataclass(frozen=True)
+class ListImages:
+    pass
+
+
+@dataclass(frozen=True)
+class PruneImages:
+    pass
+
+
+@dataclass(frozen=True)
+class PullImage:
+    source: str
+    username: str
+    password: str
+
+
+@dataclass(frozen=True)
+class _ImageUsers:
+    pass
 
 
 @dataclass(frozen=True)
@@ -251,10 +323,21 @@ class _Expired:
     timer: GraceTimer
 
 
-def _adopted_copy(path: str) -> image_copies.ImageCopy:
-    """A re-adopted container's copy, as far as the registry needs it (its path; no
+def _adopted_copy(path: str) -> images.Image:
+    """A re-adopted container's image, as far as the registry needs it (its path; no
     source, so releasing it always collects)."""
-    return image_copies.ImageCopy(path, "", "", True, 0, 0)
+    return images.Image(path, (path,), images.ImageConfig(), "", True, 0, 0)
+
+
+@dataclass(frozen=True)
+class ImageUsage:
+    """One image in the store, and the containers using it."""
+
+    path: str
+    source: str
+    bytes: int
+    layers: int
+    users: tuple[str, ...]
 
 
 class Registry:
@@ -274,11 +357,16 @@ class Registry:
         self._nursery: trio.Nursery | None = None
         # Event subscribers by handle; the key None subscribes to every container.
         self._subscribers: dict[str | None, set[trio.MemorySendChannel[tuple[str, str]]]] = {}
-        # Image references: the copy (overlay lower dir) each container uses. Copies are
-        # prepared and collected by registry tasks holding _image_lock, so a collect never
-        # runs between a prepare and the reference it leads to.
-        self._image_users: dict[str, image_copies.ImageCopy] = {}
-        self._image_lock = trio.Lock()
+        # Image references: the image each container uses. Images are prepared (sharing
+        # _image_lock) and collected (alone) by registry tasks, so a collect never runs
+        # between a prepare and the reference it leads to.
+        self._image_users: dict[str, images.Image] = {}
+        self._image_lock = ImageStoreLock()
+        self._idmap = False  # whether unprivileged containers see unshifted layers idmapped
+        self._credentials: dict[str, tuple[str, str]] = {}  # registry logins of creates under way
+        # Collects and prunes under way (each with _image_lock alone): while one runs, from
+        # its snapshot of the references to its end, no reference is taken without the lock.
+        self._collecting = 0
         # Networking: the pools, and the bridges being deleted (a create on that subnet
         # waits until its bridge is gone, then makes a new one).
         self.subnets = subnets
@@ -353,6 +441,8 @@ class Registry:
                 self._check_create(spec)
                 net = self._allocate_network(spec)
                 self._creating.add(spec.handle)
+                if spec.image.username or spec.image.password:  # for a docker:// pull; gone once created
+                    self._credentials[spec.handle] = (spec.image.username, spec.image.password)
                 bridge_going = self._bridges_going.get(str(net.alloc.subnet)) if net is not None else None
                 self._spawn(self._create, spec, source, net, bridge_going, request)
                 return DEFERRED
@@ -376,9 +466,10 @@ class Registry:
             case _BridgeGone(subnet):
                 self._bridges_going.pop(subnet).set()
             case AcquireImage(handle, source, shift):
-                # A copy the cache knows, with no prepare or collect under way, is taken
-                # here in one step; anything else is prepared by a task holding the lock.
-                copy = None if self._image_lock.locked() else self._known_copy(source, shift)
+                # An image the cache knows, with no collect or prune under way, is taken
+                # here in one step (also while a long pull holds the lock); anything else is
+                # prepared by a task holding the lock.
+                copy = None if self._collecting else self._known_copy(source, shift)
                 if copy is None:
                     self._spawn(self._prepare_image, request)
                     return DEFERRED
@@ -390,15 +481,32 @@ class Registry:
                 self._image_users[handle] = copy
             case _ImagesInUse():
                 return {c.path for c in self._image_users.values()}
+            case ListImages():
+                self._spawn(self._list_images, request)
+                return DEFERRED
+            case PruneImages():
+                self._spawn(self._prune_images, request)
+                return DEFERRED
+            case PullImage():
+                self._spawn(self._pull_image, request)
+                return DEFERRED
+            case _ImageUsers():
+                users: dict[str, list[str]] = {}
+                for handle, image in self._image_users.items():
+                    users.setdefault(image.path, []).append(handle)
+                return users
             case _ReleaseImage(handle):
                 # The copy when that was its last user, else None: only then can a collect
                 # free it, so 50 destroys of containers sharing one image run no 50 collects.
                 released = self._image_users.pop(handle, None)
                 if released is None or any(c.path == released.path for c in self._image_users.values()):
                     return None
+                if released.layered:
+                    return None  # layers are a cache: they go at a prune, not with their last user
                 return released
             case _Created(reply_to, handle, container, error):
                 self._creating.discard(handle)
+                self._credentials.pop(handle, None)
                 if container is None:
                     reply_to.fail(error or GardenError(f"creating {handle} failed"))
                 else:
@@ -489,8 +597,9 @@ class Registry:
                 continue  # a pea's own cgroup: its container removes it
             log.warning("removing cgroup %s: no container owns it", name)
             await trio.to_thread.run_sync(remove_orphan, self.env, name)
-        async with self._image_lock:
+        async with self._image_lock.alone():
             self._collect_due = False
+            self._idmap = await trio.to_thread.run_sync(self._probe_idmap)
             await self._collect_images({c.path for c in self._image_users.values()})
         if self.env.network is not None:
             nets = [c.net for c in self.containers.values() if c.net is not None]
@@ -651,22 +760,84 @@ class Registry:
 
     # ---- image references ----------------------------------------------------------
 
-    async def _acquire_image(self, handle: str, source: str, shift: bool) -> image_copies.ImageCopy:
-        copy: image_copies.ImageCopy = await self.mailbox.ask(AcquireImage(handle, source, shift))
+    def _probe_idmap(self) -> bool:
+        os.makedirs(self.env.image_store, mode=0o711, exist_ok=True)
+        supported = idmap.supported(self.env.image_store)
+        log.info("image store %s: %s", self.env.image_store, "unshifted layers, idmapped for unprivileged containers"
+                 if supported else "no idmapped mounts: unprivileged containers get uid-shifted copies")
+        return supported
+
+    async def _acquire_image(self, handle: str, source: str, shift: bool) -> images.Image:
+        """``shift``: the container is unprivileged (its root is MAX_UID on the host)."""
+        copy: images.Image = await self.mailbox.ask(AcquireImage(handle, source, shift))
         return copy
 
-    async def _prepare_image(self, request: Request[image_copies.ImageCopy]) -> None:
+    async def _list_images(self, request: Request[list[ImageUsage]]) -> None:
+        """Without the image lock, so a listing never waits for a pull: an image removed
+        meanwhile is left out, one being unpacked shows once it is recorded."""
+        try:
+            users: dict[str, list[str]] = await self.mailbox.ask(_ImageUsers())
+            found = await trio.to_thread.run_sync(images.listed, self.env.image_store)
+        except (KernelError, OSError) as err:
+            request.fail(GardenError(f"listing images: {err}"))
+            return
+        request.reply([ImageUsage(i.path, i.source, i.bytes, i.layers, tuple(sorted(users.get(i.path, ()))))
+                       for i in found])
+
+    async def _pull_image(self, request: Request[ImageUsage]) -> None:
+        """Fetch and unpack an image into the store with no container using it (it stays
+        until a prune). Shielded, under the image lock, like a create's prepare."""
+        command: PullImage = request.command
+        with trio.CancelScope(shield=True):
+            async with self._image_lock.shared(command.source):
+                try:
+                    image = await trio.to_thread.run_sync(lambda: images.prepare(
+                        command.source, self.env.image_store, privileged=True, idmap=self._idmap,
+                        username=command.username, password=command.password))
+                except images.ImageError as err:
+                    request.fail(GardenError(str(err)))
+                    return
+                except (KernelError, OSError) as err:
+                    request.fail(GardenError(f"pulling image {command.source!r}: {err}"))
+                    return
+                users: dict[str, list[str]] = await self.mailbox.ask(_ImageUsers())
+        request.reply(ImageUsage(image.path, image.source, image.bytes, max(1, len(image.digests)),
+                                 tuple(sorted(users.get(image.path, ())))))
+
+    async def _prune_images(self, request: Request[list[str]]) -> None:
+        """Remove every image and layer no container uses. Shielded: once started, a
+        prune finishes (under the image lock, so no prepare runs meanwhile)."""
+        with trio.CancelScope(shield=True):
+            async with self._image_lock.alone():
+                with self._no_fast_references():
+                    in_use = await self.mailbox.ask(_ImagesInUse())
+                    try:
+                        removed: list[str] = await trio.to_thread.run_sync(images.prune, self.env.image_store, in_use)
+                    except (KernelError, OSError) as err:
+                        request.fail(GardenError(f"pruning images: {err}"))
+                        return
+        for item in removed:
+            log.info("pruned %s: no container uses it", item)
+        request.reply(removed)
+
+    async def _prepare_image(self, request: Request[images.Image]) -> None:
         """Prepare the copy and record the reference before another collect can run.
         Shielded: a reference is never half-taken."""
         command: AcquireImage = request.command
         with trio.CancelScope(shield=True):
-            async with self._image_lock:
+            async with self._image_lock.shared(command.source):
+                privileged, store = not command.shift, self.env.image_store
+                username, password = self._credentials.get(command.handle, ("", ""))
                 try:
-                    copy = image_copies.known(command.source, self.env.image_store, shift=command.shift)
+                    copy = images.known(command.source, store, privileged=privileged, idmap=self._idmap)
                     if copy is None:
                         self._collect_due = True  # a scan: the source may have changed
-                        copy = await trio.to_thread.run_sync(
-                            lambda: image_copies.prepare(command.source, self.env.image_store, shift=command.shift))
+                        copy = await trio.to_thread.run_sync(lambda: images.prepare(
+                            command.source, store, privileged=privileged, idmap=self._idmap,
+                            username=username, password=password))
+                except images.ImageError as err:
+                    request.fail(GardenError(str(err)))
+                    return
                 except (KernelError, OSError) as err:
                     request.fail(GardenError(f"preparing image {command.source!r}: {err}"))
                     return
@@ -681,34 +852,47 @@ class Registry:
         """Drop ``handle``'s image reference, then remove the copies nobody uses (so a
         destroy returns with the disk freed). Shielded; from registry tasks only."""
         with trio.CancelScope(shield=True):
-            released: image_copies.ImageCopy | None = await self.mailbox.ask(_ReleaseImage(handle))
+            released: images.Image | None = await self.mailbox.ask(_ReleaseImage(handle))
             if released is None:
                 return
-            async with self._image_lock:
+            async with self._image_lock.alone():
                 if not self._collect_due and self._current(released):
                     return  # a collect would keep it (keep_current) and nothing else is stale
                 self._collect_due = False
-                await self._collect_images(await self.mailbox.ask(_ImagesInUse()))
+                with self._no_fast_references():
+                    await self._collect_images(await self.mailbox.ask(_ImagesInUse()))
 
-    def _known_copy(self, source: str, shift: bool) -> image_copies.ImageCopy | None:
-        """``image_copies.known`` (no scan, safe on the event loop); an error means "not
+    def _known_copy(self, source: str, shift: bool) -> images.Image | None:
+        """``images.known`` (no scan, safe on the event loop); an error means "not
         known": the prepare that follows reports it."""
         try:
-            return image_copies.known(source, self.env.image_store, shift=shift)
+            return images.known(source, self.env.image_store, privileged=not shift, idmap=self._idmap)
         except (KernelError, OSError):
             return None
 
-    def _current(self, copy: image_copies.ImageCopy) -> bool:
-        """Whether ``copy`` is what a create from its source gets now, known without a
-        scan (``image_copies.known``: no thread hop). Unknown counts as not current."""
+    def _current(self, copy: images.Image) -> bool:
+        """Whether the directory copy ``copy`` is what a create from its source gets now,
+        known without a scan (``image_copies.known``: no thread hop). Unknown counts as
+        not current."""
         if not copy.source:
             return False
-        now = self._known_copy(copy.source, copy.shifted)
+        try:
+            now = image_copies.known(copy.source, self.env.image_store, shift=copy.shifted)
+        except (KernelError, OSError):
+            return False
         return now is not None and now.path == copy.path
+
+    @contextlib.contextmanager
+    def _no_fast_references(self) -> Iterator[None]:
+        self._collecting += 1
+        try:
+            yield
+        finally:
+            self._collecting -= 1
 
     async def _collect_images(self, in_use: set[str]) -> None:
         """Remove every image copy no container references (and half-built ones); a
-        failure is logged, never raised. Called with _image_lock held."""
+        failure is logged, never raised. Called with _image_lock held alone."""
         try:
             removed = await trio.to_thread.run_sync(image_copies.collect, self.env.image_store, in_use)
         except (KernelError, OSError) as err:
@@ -775,8 +959,29 @@ class RegistryRef:
         self.max_containers = registry.max_containers
         self._subnets = registry.subnets
 
+    async def images(self) -> list[ImageUsage]:
+        """Every image in the store, with the handles of the containers using it."""
+        found: list[ImageUsage] = await self._mailbox.ask(ListImages())
+        return found
+
+    async def pull(self, source: str, username: str = "", password: str = "") -> ImageUsage:
+        """Fetch ``source`` into the image store (no container uses it until one is
+        created from it). Raises GardenError naming the image. Cancelled: the pull goes on."""
+        try:
+            images.check_source(source)
+        except images.ImageError as err:
+            raise GardenError(str(err)) from None
+        pulled: ImageUsage = await self._mailbox.ask(PullImage(source, username, password))
+        return pulled
+
+    async def prune_images(self) -> list[str]:
+        """Remove every image and layer no container uses; returns the removed image
+        paths and layer digests. Cancelled: the prune goes on."""
+        removed: list[str] = await self._mailbox.ask(PruneImages())
+        return removed
+
     async def create(self, spec: ContainerSpec, source: str) -> ContainerRef:
-        """Create the container ``spec.handle`` from the rootfs directory ``source``.
+        """Create the container ``spec.handle`` from the image ``source`` (CLIENT_API §4).
         Cancelled: creation goes on; the container is listed once it exists (and its
         grace time applies), or rolled back if it failed."""
         container: ContainerRef = await self._mailbox.ask(Create(spec, source))

@@ -47,6 +47,9 @@ from .errors import KernelError
 ROOTFS = "rootfs"
 META = "image.json"
 TMP = ".tmp-"
+# Names in the store that are not copies: the layer store and layered images' records
+# (``gactor.kernel.images``); ``collect`` leaves them alone.
+RESERVED = frozenset({"layers", "manifests", "mnt"})
 COPY_ATTEMPTS = 5  # a source changing under every attempt is refused, not chased forever
 _KNOWN_SOURCES = 256  # cached signatures; beyond this the oldest is forgotten (and rescanned)
 # Sources watched with inotify. Each takes an inotify instance, of which a user has 128
@@ -205,7 +208,7 @@ def collect(store: str, in_use: Iterable[str], *, keep_current: bool = True) -> 
     removed = []
     for name in names:
         path = os.path.join(store, name)
-        if name in keep or any(m == path or m.startswith(path + os.sep) for m in mounted):
+        if name in RESERVED or name in keep or any(m == path or m.startswith(path + os.sep) for m in mounted):
             continue
         if keep_current and TMP not in name and _current(path):
             continue

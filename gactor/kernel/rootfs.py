@@ -1,19 +1,25 @@
-"""Container root filesystems: per-container overlays over immutable image copies.
+"""Container root filesystems: per-container overlays over immutable image layers.
 
-The lower dir of every overlay is a copy in the image store (``image_copies``):
-uid-shifted for unprivileged containers (their root maps to host uid ``MAX_UID``, so
-files the image owns as uid/gid 0 must be owned by ``MAX_UID`` on the host, as Garden's
-grootfs does at unpack), unshifted for privileged ones. Each container then gets an
-overlay with its own upper and work dirs in the depot.
+The lower dirs of every overlay are in the image store (``images``): the layers of a
+layered image, or a copy of a rootfs directory (``image_copies``). An unprivileged
+container's root is host uid ``MAX_UID``, so files the image owns as uid/gid 0 must
+appear owned by ``MAX_UID``: through idmapped mounts of unshifted layers (``idmap``;
+nothing copied, one store for both kinds of container), or, where the kernel cannot,
+through a copy chowned on disk (as Garden's grootfs does at unpack). Each container then
+gets an overlay with its own upper and work dirs in the depot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import threading
+from collections.abc import Sequence
 
-from . import image_copies
+from . import idmap, image_copies
 from . import linux as L
+from .container_init import MAX_UID
 from .errors import KernelError
 
 
@@ -25,33 +31,100 @@ def shifted_image(source: str, store: str) -> str:
     return image_copies.prepare(source, store, shift=True).path
 
 
+MOUNT_POINTS = "mnt"  # in the image store: where idmapped layers are attached for a moment
+
+
 def remove_partial_images(store: str) -> None:
     """Remove copies a killed server left half-built or half-removed (startup only, before
     any ``prepare``; ``image_copies.collect`` does this too)."""
     if not os.path.isdir(store):
         return
-    for name in os.listdir(store):
-        if ".tmp-" in name or ".old-" in name:
-            shutil.rmtree(os.path.join(store, name), ignore_errors=True)
+    reclaim_mount_points(os.path.join(store, MOUNT_POINTS))
+    for top in (store, os.path.join(store, "layers"), os.path.join(store, "manifests")):
+        for name in os.listdir(top) if os.path.isdir(top) else []:
+            if ".tmp-" in name or ".old-" in name:
+                shutil.rmtree(os.path.join(top, name), ignore_errors=True)
 
 
-def mount_overlay(lower: str, container_dir: str, privileged: bool, upper_root: str | None = None) -> str:
-    """Mount ``<container_dir>/rootfs`` as an overlay over ``lower``; returns its path.
-    The upper and work dirs are made in ``upper_root`` (a disk-limited filesystem) when
-    given, else in ``container_dir``."""
+def mount_overlay(lowers: str | Sequence[str], container_dir: str, privileged: bool, idmapped: bool = False,
+                  scratch: str = "", upper_root: str = "") -> str:
+    """Mount ``<container_dir>/rootfs`` as an overlay over ``lowers`` (top first); returns
+    its path. With ``idmapped`` (an unprivileged container over unshifted layers) each
+    lower dir is first attached idmapped and read-only at a mount point in ``scratch``
+    (default ``<container_dir>/lower``); the overlay keeps private clones of those
+    mounts, so they are unmounted again before this returns, whatever happens. The empty
+    mount points are kept for the next call: an rmdir right after the umount waits
+    milliseconds for the mount to be released. The upper and work dirs are made in
+    ``upper_root`` (default ``container_dir``; a disk-limited file system)."""
+    layers = [lowers] if isinstance(lowers, str) else list(lowers)
     upper, work = (os.path.join(upper_root or container_dir, n) for n in ("upper", "work"))
     merged = os.path.join(container_dir, "rootfs")
     for d in (upper, work, merged):
         os.makedirs(d, exist_ok=True)
-    st = os.stat(lower)
+    st = os.stat(layers[0])
     # The merged root takes the upper dir's owner and mode.
-    os.chown(upper, st.st_uid, st.st_gid)
+    shift = idmapped and not privileged
+    os.chown(upper, _shifted(st.st_uid, shift), _shifted(st.st_gid, shift))
     os.chmod(upper, st.st_mode & 0o7777)
+    attached: list[str] = []
     try:
-        L.mount("overlay", merged, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
+        if shift:
+            for layer in layers:
+                point = _take_point(scratch or os.path.join(container_dir, "lower"))
+                try:
+                    idmap.attach(layer, point)
+                except BaseException:
+                    _give_back(point)
+                    raise
+                attached.append(point)
+            layers = attached
+        L.mount("overlay", merged, "overlay", 0, f"lowerdir={':'.join(layers)},upperdir={upper},workdir={work}")
     except OSError as err:
         raise KernelError("mount overlay", err.errno or 0, f"{merged}: {err}") from err
+    finally:
+        for point in attached:
+            try:
+                L.umount(point, 0)
+            except OSError:
+                unmount(point)
+            _give_back(point)
     return merged
+
+
+_free_points: set[str] = set()
+_points_lock = threading.Lock()
+
+
+def _take_point(scratch: str) -> str:
+    with _points_lock:
+        for point in sorted(_free_points):
+            if os.path.dirname(point) == scratch:
+                _free_points.discard(point)
+                return point
+    point = os.path.join(scratch, os.urandom(6).hex())
+    os.makedirs(point, mode=0o700)
+    return point
+
+
+def _give_back(point: str) -> None:
+    with _points_lock:
+        _free_points.add(point)
+
+
+def reclaim_mount_points(scratch: str) -> None:
+    """Detach whatever a killed server left mounted in ``scratch`` (read-only idmapped
+    layers) and take its mount points into this process's pool (startup only, before any
+    ``mount_overlay``)."""
+    for name in os.listdir(scratch) if os.path.isdir(scratch) else []:
+        point = os.path.join(scratch, name)
+        unmount(point)
+        with contextlib.suppress(OSError):
+            if not os.listdir(point):
+                _give_back(point)
+
+
+def _shifted(owner: int, shift: bool) -> int:
+    return MAX_UID if shift and owner == 0 else owner
 
 
 def unmount(path: str) -> None:

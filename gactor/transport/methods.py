@@ -27,11 +27,13 @@ from ..actors.container import ContainerRef
 from ..actors.process import ProcessActor, Subscription
 from ..actors.registry import RegistryRef, check_name
 from ..errors import ContainerNotFoundError, GardenError, error_to_wire
+from ..kernel import images
 from ..kernel.errors import KernelError
 from ..types import (
     BandwidthLimits,
     ContainerSpec,
     CPULimits,
+    ImageInfo,
     MemoryLimits,
     NetOutRule,
     ProcessSpec,
@@ -289,7 +291,6 @@ def first_error(group: BaseExceptionGroup[GardenError]) -> GardenError:
     first = group.exceptions[0]
     return first if isinstance(first, GardenError) else first_error(first)
 
-# Spec fields later issues implement; until then a spec using one is refused, never ignored.
 
 
 def check_process_spec(spec: ProcessSpec) -> None:
@@ -307,8 +308,10 @@ async def _create(api: Api, args: dict[str, Any]) -> Any:
     source = (spec.image.uri or spec.rootfs_path or api.registry.default_rootfs).removeprefix("raw://")
     if not source:
         raise GardenError("no rootfs given and the server has no default rootfs")
-    if not os.path.isdir(source):
-        raise GardenError(f"rootfs {source!r} is not a directory (images are not supported yet)")
+    try:
+        images.check_source(source)
+    except images.ImageError as err:
+        raise GardenError(str(err)) from None
     for mount in spec.bind_mounts:
         if not mount.dst_path.startswith("/"):
             raise GardenError(f"bind mount destination {mount.dst_path!r} must be an absolute path")
@@ -325,6 +328,19 @@ async def _destroy(api: Api, args: dict[str, Any]) -> None:
 
 async def _ping(api: Api, args: dict[str, Any]) -> None:
     return None
+
+
+async def _images(api: Api, args: dict[str, Any]) -> Any:
+    return [to_wire(ImageInfo(i.path, i.source, i.bytes, i.layers, list(i.users))) for i in await api.registry.images()]
+
+
+async def _pull(api: Api, args: dict[str, Any]) -> Any:
+    i = await api.registry.pull(arg(args, "uri", str), args.get("username", ""), args.get("password", ""))
+    return to_wire(ImageInfo(i.path, i.source, i.bytes, i.layers, list(i.users)))
+
+
+async def _prune_images(api: Api, args: dict[str, Any]) -> Any:
+    return await api.registry.prune_images()
 
 
 async def _capacity(api: Api, args: dict[str, Any]) -> Any:
@@ -483,14 +499,7 @@ async def _bulk_net_out(c: ContainerRef, args: dict[str, Any]) -> None:
 
 
 async def _current_disk_limits(c: ContainerRef, args: dict[str, Any]) -> Any:
-    return to_wire(c.disk_limits)  # as given at create (all zero: none)
-
-
-def _not_yet(what: str) -> ContainerHandler:
-    async def handler(c: ContainerRef, args: dict[str, Any]) -> Any:
-        raise GardenError(f"{what} is not supported by this server yet")
-
-    return handler
+    return to_wire(c.disk_limits)  # as given at create: all zero (Garden's "{}") when none was
 
 
 ContainerHandler = Callable[[ContainerRef, dict[str, Any]], Awaitable[Any]]
@@ -500,6 +509,9 @@ ContainerHandler = Callable[[ContainerRef, dict[str, Any]], Awaitable[Any]]
 API_METHODS: dict[str, Handler] = {
     "ping": _ping,
     "capacity": _capacity,
+    "images": _images,
+    "prune_images": _prune_images,
+    "pull": _pull,
     "create": _create,
     "destroy": _destroy,
     "containers": _containers,

@@ -192,6 +192,10 @@ def _pipes() -> tuple[Arg, ...]:
 _METHODS = [
     Method("ping", (), NIL),
     Method("capacity", (), "Capacity", result_types=(T.Capacity,)),
+    Method("images", (), "list of ImageInfo", result_types=(T.ImageInfo,)),
+    Method("prune_images", (), "list of str (the removed images' paths and layers' digests)"),
+    Method("pull", (Arg("uri", STR), Arg("username", STR, ""), Arg("password", STR, "")), "ImageInfo",
+           result_types=(T.ImageInfo,)),
     Method("create", (Arg("spec", _decoded(T.ContainerSpec, "container spec")),), '`{"handle": str}`'),
     Method("destroy", (HANDLE,), NIL),
     Method("containers", (Arg("properties", PROPERTIES, {}),), "list of str (handles)"),

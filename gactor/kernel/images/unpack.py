@@ -1,0 +1,182 @@
+"""Unpack one layer tar (stdin) into a directory, as a separate process chrooted into it.
+
+Run as ``python -I -S unpack.py TARGET``; the parent (``layers.unpack``) feeds the blob on
+stdin while it checks its digest, and reads one JSON line (the summary, or ``{"error"}``)
+from stdout. This file imports nothing but the standard library, so it starts in tens of
+milliseconds and never imports the server.
+
+Why a process of its own, chrooted: Python's ``tarfile`` resolves every path it writes
+through the host's file system, so a member written through a symlink the same tar made
+earlier (``evil -> /etc``, then ``evil/passwd``) lands outside the target. After
+``chroot(TARGET)`` every path, absolute or with ``..``, resolves inside it; the checks
+below then refuse such members outright, so a bad tar fails with its member named instead
+of producing a surprising tree:
+
+- names and hard-link targets are normalised (a leading ``/`` dropped) and refused if
+  they contain ``..``; a member whose parent is a symlink is refused;
+- device nodes are skipped (counted in ``skipped_devices``) except the char 0:0 that is an
+  overlay whiteout; FIFOs are kept;
+- ``.wh.NAME`` becomes an overlay whiteout (char 0:0) for NAME and ``.wh..wh..opq`` marks
+  its directory opaque (``trusted.overlay.opaque=y``), as the OCI layer spec asks;
+- owners are kept as numbers, the mode after the owner (so setuid/setgid survive the
+  chown), and xattrs from PAX ``SCHILY.xattr.*`` records, except ``trusted.overlay.*``
+  (a layer must not forge overlay metadata).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import stat
+import sys
+import tarfile
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+CHUNK = 1 << 20
+
+
+class LayerError(Exception):
+    pass
+
+
+def clean_name(name: str, what: str) -> str:
+    """``name`` relative to the root, or LayerError if it has a ``..`` component."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise LayerError(f"{what} {name!r} points outside the layer")
+    return "/".join(parts)
+
+
+def _check_parents(path: str) -> None:
+    """Refuse a path whose existing parents include a symlink; create missing parents."""
+    current = "/"
+    for part in path.split("/")[:-1]:
+        current = os.path.join(current, part)
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            os.mkdir(current, 0o755)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise LayerError(f"member {path!r} goes through the symlink {current!r}")
+        if not stat.S_ISDIR(st.st_mode):
+            raise LayerError(f"member {path!r} goes through the non-directory {current!r}")
+
+
+def _remove(path: str, keep_dir: bool) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if not keep_dir:
+            shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    found = []
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            found.append((key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape")))
+        elif key.startswith("LIBARCHIVE.xattr."):
+            found.append((key[len("LIBARCHIVE.xattr."):], base64.b64decode(value + "==")))
+    return [(k, v) for k, v in found if not k.startswith("trusted.overlay.")]
+
+
+def _attrs(path: str, member: tarfile.TarInfo) -> None:
+    os.lchown(path, member.uid, member.gid)
+    if not member.issym():
+        os.chmod(path, member.mode & 0o7777)  # after the chown, which clears setuid/setgid
+        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+    for key, value in _xattrs(member):
+        os.setxattr(path, key, value, follow_symlinks=False)
+
+
+def extract(tar: tarfile.TarFile) -> dict[str, int]:
+    """Extract every member below ``/`` (the chrooted target); return a summary."""
+    summary = {"entries": 0, "bytes": 0, "skipped_devices": 0, "whiteouts": 0}
+    dir_times: list[tuple[str, float]] = []
+    for member in tar:
+        name = clean_name(member.name, "member")
+        if not name:
+            continue
+        path = "/" + name
+        base = os.path.basename(name)
+        _check_parents(path)
+        if base == OPAQUE:
+            os.setxattr(os.path.dirname(path), OPAQUE_XATTR, b"y")
+            summary["whiteouts"] += 1
+            continue
+        if base.startswith(WHITEOUT):
+            hidden = os.path.join(os.path.dirname(path), base[len(WHITEOUT):])
+            _remove(hidden, keep_dir=False)
+            os.mknod(hidden, stat.S_IFCHR | 0o000, 0)
+            summary["whiteouts"] += 1
+            continue
+        if member.ischr() or member.isblk():
+            if member.ischr() and member.devmajor == 0 and member.devminor == 0:
+                _remove(path, keep_dir=False)
+                os.mknod(path, stat.S_IFCHR, 0)
+                summary["whiteouts"] += 1
+            else:
+                summary["skipped_devices"] += 1
+            continue
+        _remove(path, keep_dir=member.isdir())
+        if member.isdir():
+            if not os.path.isdir(path):
+                os.mkdir(path, 0o700)
+            dir_times.append((path, member.mtime))
+        elif member.isreg():
+            source = tar.extractfile(member)
+            assert source is not None
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                while chunk := source.read(CHUNK):
+                    out.write(chunk)
+            summary["bytes"] += member.size
+        elif member.issym():
+            os.symlink(member.linkname, path)
+        elif member.islnk():
+            target = "/" + clean_name(member.linkname, "hard link target")
+            st = os.lstat(target)  # FileNotFoundError: names no earlier member
+            if stat.S_ISDIR(st.st_mode):
+                raise LayerError(f"hard link {name!r} to the directory {target!r}")
+            os.link(target, path, follow_symlinks=False)
+            summary["entries"] += 1
+            continue  # the attributes are the target's
+        elif member.isfifo():
+            os.mkfifo(path, 0o600)
+        else:
+            raise LayerError(f"member {name!r} has an unknown type {member.type!r}")
+        _attrs(path, member)
+        summary["entries"] += 1
+    for path, mtime in reversed(dir_times):  # after their contents changed them
+        os.utime(path, (mtime, mtime), follow_symlinks=False)
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    target = argv[1]
+    stdin = os.fdopen(sys.stdin.fileno(), "rb", buffering=CHUNK, closefd=False)
+    try:
+        tar = tarfile.open(fileobj=stdin, mode="r|*")  # imports the decompressors before chroot
+        os.chroot(target)
+        os.chdir("/")
+        os.umask(0)
+        summary = extract(tar)
+        stdin.read()  # the rest (tar padding): the parent hashes every byte
+    except (LayerError, OSError, tarfile.TarError, EOFError, ValueError) as err:
+        print(json.dumps({"error": str(err)}), flush=True)
+        return 1
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,166 @@
+"""docker:// pulls (gactor.kernel.images.registry_client) from a real HTTP registry on
+127.0.0.1 (tests/registry_server.py, serving layouts built here): plain, bearer and basic
+auth, image indexes with linux/amd64 selection, redirects, downloads that break off and
+resume with Range, corrupt blobs, missing images and timeouts, each with a clear error."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gactor.kernel import images
+from gactor.kernel.errors import KernelError
+from gactor.kernel.images import registry_client
+from tests.oci_images import BUSYBOX, default_layers, sha256, write_layout
+from tests.registry_server import LocalRegistry
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="unpacking (chroot, chown) needs root"),
+    pytest.mark.skipif(not Path(BUSYBOX, "bin").is_dir(), reason="no busybox rootfs (scripts/setup.sh)"),
+]
+
+
+@pytest.fixture(scope="module")
+def layer_blobs() -> list[bytes]:
+    return default_layers()
+
+
+@pytest.fixture
+def registry(tmp_path: Path, layer_blobs: list[bytes]) -> Iterator[LocalRegistry]:
+    root = str(tmp_path / "layout")
+    write_layout(root, {"latest": (layer_blobs, None), "v1": (layer_blobs[:1], {"Env": ["V=1"], "User": "1000"})})
+    server = LocalRegistry({"busy": root, "team/busy": root}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    path = str(tmp_path / "store")
+    os.makedirs(path)
+    return path
+
+
+def pull(uri: str, store: str, **kwargs: str) -> images.Image:
+    return images.prepare(uri, store, privileged=True, idmap=True, **kwargs)
+
+
+def test_pull_unpacks_each_layer_once(registry: LocalRegistry, store: str, layer_blobs: list[bytes]) -> None:
+    image = pull(f"docker://{registry.host}/busy#latest", store)
+    assert len(image.layers) == 2
+    assert image.config.env[1] == "FROM_IMAGE=yes"
+    assert (Path(image.layers[1]) / "bin" / "busybox").is_file()
+    blob_gets = [p for p, _ in registry.requests if "/blobs/" in p]
+    registry.requests.clear()
+    again = pull(f"docker://{registry.host}/team/busy#v1", store)  # shares the base layer
+    assert again.layers == image.layers[1:]
+    assert again.config.user == "1000"
+    assert [p for p, _ in registry.requests if p.endswith(sha256(layer_blobs[0]))] == []
+    assert len(blob_gets) == 3  # config + 2 layers, each once
+
+
+def test_default_tag_is_latest(registry: LocalRegistry, store: str) -> None:
+    assert pull(f"docker://{registry.host}/busy", store) == pull(f"docker://{registry.host}/busy#latest", store)
+
+
+def test_index_selects_linux_amd64(registry: LocalRegistry, store: str) -> None:
+    registry.indexes["multi"] = [("linux/arm64", "v1"), ("linux/amd64", "latest")]
+    assert len(pull(f"docker://{registry.host}/busy#multi", store).layers) == 2
+    registry.indexes["armonly"] = [("linux/arm64", "v1")]
+    with pytest.raises(images.ImageError, match=r"armonly.*no linux/amd64 manifest \(it has: linux/arm64\)"):
+        pull(f"docker://{registry.host}/busy#armonly", store)
+
+
+@pytest.mark.parametrize("auth", ["bearer", "basic"])
+def test_auth(registry: LocalRegistry, store: str, auth: str) -> None:
+    registry.auth, registry.users = auth, {"alice": "secret"}
+    image = pull(f"docker://{registry.host}/busy#latest", store, username="alice", password="secret")
+    assert len(image.layers) == 2
+    with pytest.raises(images.ImageError, match=r"busy#latest.*(401|token service|username)"):
+        pull(f"docker://{registry.host}/busy#latest", store, username="alice", password="wrong")
+
+
+def test_broken_download_resumes_with_range(registry: LocalRegistry, store: str, layer_blobs: list[bytes]) -> None:
+    digest = sha256(layer_blobs[0])
+    registry.break_blobs[digest] = 100_000
+    registry.redirect_blobs = True
+    pull(f"docker://{registry.host}/busy#latest", store)
+    ranges = [r for p, r in registry.requests if p.endswith(digest) and p.startswith("/storage/")]
+    assert ranges == ["", "bytes=100000-"]  # redirected to blob storage, then resumed there
+
+
+def test_broken_download_without_ranges_skips_what_it_has(registry: LocalRegistry, store: str,
+                                                         layer_blobs: list[bytes]) -> None:
+    digest = sha256(layer_blobs[0])
+    registry.break_blobs[digest] = 50_000
+    registry.ranges = False
+    image = pull(f"docker://{registry.host}/busy#latest", store)
+    assert (Path(image.layers[1]) / "bin" / "busybox").is_file()
+    assert [r for p, r in registry.requests if p.endswith(digest)] == ["", "bytes=50000-"]
+
+
+def test_corrupt_blob_is_refused(registry: LocalRegistry, store: str, layer_blobs: list[bytes]) -> None:
+    registry.corrupt_blobs.add(sha256(layer_blobs[1]))
+    with pytest.raises(KernelError, match=f"busy#latest.*{sha256(layer_blobs[1])}: digest mismatch"):
+        pull(f"docker://{registry.host}/busy#latest", store)
+    assert not os.path.exists(os.path.join(store, "manifests"))
+
+
+def test_missing_image_and_repo(registry: LocalRegistry, store: str) -> None:
+    with pytest.raises(images.ImageError, match=r"docker://.*/busy#nope.*HTTP 404"):
+        pull(f"docker://{registry.host}/busy#nope", store)
+    with pytest.raises(images.ImageError, match="HTTP 404"):
+        pull(f"docker://{registry.host}/other#latest", store)
+    with pytest.raises(images.ImageError, match="no repository"):
+        pull(f"docker://{registry.host}", store)
+
+
+def test_unreachable_and_stalled_registries_time_out(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_client, "STEP_TIMEOUT", 0.3)
+    monkeypatch.setattr(registry_client, "RETRIES", 1)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    with pytest.raises(images.ImageError, match=rf"docker://127.0.0.1:{port}/busy.*after 2 attempts"):
+        pull(f"docker://127.0.0.1:{port}/busy", store)
+    stalled = socket.socket()  # accepts, never answers
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(8)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        stalled.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(stalled.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    try:
+        with pytest.raises(images.ImageError, match="timed out"):
+            pull(f"docker://127.0.0.1:{stalled.getsockname()[1]}/busy", store)
+    finally:
+        stop.set()
+        thread.join()
+        for s in accepted:
+            s.close()
+        stalled.close()
+
+
+def test_hub_references_parse_without_network() -> None:
+    assert registry_client.parse("docker:///busybox") == registry_client.Reference(
+        "registry-1.docker.io", "library/busybox", "latest")
+    ref = registry_client.parse("docker://localhost:5000/a/b#1.0")
+    assert (ref.host, ref.repo, ref.tag, ref.secure) == ("localhost:5000", "a/b", "1.0", False)
+    assert registry_client.parse("docker://registry.example/a").secure
+    with pytest.raises(images.ImageError, match="bad repository"):
+        registry_client.parse("docker://h/a/../b")
