@@ -1000,6 +1000,8 @@ class ContainerActor:
         even empty) a cgroup of its own, a sibling of the container's, with just those
         limits. On failure nothing is left."""
         self._pea_seq += 1
+        while os.path.lexists(os.path.join(self.dir, "peas", str(self._pea_seq))):
+            self._pea_seq += 1  # a pea from before a restart still has it
         n = self._pea_seq
         pea = Pea(f"{self.handle}\0pea\0{process_id}", os.path.join(self.dir, "peas", str(n)))
         try:

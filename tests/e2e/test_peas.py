@@ -172,3 +172,25 @@ async def test_a_pea_is_confined_like_any_process(container, pea_image):
     fields = dict(line.split(":\t") for line in status.splitlines())
     assert fields == {"Seccomp": "2", "CapEff": "00000000a80425fb", "CapBnd": "00000000a80425fb"}
     assert "Operation not permitted" in await pea_out(container, pea_image, "unshare --user true 2>&1; true")
+
+
+async def test_peas_across_a_server_restart(own_servers, pea_image):
+    """A pea started before a kill -9 of the server keeps running and is re-adopted; a new
+    pea after the restart gets a directory of its own; destroy leaves nothing."""
+    import signal
+
+    server = own_servers("peas", "10.248.32.0/24")
+    await server.start()
+    async with server.connect() as client:
+        container = await client.create(ContainerSpec(handle="p1"))
+        await container.run(pea(pea_image, "sleep 1000", id="old-pea"), ProcessIO())
+    await server.kill(signal.SIGKILL)
+    await server.start()
+    async with server.connect() as client:
+        container = await client.lookup("p1")
+        assert "old-pea" in (await container.info()).process_ids
+        assert await pea_out(container, pea_image, "cat /pea-marker") == "from the pea's image\n"
+        directory = server.container_dir("p1")
+        await client.destroy("p1")
+    assert mounts_containing(directory) == []
+    await server.finish()
