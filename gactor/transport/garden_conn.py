@@ -12,6 +12,7 @@ import os
 import ssl
 import sys
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +196,18 @@ def url(address: ListenAddress, opened: list[Any], ssl_context: ssl.SSLContext |
     return f"{'https' if ssl_context else 'http'}://{host}:{listeners.bound_port(opened)}"
 
 
+async def serve_http(address: ListenAddress, ssl_context: ssl.SSLContext | None,
+                     handle_connection: Callable[[trio.abc.Stream], Awaitable[None]],
+                     task_status: trio.TaskStatus[str]) -> None:
+    """Listen on ``address`` and run ``handle_connection`` per connection until cancelled;
+    reports the URL it serves on through ``task_status``."""
+    async with listeners.open_listeners(address, ssl_context) as opened:
+        where = url(address, opened, ssl_context)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, handle_connection, opened)
+            task_status.started(where)
+
+
 # ---- the debug server ---------------------------------------------------------------
 
 
@@ -250,8 +263,4 @@ async def serve_debug(address: ListenAddress, *, task_status: trio.TaskStatus[st
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await stream.aclose()
 
-    async with listeners.open_listeners(address, None) as opened:
-        where = url(address, opened, None)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, handle_connection, opened)
-            task_status.started(where)
+    await serve_http(address, None, handle_connection, task_status)

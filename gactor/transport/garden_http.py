@@ -32,8 +32,15 @@ import trio
 from ..actors.process import ProcessActor
 from ..errors import GardenError
 from . import garden_wire as W
-from . import listeners
-from .garden_conn import CLOSE_TIMEOUT, RECEIVE_SIZE, ClientGone, HttpConnection, Request, date, url
+from .garden_conn import (
+    CLOSE_TIMEOUT,
+    RECEIVE_SIZE,
+    ClientGone,
+    HttpConnection,
+    Request,
+    date,
+    serve_http,
+)
 from .listeners import ListenAddress
 from .methods import Api, feed_stdin, first_error
 from .ws_server import Access
@@ -607,11 +614,7 @@ async def serve(api: Api, address: ListenAddress, access: Access = Access(),  # 
                 with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                     await stream.aclose()
 
-        async with listeners.open_listeners(address, ssl_context) as opened:
-            where = url(address, opened, ssl_context)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(trio.serve_listeners, handle_connection, opened)
-                task_status.started(where)
+        await serve_http(address, ssl_context, handle_connection, task_status)
         timers.cancel_scope.cancel()
 
 

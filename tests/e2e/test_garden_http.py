@@ -133,6 +133,16 @@ class Hijacked:
         await self.stream.send_all(json.dumps(message).encode() + b"\n")
 
 
+async def ping_over(stream: trio.abc.Stream) -> bytes:
+    """``GET /ping`` on an open stream (TLS, a unix socket): the raw reply; closes it."""
+    async with stream:
+        await stream.send_all(b"GET /ping HTTP/1.1\r\nHost: api\r\n\r\n")
+        reply = b""
+        while not reply.endswith(b"{}\n"):
+            reply += await stream.receive_some(4096)
+    return reply
+
+
 async def hijack(port: int, method: str, path: str, body: Any = None, then: bytes = b"") -> Hijacked:
     """A request whose response is hijacked; ``then`` is sent in the same write, right
     after the request (payloads the server must find in what it already buffered)."""
@@ -364,12 +374,7 @@ async def test_tls(own_servers: Any, tmp_path: Any) -> None:
     await server.start()
     tcp = await trio.open_tcp_stream("127.0.0.1", port)
     stream = trio.SSLStream(tcp, files.client_context(), server_hostname="127.0.0.1")
-    async with stream:
-        await stream.send_all(b"GET /ping HTTP/1.1\r\nHost: api\r\n\r\n")
-        reply = b""
-        while not reply.endswith(b"{}\n"):
-            reply += await stream.receive_some(4096)
-    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert (await ping_over(stream)).startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 # ---- processes --------------------------------------------------------------------------
@@ -752,12 +757,7 @@ async def test_unix_socket_and_debug_vars(garden: ServerProcess, own_servers: An
     path = os.path.join(server.base, "garden.sock")
     await server.start("--garden-listen", f"unix://{path}")
     stream = await trio.open_unix_socket(path)
-    async with stream:
-        await stream.send_all(b"GET /ping HTTP/1.1\r\nHost: api\r\n\r\n")
-        reply = b""
-        while not reply.endswith(b"{}\n"):
-            reply += await stream.receive_some(4096)
-    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert (await ping_over(stream)).startswith(b"HTTP/1.1 200 OK\r\n")
     assert oct(os.stat(path).st_mode & 0o777) == "0o660"
     await server.finish()
     assert not os.path.exists(path)  # the socket file goes with the server
