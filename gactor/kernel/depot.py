@@ -103,10 +103,6 @@ class Janitor:
             return
         self._queue.put(target)
 
-    def idle(self) -> bool:
-        """Nothing left to remove (for tests and shutdown reports)."""
-        return self._queue.empty() and not os.listdir(self.trash)
-
     def _work(self) -> None:
         while True:
             path = self._queue.get()
