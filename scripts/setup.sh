@@ -13,8 +13,9 @@ STAMP=$VENV/.gactor-install-stamp
 # docs/architecture.md says why not Debian's tini or catatonit).
 # openssl: the TLS tests make a self-signed certificate with it.
 # systemd: the tests check contrib/gactor.service with systemd-analyze verify.
+# libseccomp2: the server builds every unprivileged container's seccomp filter with it (ctypes).
 # netcat-openbsd: Garden's conformance suite (GATS) runs `nc` on the host for its NetIn spec.
-PACKAGES=(busybox-static nftables conntrack socat iperf3 e2fsprogs util-linux iproute2 gcc libc6-dev openssl systemd netcat-openbsd)
+PACKAGES=(busybox-static nftables conntrack socat iperf3 e2fsprogs util-linux iproute2 gcc libc6-dev openssl systemd netcat-openbsd libseccomp2)
 
 step() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
