@@ -948,14 +948,19 @@ class ContainerActor:
         await self._save()
         await self.env.publish(event(kind, self.handle, text, **fields))
 
-    async def _announce(self, kind: str, **fields: Any) -> None:
+    async def _announce(self, kind: str, words: str = "", **fields: Any) -> None:
         """Publish a lifecycle event that is not recorded (a state change, a process)."""
-        await self.env.publish(event(kind, self.handle, **fields))
+        await self.env.publish(event(kind, self.handle, words, **fields))
 
     async def _announce_process(self, kind: str, proc: ProcessActor, **fields: Any) -> None:
         # The tar behind stream_in/stream_out (``Api.tar``) is the server's, not a client's.
-        if not proc.id.startswith(TAR_PROCESS_PREFIX):
-            await self._announce(kind, process_id=proc.id, **fields)
+        if proc.id.startswith(TAR_PROCESS_PREFIX):
+            return
+        if kind == "process_started":
+            words = f"process {proc.id} started (pid {proc.pid})"
+        else:
+            words = f"process {proc.id} exited with status {fields['exit_status']}"
+        await self._announce(kind, words, process_id=proc.id, **fields)
 
     # ---- processes ---------------------------------------------------------------------
 

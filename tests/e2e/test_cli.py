@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import signal
 import struct
@@ -299,37 +300,52 @@ def test_stream_in_shows_progress_on_a_terminal(gactor_server: ServerProcess, ha
     assert ok(gactor(gactor_server, "run", handle, "--", "stat", "-c", "%s", "/tmp/big/big")) == f"{4 << 20}\n"
 
 
-def _next_event(follower: subprocess.Popen[bytes], handle: str) -> str:
+def _next_event(follower: subprocess.Popen[bytes], handle: str) -> dict[str, Any]:
     """The next event of ``handle`` a ``--json events`` follower prints (other tests'
-    containers have events of their own)."""
+    containers have events of their own), parsed back."""
     assert follower.stdout is not None
     while True:
         line = follower.stdout.readline()
         assert line, "the follower ended"
         event = json.loads(line)
         assert event["time"].endswith("Z")
+        assert isinstance(event["seq"], int)
         if event["handle"] == handle:
-            return str(event["event"])
+            return dict(event)
 
 
-def _events_until(follower: subprocess.Popen[bytes], handle: str, last: str) -> list[str]:
-    """The events of ``handle``, up to ``last``."""
-    seen = [_next_event(follower, handle)]
+def _kinds_until(follower: subprocess.Popen[bytes], handle: str, last: str) -> list[str]:
+    """The kinds of the events of ``handle``, up to the first ``last``."""
+    seen = [_next_event(follower, handle)["kind"]]
     while seen[-1] != last:
-        seen.append(_next_event(follower, handle))
+        seen.append(_next_event(follower, handle)["kind"])
     return seen
 
 
 VICTIM = "Out of memory: killed process "
 
 
-def _oom_and_stop(follower: subprocess.Popen[bytes], handle: str) -> list[str]:
-    """The server's OOM events (Garden's, then the one naming the victim, dd) and the
-    polled state change, in whichever order they come; the victim's event as ``victim``."""
-    seen: list[str] = []
-    while not {"Out of memory", "stopped", "victim"} <= set(seen):
-        event = _next_event(follower, handle)
-        seen.append("victim" if event.startswith(VICTIM) and "(dd)" in event else event)
+def _oom_and_stop(follower: subprocess.Popen[bytes], handle: str) -> list[dict[str, Any]]:
+    """The events of an OOM-killed ``dd`` run: it starts; Garden's "Out of memory" comes
+    before the stop it causes and before the event naming the victim; dd exits 137."""
+    seen: list[dict[str, Any]] = []
+    while not {"oom", "stopped", "oom_victim", "process_exited"} <= {e["kind"] for e in seen}:
+        seen.append(_next_event(follower, handle))
+    kinds = [e["kind"] for e in seen]
+    assert sorted(kinds) == ["oom", "oom_victim", "process_exited", "process_started", "stopped"], kinds
+    assert kinds[0] == "process_started"
+    assert kinds.index("oom") < kinds.index("stopped")
+    assert kinds.index("oom") < kinds.index("oom_victim")
+    by_kind = {e["kind"]: e for e in seen}
+    assert by_kind["oom"]["event"] == "Out of memory"
+    assert by_kind["stopped"]["reason"] == "oom"
+    assert by_kind["oom_victim"]["event"].startswith(VICTIM)
+    assert "(dd)" in by_kind["oom_victim"]["event"]
+    assert by_kind["oom_victim"]["task"] == "dd"
+    assert by_kind["process_exited"]["exit_status"] == 137
+    assert by_kind["process_exited"]["process_id"] == by_kind["process_started"]["process_id"]
+    seqs = [e["seq"] for e in seen]
+    assert seqs == sorted(seqs)
     return seen
 
 
@@ -361,10 +377,10 @@ def test_events_follow_one_container_until_destroyed(gactor_server: ServerProces
     try:
         oom = gactor(gactor_server, "run", handle, "--", "dd", "if=/dev/zero", "of=/dev/shm/x", "bs=1M", "count=48")
         assert oom.returncode == 137
-        assert sorted(_oom_and_stop(follower, handle)) == ["Out of memory", "stopped", "victim"]
+        _oom_and_stop(follower, handle)
         ok(gactor(gactor_server, "destroy", handle))
-        # A look at the states during the destroy may see it "destroying" first.
-        assert _events_until(follower, handle, "destroyed") in (["destroyed"], ["destroying", "destroyed"])
+        destroyed = _next_event(follower, handle)
+        assert (destroyed["kind"], destroyed["event"], destroyed["reason"]) == ("destroyed", "destroyed", "client")
         assert follower.wait(timeout=TIMEOUT) == 0
     finally:
         if follower.poll() is None:
@@ -378,11 +394,11 @@ def test_events_follow_every_container_until_interrupted(gactor_server: ServerPr
     handle = ""
     try:
         handle = ok(gactor(gactor_server, "create", "--memory", "32M", "--property", f"owner={owner}")).strip()
-        assert _events_until(follower, handle, "created") == ["created"]
+        assert _kinds_until(follower, handle, "created") == ["created"]
         gactor(gactor_server, "run", handle, "--", "dd", "if=/dev/zero", "of=/dev/shm/x", "bs=1M", "count=48")
-        assert sorted(_oom_and_stop(follower, handle)) == ["Out of memory", "stopped", "victim"]
+        _oom_and_stop(follower, handle)
         ok(gactor(gactor_server, "destroy", handle))
-        assert _events_until(follower, handle, "destroyed")[-1:] == ["destroyed"]
+        assert _kinds_until(follower, handle, "destroyed") == ["destroyed"]
         follower.send_signal(signal.SIGINT)
         assert follower.wait(timeout=TIMEOUT) == 130
         assert follower.stderr is not None
@@ -402,14 +418,17 @@ def test_events_in_plain_text(gactor_server: ServerProcess, handle: str) -> None
         assert follower.stderr is not None
         assert follower.stdout is not None
         assert follower.stderr.readline().startswith(b"following events of ")
+        assert gactor(gactor_server, "run", "--id", "plain-one", handle, "--", "sh", "-c", "exit 3").returncode == 3
         ok(gactor(gactor_server, "destroy", handle))
-        when, source, event = follower.stdout.readline().decode().rstrip("\n").split("  ")
-        if event == "destroying":  # a look at the states during the destroy
-            when, source, event = follower.stdout.readline().decode().rstrip("\n").split("  ")
-        assert (source, event) == (handle, "destroyed")
-        assert when[:4].isdigit()
-        assert when.endswith("Z")
+        lines = [line.decode().rstrip("\n").split("  ") for line in follower.stdout]
         assert follower.wait(timeout=TIMEOUT) == 0
+        assert [source for _, source, _ in lines] == [handle] * 3
+        started, exited, destroyed = (event for _, _, event in lines)
+        assert re.fullmatch(r"process plain-one started \(pid \d+\)", started), started
+        assert (exited, destroyed) == ("process plain-one exited with status 3", "destroyed")
+        for when, _, _ in lines:
+            assert when[:4].isdigit()
+            assert when.endswith("Z")
     finally:
         if follower.poll() is None:
             follower.kill()
