@@ -14,6 +14,7 @@ import struct
 import subprocess
 import tarfile
 import termios
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +24,8 @@ from typing import Any
 import pytest
 import trio
 
+from ..oci_images import Entry, busybox_layer, sha256, tar_bytes, write_layout
+from ..registry_server import STEP, LocalRegistry
 from .helpers import E2E_MARKS
 from .servers import ServerProcess, gactor_command
 
@@ -751,3 +754,61 @@ async def test_run_tty_restores_the_terminal_when_the_server_goes(
         assert b"error: connection to gactor server lost" in term.output, term.output
         assert term.mode() == before
     await server.start()  # a fresh server on the depot cleans up after the killed one
+
+
+# ---------------------------------------------------------------- pull's progress
+
+@pytest.fixture
+def pull_registry(tmp_path: Path) -> Iterator[tuple[str, LocalRegistry, list[bytes]]]:
+    """A loopback registry with an image of its own (layers no other test has): its URI,
+    the registry, its layers' blobs."""
+    blobs = [busybox_layer([Entry("which", data=uuid.uuid4().bytes)]),
+             tar_bytes([Entry("big", data=os.urandom(3 << 20))])]
+    root = str(tmp_path / "layout")
+    write_layout(root, {"latest": (blobs, None)})
+    registry = LocalRegistry({"cli-pull": root}).start()
+    try:
+        yield f"docker://{registry.host}/cli-pull#latest", registry, blobs
+    finally:
+        registry.stop()
+
+
+def _short(digest: str) -> str:
+    return digest[:len("sha256:") + 12]
+
+
+def test_pull_shows_a_bar_per_layer_on_a_terminal(gactor_server: ServerProcess,
+                                                  pull_registry: tuple[str, LocalRegistry, list[bytes]]) -> None:
+    uri, registry, blobs = pull_registry
+    digests = [sha256(b) for b in blobs]
+    steps = registry.step_blobs[digests[1]] = threading.Semaphore(0)  # the big layer waits
+    try:
+        with Pty(columns=120) as term:
+            term.start(gactor_command("--target", gactor_server.url, "pull", uri))
+            for digest in digests:
+                term.expect(_short(digest).encode())  # a bar for each layer
+            term.expect(b"0.0/3.0 MiB")  # the big layer's: nothing of it yet
+            steps.release(len(blobs[1]) // STEP + 1)
+            assert term.wait() == 0, term.output
+    finally:
+        steps.release(len(blobs[1]) // STEP + 1)
+    assert f"pull {uri}".encode() in term.output
+    assert term.output.rstrip().endswith(b", 2 layers"), term.output[-300:]
+
+
+def test_pull_prints_a_line_per_layer_without_a_terminal(
+        gactor_server: ServerProcess, pull_registry: tuple[str, LocalRegistry, list[bytes]]) -> None:
+    from gactor.cli import render
+
+    uri, _, blobs = pull_registry
+    digests = [sha256(b) for b in blobs]
+    first = gactor(gactor_server, "pull", uri)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.decode().startswith(f"{uri}: ")
+    lines = [line.split("  ") for line in first.stderr.decode().splitlines()]
+    assert [(name, how) for name, _, how in lines] == [(_short(d), "pulled") for d in digests]
+    assert [size for _, size, _ in lines] == [render.size(len(b)) for b in blobs]
+    again = gactor(gactor_server, "--json", "pull", uri)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["layers"] == 2
+    assert [line.split("  ")[2] for line in again.stderr.decode().splitlines()] == ["in the store"] * 2

@@ -10,15 +10,16 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import trio
 
-from gactor import ContainerSpec, GardenError, ImageRef
+from gactor import ContainerSpec, GardenError, ImageRef, LayerProgress
 
 from ..oci_images import Entry, default_layers, sha256, tar_bytes, tar_directory, write_layout
-from ..registry_server import LocalRegistry
+from ..registry_server import STEP, LocalRegistry
 from .helpers import E2E_MARKS, sh_ok, wait_for
 from .servers import ServerProcess, gactor_command
 
@@ -209,3 +210,66 @@ async def test_cancelled_pull_goes_on(own_servers, registry: LocalRegistry) -> N
         listed = await wait_for(client.images, within=30, what="the pulled image")
         assert [(i.source, i.layers) for i in listed] == [(uri, 2)]
     await server.finish()
+
+
+# ---- pull progress ------------------------------------------------------------------------
+
+BIG = 5 * STEP + 4321  # bytes of the big layer's one file: six pieces of the stepped blob
+
+
+@pytest.fixture
+def big_image(tmp_path: Path, layer_blobs: list[bytes]) -> tuple[str, list[bytes]]:
+    """A layout with the busybox layer and a big, incompressible one on top."""
+    blobs = [layer_blobs[0], tar_bytes([Entry("big", data=os.urandom(BIG))])]
+    root = str(tmp_path / "big")
+    write_layout(root, {"latest": (blobs, None)})
+    return root, blobs
+
+
+async def test_pull_reports_each_layers_progress(own_servers, big_image: tuple[str, list[bytes]]) -> None:
+    """Every layer is reported once its manifest is read, then as its bytes arrive (the
+    big one piece by piece: the registry sends a piece only once the client has heard of
+    the last), monotone, up to its size; then the reply. A second pull reports each layer
+    once, already done. The server log has a line per layer pulled."""
+    root, blobs = big_image
+    base, big = (sha256(b) for b in blobs)
+    registry = LocalRegistry({"prog": root}).start()
+    steps = registry.step_blobs[big] = threading.Semaphore(0)
+    try:
+        server = own_servers("img-progress", "10.250.12.0/24")
+        await server.start()
+        uri = f"docker://{registry.host}/prog#latest"
+        reports: list[LayerProgress] = []
+
+        def progress(layer: LayerProgress) -> None:
+            reports.append(layer)
+            if layer.digest == big and layer.done < layer.total:
+                steps.release()  # the next piece of the big blob
+
+        async with server.connect() as client:
+            with trio.fail_after(60):
+                pulled = await client.pull(uri, progress=progress)
+            assert (pulled.source, pulled.layers) == (uri, 2)
+            by_layer = {d: [(r.done, r.total) for r in reports if r.digest == d] for d in (base, big)}
+            assert {r.digest for r in reports} == {base, big}
+            assert [r.digest for r in reports[:2]] == [base, big]  # both once the manifest is read
+            for digest, blob in zip((base, big), blobs, strict=True):
+                seen = by_layer[digest]
+                assert seen[0] == (0, len(blob))
+                assert seen[-1] == (len(blob), len(blob))
+                assert [done for done, _ in seen] == sorted(done for done, _ in seen), seen
+            # The big blob arrived in pieces, each reported before the next was sent.
+            dones = sorted({done for done, _ in by_layer[big]})
+            assert dones == [*range(0, len(blobs[1]), STEP), len(blobs[1])]
+            again: list[LayerProgress] = []
+            await client.pull(uri, progress=again.append)
+            assert [(r.digest, r.done, r.total) for r in again] == [(d, len(b), len(b)) for d, b in
+                                                                    zip((base, big), blobs, strict=True)]
+            # A client that asks for no progress gets the plain call, as older clients do.
+            assert (await client.pull(uri)).layers == 2
+        log = server.log_text()
+        for digest, blob in zip((base, big), blobs, strict=True):
+            assert f"pulled layer {digest}: {len(blob)} bytes" in log
+        await server.finish()
+    finally:
+        registry.stop()
