@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from ..types import ContainerEvent
+from ..types import EVENT_KINDS, ContainerEvent
 from .mailbox import Mailbox, Request
 
 log = logging.getLogger("gactor.events")
@@ -37,6 +37,7 @@ UNSUBSCRIBE_TIMEOUT = 5.0  # seconds a leaving subscriber may wait for room in t
 
 def event(kind: str, handle: str, words: str = "", **fields: object) -> ContainerEvent:
     """A new event of ``handle``, stamped now; the hub numbers it (``seq``)."""
+    assert kind in EVENT_KINDS, f"unknown event kind {kind!r}"  # the wire's closed list
     return ContainerEvent(kind=kind, handle=handle, event=words or kind, time=time.time(),
                           **fields)  # type: ignore[arg-type]
 

@@ -177,6 +177,19 @@ def test_every_named_constant_in_the_document_has_its_value() -> None:
     assert f"falls {events.EVENT_QUEUE} events behind" in text
 
 
+def test_every_event_kind_is_documented() -> None:
+    """The events stream's bullet names every ContainerEvent kind, and LayerProgress's
+    fields are the pull stream's."""
+    text = " ".join(doc_text().split())
+    bullet = text.split("With `\"lifecycle\": true`", 1)[1].split("- **pull** with a `stream`", 1)[0]
+    for kind in T.EVENT_KINDS:
+        assert f"`{kind}`" in bullet, kind
+    assert events.RECORDED <= set(T.EVENT_KINDS)
+    pull = text.split("- **pull** with a `stream`", 1)[1][:200]
+    for field in dataclasses.fields(T.LayerProgress):
+        assert f"`{field.name}`" in pull, field.name
+
+
 def test_no_window_or_stall_other_than_the_initial_window() -> None:
     """The stdin window and the stall point are INITIAL_WINDOW, never another size."""
     text = " ".join(doc_text().split())
