@@ -1,5 +1,6 @@
 """The registry actor: the one owner of the handle table, capacity, grace timers and
-event subscriptions.
+image references, and of the event hub (``events.EventHub``, a child actor holding the
+subscriptions), to which it publishes ``created`` and ``destroyed``.
 
 One task (``_serve``) owns that state and answers typed commands from a bounded
 mailbox; front ends hold a ``RegistryRef``. Creates and destroys run in tasks of the

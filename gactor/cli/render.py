@@ -204,6 +204,11 @@ class PullProgress:
         self._layers: dict[str, tuple[int, int]] = {}  # digest -> (done, total)
         self._finished: set[str] = set()
 
+    @property
+    def shown(self) -> bool:
+        """Whether the bars are on a terminal."""
+        return self._progress is not None
+
     def __enter__(self) -> PullProgress:
         if not self._file.isatty():
             return self

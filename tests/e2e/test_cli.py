@@ -812,3 +812,23 @@ def test_pull_prints_a_line_per_layer_without_a_terminal(
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["layers"] == 2
     assert [line.split("  ")[2] for line in again.stderr.decode().splitlines()] == ["in the store"] * 2
+
+
+def test_create_from_a_registry_shows_the_pull_on_a_terminal(
+        gactor_server: ServerProcess, pull_registry: tuple[str, LocalRegistry, list[bytes]]) -> None:
+    uri, registry, blobs = pull_registry
+    digests = [sha256(b) for b in blobs]
+    steps = registry.step_blobs[digests[1]] = threading.Semaphore(0)
+    handle = f"cli-pull-{uuid.uuid4().hex[:8]}"
+    try:
+        with Pty(columns=120) as term:
+            term.start(gactor_command("--target", gactor_server.url, "create", "--handle", handle, "--image", uri))
+            for digest in digests:
+                term.expect(_short(digest).encode())
+            steps.release(len(blobs[1]) // STEP + 1)
+            assert term.wait() == 0, term.output
+        assert term.output.rstrip().endswith(handle.encode()), term.output[-300:]
+        assert ok(gactor(gactor_server, "run", handle, "--", "stat", "-c", "%s", "/big")) == f"{3 << 20}\n"
+    finally:
+        steps.release(len(blobs[1]) // STEP + 1)
+        gactor(gactor_server, "destroy", handle)
