@@ -153,6 +153,8 @@ class EventHub:
         match request.command:
             case Publish(item):
                 self._seq += 1
+                if not (self._subscribers.get(item.handle) or self._subscribers.get(None)):
+                    return  # nobody listens (the usual case): numbered, no copy
                 item = dataclasses.replace(item, seq=self._seq)
                 for key in (item.handle, None):
                     queues = self._subscribers.get(key, set())
