@@ -289,7 +289,7 @@ class ContainerEvent:
     ``kind`` is one of ``EVENT_KINDS``; ``event`` says it in words (for ``oom``,
     ``oom_victim`` and a ``broken`` whose shim died, the text ``ContainerInfo.events``
     records). ``seq`` numbers the server's events from 1 in the order they were
-    published (a gap means events this subscriber missed), ``time`` is when (Unix
+    published (a one-container subscription skips the others'), ``time`` is when (Unix
     seconds). The other fields are set where the kind has them: ``reason`` for
     ``destroyed`` (``client``, ``grace_time``), ``stopped`` (``stop``, ``oom``) and
     ``broken`` (``shim_died``, ``destroy_failed``); ``process_id`` and ``pid`` for the
