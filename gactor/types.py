@@ -275,11 +275,13 @@ class LayerProgress:
     """How far a pull has got with one layer (``Client.pull(..., progress=)``): ``digest``,
     the blob's bytes read so far (``done``) and its size (``total``; -1 when the manifest
     does not say). ``done`` only grows and reaches ``total`` when the layer is in the store;
-    a layer the store had already is reported once, done. Bytes are the blob's (compressed)."""
+    a layer the store had already (``cached``) is reported once, done. Bytes are the
+    blob's (compressed)."""
 
     digest: str = ""
     done: int = 0
     total: int = 0
+    cached: bool = False
 
 
 @dataclass

@@ -25,14 +25,19 @@ class PullProgress:
         self._token = trio.lowlevel.current_trio_token()
         self._lock = threading.Lock()
         self._latest: dict[str, LayerProgress] = {}  # by digest, in the order first reported
+        self._seen: set[str] = set()  # digests reported at least once
         self._changed = trio.Event()
         self._finished = False
 
     def report(self, digest: str, done: int, total: int) -> None:
-        """The layer ``digest`` has ``done`` of its ``total`` bytes (-1: unknown). Any thread."""
+        """The layer ``digest`` has ``done`` of its ``total`` bytes (-1: unknown). Any thread.
+        A layer first reported done is one the store had (``images._ensure_all``): that
+        is kept as ``cached``, so a reader that skips values still knows it."""
         with self._lock:
             wake = None if self._latest else self._changed
-            self._latest[digest] = LayerProgress(digest, done, total)
+            cached = digest not in self._seen and done == total
+            self._seen.add(digest)
+            self._latest[digest] = LayerProgress(digest, done, total, cached)
         if wake is not None:
             self._token.run_sync_soon(wake.set)
 

@@ -237,7 +237,7 @@ class PullProgress:
         if done and layer.digest not in self._finished:
             self._finished.add(layer.digest)
             if self._progress is None:
-                how = "in the store" if first else "pulled"
+                how = "in the store" if layer.cached else "pulled"
                 self._log.write(f"{_short(layer.digest)}  {size(layer.done)}  {how}\n")
                 self._log.flush()
 

@@ -252,6 +252,7 @@ async def test_pull_reports_each_layers_progress(own_servers, big_image: tuple[s
             assert (pulled.source, pulled.layers) == (uri, 2)
             by_layer = {d: [(r.done, r.total) for r in reports if r.digest == d] for d in (base, big)}
             assert {r.digest for r in reports} == {base, big}
+            assert not [r for r in reports if r.cached]
             assert [r.digest for r in reports[:2]] == [base, big]  # both once the manifest is read
             for digest, blob in zip((base, big), blobs, strict=True):
                 seen = by_layer[digest]
@@ -263,8 +264,8 @@ async def test_pull_reports_each_layers_progress(own_servers, big_image: tuple[s
             assert dones == [*range(0, len(blobs[1]), STEP), len(blobs[1])]
             again: list[LayerProgress] = []
             await client.pull(uri, progress=again.append)
-            assert [(r.digest, r.done, r.total) for r in again] == [(d, len(b), len(b)) for d, b in
-                                                                    zip((base, big), blobs, strict=True)]
+            assert [(r.digest, r.done, r.total, r.cached) for r in again] == [
+                (d, len(b), len(b), True) for d, b in zip((base, big), blobs, strict=True)]
             # A client that asks for no progress gets the plain call, as older clients do.
             assert (await client.pull(uri)).layers == 2
         log = server.log_text()

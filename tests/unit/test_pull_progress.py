@@ -26,6 +26,21 @@ async def test_a_reader_that_lags_gets_each_layers_latest_once() -> None:
     assert batches == [[("sha256:a", TOTAL, TOTAL), ("sha256:b", 10, 10)]]  # first-reported order
 
 
+async def test_a_layer_first_reported_done_is_cached_however_late_it_is_read() -> None:
+    progress = PullProgress()
+
+    def pull_again() -> None:
+        progress.report("sha256:a", 5, 5)  # the store has it
+        progress.report("sha256:b", 0, 7)
+        progress.report("sha256:b", 7, 7)  # fetched now
+
+    await trio.to_thread.run_sync(pull_again)
+    progress.finish()
+    [batch] = [batch async for batch in progress.updates()]
+    assert [(layer.digest, layer.done, layer.cached) for layer in batch] == [("sha256:a", 5, True),
+                                                                           ("sha256:b", 7, False)]
+
+
 async def test_a_live_reader_sees_monotone_progress_to_the_end() -> None:
     progress = PullProgress()
     seen: dict[str, list[int]] = {}

@@ -176,7 +176,10 @@ def _ensure_all(store: str, blobs: Sequence[layers.Blob], what: str, progress: P
             cached = layers.read(store, blob.digest) is not None
         except KernelError:
             cached = False  # ``ensure`` says what is wrong
-        progress(blob.digest, max(blob.size, 0) if cached else 0, blob.size)
+        if cached:  # reported done (0 of 0 when its size is unknown)
+            progress(blob.digest, max(blob.size, 0), max(blob.size, 0))
+        else:
+            progress(blob.digest, 0, blob.size)
     unpacked = []
     for blob in blobs:
         reader: list[_CountedBlob] = []
