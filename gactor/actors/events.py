@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ import trio
 
 from ..types import EVENT_KINDS, ContainerEvent
 from .mailbox import Mailbox, Request
-
-log = logging.getLogger("gactor.events")
 
 EVENT_QUEUE = 64  # events queued per subscriber; beyond, they are counted as missed
 UNSUBSCRIBE_TIMEOUT = 5.0  # seconds a leaving subscriber may wait for room in the hub's mailbox
@@ -57,7 +54,7 @@ class EventQueue:
         self._items: collections.deque[ContainerEvent] = collections.deque()
         self._changed = trio.Event()
         self.ended = False  # no more events will come (the container was destroyed, or the hub ended)
-        self.left = False  # the subscriber went away (``aclose``)
+        self.left = False  # the subscriber went away (``EventHub.unsubscribe``)
         self.missed = 0  # events this subscriber did not get, in all
 
     def put(self, item: ContainerEvent) -> None:
