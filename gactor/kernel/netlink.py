@@ -147,7 +147,7 @@ class Netlink:
                     step = f"attaching {name} to bridge {bridge}"
                     fcntl.ioctl(host, _SIOCBRADDIF, struct.pack("16si20x", bridge.encode(), socket.if_nametoindex(name)))
                 step = f"disabling IPv6 on {name}"
-                _disable_ipv6(name)
+                disable_ipv6(name)
                 step = f"bringing {name} up"
                 _set_up(host, name)
             # NetIn from the host's loopback: DNATed packets keep their 127.0.0.1 source
@@ -187,7 +187,7 @@ class Netlink:
         try:
             ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
             index = ipr.link_lookup(ifname=name)[0]
-            _disable_ipv6(name)
+            disable_ipv6(name)
             ipr.addr("add", index=index, address=str(gateway), prefixlen=prefixlen)
             ipr.link("set", index=index, state="up")
             _write_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
@@ -296,7 +296,7 @@ def _shape(ipr: IPRoute, ifname: str, rate: int, burst: int) -> None:
                latency=f"{TBF_LATENCY_MS}ms")
 
 
-def _disable_ipv6(ifname: str) -> None:
+def disable_ipv6(ifname: str) -> None:
     """No IPv6 on a host end: the firewall is an IPv4 table, and with IPv6 on, a container
     reaches host services over the link-local address whatever --allow-host-access says.
     Set before the link is up, so no link-local address is ever configured; the kernel

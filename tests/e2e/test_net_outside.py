@@ -647,7 +647,15 @@ async def test_restart_keeps_addresses_mappings_and_rules(own_servers):
         assert await reaches(b, ia.container_ip, 8080)
         infos = {h: await (await client.lookup(h)).info() for h in (a.handle, b.handle)}
     await server.kill()
+    # a host end as an earlier version left it, with IPv6 on: the restart turns it off
+    [a_end] = [link["ifname"] for link in ip_json("addr")
+               if any(i.get("local") == ia.host_ip for i in link.get("addr_info", []))]
+    ipv6_switch = f"/proc/sys/net/ipv6/conf/{a_end}/disable_ipv6"
+    with open(ipv6_switch, "w") as f:
+        f.write("0")
     await server.start()
+    with open(ipv6_switch) as f:
+        assert f.read().strip() == "1"
     async with server.connect() as client:
         a, b = await client.lookup(a.handle), await client.lookup(b.handle)
         for c in (a, b):
