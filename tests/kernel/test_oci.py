@@ -29,6 +29,7 @@ from tests.oci_images import (
     tar_bytes,
     tar_directory,
     write_layout,
+    zstd,
 )
 
 pytestmark = [
@@ -161,6 +162,45 @@ def test_rootfs_tars(tmp_path: Path, store: str, layer_blobs: list[bytes], mount
     root = mount(a, tmp_path / "c", True, mounted)
     assert (root / "bin" / "busybox").is_file()
     assert prepare(str(gz), store) == a  # hashed once per version of the file
+
+
+def test_zstd_layers(tmp_path: Path, store: str, layer_blobs: list[bytes], mounted: list[str]) -> None:
+    """zstd layers (several frames, as the format allows) unpack as their gzip twins do,
+    the digest checked on the compressed bytes; bad zstd data is refused naming the
+    layer; a ``.tar.zst`` rootfs is one layer."""
+    base = zstd(gzip.decompress(layer_blobs[0]), frames=3)
+    top = zstd(layer_blobs[1])
+    root = str(tmp_path / "zst")
+    write_layout(root, {"latest": ([base, top], None)})
+    index = json.loads(Path(root, "index.json").read_bytes())
+    manifest = json.loads(Path(root, "blobs", "sha256", index["manifests"][0]["digest"][7:]).read_bytes())
+    assert {layer["mediaType"] for layer in manifest["layers"]} == {"application/vnd.oci.image.layer.v1.tar+zstd"}
+    image = prepare(f"oci://{root}#latest", store)
+    assert image.digests == (sha256(base), sha256(top))
+    merged = mount(image, tmp_path / "c", True, mounted)
+    assert sorted(os.listdir(merged / "opaque")) == ["new"]
+    assert not (merged / "etc" / "motd-gone").exists()
+    assert os.getxattr(merged / "xattr-file", "user.test") == b"hello"
+    assert os.stat(merged / "bin" / "suid").st_mode & 0o7777 == 0o4755
+    assert (merged / "bin" / "busybox").read_bytes() == Path(BUSYBOX, "bin", "busybox").read_bytes()
+    write_layout(root + "-gz", {"latest": (layer_blobs, None)})  # the same tars, gzip
+    twin = prepare(f"oci://{root}-gz#latest", store)
+    assert [layers.read(store, d).inodes for d in twin.digests] == [  # type: ignore[union-attr]
+        layers.read(store, d).inodes for d in image.digests]  # type: ignore[union-attr]
+
+    bad = bytearray(zstd(tar_bytes([Entry("unique", data=os.urandom(4096))])))
+    bad[8:24] = b"\xff" * 16  # the frame header's block: not zstd any more
+    broken = str(tmp_path / "broken")
+    write_layout(broken, {"latest": ([base, bytes(bad)], None)})
+    with pytest.raises(KernelError, match=f"layer {sha256(bytes(bad))}: bad zstd data"):
+        prepare(f"oci://{broken}#latest", store)
+    assert layers.read(store, sha256(bytes(bad))) is None
+
+    rootfs_zst = tmp_path / "rootfs.tar.zst"
+    rootfs_zst.write_bytes(base)
+    plain = prepare(str(rootfs_zst), store)
+    assert len(plain.layers) == 1
+    assert (Path(plain.layers[0]) / "bin" / "busybox").is_file()
 
 
 def test_docker_save_archive(tmp_path: Path, store: str, layer_blobs: list[bytes]) -> None:

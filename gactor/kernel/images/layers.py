@@ -30,7 +30,9 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO, Any, BinaryIO
+
+import zstandard
 
 from ..errors import KernelError
 from . import unpack as _unpack_script
@@ -40,6 +42,7 @@ DIFF = "diff"
 META = "layer.json"
 TMP = ".tmp-"
 CHUNK = 1 << 20
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame's first bytes (RFC 8878)
 UNPACK_TIMEOUT = 600.0  # seconds one layer may take to unpack before it is given up
 
 
@@ -148,6 +151,7 @@ def _unpack(blob: Blob, target: str, what: str) -> dict[str, int]:
     digest = hashlib.sha256()
     size = 0
     broken = False
+    feed = _Feed(child.stdin)
     try:
         with blob.open() as source:
             while chunk := source.read(CHUNK):
@@ -155,11 +159,14 @@ def _unpack(blob: Blob, target: str, what: str) -> dict[str, int]:
                 size += len(chunk)
                 if not broken:
                     try:
-                        child.stdin.write(chunk)
+                        feed.write(chunk)
                     except BrokenPipeError:
                         broken = True  # the child gave up: its answer says why
-        with contextlib.suppress(BrokenPipeError):
-            child.stdin.close()
+                    except zstandard.ZstdError as bad:
+                        broken = True
+                        feed.error = str(bad)
+        with contextlib.suppress(BrokenPipeError, zstandard.ZstdError):
+            feed.close()
         child.stdin = None
         out, err = child.communicate()
     except BaseException:
@@ -178,6 +185,8 @@ def _unpack(blob: Blob, target: str, what: str) -> dict[str, int]:
     if blob.size >= 0 and size != blob.size:
         raise KernelError("layer", errno.EBADMSG, f"{what}: layer {blob.digest}: {size} bytes, "
                           f"the manifest says {blob.size}")
+    if feed.error:
+        raise KernelError("layer", errno.EBADMSG, f"{what}: layer {blob.digest}: bad zstd data: {feed.error}")
     try:
         summary: dict[str, int] = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -186,6 +195,39 @@ def _unpack(blob: Blob, target: str, what: str) -> dict[str, int]:
     if "error" in summary or child.returncode != 0:
         raise KernelError("layer", errno.EINVAL, f"{what}: layer {blob.digest}: {summary.get('error')}")
     return summary
+
+
+class _Feed:
+    """The unpacker's stdin as the blob's bytes go in: as they are, or decompressed when
+    the blob is zstd (sniffed from its first bytes, whatever the media type says; the
+    unpacker's tarfile reads gzip, bzip2 and xz itself, but not zstd). zstd is decoded
+    as it streams (``stream_writer``: bounded buffers, frames one after another), so a
+    layer is never held in memory; bad data raises ``zstandard.ZstdError``."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self._pipe = pipe
+        self._head = b""
+        self._out: Any = None  # the pipe, or a zstd stream writer into it, once sniffed
+        self.error = ""
+
+    def write(self, chunk: bytes) -> None:
+        if self._out is None:
+            self._head += chunk
+            if len(self._head) < len(ZSTD_MAGIC):
+                return
+            chunk, self._head = self._head, b""
+            self._out = (zstandard.ZstdDecompressor().stream_writer(self._pipe, closefd=False)
+                         if chunk.startswith(ZSTD_MAGIC) else self._pipe)
+        self._out.write(chunk)
+
+    def close(self) -> None:
+        try:
+            if self._out is None and self._head:
+                self._pipe.write(self._head)
+            elif self._out is not None and self._out is not self._pipe:
+                self._out.flush()
+        finally:
+            self._pipe.close()
 
 
 def _usage(path: str) -> tuple[int, int]:
