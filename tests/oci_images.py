@@ -177,3 +177,42 @@ def tar_directory(root: str, out: str) -> None:
     with tarfile.open(out, "w") as tar:
         for name in sorted(os.listdir(root)):
             tar.add(os.path.join(root, name), arcname=name)
+
+
+def oracle_layers() -> list[bytes]:
+    """``default_layers`` and a third layer of what an unpacker can get wrong, for the
+    umoci comparison: a directory whited out with its contents, a file replaced by a
+    directory and a directory by a file, symlinks (relative, absolute, dangling), a hard
+    link, a FIFO, owners other than root, setgid and sticky directories, an xattr, and
+    a file made over again in a directory the layer names (opaque) again."""
+    base, top = default_layers()
+    third = tar_bytes([
+        Entry("etc/.wh.gone-dir"),
+        Entry("etc/was-file", kind=tarfile.DIRTYPE, mode=0o750, uid=1000, gid=1001),
+        Entry("etc/was-file/inside", data=b"in\n", mode=0o640, uid=1000, gid=1001),
+        Entry("etc/was-dir", data=b"now a file\n", mode=0o600),
+        Entry("links", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("links/relative", kind=tarfile.SYMTYPE, linkname="../bin/busybox"),
+        Entry("links/absolute", kind=tarfile.SYMTYPE, linkname="/etc/passwd"),
+        Entry("links/dangling", kind=tarfile.SYMTYPE, linkname="/nowhere/at/all"),
+        Entry("links/data", data=b"linked twice\n", mode=0o644, uid=1000, gid=1000),
+        Entry("links/hard", kind=tarfile.LNKTYPE, linkname="links/data"),
+        Entry("links/fifo", kind=tarfile.FIFOTYPE, mode=0o620),
+        Entry("shared", kind=tarfile.DIRTYPE, mode=0o2775, uid=0, gid=1000),
+        Entry("shared/tmp", kind=tarfile.DIRTYPE, mode=0o1777),
+        Entry("shared/tagged", data=b"t\n", pax={"SCHILY.xattr.user.colour": "blue"}),
+        Entry("opaque", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("opaque/.wh..wh..opq"),
+        Entry("opaque/newer", data=b"third layer\n", uid=1000, gid=1000),
+    ], compress=True)
+    base = busybox_layer([
+        Entry("etc/motd-gone", data=b"should be whited out\n"),
+        Entry("etc/gone-dir", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("etc/gone-dir/file", data=b"whited out with its directory\n"),
+        Entry("etc/was-file", data=b"becomes a directory\n"),
+        Entry("etc/was-dir", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("etc/was-dir/file", data=b"replaced with its directory\n"),
+        Entry("opaque", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("opaque/old", data=b"hidden by the opaque marker\n"),
+    ])
+    return [base, top, third]

@@ -93,7 +93,7 @@ def _attrs(path: str, member: tarfile.TarInfo) -> None:
     os.lchown(path, member.uid, member.gid)
     if not member.issym():
         os.chmod(path, member.mode & 0o7777)  # after the chown, which clears setuid/setgid
-        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+    os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)  # a symlink's own times too
     for key, value in _xattrs(member):
         os.setxattr(path, key, value, follow_symlinks=False)
 
