@@ -172,6 +172,30 @@ def write_layout(root: str, images: dict[str, tuple[list[bytes], dict[str, objec
     return digests
 
 
+def add_index(root: str, tag: str, platforms: dict[str, str]) -> str:
+    """Tag an image index in the layout at ``root``: ``platforms`` maps "os/arch" to a
+    manifest digest already in it. Returns the index's digest (a multi-platform image,
+    as ``skopeo copy --all`` pushes it)."""
+    blobs = os.path.join(root, "blobs", "sha256")
+    entries = []
+    for platform, digest in platforms.items():
+        os_name, arch = platform.split("/")
+        size = os.path.getsize(os.path.join(blobs, digest.partition(":")[2]))
+        entries.append({"mediaType": OCI_MANIFEST, "digest": digest, "size": size,
+                        "platform": {"os": os_name, "architecture": arch}})
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+    digest = sha256(body)
+    with open(os.path.join(blobs, digest.partition(":")[2]), "wb") as f:
+        f.write(body)
+    with open(os.path.join(root, "index.json")) as f:
+        index = json.load(f)
+    index["manifests"].append({"mediaType": OCI_INDEX, "digest": digest, "size": len(body),
+                               "annotations": {"org.opencontainers.image.ref.name": tag}})
+    with open(os.path.join(root, "index.json"), "w") as f:
+        json.dump(index, f)
+    return digest
+
+
 def tar_directory(root: str, out: str) -> None:
     """``out``: an uncompressed tar of the directory ``root`` (an OCI layout tar)."""
     with tarfile.open(out, "w") as tar:
