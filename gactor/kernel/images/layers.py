@@ -30,7 +30,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO
+from typing import BinaryIO
 
 import zstandard
 
@@ -42,7 +42,7 @@ DIFF = "diff"
 META = "layer.json"
 TMP = ".tmp-"
 CHUNK = 1 << 20
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame's first bytes (RFC 8878)
+ZSTD_MAGIC = _unpack_script.ZSTD_MAGIC
 UNPACK_TIMEOUT = 600.0  # seconds one layer may take to unpack before it is given up
 
 
@@ -136,7 +136,10 @@ def unpack_archive(path: str, target: str, what: str) -> None:
 
 
 def _unpack(blob: Blob, target: str, what: str) -> dict[str, int]:
-    child = subprocess.Popen([sys.executable, "-I", "-S", _unpack_script.__file__, target],
+    # zstandard's directory: the unpacker (stdlib only, no site) imports it from there
+    # for a zstd blob, as tarfile's own decompressors, before it chroots.
+    zstd_path = os.path.dirname(os.path.dirname(os.path.abspath(zstandard.__file__)))
+    child = subprocess.Popen([sys.executable, "-I", "-S", _unpack_script.__file__, target, zstd_path],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert child.stdin is not None
     # A watchdog bounds the whole unpack, the writes into a stuck child included.
@@ -151,7 +154,6 @@ def _unpack(blob: Blob, target: str, what: str) -> dict[str, int]:
     digest = hashlib.sha256()
     size = 0
     broken = False
-    feed = _Feed(child.stdin)
     try:
         with blob.open() as source:
             while chunk := source.read(CHUNK):
@@ -159,14 +161,11 @@ def _unpack(blob: Blob, target: str, what: str) -> dict[str, int]:
                 size += len(chunk)
                 if not broken:
                     try:
-                        feed.write(chunk)
+                        child.stdin.write(chunk)
                     except BrokenPipeError:
                         broken = True  # the child gave up: its answer says why
-                    except zstandard.ZstdError as bad:
-                        broken = True
-                        feed.error = str(bad)
-        with contextlib.suppress(BrokenPipeError, zstandard.ZstdError):
-            feed.close()
+        with contextlib.suppress(BrokenPipeError):
+            child.stdin.close()
         child.stdin = None
         out, err = child.communicate()
     except BaseException:
@@ -185,8 +184,6 @@ def _unpack(blob: Blob, target: str, what: str) -> dict[str, int]:
     if blob.size >= 0 and size != blob.size:
         raise KernelError("layer", errno.EBADMSG, f"{what}: layer {blob.digest}: {size} bytes, "
                           f"the manifest says {blob.size}")
-    if feed.error:
-        raise KernelError("layer", errno.EBADMSG, f"{what}: layer {blob.digest}: bad zstd data: {feed.error}")
     try:
         summary: dict[str, int] = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -195,39 +192,6 @@ def _unpack(blob: Blob, target: str, what: str) -> dict[str, int]:
     if "error" in summary or child.returncode != 0:
         raise KernelError("layer", errno.EINVAL, f"{what}: layer {blob.digest}: {summary.get('error')}")
     return summary
-
-
-class _Feed:
-    """The unpacker's stdin as the blob's bytes go in: as they are, or decompressed when
-    the blob is zstd (sniffed from its first bytes, whatever the media type says; the
-    unpacker's tarfile reads gzip, bzip2 and xz itself, but not zstd). zstd is decoded
-    as it streams (``stream_writer``: bounded buffers, frames one after another), so a
-    layer is never held in memory; bad data raises ``zstandard.ZstdError``."""
-
-    def __init__(self, pipe: IO[bytes]) -> None:
-        self._pipe = pipe
-        self._head = b""
-        self._out: Any = None  # the pipe, or a zstd stream writer into it, once sniffed
-        self.error = ""
-
-    def write(self, chunk: bytes) -> None:
-        if self._out is None:
-            self._head += chunk
-            if len(self._head) < len(ZSTD_MAGIC):
-                return
-            chunk, self._head = self._head, b""
-            self._out = (zstandard.ZstdDecompressor().stream_writer(self._pipe, closefd=False)
-                         if chunk.startswith(ZSTD_MAGIC) else self._pipe)
-        self._out.write(chunk)
-
-    def close(self) -> None:
-        try:
-            if self._out is None and self._head:
-                self._pipe.write(self._head)
-            elif self._out is not None and self._out is not self._pipe:
-                self._out.flush()
-        finally:
-            self._pipe.close()
 
 
 def _usage(path: str) -> tuple[int, int]:

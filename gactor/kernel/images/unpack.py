@@ -2,8 +2,11 @@
 
 Run as ``python -I -S unpack.py TARGET``; the parent (``layers.unpack``) feeds the blob on
 stdin while it checks its digest, and reads one JSON line (the summary, or ``{"error"}``)
-from stdout. This file imports nothing but the standard library, so it starts in tens of
-milliseconds and never imports the server.
+from stdout. This file imports nothing but the standard library (and, for a zstd layer
+only, ``zstandard`` from the directory the parent names), so it starts in tens of
+milliseconds and never imports the server. Decompression (gzip, bzip2, xz by tarfile,
+zstd by zstandard's stream reader) happens here, in the confined process, as the blob
+streams in.
 
 Why a process of its own, chrooted: Python's ``tarfile`` resolves every path it writes
 through the host's file system, so a member written through a symlink the same tar made
@@ -32,8 +35,10 @@ import shutil
 import stat
 import sys
 import tarfile
+from typing import Any, BinaryIO, cast
 
 WHITEOUT = ".wh."
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame's first bytes (RFC 8878)
 OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 CHUNK = 1 << 20
@@ -161,11 +166,51 @@ def extract(tar: tarfile.TarFile) -> dict[str, int]:
     return summary
 
 
+class _Prefixed:
+    """A stream of ``head`` (bytes already read), then the rest of ``rest``."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head, self._rest = head, rest
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return self._rest.read(n)
+        if n < 0:
+            data, self._head = self._head + self._rest.read(), b""
+            return data
+        data, self._head = self._head[:n], self._head[n:]
+        return data
+
+
+def _zstandard(path: str) -> Any:
+    """The ``zstandard`` module, from ``path`` (the server's site-packages: this process
+    runs without site)."""
+    if not path:
+        raise LayerError("a zstd layer, and no zstandard module to read it")
+    sys.path.insert(0, path)
+    import zstandard  # noqa: PLC0415 - only zstd layers need it
+
+    return zstandard
+
+
 def main(argv: list[str]) -> int:
     target = argv[1]
+    zstd_path = argv[2] if len(argv) > 2 else ""
     stdin = os.fdopen(sys.stdin.fileno(), "rb", buffering=CHUNK, closefd=False)
+    codec_errors: tuple[type[Exception], ...] = ()
     try:
-        tar = tarfile.open(fileobj=stdin, mode="r|*")  # imports the decompressors before chroot
+        # tarfile reads gzip, bzip2 and xz itself; a zstd blob (its first bytes say so,
+        # whatever its media type) is decoded as it streams, frames one after another.
+        # Both import their decompressors here, before the chroot.
+        head = stdin.read(len(ZSTD_MAGIC))
+        stream = cast(BinaryIO, _Prefixed(head, stdin))  # read() is all tarfile and zstandard call
+        if head.startswith(ZSTD_MAGIC):
+            zstandard = _zstandard(zstd_path)
+            codec_errors = (zstandard.ZstdError,)
+            reader = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True, closefd=False)
+            tar = tarfile.open(fileobj=reader, mode="r|")
+        else:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
         os.chroot(target)
         os.chdir("/")
         os.umask(0)
@@ -173,6 +218,9 @@ def main(argv: list[str]) -> int:
         stdin.read()  # the rest (tar padding): the parent hashes every byte
     except (LayerError, OSError, tarfile.TarError, EOFError, ValueError) as err:
         print(json.dumps({"error": str(err)}), flush=True)
+        return 1
+    except codec_errors as err:
+        print(json.dumps({"error": f"bad zstd data: {err}"}), flush=True)
         return 1
     print(json.dumps(summary), flush=True)
     return 0
