@@ -66,8 +66,10 @@ fi
 # run `docker-registry serve` themselves, on 127.0.0.1 only.
 if [[ -e /lib/systemd/system/docker-registry.service && ! -L /etc/systemd/system/docker-registry.service ]]; then
     step "mask docker-registry.service (it would listen on all interfaces)"
-    if [[ -d /run/systemd/system ]]; then
+    if [[ -d /run/systemd/system ]]; then  # systemd runs: stop it too
         systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+    else  # no systemd (a container): only the links the postinst made
+        systemctl disable docker-registry.service >/dev/null 2>&1 || true
     fi
     systemctl mask docker-registry.service >/dev/null 2>&1 || ln -sf /dev/null /etc/systemd/system/docker-registry.service
 fi

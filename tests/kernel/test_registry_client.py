@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,3 +234,15 @@ def test_real_registry_404s_name_the_image(real_registry: DockerRegistry, store:
     with pytest.raises(images.ImageError, match=r"other#latest.*HTTP 404.*MANIFEST_UNKNOWN"):  # an unknown repo too
         pull(f"docker://{host}/other#latest", store)
     assert not os.path.exists(os.path.join(store, "manifests"))
+
+
+def test_docker_registries_listen_on_loopback_only(real_registry: DockerRegistry) -> None:
+    """Every docker-registry on the host (this test's, other tests') listens on 127.0.0.1
+    only, and the package's own service (all interfaces by default) is masked."""
+    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    ours = [line.split()[3] for line in listening.splitlines() if '"docker-registry"' in line]
+    assert f"127.0.0.1:{real_registry.port}" in ours
+    assert [a for a in ours if not a.startswith("127.0.0.1:")] == []
+    state = subprocess.run(["systemctl", "is-enabled", "docker-registry.service"], capture_output=True,
+                           text=True, check=False).stdout.strip()
+    assert state == "masked"  # scripts/setup.sh
