@@ -12,6 +12,7 @@ layer), pushes it with ``skopeo copy``, then, in rounds that alternate the two t
   downloaded, digest-checked and unpacked;
 - **skopeo copy + umoci unpack**: the same image into a fresh OCI layout, then unpacked
   by umoci (as root) into a fresh bundle; each half is also reported alone;
+- **first pull, gactor, zstd**: the same tars as zstd layers (umoci 0.4.7 reads no zstd);
 
 and then the creates, interleaved with a plain create as the baseline of the same
 moment: from the cached image (``docker://``: its manifest is fetched again, the layers
@@ -38,7 +39,7 @@ import trio
 
 import gactor
 from gactor import ContainerSpec, DiskLimits, DiskLimitScope, ImageRef, Limits
-from tests.oci_images import default_layers, write_layout
+from tests.oci_images import default_layers, write_layout, zstd
 from tests.registry_docker import DockerRegistry, skopeo, tool
 
 from . import server as srv
@@ -64,8 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def payload_layer(mib: int, files: int) -> bytes:
-    """``mib`` MiB of random bytes in ``files`` files under /payload, gzip (level 1)."""
+def payload_tar(mib: int, files: int) -> bytes:
+    """``mib`` MiB of random bytes in ``files`` files under /payload, as a tar."""
     buf = io.BytesIO()
     size = max(1, mib * MiB // max(1, files))
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -76,14 +77,17 @@ def payload_layer(mib: int, files: int) -> bytes:
             info = tarfile.TarInfo(f"payload/{n:04d}")
             info.size, info.mode, info.mtime = size, 0o644, 1700000000
             tar.addfile(info, io.BytesIO(os.urandom(size)))
-    return gzip.compress(buf.getvalue(), compresslevel=1, mtime=0)
+    return buf.getvalue()
 
 
 def build_image(base: str, mib: int, files: int) -> str:
-    """The bench image's OCI layout (tag ``bench``)."""
+    """The bench image's OCI layout: tag ``bench`` (gzip layers, level 1) and
+    ``bench-zstd`` (the same tars, zstd level 3)."""
     busybox, top = default_layers()
+    tars = [gzip.decompress(busybox), payload_tar(mib, files), top]
     layout = os.path.join(base, "layout")
-    write_layout(layout, {"bench": ([busybox, payload_layer(mib, files), top], None)})
+    write_layout(layout, {"bench": ([gzip.compress(t, compresslevel=1, mtime=0) for t in tars], None),
+                          "bench-zstd": ([zstd(t) for t in tars], None)})
     return layout
 
 
@@ -127,26 +131,30 @@ async def _scenario(server: srv.BenchServer, args: argparse.Namespace, prefix: s
         await trio.to_thread.run_sync(registry.start)
         layout = await trio.to_thread.run_sync(build_image, server.base, args.mib, args.files)
         uri = await trio.to_thread.run_sync(registry.push, layout, "bench", "bench")
+        zstd_uri = await trio.to_thread.run_sync(registry.push, layout, "bench-zstd", "bench")
         async with gactor.connect(server.url) as client:
-            await _pulls(client, server, uri, args, series)
+            await _pulls(client, server, uri, zstd_uri, args, series)
             await _creates(client, uri, prefix, live, args, series)
     finally:
         await trio.to_thread.run_sync(registry.stop)
 
 
-async def _pulls(client: Any, server: srv.BenchServer, uri: str, args: argparse.Namespace,
+async def _pulls(client: Any, server: srv.BenchServer, uri: str, zstd_uri: str, args: argparse.Namespace,
                  series: list[Series]) -> None:
     size = f"{args.mib} MiB in {args.files} files + busybox"
     gactor_pull = Series("pull_first_gactor", f"first pull, gactor ({size})", "ms")
     both = Series("pull_first_skopeo_umoci", "skopeo copy + umoci unpack, same image", "ms")
     copy = Series("pull_skopeo_copy", "  of which skopeo copy", "ms")
     unpack = Series("pull_umoci_unpack", "  of which umoci unpack", "ms")
+    zstd_pull = Series("pull_first_gactor_zstd", "first pull, gactor, the same tars as zstd layers", "ms")
     gactor_cpu = Series("pull_cpu_gactor", "CPU of a first pull, gactor (server + unpackers)", "ms")
     tools_cpu = Series("pull_cpu_skopeo_umoci", "CPU of skopeo copy + umoci unpack", "ms")
-    series += [gactor_pull, both, copy, unpack, gactor_cpu, tools_cpu]
+    zstd_cpu = Series("pull_cpu_gactor_zstd", "CPU of a first pull, gactor, zstd layers", "ms")
+    series += [gactor_pull, both, copy, unpack, zstd_pull, gactor_cpu, tools_cpu, zstd_cpu]
+    contenders = ["gactor", "tools", "zstd"]
     for n in range(args.pulls):
-        for tools_first in ((True, False) if n % 2 else (False, True)):  # alternate who goes first
-            if tools_first:
+        for who in contenders[n % 3:] + contenders[:n % 3]:  # each goes first in turn
+            if who == "tools":
                 cpu = children_cpu_ms()
                 ms_copy, ms_unpack = await trio.to_thread.run_sync(skopeo_umoci, uri,
                                                                    os.path.join(server.base, "scratch"))
@@ -155,12 +163,13 @@ async def _pulls(client: Any, server: srv.BenchServer, uri: str, args: argparse.
                 unpack.samples.append(ms_unpack)
                 both.samples.append(ms_copy + ms_unpack)
                 continue
+            wall, cpu_series = (gactor_pull, gactor_cpu) if who == "gactor" else (zstd_pull, zstd_cpu)
             cpu = server_cpu_ms(server.pid)
             with trio.fail_after(OP_TIMEOUT):
                 start = perf_counter()
-                info = await client.pull(uri)
-                gactor_pull.samples.append((perf_counter() - start) * 1e3)
-            gactor_cpu.samples.append(server_cpu_ms(server.pid) - cpu)
+                info = await client.pull(uri if who == "gactor" else zstd_uri)
+                wall.samples.append((perf_counter() - start) * 1e3)
+            cpu_series.samples.append(server_cpu_ms(server.pid) - cpu)
             if info.layers != 3:
                 raise RuntimeError(f"the pull gave {info.layers} layers, not 3")
             removed = await client.prune_images()
