@@ -208,7 +208,8 @@ def oracle_layers() -> list[bytes]:
     umoci comparison: a directory whited out with its contents, a file replaced by a
     directory and a directory by a file, symlinks (relative, absolute, dangling), a hard
     link, a FIFO, owners other than root, setgid and sticky directories, an xattr, and
-    a file made over again in a directory the layer names (opaque) again."""
+    a file made over again in a directory the layer names (opaque) again; and a fourth
+    layer of members whose parent directories it does not list."""
     base, top = default_layers()
     third = tar_bytes([
         Entry("etc/.wh.gone-dir"),
@@ -228,7 +229,20 @@ def oracle_layers() -> list[bytes]:
         Entry("opaque", kind=tarfile.DIRTYPE, mode=0o755),
         Entry("opaque/.wh..wh..opq"),
         Entry("opaque/newer", data=b"third layer\n", uid=1000, gid=1000),
+        Entry("srv", kind=tarfile.DIRTYPE, mode=0o750, uid=1000, gid=1001, pax={"SCHILY.xattr.user.where": "srv"}),
+        Entry("srv/inner", kind=tarfile.DIRTYPE, mode=0o700, uid=1001, gid=1001),
+        Entry("srv2", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("srv2/inner", kind=tarfile.DIRTYPE, mode=0o700, uid=1001, gid=1001),
     ], compress=True)
+    # Members whose parents the tar does not list: they keep what the layers below say
+    # (srv, srv/inner, home/alice), unless this layer's opaque directory hides those (srv2).
+    fourth = tar_bytes([
+        Entry("srv/inner/deeper/file", data=b"deep\n"),
+        Entry("home/alice/.profile", data=b"export PS1=alice\n", uid=1000, gid=1000),
+        Entry("srv2", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("srv2/.wh..wh..opq"),
+        Entry("srv2/inner/file", data=b"under an opaque parent\n"),
+    ])
     base = busybox_layer([
         Entry("etc/motd-gone", data=b"should be whited out\n"),
         Entry("etc/gone-dir", kind=tarfile.DIRTYPE, mode=0o755),
@@ -239,4 +253,4 @@ def oracle_layers() -> list[bytes]:
         Entry("opaque", kind=tarfile.DIRTYPE, mode=0o755),
         Entry("opaque/old", data=b"hidden by the opaque marker\n"),
     ])
-    return [base, top, third]
+    return [base, top, third, fourth]

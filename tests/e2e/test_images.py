@@ -274,14 +274,15 @@ def oracle_tree(image_uri: str, base: Path, pid: int) -> dict[str, Node]:
 async def test_registry_image_unpacked_as_umoci_does(create_container, docker_registry: DockerRegistry,
                                                      tmp_path: Path, privileged: bool) -> None:
     """An image pushed to docker-registry with skopeo (busybox, a whiteout and opaque
-    layer, a layer of types, links, owners and modes), created from ``docker://``: the
+    layer, a layer of types, links, owners and modes, a layer that does not list its
+    members' parents), created from ``docker://``: the
     container's root file system, seen from the host, is umoci's unpack of the same
     image path for path (kind, mode, owner as shifted, content, symlink target, mtime,
     xattrs), the container's own mounts aside; the image config is honoured."""
     root = str(tmp_path / "layout")
-    write_layout(root, {"three": (oracle_layers(), {"Env": ["WHO=oracle"], "User": "1000:1001",
+    write_layout(root, {"four": (oracle_layers(), {"Env": ["WHO=oracle"], "User": "1000:1001",
                                                     "WorkingDir": "/shared"})})
-    uri = docker_registry.push(root, "three", f"oracle-{'p' if privileged else 'u'}")
+    uri = docker_registry.push(root, "four", f"oracle-{'p' if privileged else 'u'}")
     c = await create_container(image=ImageRef(uri=uri), privileged=privileged)
     assert (await sh_ok(c, "id -u; id -g; pwd; echo $WHO")).splitlines() == ["1000", "1001", "/shared", "oracle"]
     pid = await init_pid(c.handle)
@@ -295,6 +296,12 @@ async def test_registry_image_unpacked_as_umoci_does(create_container, docker_re
     assert (got["/links/relative"].content, got["/shared"].mode) == ("../bin/busybox", 0o2775)
     assert got["/xattr-file"].xattrs == (("user.test", b"hello"),)
     assert (got["/links/hard"].nlink, got["/links/fifo"].kind) == (2, "fifo")
+    # Parents the fourth layer does not list keep the lower layers' attributes ...
+    assert (got["/srv"].mode, got["/srv"].gid, got["/srv"].xattrs) == (0o750, 1001, (("user.where", b"srv"),))
+    assert (got["/srv/inner"].mode, got["/home/alice"].uid) == (0o700, 1000)
+    # ... unless the layer's own opaque directory hides them.
+    assert (got["/srv2/inner"].mode, sorted(p for p in got if p.startswith("/srv2/"))) == (
+        0o755, ["/srv2/inner", "/srv2/inner/file"])
     if not privileged:
         assert got["/bin/busybox"].uid == MAX_UID  # root, shifted
 

@@ -56,8 +56,9 @@ def clean_name(name: str, what: str) -> str:
     return "/".join(parts)
 
 
-def _check_parents(path: str) -> None:
-    """Refuse a path whose existing parents include a symlink; create missing parents."""
+def _check_parents(path: str, made: set[str]) -> None:
+    """Refuse a path whose existing parents include a symlink; create missing parents
+    (added to ``made``)."""
     current = "/"
     for part in path.split("/")[:-1]:
         current = os.path.join(current, part)
@@ -65,6 +66,7 @@ def _check_parents(path: str) -> None:
             st = os.lstat(current)
         except FileNotFoundError:
             os.mkdir(current, 0o755)
+            made.add(current)
             continue
         if stat.S_ISLNK(st.st_mode):
             raise LayerError(f"member {path!r} goes through the symlink {current!r}")
@@ -103,17 +105,21 @@ def _attrs(path: str, member: tarfile.TarInfo) -> None:
         os.setxattr(path, key, value, follow_symlinks=False)
 
 
-def extract(tar: tarfile.TarFile) -> dict[str, int]:
-    """Extract every member below ``/`` (the chrooted target); return a summary."""
-    summary = {"entries": 0, "bytes": 0, "skipped_devices": 0, "whiteouts": 0}
+def extract(tar: tarfile.TarFile, lowers: list[int] | None = None) -> dict[str, int]:
+    """Extract every member below ``/`` (the chrooted target); return a summary.
+    ``lowers``: directory fds of the layers below, top first (``inherit``)."""
+    summary = {"entries": 0, "bytes": 0, "skipped_devices": 0, "whiteouts": 0, "implicit_dirs": 0,
+               "inherited_dirs": 0}
     dir_times: list[tuple[str, float]] = []
+    made: set[str] = set()  # parents created for members, not listed in the tar (yet)
     for member in tar:
         name = clean_name(member.name, "member")
         if not name:
             continue
         path = "/" + name
         base = os.path.basename(name)
-        _check_parents(path)
+        _check_parents(path, made)
+        made.discard(path)  # listed after all, as whatever it is
         if base == OPAQUE:
             os.setxattr(os.path.dirname(path), OPAQUE_XATTR, b"y")
             summary["whiteouts"] += 1
@@ -163,7 +169,89 @@ def extract(tar: tarfile.TarFile) -> dict[str, int]:
         summary["entries"] += 1
     for path, mtime in reversed(dir_times):  # after their contents changed them
         os.utime(path, (mtime, mtime), follow_symlinks=False)
+    implicit = sorted(p for p in made if _real_dir(p))
+    summary["implicit_dirs"] = len(implicit)
+    summary["inherited_dirs"] = inherit(implicit, lowers or [])
     return summary
+
+
+def _real_dir(path: str) -> bool:
+    """Whether ``path`` and each of its parents is a directory (no symlink on the way)."""
+    current = "/"
+    for part in path.strip("/").split("/"):
+        current = os.path.join(current, part)
+        try:
+            if not stat.S_ISDIR(os.lstat(current).st_mode):
+                return False
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def _opaque(path_or_fd: str | int) -> bool:
+    try:
+        return os.getxattr(path_or_fd, OPAQUE_XATTR) == b"y"
+    except OSError:
+        return False
+
+
+def _lower_dir(lowers: list[int], rel: str) -> int | None:
+    """An fd of the directory ``rel`` as the layers ``lowers`` (top first) show it once
+    stacked: the upper-most layer's, unless a whiteout, a non-directory or an opaque
+    directory above hides it; None if they show none. Every component is opened with
+    O_NOFOLLOW below the layer's fd: nothing outside the lower layers is looked at."""
+    parts = rel.strip("/").split("/")
+    for layer in lowers:
+        current = os.dup(layer)
+        hidden_below = False  # an opaque directory on the way, in this layer
+        try:
+            for part in parts:
+                try:
+                    nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
+                except FileNotFoundError:
+                    break  # not in this layer: the next one down, unless opaque hides it
+                except OSError:  # a whiteout, a file or a symlink: the path is hidden
+                    return None
+                os.close(current)
+                current = nxt
+                hidden_below = hidden_below or _opaque(current)
+            else:
+                found, current = current, -1
+                return found
+            if hidden_below:
+                return None
+        finally:
+            if current >= 0:
+                os.close(current)
+    return None
+
+
+def inherit(implicit: list[str], lowers: list[int]) -> int:
+    """Give each directory the layer needed but did not list the mode, owner, times and
+    xattrs the lower layers show for it, as an unpacker working on the stacked parents
+    (umoci, containerd) leaves them: being the upper-most copy, this layer's directory is
+    what the overlay shows. Directories below an opaque one of this layer keep their
+    defaults (root, 0755). Returns how many were given lower attributes."""
+    done = 0
+    for path in implicit:
+        ancestors = ["/".join(path.split("/")[:i]) for i in range(2, path.count("/") + 1)]
+        if any(_opaque(a) for a in ancestors):
+            continue
+        fd = _lower_dir(lowers, path)
+        if fd is None:
+            continue
+        try:
+            st = os.fstat(fd)
+            xattrs = [(k, os.getxattr(fd, k)) for k in os.listxattr(fd) if not k.startswith("trusted.overlay.")]
+        finally:
+            os.close(fd)
+        os.lchown(path, st.st_uid, st.st_gid)
+        os.chmod(path, stat.S_IMODE(st.st_mode))  # a directory, checked above: nothing to follow
+        for key, value in xattrs:
+            os.setxattr(path, key, value, follow_symlinks=False)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        done += 1
+    return done
 
 
 class _Prefixed:
@@ -196,6 +284,9 @@ def _zstandard(path: str) -> Any:
 def main(argv: list[str]) -> int:
     target = argv[1]
     zstd_path = argv[2] if len(argv) > 2 else ""
+    # The layers below, top first: opened before the chroot, looked into only through
+    # these fds (inherit).
+    lowers = [os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for p in argv[3:]]
     stdin = os.fdopen(sys.stdin.fileno(), "rb", buffering=CHUNK, closefd=False)
     codec_errors: tuple[type[Exception], ...] = ()
     try:
@@ -214,7 +305,7 @@ def main(argv: list[str]) -> int:
         os.chroot(target)
         os.chdir("/")
         os.umask(0)
-        summary = extract(tar)
+        summary = extract(tar, lowers)
         stdin.read()  # the rest (tar padding): the parent hashes every byte
     except (LayerError, OSError, tarfile.TarError, EOFError, ValueError) as err:
         print(json.dumps({"error": str(err)}), flush=True)
