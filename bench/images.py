@@ -4,8 +4,9 @@ side with ``skopeo copy`` + ``umoci unpack`` of the same image in the same run.
 It starts its own server (temp depot, network pool 10.251.12.0/24) and its own
 ``docker-registry`` on 127.0.0.1 (``tests/registry_docker.py``: a config of its own,
 storage in the bench's temp dir), builds an image (the busybox layer, ``--mib`` MiB of
-incompressible files in ``--files`` files as a gzip layer, and the tests' whiteout/opaque
-layer), pushes it with ``skopeo copy``, then, in rounds that alternate the two tools:
+incompressible files in ``--files`` files, and the tests' whiteout/opaque layer) as gzip
+and, from the same tars, as zstd, pushes both with ``skopeo copy``, then, in rounds in
+which each contender goes first in turn:
 
 - **first pull, gactor**: ``client.pull(docker://...)`` into an empty layer store (the
   store is pruned, untimed, after each pull): manifest, config and every layer
