@@ -133,7 +133,7 @@ def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username:
         from . import registry_client  # only pulls need the HTTP client
 
         resolved = registry_client.resolve(source, username, password)
-        unpacked = [layers.ensure(store, blob, f"image {source!r}") for blob in resolved.blobs]
+        unpacked = _ensure_layers(store, resolved, f"image {source!r}")
         return _record(store, resolved, unpacked)
     signature = _signature(source)
     path, tag = oci.parse_uri(source)
@@ -145,18 +145,26 @@ def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username:
         try:
             layers.unpack_archive(path, scratch, f"image {source!r}")
             resolved = oci.resolve(f"oci://{scratch}" + (f"#{tag}" if tag else ""), shown=source)
-            unpacked = [layers.ensure(store, blob, f"image {source!r}") for blob in resolved.blobs]
+            unpacked = _ensure_layers(store, resolved, f"image {source!r}")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     else:
         resolved = oci.resolve(source)
-        unpacked = [layers.ensure(store, blob, f"image {source!r}") for blob in resolved.blobs]
+        unpacked = _ensure_layers(store, resolved, f"image {source!r}")
     image = _record(store, resolved, unpacked)
     with _known_lock:
         if len(_known) > 256:
             _known.clear()
         _known[(os.path.realpath(store), source)] = (signature, image)
     return image
+
+
+def _ensure_layers(store: str, resolved: oci.Resolved, what: str) -> list[layers.Layer]:
+    """The image's layers, bottom first, each unpacked (if new) with those below it."""
+    unpacked: list[layers.Layer] = []
+    for blob in resolved.blobs:
+        unpacked.append(layers.ensure(store, blob, what, [layer.path for layer in reversed(unpacked)]))
+    return unpacked
 
 
 def _record(store: str, resolved: oci.Resolved, unpacked: list[layers.Layer]) -> Image:
