@@ -95,4 +95,23 @@ else
     echo "$want" >"$STAMP"
 fi
 
+# The default rootfs follows Docker's busybox image (glibc; gactor/kernel/busybox.py): Debian's
+# dynamic busybox, of the installed busybox-static's version. The two packages conflict and the
+# static one stays (the server's tar), so the dynamic one is extracted, not installed.
+BUSYBOX_GLIBC=/var/lib/gactor/busybox-glibc
+bb_version=$(dpkg-query -W -f='${Version}' busybox-static)
+if [[ $(cat "$BUSYBOX_GLIBC/.deb-version" 2>/dev/null) == "$bb_version" ]]; then
+    step "Debian busybox $bb_version present in $BUSYBOX_GLIBC"
+else
+    step "extract Debian's busybox $bb_version to $BUSYBOX_GLIBC"
+    tmp=$(mktemp -d)
+    get() { (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "busybox=$bb_version"); }
+    get || { apt-get update -qq && get; } || die "apt-get download busybox=$bb_version failed"
+    rm -rf "$BUSYBOX_GLIBC.new"
+    dpkg-deb -x "$tmp"/busybox_*.deb "$BUSYBOX_GLIBC.new"
+    echo "$bb_version" >"$BUSYBOX_GLIBC.new/.deb-version"
+    rm -rf "$BUSYBOX_GLIBC" "$tmp"
+    mv "$BUSYBOX_GLIBC.new" "$BUSYBOX_GLIBC"
+fi
+
 step "$("$VENV/bin/python" -m gactor.kernel.busybox "$ROOTFS_DIR")"
