@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,7 +139,7 @@ def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username:
         from . import registry_client  # only pulls need the HTTP client
 
         resolved = registry_client.resolve(source, username, password)
-        unpacked = _ensure_all(store, resolved.blobs, f"image {source!r}", progress)
+        unpacked = _ensure_layers(store, resolved, f"image {source!r}", progress)
         return _record(store, resolved, unpacked)
     signature = _signature(source)
     path, tag = oci.parse_uri(source)
@@ -151,12 +151,12 @@ def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username:
         try:
             layers.unpack_archive(path, scratch, f"image {source!r}")
             resolved = oci.resolve(f"oci://{scratch}" + (f"#{tag}" if tag else ""), shown=source)
-            unpacked = _ensure_all(store, resolved.blobs, f"image {source!r}", progress)
+            unpacked = _ensure_layers(store, resolved, f"image {source!r}", progress)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     else:
         resolved = oci.resolve(source)
-        unpacked = _ensure_all(store, resolved.blobs, f"image {source!r}", progress)
+        unpacked = _ensure_layers(store, resolved, f"image {source!r}", progress)
     image = _record(store, resolved, unpacked)
     with _known_lock:
         if len(_known) > 256:
@@ -165,30 +165,36 @@ def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username:
     return image
 
 
-def _ensure_all(store: str, blobs: Sequence[layers.Blob], what: str, progress: Progress | None) -> list[layers.Layer]:
-    """``layers.ensure`` of each blob, bottom first. ``progress`` hears of each layer first
-    (done already if the store has it), then of the bytes read from its blob, then that
-    it is done: ``done`` only grows, and ends at the blob's size."""
-    if progress is None:
-        return [layers.ensure(store, blob, what) for blob in blobs]
-    for blob in blobs:
-        try:
-            cached = layers.read(store, blob.digest) is not None
-        except KernelError:
-            cached = False  # ``ensure`` says what is wrong
-        if cached:  # reported done (0 of 0 when its size is unknown)
-            progress(blob.digest, max(blob.size, 0), max(blob.size, 0))
-        else:
-            progress(blob.digest, 0, blob.size)
-    unpacked = []
-    for blob in blobs:
+def _ensure_layers(store: str, resolved: oci.Resolved, what: str, progress: Progress | None = None
+                   ) -> list[layers.Layer]:
+    """The image's layers, bottom first, each unpacked (if new) with those below it.
+    ``progress`` hears of each layer first (done already if the store has it), then of
+    the bytes read from its blob, then that it is done: ``done`` only grows, and ends at
+    the blob's size."""
+    if progress is not None:
+        for blob in resolved.blobs:
+            try:
+                cached = layers.read(store, blob.digest) is not None
+            except KernelError:
+                cached = False  # ``ensure`` says what is wrong
+            if cached:  # reported done (0 of 0 when its size is unknown)
+                progress(blob.digest, max(blob.size, 0), max(blob.size, 0))
+            else:
+                progress(blob.digest, 0, blob.size)
+    unpacked: list[layers.Layer] = []
+    for blob in resolved.blobs:
+        below = [layer.path for layer in reversed(unpacked)]
+        if progress is None:
+            unpacked.append(layers.ensure(store, blob, what, below))
+            continue
         reader: list[_CountedBlob] = []
 
-        def open_counted(blob: layers.Blob = blob, reader: list[_CountedBlob] = reader) -> Any:
+        def open_counted(blob: layers.Blob = blob, reader: list[_CountedBlob] = reader,
+                         progress: Progress = progress) -> Any:
             reader.append(_CountedBlob(blob.open(), blob, progress))
             return reader[0]
 
-        unpacked.append(layers.ensure(store, layers.Blob(blob.digest, blob.size, open_counted), what))
+        unpacked.append(layers.ensure(store, layers.Blob(blob.digest, blob.size, open_counted), what, below))
         if reader:  # it was unpacked now (else the store had it: reported done above)
             progress(blob.digest, reader[0].done, blob.size if blob.size >= 0 else reader[0].done)
     return unpacked
