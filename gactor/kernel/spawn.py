@@ -42,6 +42,7 @@ _RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, 
 _F_SETPIPE_SZ = 1031
 _TIOCSPTLCK = 0x40045431  # unlock the pty slave
 _TIOCGPTPEER = 0x5441  # open the slave through the master (no path lookup, Linux 4.13+)
+TAR_EXTRACT = "tar-extract"  # spec["builtin"]: StreamIn's extractor (tar_in.py) instead of execve
 
 
 class SpawnError(Exception):
@@ -131,6 +132,10 @@ def spawn(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
           spec: dict[str, Any], stdio: Stdio, conf: Confinement) -> int:
     """Start ``spec`` in the container, confined by ``conf``; return its host pid.
     Raises SpawnError."""
+    if spec.get("builtin") == TAR_EXTRACT:
+        # Imported here, in the shim: the forked process runs it in the container's mount
+        # namespace, which has none of the server's files.
+        from . import tar_in  # noqa: F401
     pid_r, pid_w = os.pipe()
     err_r, err_w = os.pipe()
     helper = os.fork()
@@ -322,6 +327,10 @@ def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, conf: Confinemen
     os.setresgid(user.gid, user.gid, user.gid)
     os.setresuid(user.uid, user.uid, user.uid)
     os.chdir(workdir)
+    if spec.get("builtin") == TAR_EXTRACT:
+        from .tar_in import main  # imported by spawn() before the fork
+
+        os._exit(main())
     try:
         os.execve(exe, [path, *spec.get("args", [])], env_map)
     except OSError as err:
