@@ -8,6 +8,7 @@ client call is inside the timer.
 from __future__ import annotations
 
 import itertools
+import tarfile
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import trio
 
 import gactor
-from gactor import ContainerSpec, ProcessIO, ProcessSpec
+from gactor import ContainerSpec, ProcessIO, ProcessSpec, StreamInSpec, StreamOutSpec
 
 from .report import Series
 
@@ -115,6 +116,57 @@ async def stdout_throughput(container: Any, runs: int, mib: int) -> Series:
             raise BenchError(f"dd exited with {code} after {sink.count} of {mib << 20} bytes")
         series.samples.append(sink.count / 1e6 / elapsed)
     return series
+
+
+MiB = 1 << 20
+
+
+async def _one_file_tar(mib: int) -> Any:
+    """An uncompressed tar holding one ``mib`` MiB file ``blob``, in 1 MiB chunks."""
+    header = tarfile.TarInfo("blob")
+    header.size, header.mode = mib * MiB, 0o644
+    yield header.tobuf(format=tarfile.PAX_FORMAT)
+    chunk = b"\xa5" * MiB
+    for _ in range(mib):
+        yield chunk
+    yield bytes(2 * tarfile.BLOCKSIZE)
+
+
+async def stream_throughput(container: Any, runs: int, mib: int) -> list[Series]:
+    """StreamIn of a tar holding one ``mib`` MiB file, then StreamOut of that file, in
+    decimal MB/s of the file's size; interleaved, the same tar into the image's busybox
+    ``tar -xf -`` through ``run`` with the tar as stdin (how StreamIn extracted before
+    issue 9: busybox tar fed the same way), so the rows compare within one run."""
+    into = Series("stream_in", f"StreamIn {mib} MiB", "MB/s")
+    out = Series("stream_out", f"StreamOut {mib} MiB", "MB/s")
+    busybox = Series("stream_in_busybox", f"busybox tar -x {mib} MiB via run", "MB/s")
+    size = mib * MiB
+    for _ in range(runs):
+        with trio.fail_after(OP_TIMEOUT * 5):
+            start = perf_counter()
+            await container.stream_in(StreamInSpec(path="/tmp/bench-in", tar_stream=_one_file_tar(mib)))
+            into.samples.append(size / 1e6 / (perf_counter() - start))
+            got = 0
+            start = perf_counter()
+            async with await container.stream_out(StreamOutSpec(path="/tmp/bench-in/blob")) as chunks:
+                async for chunk in chunks:
+                    got += len(chunk)
+            elapsed = perf_counter() - start
+            if got < size:
+                raise BenchError(f"StreamOut gave {got} bytes, less than the {size}-byte file")
+            out.samples.append(size / 1e6 / elapsed)
+            spec = ProcessSpec(path="tar", args=["-xf", "-"], dir="/tmp/bench-busybox")
+            start = perf_counter()
+            process = await container.run(spec, ProcessIO(stdin=_one_file_tar(mib)))
+            code = await process.wait()
+            elapsed = perf_counter() - start
+            if code != 0:
+                raise BenchError(f"busybox tar -x exited with {code}")
+            busybox.samples.append(size / 1e6 / elapsed)
+            rm = await container.run(ProcessSpec(path="rm", args=["-rf", "/tmp/bench-in", "/tmp/bench-busybox"]),
+                                     ProcessIO())
+            await rm.wait()
+    return [into, out, busybox]
 
 
 async def concurrent(

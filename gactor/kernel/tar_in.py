@@ -124,7 +124,7 @@ class Extraction:
         self.tar = tar
         self.source = source
         self.made_links: set[str] = set()  # symlinks this archive made, by clean name
-        self.dirs: list[tuple[str, tarfile.TarInfo]] = []
+        self.dirs: list[tuple[str, int, int]] = []  # path, mode, mtime: set once filled
 
     def run(self) -> None:
         while (member := self.tar.next()) is not None:
@@ -133,8 +133,8 @@ class Extraction:
                 self.member(member)
             except OSError as err:
                 raise LayerError(f"{member.name}: {os.strerror(err.errno or 0)}") from None
-        for path, member in reversed(self.dirs):  # after their contents changed them
-            self.attrs(path, member, is_dir=True)
+        for path, mode, mtime in reversed(self.dirs):  # after their contents changed them
+            self.attrs(path, mode, mtime, is_dir=True)
 
     def member(self, member: tarfile.TarInfo) -> None:
         name = clean_name(member.name, "member")
@@ -177,7 +177,7 @@ class Extraction:
                 os.mknod(path, kind | 0o600, os.makedev(member.devmajor, member.devminor))
             except OSError as err:
                 raise LayerError(f"{name}: cannot create the node: {os.strerror(err.errno or 0)}") from None
-            self.attrs(path, member, is_dir=False)
+            self.attrs(path, member.mode, member.mtime, is_dir=False)
         else:
             warn(f"{name}: skipped: unsupported member type {member.type!r}")
 
@@ -187,7 +187,7 @@ class Extraction:
         if not os.path.isdir(path):
             os.mkdir(path, 0o700)  # its own mode once its contents are in: it may forbid writing
         self.xattrs(path, path, member)
-        self.dirs.append((path, member))
+        self.dirs.append((path, member.mode, int(member.mtime)))
 
     def check_through(self, name: str, what: str) -> None:
         """Refuse a name below a symlink this archive made (``evil -> /etc``, ``evil/x``)."""
@@ -223,12 +223,12 @@ class Extraction:
                     raise
                 warn(f"{path}: cannot set the extended attribute {key!r}: {os.strerror(err.errno or 0)}")
 
-    def attrs(self, path: str, member: tarfile.TarInfo, is_dir: bool) -> None:
+    def attrs(self, path: str, mode: int, mtime: float, is_dir: bool) -> None:
         """Mode and times; a directory that was already there and is not the user's keeps
-        its own, with a warning (tar would fail the whole stream for it)."""
+        its own, with a warning (GNU tar would fail the whole stream for it)."""
         try:
-            os.chmod(path, member.mode & 0o7777)
-            os.utime(path, (member.mtime, member.mtime))
+            os.chmod(path, mode & 0o7777)
+            os.utime(path, (mtime, mtime))
         except OSError as err:
             if not is_dir or err.errno not in _ATTR_REFUSED:
                 raise
