@@ -239,8 +239,9 @@ def warn(message: str) -> None:
     _write_all(2, f"tar: {message}\n".encode(errors="surrogateescape"))
 
 
-def main() -> int:
-    """Extract the tar on stdin into the working directory; the exit status. Called in
+def main(args: list[str]) -> int:
+    """Extract the tar on stdin into the working directory (``args``, tar's, are not
+    read); the exit status. Called in
     the forked process instead of ``execve``: it first closes every fd the shim had (the
     spawn error pipe among them, which tells the shim the process started)."""
     os.closerange(3, 1 << 20)

@@ -29,7 +29,7 @@ from ..actors.registry import RegistryRef, check_name
 from ..errors import ContainerNotFoundError, GardenError, error_to_wire
 from ..kernel import images
 from ..kernel.errors import KernelError
-from ..kernel.spawn import TAR_EXTRACT
+from ..kernel.spawn import TAR_CREATE, TAR_EXTRACT
 from ..types import (
     BandwidthLimits,
     ContainerSpec,
@@ -143,12 +143,12 @@ class Api:
     @contextlib.asynccontextmanager
     async def tar(self, args: dict[str, Any], extract: bool) -> AsyncIterator[tuple[ProcessActor, Subscription]]:
         """Run tar in the container as ``user``: extracting stdin into ``path`` (created,
-        owned by the user, as Garden does) with the shim's extractor (``kernel/tar_in.py``,
-        which keeps xattrs; a shim older than it runs the static tar instead), or
-        archiving ``path`` to stdout with the server's static tar, with the grace timer
-        paused until the context ends. A relative path is relative to the user's home;
-        ``path/`` streams out its contents. Leaving the context before tar ended kills
-        tar."""
+        owned by the user, as Garden does) or archiving ``path`` to stdout, with the grace
+        timer paused until the context ends. The shim's own tar does it
+        (``kernel/tar_in.py``, ``tar_out.py``: xattrs kept both ways); a shim older than
+        them runs the server's static busybox tar. A relative path is relative to the
+        user's home; ``path/`` streams out its contents. Leaving the context before tar
+        ended kills tar."""
         schema.check("stream_in" if extract else "stream_out", args)
         path = arg(args, "path", str)
         if not path:
@@ -166,7 +166,7 @@ class Api:
         async with self.registry.using(arg(args, "handle", str)) as container:
             process = await container.run(spec, f"gactor-tar-{uuid.uuid4()}", sub,
                                           host_exe=container.env.tar_binary, dir_must_exist=not extract,
-                                          builtin=TAR_EXTRACT if extract else "")
+                                          builtin=TAR_EXTRACT if extract else TAR_CREATE)
             try:
                 yield process, sub
             finally:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 
-from gactor import ContainerSpec, GardenError, StreamInSpec
+from gactor import ContainerSpec, GardenError, StreamInSpec, StreamOutSpec
 
 from .helpers import (
     E2E_MARKS,
@@ -224,3 +224,43 @@ async def test_a_cancelled_stream_in_kills_the_extractor_and_keeps_what_it_wrote
     assert 4 << 20 <= kept <= 8 << 20
     with open(f"{root}/tmp/cut/partial", "rb") as f:
         assert set(f.read()) == {0xAB}
+
+
+async def stream_out(container: Any, path: str, user: str = "") -> bytes:
+    data = bytearray()
+    with trio.fail_after(30):
+        async with await container.stream_out(StreamOutSpec(path=path, user=user)) as chunks:
+            async for chunk in chunks:
+                data += chunk
+    return bytes(data)
+
+
+async def test_stream_out_keeps_xattrs_and_gnu_tar_restores_them(container, tmp_path):
+    await ensure_user(container, "alice")
+    with gnu_tar_tree() as archive:
+        await container.stream_in(StreamInSpec(path="/home/alice/src", user="alice", tar_stream=archive))
+    out = await stream_out(container, "/home/alice/src", user="alice")
+    with tarfile.open(fileobj=io.BytesIO(out)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert members["src/sub/tool"].pax_headers["SCHILY.xattr.user.origin"] == "gnu tar"
+    assert members["src/sub"].pax_headers["SCHILY.xattr.user.kind"] == "dir"
+    assert (members["src/sub/tool"].uname, members["src/sub/tool"].mode) == ("alice", 0o4755)
+    assert members["src/link"].issym()
+    assert members["src/link"].linkname == "sub/tool"
+    linked = [m for m in members.values() if m.islnk()]  # the second name of the tool
+    assert [(m.name, m.linkname) for m in linked] in ([("src/sub/tool", "src/hard")], [("src/hard", "src/sub/tool")])
+    # What Garden's clients do with it: GNU tar --xattrs gets the xattrs back.
+    await trio.run_process(["tar", "--xattrs", "--xattrs-include=*", "-xpf", "-"], cwd=tmp_path, stdin=out)
+    assert xattrs_of(str(tmp_path / "src/sub/tool")) == {"user.origin": b"gnu tar"}
+    # And a round trip through StreamIn keeps them.
+    await container.stream_in(StreamInSpec(path="/root/copy", tar_stream=out))
+    assert xattrs_of(f"{await root_of(container)}/root/copy/src/sub/tool") == {"user.origin": b"gnu tar"}
+
+
+async def test_stream_out_of_a_file_with_a_capability_carries_it(container):
+    archive = pax_tar(entry("ping", data=b"#!/bin/sh\n", mode=0o755, pax=xattr("security.capability", CAP_NET_RAW)))
+    await container.stream_in(StreamInSpec(path="/root/caps", tar_stream=archive))
+    with tarfile.open(fileobj=io.BytesIO(await stream_out(container, "/root/caps/ping"))) as tar:
+        (member,) = tar.getmembers()
+    value = member.pax_headers["SCHILY.xattr.security.capability"].encode("utf-8", "surrogateescape")
+    assert value[4:8] == CAP_NET_RAW[4:8], value.hex()

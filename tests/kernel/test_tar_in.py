@@ -30,7 +30,7 @@ def extract(archive: bytes | Iterator[bytes], into: Path) -> tuple[int, bytes, i
             os.dup2(stdin_r, 0)
             os.dup2(err_w, 2)
             os.chdir(into)
-            os._exit(tar_in.main())
+            os._exit(tar_in.main([]))
         finally:
             os._exit(127)
     os.close(stdin_r)
