@@ -26,8 +26,8 @@ import tarfile
 import setproctitle
 
 from . import linux as L
-from .images.unpack import CHUNK
 
+CHUNK = 1 << 20  # bytes per read where splice is refused
 EXIT_FAILURE = 2
 RECORD = 20 * tarfile.BLOCKSIZE  # archives end on a whole record, as tar writes them
 _SPLICE_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EXDEV)
