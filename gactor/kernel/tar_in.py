@@ -22,8 +22,9 @@ Garden runs it), with the member parsing of the image layer unpacker
   it namespaced; nobody there may set ``trusted.*``); one that may not be set is a
   warning on stderr, as in GNU tar, never a failure; ``trusted.overlay.*`` is dropped;
 - names with ``..`` are refused, a leading ``/`` is dropped; a member (or hard link
-  target) that goes through a symlink the same archive made is refused (GNU tar defers
-  such symlinks for the same reason); symlinks that were already there are followed;
+  target) that goes through a symlink the same archive made pointing out of the tree
+  (absolute, or with ``..``) is refused, as GNU tar defers such symlinks to the end;
+  symlinks that were already there are followed;
 - device nodes are made only where the container may (else the extraction fails, as
   GNU tar's does); directories' modes and times are set once their contents are in.
 
@@ -149,7 +150,7 @@ class Extraction:
     def __init__(self, tar: tarfile.TarFile, source: _Input) -> None:
         self.tar = tar
         self.source = source
-        self.made_links: set[str] = set()  # symlinks this archive made, by clean name
+        self.made_links: set[str] = set()  # symlinks out of the tree this archive made
         self.dirs: list[tuple[str, int, int]] = []  # path, mode, mtime: set once filled
 
     def run(self) -> None:
@@ -189,7 +190,8 @@ class Extraction:
         elif member.issym():
             self.make_room(path, name)
             os.symlink(member.linkname, path)
-            self.made_links.add(name)
+            if member.linkname.startswith("/") or ".." in member.linkname.split("/"):
+                self.made_links.add(name)  # GNU tar defers exactly these
             self.xattrs(path, path, member)
         elif member.islnk():
             target = clean_name(member.linkname, "hard link target")
@@ -216,7 +218,8 @@ class Extraction:
         self.dirs.append((path, member.mode, int(member.mtime)))
 
     def check_through(self, name: str, what: str) -> None:
-        """Refuse a name below a symlink this archive made (``evil -> /etc``, ``evil/x``)."""
+        """Refuse a name below a symlink out of the tree this archive made (``evil -> /etc``,
+        then ``evil/x``): within the container it would be allowed, but it is never meant."""
         if not self.made_links:
             return
         parts = name.split("/")

@@ -137,3 +137,31 @@ def test_dotdot_names_are_refused(tmp_path: Path) -> None:
     assert code == tar_in.EXIT_FAILURE
     assert b"points outside" in errors, errors
     assert not (tmp_path / "outside").exists()
+
+
+def symlink_then_member(target: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        d = tarfile.TarInfo("sub")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        link = tarfile.TarInfo("lnk")
+        link.type, link.linkname = tarfile.SYMTYPE, target
+        tar.addfile(link)
+        tar.addfile(tarfile.TarInfo("lnk/x"), io.BytesIO(b""))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("target", ["/tmp", "../..", "sub/../.."])
+def test_a_member_below_a_symlink_out_of_the_tree_is_refused(tmp_path: Path, target: str) -> None:
+    (tmp_path / "in").mkdir()
+    code, errors, _ = extract(symlink_then_member(target), tmp_path / "in")
+    assert code == tar_in.EXIT_FAILURE
+    assert b"goes through the symlink 'lnk'" in errors, errors
+
+
+def test_a_member_below_a_symlink_within_the_tree_is_written_through_it(tmp_path: Path) -> None:
+    # As GNU tar does: only symlinks out of the tree (absolute, or with ..) are deferred.
+    code, errors, _ = extract(symlink_then_member("sub"), tmp_path)
+    assert (code, errors) == (0, b"")
+    assert (tmp_path / "sub" / "x").is_file()
