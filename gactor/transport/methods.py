@@ -194,8 +194,9 @@ class Api:
                     output = await _collect(sub)
                     code = await process.wait()
                     nursery.cancel_scope.cancel()
-            # busybox tar only warns about a device node it may not make (an unprivileged
-            # container cannot), and exits 0; GNU tar, which Garden runs, fails.
+            # busybox tar (which a shim older than kernel/tar_in.py runs) only warns about a
+            # device node it may not make (an unprivileged container cannot), and exits 0;
+            # GNU tar, which Garden runs, and tar_in fail.
             if code != 0 or _TAR_NODE_REFUSED in output:
                 raise GardenError(f"exit status {code}. Output: {output.decode(errors='replace').strip()}")
         except* GardenError as group:
