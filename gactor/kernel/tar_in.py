@@ -285,6 +285,9 @@ def main(args: list[str]) -> int:
     except (LayerError, OSError, tarfile.TarError, EOFError, ValueError) as err:
         warn(_describe(err))
         return EXIT_FAILURE
+    except Exception as err:  # noqa: BLE001 - nothing above this frame can report it any more
+        warn(f"internal error: {type(err).__name__}: {err}")
+        return EXIT_FAILURE
     return 0
 
 

@@ -201,4 +201,7 @@ def main(args: list[str]) -> int:
             return EXIT_FAILURE  # the reader went away
         _warn(f"{name}: {os.strerror(err.errno or 0)}")
         return EXIT_FAILURE
+    except Exception as err:  # noqa: BLE001 - nothing above this frame can report it any more
+        _warn(f"internal error: {type(err).__name__}: {err}")
+        return EXIT_FAILURE
     return EXIT_FAILURE if archive.failed else 0

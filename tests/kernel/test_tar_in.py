@@ -75,7 +75,8 @@ def tree(top: Path) -> dict[str, tuple[str, int, dict[str, bytes], bytes]]:
     found = {}
     for path in sorted(top.rglob("*")):
         st = path.lstat()
-        kind = "l" if path.is_symlink() else "d" if path.is_dir() else "f"
+        kind = ("l" if stat.S_ISLNK(st.st_mode) else "d" if stat.S_ISDIR(st.st_mode)
+                else "f" if stat.S_ISREG(st.st_mode) else "other")
         xattrs = {k: os.getxattr(path, k, follow_symlinks=False) for k in os.listxattr(path, follow_symlinks=False)}
         body = os.readlink(path).encode() if kind == "l" else path.read_bytes() if kind == "f" else b""
         found[str(path.relative_to(top))] = (kind, stat.S_IMODE(st.st_mode), xattrs, body)
