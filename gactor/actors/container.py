@@ -233,6 +233,7 @@ class Run:
     subscriber: Subscription | None
     host_exe: str
     dir_must_exist: bool
+    builtin: str = ""
 
 
 @dataclass(frozen=True)
@@ -991,7 +992,7 @@ class ContainerActor:
             "path": spec.path, "args": spec.args, "env": spec.env, "dir": spec.dir or self.image_config.working_dir,
             "user": spec.user or self.image_config.user, "rlimits": limits,
             "image_env": list(self.image_config.env), "container_env": self.spec.env,
-            "host_exe": run.host_exe, "dir_must_exist": run.dir_must_exist,
+            "host_exe": run.host_exe, "dir_must_exist": run.dir_must_exist, "builtin": run.builtin,
         }
         pea = None
         if spec.image.uri:
@@ -1288,11 +1289,14 @@ class ContainerRef:
         return BandwidthLimits(rate, burst)
 
     async def run(self, spec: ProcessSpec, process_id: str, subscriber: Subscription | None = None,
-                  host_exe: str = "", dir_must_exist: bool = False) -> ProcessActor:
+                  host_exe: str = "", dir_must_exist: bool = False, builtin: str = "") -> ProcessActor:
         """Start a process; ``host_exe`` runs a binary of the host's (the server's own tar)
-        under the name ``spec.path`` instead of looking ``spec.path`` up in the image.
-        Cancelled: the process may still start, and is then listed and attachable."""
-        proc: ProcessActor = await self._mailbox.ask(Run(spec, process_id, subscriber, host_exe, dir_must_exist))
+        under the name ``spec.path`` instead of looking ``spec.path`` up in the image;
+        ``builtin`` names code of the shim's that runs instead of any binary (a shim too
+        old to know it runs ``host_exe``). Cancelled: the process may still start, and is
+        then listed and attachable."""
+        proc: ProcessActor = await self._mailbox.ask(Run(spec, process_id, subscriber, host_exe, dir_must_exist,
+                                                         builtin))
         return proc
 
     async def process(self, process_id: str) -> ProcessActor:
