@@ -411,8 +411,59 @@ class Shim:
         self._broadcast({"event": "exit", "id": proc.id, "code": proc.exit})
 
 
-def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement) -> None:
-    """Entry point in the freshly forked shim; never returns.
+def warm_main(status_fd: int, conf: Confinement) -> None:
+    """Entry point of a warm shim, forked ahead of time by the spawner; never returns.
+
+    It does what every shim does before it knows its container (a session of its own,
+    every inherited fd but stdio and ``status_fd`` closed, child subreaper, signals), then
+    waits on ``status_fd`` for the one message ``{"cfg"}`` naming its container, and goes
+    on as ``shim_main``. It has created no namespace, mount or cgroup entry until then, so
+    nothing of one container can reach another: each warm shim serves one container, and
+    builds it from scratch. If the socket closes first (the spawner died, with the server),
+    it exits."""
+    try:
+        _detach(status_fd)
+        setproctitle.setproctitle(WARM_TITLE)
+        L.set_process_name(WARM_NAME)
+        status = socket.socket(fileno=status_fd)
+        try:
+            got = wire.recv(status)
+        finally:
+            status.detach()
+    except BaseException:  # noqa: BLE001 - never unwind into the spawner's code
+        traceback.print_exc()
+        os._exit(1)
+    if got is None or not isinstance(got[0], dict) or not isinstance(got[0].get("cfg"), dict):
+        os._exit(0)  # the spawner is gone (or garbled the hand-over): nobody waits for us
+    for fd in got[1]:
+        os.close(fd)
+    shim_main(got[0]["cfg"], status_fd, conf, detached=True)
+
+
+WARM_TITLE = "gactor-warm-shim"  # a process title no depot's reconcile mistakes for a shim
+WARM_NAME = "gactor-warm"
+
+
+def _detach(status_fd: int) -> None:
+    """Leave the spawner's session and fds behind: keep only stdio and ``status_fd``."""
+    os.setsid()
+    devnull = os.open("/dev/null", os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)  # stderr stays the spawner's (the server's log) until the shim has its own
+    keep = {0, 1, 2, status_fd}
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    L.set_child_subreaper()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+
+def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement, detached: bool = False) -> None:
+    """Entry point in the freshly forked shim (or a warm one given its ``cfg``, which has
+    ``detached`` already); never returns.
 
     ``status_fd`` is the shim's end of the spawner's status socket: the report goes
     there, then the shim waits for ``COMMIT``. Without it (the socket closed: the request
@@ -420,27 +471,16 @@ def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement) -> None:
     files in the container directory, which belongs to the caller."""
     shim: Shim | None = None
     try:
-        os.setsid()
+        if not detached:
+            _detach(status_fd)
         dir_fd = os.open(cfg["dir"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         log = os.open("shim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        devnull = os.open("/dev/null", os.O_RDWR)
-        os.dup2(devnull, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
-        keep = {0, 1, 2, status_fd, dir_fd}
-        for fd in map(int, os.listdir("/proc/self/fd")):
-            if fd not in keep:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        L.set_child_subreaper()
+        os.close(log)
         # Forked from the server, we would show its command line; say what we are instead.
         setproctitle.setproctitle(shims.title(cfg["dir"]))
         L.set_process_name("gactor-shim")
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         if not _exists(dir_fd, "processes"):
             os.mkdir("processes", 0o700, dir_fd=dir_fd)
         shim = Shim(cfg, dir_fd, conf)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import select
 import signal
 import socket
 import struct
@@ -49,10 +50,14 @@ class SpawnerHandle:
     pid: int
 
 
-def fork_spawner(conf: Confinement | None = None) -> SpawnerHandle:
+WARM_SHIMS = 2  # shims forked ahead of time, waiting for a container
+REFILL_IDLE = 0.01  # seconds without a request before the pool gets its next warm shim
+
+
+def fork_spawner(conf: Confinement | None = None, warm: int = WARM_SHIMS) -> SpawnerHandle:
     """Fork the spawner, whose shims confine their containers with ``conf`` (default:
-    ``container_init.confinement()``, built here). Call before any thread exists in this
-    process."""
+    ``container_init.confinement()``, built here) and which keeps ``warm`` shims forked
+    ahead of time. Call before any thread exists in this process."""
     if conf is None:
         conf = confinement()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -63,7 +68,7 @@ def fork_spawner(conf: Confinement | None = None) -> SpawnerHandle:
     if pid == 0:
         ours.close()
         try:
-            _serve(theirs, conf)
+            _serve(theirs, conf, warm)
         except BaseException:  # noqa: BLE001 - never unwind into the server's code
             traceback.print_exc()
         finally:
@@ -72,7 +77,20 @@ def fork_spawner(conf: Confinement | None = None) -> SpawnerHandle:
     return SpawnerHandle(ours, pid)
 
 
-def _serve(sock: socket.socket, conf: Confinement) -> None:
+@dataclass
+class _Warm:
+    """A warm shim: our end of its status socket and its pidfd (both ours to close)."""
+
+    pid: int
+    sock: socket.socket
+    pidfd: int
+
+    def close(self) -> None:
+        self.sock.close()  # the shim sees the socket close and exits
+        os.close(self.pidfd)
+
+
+def _serve(sock: socket.socket, conf: Confinement, warm: int) -> None:
     L.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
     setproctitle.setproctitle("gactor-spawner")
     L.set_process_name("gactor-spawner")
@@ -81,9 +99,12 @@ def _serve(sock: socket.socket, conf: Confinement) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # Children share our heap copy-on-write; freezing keeps the GC from touching (copying) it.
     gc.freeze()
-    from .shim import shim_main
+    from .shim import shim_main, warm_main
 
+    cold = functools.partial(shim_main, conf=conf)
+    pool: list[_Warm] = []
     while True:
+        _refill(sock, pool, warm, functools.partial(warm_main, conf=conf))
         try:
             got = wire.recv(sock)
         except OSError:
@@ -92,7 +113,7 @@ def _serve(sock: socket.socket, conf: Confinement) -> None:
             traceback.print_exc()  # a garbled request has no rid to answer; its caller times out
             continue
         if got is None:
-            return
+            return  # our ends of the warm shims' sockets close with us: they exit
         msg, fds = got
         for fd in fds:
             os.close(fd)
@@ -101,7 +122,7 @@ def _serve(sock: socket.socket, conf: Confinement) -> None:
         try:
             if not isinstance(msg, dict) or not isinstance(msg.get("cfg"), dict):
                 raise ValueError(f"bad spawner request {msg!r:.200}")
-            shim_pid, out_fds = _fork_shim(msg["cfg"], sock, functools.partial(shim_main, conf=conf))
+            shim_pid, out_fds = _hand_over(pool, msg["cfg"]) or _fork_shim(sock, functools.partial(cold, msg["cfg"]))
             reply: dict[str, Any] = {"rid": rid, "ok": True, "shim": shim_pid}
         except Exception:  # noqa: BLE001 - keep serving; the server sees the error text
             reply = {"rid": rid, "ok": False, "error": traceback.format_exc(limit=2)}
@@ -116,12 +137,49 @@ def _serve(sock: socket.socket, conf: Confinement) -> None:
                 os.close(fd)
 
 
-def _fork_shim(cfg: dict[str, Any], sock: socket.socket, shim_main: Any) -> tuple[int, list[int]]:
-    """Double-fork a shim; return its pid and [status socket, pidfd] (the caller closes them).
+def _refill(sock: socket.socket, pool: list[_Warm], size: int, warm_main: Any) -> None:
+    """Fork warm shims until the pool holds ``size``, while no request waits: the first at
+    once, each further one only after ``REFILL_IDLE`` seconds without a request, so
+    refilling stays off the path of a burst of creates."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    while len(pool) < size:
+        if poller.poll(0 if not pool else REFILL_IDLE * 1000):
+            return
+        try:
+            pid, (status, pidfd) = _fork_shim(sock, warm_main)
+        except Exception:  # noqa: BLE001 - no warm shim: requests fork their own
+            traceback.print_exc()
+            return
+        pool.append(_Warm(pid, socket.socket(fileno=status), pidfd))
+
+
+def _hand_over(pool: list[_Warm], cfg: dict[str, Any]) -> tuple[int, list[int]] | None:
+    """Give ``cfg`` to a live warm shim; its pid and [status socket, pidfd] (the caller
+    closes them), or None when the pool has none."""
+    while pool:
+        shim = pool.pop(0)
+        try:
+            wire.send(shim.sock, {"cfg": cfg}, what="the container's shim config")
+        except OSError:
+            shim.close()  # it died waiting (killed by someone): try the next
+            continue
+        except BaseException:
+            shim.close()
+            raise
+        return shim.pid, [shim.sock.detach(), shim.pidfd]
+    return None
+
+
+def _fork_shim(sock: socket.socket, main: Any) -> tuple[int, list[int]]:
+    """Double-fork a shim running ``main(status fd)``; return its pid and [status socket,
+    pidfd] (the caller closes them).
 
     The middle process stays until we hold the shim's pidfd: while it lives and has not
     reaped the shim, the shim's pid cannot name another process."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    wire.size_socket(ours)
+    wire.size_socket(theirs)
     hold_parent, hold_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         middle = os.fork()
@@ -133,7 +191,7 @@ def _fork_shim(cfg: dict[str, Any], sock: socket.socket, shim_main: Any) -> tupl
                 shim = os.fork()
                 if shim == 0:
                     hold_child.close()
-                    shim_main(cfg, theirs.detach())
+                    main(theirs.detach())
                 theirs.close()
                 hold_child.sendall(struct.pack("q", shim))
                 hold_child.recv(1)  # until the spawner has the pidfd (or died)
