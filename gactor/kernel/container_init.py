@@ -19,6 +19,7 @@ import socket
 import stat
 import struct
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,12 +127,14 @@ _LOCKED = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC | L.MS_RDONLY
 _ATIME = ((os.ST_NOATIME, L.MS_NOATIME), (os.ST_NODIRATIME, L.MS_NODIRATIME), (os.ST_RELATIME, L.MS_RELATIME))
 
 
-def start_init(cfg: dict[str, Any], conf: Confinement) -> int:
+def start_init(cfg: dict[str, Any], conf: Confinement, on_init: Callable[[int], None] | None = None) -> int:
     """Create the container's namespaces and its pid 1; return pid 1's host pid.
 
     ``cfg`` keys: rootfs, hostname, privileged, cgroup_procs, bind_mounts
     ([{src, dst, ro}]), hosts_file, resolv.conf_file. The caller (the shim) must be a child
-    subreaper so pid 1 is reparented to it when the forking helper exits.
+    subreaper so pid 1 is reparented to it when the forking helper exits. ``on_init(pid)``
+    is called as soon as pid 1 exists in its namespaces, while it still builds its root
+    (the network can be set up meanwhile); an exception from it ends pid 1 and propagates.
     """
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
@@ -156,13 +159,30 @@ def start_init(cfg: dict[str, Any], conf: Confinement) -> int:
                     ready = True
                 elif isinstance(msg, dict) and "init" in msg:
                     init_pid = int(msg["init"])
+                    if on_init is not None:
+                        try:
+                            on_init(init_pid)
+                        except BaseException:
+                            _end_init(helper, init_pid)
+                            raise
                 else:
                     raise RuntimeError(f"container init failed: {msg.get('error') if isinstance(msg, dict) else msg}")
                 if init_pid and ready:
                     return init_pid
             raise RuntimeError("container init failed: it exited before it was ready")
     finally:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(helper, 0)
+
+
+def _end_init(helper: int, init_pid: int) -> None:
+    """SIGKILL pid 1 and reap it: it is ours (a child subreaper's) once the helper is gone."""
+    with contextlib.suppress(OSError):
+        os.kill(init_pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(helper, 0)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(init_pid, 0)
 
 
 def _run_child(fn: Any, *args: Any) -> None:

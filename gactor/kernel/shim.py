@@ -143,9 +143,20 @@ class Shim:
             raise RuntimeError("this shim has no confinement: it cannot start processes")
         return self.conf
 
-    def start(self) -> None:
-        self.init_pid = start_init(self.cfg, self._confinement())
-        self.ns_fds = open_namespaces(self.init_pid, self.cfg["privileged"])
+    def start(self, status_fd: int | None = None) -> None:
+        """Build the container. With ``status_fd``, its network namespace goes there as
+        ``{"netns": true}`` + the fd as soon as it exists, before the container is up."""
+
+        def early(init_pid: int) -> None:
+            self.ns_fds = open_namespaces(init_pid, self.cfg["privileged"])
+            if status_fd is not None:
+                status = socket.socket(fileno=status_fd)
+                try:
+                    socket.send_fds(status, [msgpack.packb({"netns": True})], [self.ns_fds["net"]])
+                finally:
+                    status.detach()
+
+        self.init_pid = start_init(self.cfg, self._confinement(), on_init=early)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         path = wire.socket_path(self.dir_fd, "shim.sock")
         try:
@@ -484,7 +495,7 @@ def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement, detached: 
         if not _exists(dir_fd, "processes"):
             os.mkdir("processes", 0o700, dir_fd=dir_fd)
         shim = Shim(cfg, dir_fd, conf)
-        shim.start()
+        shim.start(status_fd)
         os.write(status_fd, msgpack.packb({"shim": os.getpid(), "init": shim.init_pid}))
         if os.read(status_fd, 1) != COMMIT:
             _give_up(shim, dir_fd)
