@@ -127,41 +127,120 @@ _LOCKED = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC | L.MS_RDONLY
 _ATIME = ((os.ST_NOATIME, L.MS_NOATIME), (os.ST_NODIRATIME, L.MS_NODIRATIME), (os.ST_RELATIME, L.MS_RELATIME))
 
 
-def start_init(cfg: dict[str, Any], conf: Confinement, on_init: Callable[[int], None] | None = None) -> int:
+class PreparedInit:
+    """A helper forked ahead of time (by a warm shim) for one unprivileged container: in a
+    fresh user namespace (uid map written), UTS, IPC, network and pid namespace of its
+    own, waiting for the container's cfg. The mount and cgroup namespaces come only then
+    (they need the container's rootfs mount and cgroups). Nothing has used these
+    namespaces: they are as fresh as ones made at create. The owner calls ``start_init``
+    with it, or ``discard``; if the owner dies, the helper sees its pipe close and exits."""
+
+    def __init__(self, conf: Confinement) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        self.helper = os.fork()
+        if self.helper == 0:
+            os.close(to_child_w)
+            os.close(from_child_r)
+            _run_child(_prepared_helper, conf, to_child_r, from_child_w)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.reports = os.fdopen(from_child_r, "rb", buffering=0)
+        self.go = os.fdopen(to_child_w, "wb", buffering=0)
+        self.unpacker = msgpack.Unpacker(self.reports, raw=False)
+        try:
+            if next(self.unpacker, None) != "map":
+                raise RuntimeError("the prepared helper failed before its uid map")
+            _write_id_maps(self.helper)
+            self.go.write(b"g")
+            msg = next(self.unpacker, None)
+            if msg != "prepared":
+                raise RuntimeError(f"preparing namespaces failed: {msg.get('error') if isinstance(msg, dict) else msg}")
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """End the helper (and so its namespaces) and reap it, unless ``start_init`` has
+        already (its pid must not be signalled once reaped)."""
+        if not self.helper:
+            return
+        with contextlib.suppress(OSError):
+            os.kill(self.helper, signal.SIGKILL)
+        self.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.helper, 0)
+        self.helper = 0
+
+    def close(self) -> None:
+        self.reports.close()
+        self.go.close()
+
+
+def _write_id_maps(pid: int) -> None:
+    for kind in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{kind}", "w") as f:
+            f.write(UID_MAP)
+
+
+def start_init(cfg: dict[str, Any], conf: Confinement, on_netns: Callable[[int], None] | None = None,
+               prepared: PreparedInit | None = None) -> int:
     """Create the container's namespaces and its pid 1; return pid 1's host pid.
 
     ``cfg`` keys: rootfs, hostname, privileged, cgroup_procs, bind_mounts
     ([{src, dst, ro}]), hosts_file, resolv.conf_file. The caller (the shim) must be a child
-    subreaper so pid 1 is reparented to it when the forking helper exits. ``on_init(pid)``
-    is called as soon as pid 1 exists in its namespaces, while it still builds its root
-    (the network can be set up meanwhile); an exception from it ends pid 1 and propagates.
+    subreaper so pid 1 is reparented to it when the forking helper exits. ``on_netns(pid)``
+    is called as soon as the container's network namespace exists, as that of ``pid``
+    (alive and unreaped during the call), while pid 1 is still to build its root; an
+    exception from it ends the container and propagates. ``prepared`` (taken over: used
+    or discarded here) saves making the namespaces an unprivileged container starts with.
     """
-    to_child_r, to_child_w = os.pipe()
-    from_child_r, from_child_w = os.pipe()
-    helper = os.fork()
-    if helper == 0:
-        os.close(to_child_w)
-        os.close(from_child_r)
-        _run_child(_helper, cfg, conf, to_child_r, from_child_w)
-    os.close(to_child_r)
-    os.close(from_child_w)
+    if prepared is not None and cfg["privileged"]:
+        prepared.discard()  # made for an unprivileged container
+        prepared = None
+    if prepared is None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        helper = os.fork()
+        if helper == 0:
+            os.close(to_child_w)
+            os.close(from_child_r)
+            _run_child(_helper, cfg, conf, to_child_r, from_child_w)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        reports = os.fdopen(from_child_r, "rb", buffering=0)
+        go = os.fdopen(to_child_w, "wb", buffering=0)
+        unpacker = msgpack.Unpacker(reports, raw=False)
+    else:
+        helper, go, reports, unpacker = prepared.helper, prepared.go, prepared.reports, prepared.unpacker
     try:
-        with os.fdopen(from_child_r, "rb", buffering=0) as reports, os.fdopen(to_child_w, "wb", buffering=0) as go:
+        with reports, go:
+            if prepared is not None:
+                try:
+                    if on_netns is not None:
+                        on_netns(helper)
+                        on_netns = None
+                    # The host's root joins it to the container's cgroups (it cannot from its user namespace).
+                    for path in cfg["cgroup_procs"]:
+                        with open(path, "w") as f:
+                            f.write(str(helper))
+                    go.write(msgpack.packb(cfg))
+                except BaseException:
+                    prepared.discard()
+                    raise
             init_pid, ready = 0, False
             # The helper and pid 1 share the report pipe, so "init" and "ready" may come in either order.
-            for msg in msgpack.Unpacker(reports, raw=False):
+            for msg in unpacker:
                 if msg == "map":
-                    for kind in ("uid_map", "gid_map"):
-                        with open(f"/proc/{helper}/{kind}", "w") as f:
-                            f.write(UID_MAP)
+                    _write_id_maps(helper)
                     go.write(b"g")
                 elif msg == "ready":
                     ready = True
                 elif isinstance(msg, dict) and "init" in msg:
                     init_pid = int(msg["init"])
-                    if on_init is not None:
+                    if on_netns is not None:
                         try:
-                            on_init(init_pid)
+                            on_netns(init_pid)
                         except BaseException:
                             _end_init(helper, init_pid)
                             raise
@@ -173,6 +252,8 @@ def start_init(cfg: dict[str, Any], conf: Confinement, on_init: Callable[[int], 
     finally:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(helper, 0)
+        if prepared is not None:
+            prepared.helper = 0  # reaped
 
 
 def _end_init(helper: int, init_pid: int) -> None:
@@ -216,6 +297,29 @@ def _helper(cfg: dict[str, Any], conf: Confinement, go_fd: int, report_fd: int) 
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
     L.unshare(flags)
+    init = os.fork()
+    if init == 0:
+        _run_child(_init, cfg, conf, report_fd)
+    os.write(report_fd, msgpack.packb({"init": init}))
+
+
+def _prepared_helper(conf: Confinement, go_fd: int, report_fd: int) -> None:
+    """``_helper`` in two halves: the namespaces that need no cfg, then (given the cfg,
+    once the shim has moved us into the container's cgroups) the rest and pid 1."""
+    L.unshare(L.CLONE_NEWUSER)
+    os.write(report_fd, msgpack.packb("map"))
+    if os.read(go_fd, 1) != b"g":
+        raise RuntimeError("shim went away before writing the uid map")
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    L.unshare(L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET | L.CLONE_NEWPID)
+    os.write(report_fd, msgpack.packb("prepared"))
+    with os.fdopen(go_fd, "rb", buffering=0) as go:
+        cfg = next(msgpack.Unpacker(go, raw=False), None)
+    if not isinstance(cfg, dict):
+        os._exit(0)  # the shim is gone (or gave up on us): so are these namespaces
+    # In the container's cgroups now, so the new cgroup namespace has them as its root.
+    L.unshare(L.CLONE_NEWNS | L.CLONE_NEWCGROUP)
     init = os.fork()
     if init == 0:
         _run_child(_init, cfg, conf, report_fd)

@@ -55,7 +55,7 @@ import setproctitle
 from . import linux as L
 from . import shim_wire as wire
 from . import shims
-from .container_init import Confinement, open_namespaces, start_init
+from .container_init import Confinement, PreparedInit, open_namespaces, start_init
 from .spawn import SpawnError, Stdio, make_stdio, set_window_size, spawn
 from .spawner import COMMIT
 
@@ -143,20 +143,24 @@ class Shim:
             raise RuntimeError("this shim has no confinement: it cannot start processes")
         return self.conf
 
-    def start(self, status_fd: int | None = None) -> None:
-        """Build the container. With ``status_fd``, its network namespace goes there as
-        ``{"netns": true}`` + the fd as soon as it exists, before the container is up."""
+    def start(self, status_fd: int | None = None, prepared: PreparedInit | None = None) -> None:
+        """Build the container (from ``prepared`` namespaces, if given: taken over). With
+        ``status_fd``, its network namespace goes there as ``{"netns": true}`` + the fd as
+        soon as it exists, before the container is up."""
 
-        def early(init_pid: int) -> None:
-            self.ns_fds = open_namespaces(init_pid, self.cfg["privileged"])
-            if status_fd is not None:
-                status = socket.socket(fileno=status_fd)
-                try:
-                    socket.send_fds(status, [msgpack.packb({"netns": True})], [self.ns_fds["net"]])
-                finally:
-                    status.detach()
+        def send_netns(pid: int) -> None:
+            if status_fd is None:
+                return
+            netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            status = socket.socket(fileno=status_fd)
+            try:
+                socket.send_fds(status, [msgpack.packb({"netns": True})], [netns])
+            finally:
+                status.detach()
+                os.close(netns)
 
-        self.init_pid = start_init(self.cfg, self._confinement(), on_init=early)
+        self.init_pid = start_init(self.cfg, self._confinement(), send_netns, prepared)
+        self.ns_fds = open_namespaces(self.init_pid, self.cfg["privileged"])
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         path = wire.socket_path(self.dir_fd, "shim.sock")
         try:
@@ -422,7 +426,7 @@ class Shim:
         self._broadcast({"event": "exit", "id": proc.id, "code": proc.exit})
 
 
-def warm_main(status_fd: int, conf: Confinement) -> None:
+def warm_main(status_fd: int, conf: Confinement, spawner: int = 0) -> None:
     """Entry point of a warm shim, forked ahead of time by the spawner; never returns.
 
     It does what every shim does before it knows its container (a session of its own,
@@ -434,8 +438,13 @@ def warm_main(status_fd: int, conf: Confinement) -> None:
     it exits."""
     try:
         _detach(status_fd)
-        setproctitle.setproctitle(WARM_TITLE)
+        setproctitle.setproctitle(warm_title(spawner))
         L.set_process_name(WARM_NAME)
+        prepared: PreparedInit | None = None
+        try:
+            prepared = PreparedInit(conf)
+        except Exception:  # noqa: BLE001 - the container's start makes its namespaces itself
+            traceback.print_exc()
         status = socket.socket(fileno=status_fd)
         try:
             got = wire.recv(status)
@@ -445,14 +454,21 @@ def warm_main(status_fd: int, conf: Confinement) -> None:
         traceback.print_exc()
         os._exit(1)
     if got is None or not isinstance(got[0], dict) or not isinstance(got[0].get("cfg"), dict):
+        if prepared is not None:
+            prepared.discard()
         os._exit(0)  # the spawner is gone (or garbled the hand-over): nobody waits for us
     for fd in got[1]:
         os.close(fd)
-    shim_main(got[0]["cfg"], status_fd, conf, detached=True)
+    shim_main(got[0]["cfg"], status_fd, conf, detached=True, prepared=prepared)
 
 
-WARM_TITLE = "gactor-warm-shim"  # a process title no depot's reconcile mistakes for a shim
 WARM_NAME = "gactor-warm"
+
+
+def warm_title(spawner: int) -> str:
+    """The title of a warm shim of spawner ``spawner`` (and of its prepared helper), which
+    no depot's reconcile mistakes for a container's shim (``shims.PREFIX``)."""
+    return f"gactor-warm-shim (spawner {spawner})"
 
 
 def _detach(status_fd: int) -> None:
@@ -472,9 +488,10 @@ def _detach(status_fd: int) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 
-def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement, detached: bool = False) -> None:
+def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement, detached: bool = False,
+              prepared: PreparedInit | None = None) -> None:
     """Entry point in the freshly forked shim (or a warm one given its ``cfg``, which has
-    ``detached`` already); never returns.
+    ``detached`` already and may bring ``prepared`` namespaces); never returns.
 
     ``status_fd`` is the shim's end of the spawner's status socket: the report goes
     there, then the shim waits for ``COMMIT``. Without it (the socket closed: the request
@@ -495,7 +512,8 @@ def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement, detached: 
         if not _exists(dir_fd, "processes"):
             os.mkdir("processes", 0o700, dir_fd=dir_fd)
         shim = Shim(cfg, dir_fd, conf)
-        shim.start(status_fd)
+        shim.start(status_fd, prepared)
+        prepared = None  # taken over
         os.write(status_fd, msgpack.packb({"shim": os.getpid(), "init": shim.init_pid}))
         if os.read(status_fd, 1) != COMMIT:
             _give_up(shim, dir_fd)
@@ -508,6 +526,8 @@ def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement, detached: 
         finally:
             if shim is not None and shim.init_pid:
                 _kill_init(shim.init_pid)
+            if prepared is not None:
+                prepared.discard()
             os._exit(1)
     os.close(status_fd)
     for name, pid in (("shim.pid", os.getpid()), ("init.pid", shim.init_pid)):

@@ -104,7 +104,7 @@ def _serve(sock: socket.socket, conf: Confinement, warm: int) -> None:
     cold = functools.partial(shim_main, conf=conf)
     pool: list[_Warm] = []
     while True:
-        _refill(sock, pool, warm, functools.partial(warm_main, conf=conf))
+        _refill(sock, pool, warm, functools.partial(warm_main, conf=conf, spawner=os.getpid()))
         try:
             got = wire.recv(sock)
         except OSError:
