@@ -509,42 +509,47 @@ class ContainerActor:
         image = trio.current_time()
         cfg = await trio.to_thread.run_sync(self._prepare, source_image, undo)
         prepared = trio.current_time()
-        if self.net is None:
-            await self._start_shim(cfg, undo)
-        else:
-            assert self.env.network is not None
-            network = self.env.network
-            netns = trio.Event()
+        net, network = self.net, self.env.network
+        netns = trio.Event()
 
-            def got_netns(fd: int) -> None:
-                self._netns_fd = fd
-                undo.callback(os.close, fd)
-                netns.set()
+        def got_netns(fd: int) -> None:
+            self._netns_fd = fd
+            undo.callback(os.close, fd)
+            netns.set()
 
-            async def prepare_and_attach() -> None:
-                # The host side first (it needs no namespace), then the veth as soon as the
-                # container's network namespace exists, while its pid 1 builds its root.
-                await network.prepare(net)
-                await netns.wait()
-                await self._attach_network(undo, release=False)
+        async def prepare_and_attach() -> None:
+            # The host side first (it needs no namespace), then the veth as soon as the
+            # container's network namespace exists, while its pid 1 builds its root.
+            assert net is not None
+            assert network is not None
+            await network.prepare(net)
+            await netns.wait()
+            await self._attach_network(undo, release=False)
 
-            net = self.net
-            try:
-                async with trio.open_nursery() as nursery:
+        try:
+            async with trio.open_nursery() as nursery:
+                # The depot record, durably (an fsync: milliseconds), while the shim starts;
+                # written before the create returns. A crash before that leaves a directory
+                # without a record, which the next start removes (remove_orphan) as it removes
+                # any half-made container.
+                nursery.start_soon(trio.to_thread.run_sync, depot.write_json,
+                                   os.path.join(self.dir, "container.json"), self._record())
+                if net is not None:
                     nursery.start_soon(prepare_and_attach)
-                    await self._start_shim(cfg, undo, got_netns)
-                    if not netns.is_set():  # a shim that did not send it: ask it
-                        await self._open_netns(undo)
-                        netns.set()
-            except BaseException as exc:
+                await self._start_shim(cfg, undo, got_netns if net is not None else None)
+                if net is not None and not netns.is_set():  # a shim that did not send it: ask it
+                    await self._open_netns(undo)
+                    netns.set()
+        except BaseException as exc:
+            if net is not None and network is not None:
                 with trio.CancelScope(shield=True):
-                    await network.release(self.net)
-                # One failure (the shim's "bind mount source ... does not exist", say) reaches
-                # the caller as itself, not as a group the API would call an internal error.
-                if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1 \
-                        and isinstance(exc.exceptions[0], Exception):
-                    raise exc.exceptions[0] from None
-                raise
+                    await network.release(net)
+            # One failure (the shim's "bind mount source ... does not exist", say) reaches
+            # the caller as itself, not as a group the API would call an internal error.
+            if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1 \
+                    and isinstance(exc.exceptions[0], Exception):
+                raise exc.exceptions[0] from None
+            raise
         networked = trio.current_time()
         log.debug("container %s created in %.1f ms (image %.1f, depot+cgroup+mount %.1f, shim+init+network %.1f, "
                   "rest %.1f)", self.handle,
@@ -635,11 +640,11 @@ class ContainerActor:
         return copy
 
     def _prepare(self, image: images.Image, undo: Cleanup) -> dict[str, Any]:
-        """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread)."""
+        """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread);
+        the depot record comes in ``_create``, while the shim starts."""
         os.makedirs(os.path.dirname(self.dir), mode=0o711, exist_ok=True)
         os.mkdir(self.dir, 0o711)
         undo.callback(self.env.discard, self.dir)
-        depot.write_json(os.path.join(self.dir, "container.json"), self._record())
         cgroup = self.env.cgroups.create(self.name)
         undo.callback(self._destroy_cgroup, cgroup)
         self._cgroup = cgroup
