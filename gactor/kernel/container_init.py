@@ -128,49 +128,59 @@ _ATIME = ((os.ST_NOATIME, L.MS_NOATIME), (os.ST_NODIRATIME, L.MS_NODIRATIME), (o
 
 
 class PreparedInit:
-    """A helper forked ahead of time (by a warm shim) for one unprivileged container: in a
+    """Pid 1 forked ahead of time (by a warm shim) for one unprivileged container: in a
     fresh user namespace (uid map written), UTS, IPC, network and pid namespace of its
     own, waiting for the container's cfg. The mount and cgroup namespaces come only then
     (they need the container's rootfs mount and cgroups). Nothing has used these
-    namespaces: they are as fresh as ones made at create. The owner calls ``start_init``
-    with it, or ``discard``; if the owner dies, the helper sees its pipe close and exits."""
+    namespaces: they are as fresh as ones made at create. The owner (a child subreaper,
+    which pid 1 is reparented to) calls ``start_init`` with it, or ``discard``; if the
+    owner dies, pid 1 sees its pipe close and exits, and its namespaces with it."""
 
     def __init__(self, conf: Confinement) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        self.helper = os.fork()
-        if self.helper == 0:
+        helper = os.fork()
+        if helper == 0:
             os.close(to_child_w)
             os.close(from_child_r)
             _run_child(_prepared_helper, conf, to_child_r, from_child_w)
         os.close(to_child_r)
         os.close(from_child_w)
+        self.pid = 0
         self.reports = os.fdopen(from_child_r, "rb", buffering=0)
         self.go = os.fdopen(to_child_w, "wb", buffering=0)
         self.unpacker = msgpack.Unpacker(self.reports, raw=False)
         try:
-            if next(self.unpacker, None) != "map":
-                raise RuntimeError("the prepared helper failed before its uid map")
-            _write_id_maps(self.helper)
-            self.go.write(b"g")
-            msg = next(self.unpacker, None)
-            if msg != "prepared":
-                raise RuntimeError(f"preparing namespaces failed: {msg.get('error') if isinstance(msg, dict) else msg}")
+            try:
+                if next(self.unpacker, None) != "map":
+                    raise RuntimeError("the prepared helper failed before its uid map")
+                _write_id_maps(helper)
+                self.go.write(b"g")
+                msg = next(self.unpacker, None)
+                if not isinstance(msg, dict) or not isinstance(msg.get("init"), int):
+                    raise RuntimeError(f"preparing namespaces failed: {msg.get('error') if isinstance(msg, dict) else msg}")
+                self.pid = msg["init"]
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.kill(helper, signal.SIGKILL)
+                raise
+            finally:
+                os.waitpid(helper, 0)  # pid 1 is ours from here on
         except BaseException:
             self.discard()
             raise
 
     def discard(self) -> None:
-        """End the helper (and so its namespaces) and reap it, unless ``start_init`` has
-        already (its pid must not be signalled once reaped)."""
-        if not self.helper:
-            return
-        with contextlib.suppress(OSError):
-            os.kill(self.helper, signal.SIGKILL)
+        """End pid 1 (and so its namespaces) and reap it, unless ``start_init`` has taken
+        it (its pid must not be signalled once someone may have reaped it)."""
+        if self.pid:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
         self.close()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.helper, 0)
-        self.helper = 0
+        if self.pid:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+        self.pid = 0
 
     def close(self) -> None:
         self.reports.close()
@@ -198,39 +208,22 @@ def start_init(cfg: dict[str, Any], conf: Confinement, on_netns: Callable[[int],
     if prepared is not None and cfg["privileged"]:
         prepared.discard()  # made for an unprivileged container
         prepared = None
-    if prepared is None:
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        helper = os.fork()
-        if helper == 0:
-            os.close(to_child_w)
-            os.close(from_child_r)
-            _run_child(_helper, cfg, conf, to_child_r, from_child_w)
-        os.close(to_child_r)
-        os.close(from_child_w)
-        reports = os.fdopen(from_child_r, "rb", buffering=0)
-        go = os.fdopen(to_child_w, "wb", buffering=0)
-        unpacker = msgpack.Unpacker(reports, raw=False)
-    else:
-        helper, go, reports, unpacker = prepared.helper, prepared.go, prepared.reports, prepared.unpacker
+    if prepared is not None:
+        return _start_prepared(cfg, prepared, on_netns)
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        os.close(to_child_w)
+        os.close(from_child_r)
+        _run_child(_helper, cfg, conf, to_child_r, from_child_w)
+    os.close(to_child_r)
+    os.close(from_child_w)
     try:
-        with reports, go:
-            if prepared is not None:
-                try:
-                    if on_netns is not None:
-                        on_netns(helper)
-                        on_netns = None
-                    # The host's root joins it to the container's cgroups (it cannot from its user namespace).
-                    for path in cfg["cgroup_procs"]:
-                        with open(path, "w") as f:
-                            f.write(str(helper))
-                    go.write(msgpack.packb(cfg))
-                except BaseException:
-                    prepared.discard()
-                    raise
+        with os.fdopen(from_child_r, "rb", buffering=0) as reports, os.fdopen(to_child_w, "wb", buffering=0) as go:
             init_pid, ready = 0, False
             # The helper and pid 1 share the report pipe, so "init" and "ready" may come in either order.
-            for msg in unpacker:
+            for msg in msgpack.Unpacker(reports, raw=False):
                 if msg == "map":
                     _write_id_maps(helper)
                     go.write(b"g")
@@ -252,8 +245,29 @@ def start_init(cfg: dict[str, Any], conf: Confinement, on_netns: Callable[[int],
     finally:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(helper, 0)
-        if prepared is not None:
-            prepared.helper = 0  # reaped
+
+
+def _start_prepared(cfg: dict[str, Any], prepared: PreparedInit, on_netns: Callable[[int], None] | None) -> int:
+    """``start_init`` with a prepared pid 1: into the container's cgroups (written from
+    here, the host's root: it cannot from its user namespace), the cfg, then its report."""
+    init_pid = prepared.pid
+    try:
+        with prepared.reports, prepared.go:
+            if on_netns is not None:
+                on_netns(init_pid)
+            for path in cfg["cgroup_procs"]:
+                with open(path, "w") as f:
+                    f.write(str(init_pid))
+            prepared.go.write(msgpack.packb(cfg))
+            msg = next(prepared.unpacker, None)
+            if msg != "ready":
+                raise RuntimeError("container init failed: "
+                                   f"{msg.get('error') if isinstance(msg, dict) else msg or 'it exited before it was ready'}")
+    except BaseException:
+        prepared.discard()
+        raise
+    prepared.pid = 0  # taken: the container's pid 1 now
+    return init_pid
 
 
 def _end_init(helper: int, init_pid: int) -> None:
@@ -304,8 +318,7 @@ def _helper(cfg: dict[str, Any], conf: Confinement, go_fd: int, report_fd: int) 
 
 
 def _prepared_helper(conf: Confinement, go_fd: int, report_fd: int) -> None:
-    """``_helper`` in two halves: the namespaces that need no cfg, then (given the cfg,
-    once the shim has moved us into the container's cgroups) the rest and pid 1."""
+    """The namespaces that need no cfg, then pid 1 (``_prepared_init``), and exit."""
     L.unshare(L.CLONE_NEWUSER)
     os.write(report_fd, msgpack.packb("map"))
     if os.read(go_fd, 1) != b"g":
@@ -313,17 +326,22 @@ def _prepared_helper(conf: Confinement, go_fd: int, report_fd: int) -> None:
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
     L.unshare(L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET | L.CLONE_NEWPID)
-    os.write(report_fd, msgpack.packb("prepared"))
+    init = os.fork()
+    if init == 0:
+        _run_child(_prepared_init, conf, go_fd, report_fd)
+    os.write(report_fd, msgpack.packb({"init": init}))
+
+
+def _prepared_init(conf: Confinement, go_fd: int, report_fd: int) -> None:
+    """A prepared pid 1: waits for the cfg, which comes once the shim has moved it into
+    the container's cgroups; then the mount and cgroup namespaces and ``_init``."""
     with os.fdopen(go_fd, "rb", buffering=0) as go:
         cfg = next(msgpack.Unpacker(go, raw=False), None)
     if not isinstance(cfg, dict):
         os._exit(0)  # the shim is gone (or gave up on us): so are these namespaces
     # In the container's cgroups now, so the new cgroup namespace has them as its root.
     L.unshare(L.CLONE_NEWNS | L.CLONE_NEWCGROUP)
-    init = os.fork()
-    if init == 0:
-        _run_child(_init, cfg, conf, report_fd)
-    os.write(report_fd, msgpack.packb({"init": init}))
+    _init(cfg, conf, report_fd)
 
 
 def _init(cfg: dict[str, Any], conf: Confinement, report_fd: int) -> None:
