@@ -459,6 +459,12 @@ def warm_main(status_fd: int, conf: Confinement, spawner: int = 0) -> None:
         os._exit(0)  # the spawner is gone (or garbled the hand-over): nobody waits for us
     for fd in got[1]:
         os.close(fd)
+    # Made at the spawner's refill priority: the container's shim and pid 1 run at the server's.
+    nice = got[0].get("nice", 0)
+    with contextlib.suppress(OSError, TypeError):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        if prepared is not None:
+            os.setpriority(os.PRIO_PROCESS, prepared.pid, nice)
     shim_main(got[0]["cfg"], status_fd, conf, detached=True, prepared=prepared)
 
 

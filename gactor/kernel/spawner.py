@@ -52,6 +52,7 @@ class SpawnerHandle:
 
 WARM_SHIMS = 2  # shims forked ahead of time, waiting for a container
 REFILL_IDLE = 0.01  # seconds without a request before the pool gets its next warm shim
+REFILL_NICE = 10  # how much nicer than the spawner warm shims are made (and wait)
 
 
 def fork_spawner(conf: Confinement | None = None, warm: int = WARM_SHIMS) -> SpawnerHandle:
@@ -146,11 +147,19 @@ def _refill(sock: socket.socket, pool: list[_Warm], size: int, warm_main: Any) -
     while len(pool) < size:
         if poller.poll(0 if not pool else REFILL_IDLE * 1000):
             return
+        # Refilling is background work: at a lower priority it yields the CPU to the
+        # creates and destroys running meanwhile (measured: both faster than at the
+        # server's). The forked processes inherit it; a warm shim given a container puts
+        # itself and its pid 1 back at the server's priority (``shim.warm_main``).
+        nice = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, nice + REFILL_NICE)
         try:
             pid, (status, pidfd) = _fork_shim(sock, warm_main)
         except Exception:  # noqa: BLE001 - no warm shim: requests fork their own
             traceback.print_exc()
             return
+        finally:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
         pool.append(_Warm(pid, socket.socket(fileno=status), pidfd))
 
 
@@ -160,7 +169,8 @@ def _hand_over(pool: list[_Warm], cfg: dict[str, Any]) -> tuple[int, list[int]] 
     while pool:
         shim = pool.pop(0)
         try:
-            wire.send(shim.sock, {"cfg": cfg}, what="the container's shim config")
+            wire.send(shim.sock, {"cfg": cfg, "nice": os.getpriority(os.PRIO_PROCESS, 0)},
+                      what="the container's shim config")
         except OSError:
             shim.close()  # it died waiting (killed by someone): try the next
             continue

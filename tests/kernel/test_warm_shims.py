@@ -1,7 +1,7 @@
 """The spawner's warm shims, against the real spawner, shims and kernel.
 
-A warm shim is forked ahead of time and waits, with a helper holding a fresh user, UTS,
-IPC, network and pid namespace, for one container. Checked from outside (/proc): the
+A warm shim is forked ahead of time and waits, with a pid 1 forked ahead too in a fresh
+user, UTS, IPC, network and pid namespace, for one container. Checked from outside (/proc): the
 pool is there and nobody's child; each container a warm shim starts has namespaces of
 its own (none shared with another container or with the host); its network namespace
 reaches the caller before the container is up; a privileged container from a warm shim
@@ -49,9 +49,12 @@ def test_warm_shims_start_fresh_containers_and_end_with_the_spawner():
             shutil.rmtree(base, ignore_errors=True)
     assert result.returncode == 0, f"scenario failed:\n{result.stdout}\n{result.stderr}"
     report = json.loads(result.stdout.splitlines()[-1])
-    # The pool: two warm shims, each with its prepared helper; no shim is the spawner's child.
+    # The pool: two warm shims, each with its prepared pid 1; none is the spawner's child.
     assert report["pool_size"] == 4, report
     assert report["pool_children_of_spawner"] == [], report
+    # Warm processes wait at a lower priority; a container's shim and pid 1 run at the server's.
+    assert report["pool_nice"] == [os.getpriority(os.PRIO_PROCESS, 0) + 10], report
+    assert report["containers_nice"] == [[os.getpriority(os.PRIO_PROCESS, 0)] * 2] * 4, report
     # Every container came from a warm shim, and its shim then served it.
     assert report["from_pool"] == report["containers"] == 4, report
     assert report["own_shim"] == 4, report
@@ -89,6 +92,11 @@ def _titled(title: str) -> list[int]:
 def _ppid(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return int(next(line.split()[1] for line in f if line.startswith("PPid:")))
+
+
+def _nice(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19: nice
 
 
 def _ns(pid: int | str) -> dict[str, int]:
@@ -146,6 +154,8 @@ def _scenario(base: str, cgroup_parent: str) -> dict[str, object]:
         assert _wait_for(lambda: len(_titled(title)) == 4), _titled(title)
         report["pool_size"] = len(_titled(title))
         report["pool_children_of_spawner"] = [p for p in _titled(title) if _ppid(p) == handle.pid]
+        report["pool_nice"] = sorted({_nice(p) for p in _titled(title)})
+        report["containers_nice"] = []
         for n, privileged in enumerate((False, False, True, False)):
             pool = set(_titled(title))
             netns: list[int] = []
@@ -157,6 +167,7 @@ def _scenario(base: str, cgroup_parent: str) -> dict[str, object]:
             report["own_shim"] += (shims.find(os.path.dirname(d)).get(os.path.basename(d)) == shim  # type: ignore[operator]
                                    and _ppid(init) == shim)
             namespaces = _ns(init)
+            report["containers_nice"].append([_nice(shim), _nice(init)])  # type: ignore[attr-defined]
             report["namespaces"].append({**namespaces, "privileged": privileged})  # type: ignore[attr-defined]
             if privileged:
                 report["privileged_user_is_host"] = namespaces["user"] == report["host"]["user"]  # type: ignore[index]
