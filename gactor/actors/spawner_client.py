@@ -2,7 +2,8 @@
 
 Cancellation safety. Requests carry an id (``rid``) and the spawner answers each with
 the same id, so a reply is never taken by another request. The send and its reply
-form one short exchange (the spawner answers right after two forks) that runs shielded,
+form one short exchange (the spawner answers after handing the cfg to a warm shim, or
+after two forks) that runs shielded,
 under one lock, with a deadline (``SPAWNER_REPLY_TIMEOUT``): whoever holds the lock is
 the only reader, and a reply left over from a request that timed out is recognised by
 its id and discarded, which (closing its status socket) makes its shim give up.

@@ -10,13 +10,20 @@ The exchange, one message each way, matched by ``rid``::
     {"rid", "cfg"} -> {"rid", "ok": True, "shim": pid} + [status socket, shim pidfd]
                     | {"rid", "ok": False, "error": text}
 
-The spawner answers as soon as the shim is forked. The status socket is the server's
-end of a SEQPACKET pair whose other end the shim holds: the shim reports
-``{"shim", "init"}`` or ``{"error"}`` on it once the container is up, then waits for
-one byte, ``COMMIT``. Only then does it serve; if instead the socket closes (the
+The spawner answers as soon as the shim is forked (or handed the cfg). The status
+socket is the server's end of a SEQPACKET pair whose other end the shim holds: the shim
+sends ``{"netns": true}`` + the container's network namespace fd as soon as it exists,
+then reports ``{"shim", "init"}`` or ``{"error"}`` once the container is up, then waits
+for one byte, ``COMMIT``. Only then does it serve; if instead the socket closes (the
 request was cancelled, the server died), the shim kills its pid 1 and exits. So a
 shim nobody took over never outlives its request. The pidfd lets the server wait for
 (or kill) that shim without racing pid reuse.
+
+Warm shims: the spawner keeps ``warm`` shims forked ahead of time (``shim.warm_main``),
+each waiting on its status socket for ``{"cfg", "nice"}``; a request takes one (the
+server gets that status socket, exactly as from a fresh fork) and the pool is refilled
+once no request has come for ``REFILL_IDLE``, at nice +``REFILL_NICE``. A warm shim exits
+when its socket closes, so the pool ends with the spawner.
 """
 
 from __future__ import annotations
