@@ -430,12 +430,13 @@ def warm_main(status_fd: int, conf: Confinement, spawner: int = 0) -> None:
     """Entry point of a warm shim, forked ahead of time by the spawner; never returns.
 
     It does what every shim does before it knows its container (a session of its own,
-    every inherited fd but stdio and ``status_fd`` closed, child subreaper, signals), then
-    waits on ``status_fd`` for the one message ``{"cfg"}`` naming its container, and goes
-    on as ``shim_main``. It has created no namespace, mount or cgroup entry until then, so
-    nothing of one container can reach another: each warm shim serves one container, and
-    builds it from scratch. If the socket closes first (the spawner died, with the server),
-    it exits."""
+    every inherited fd but stdio and ``status_fd`` closed, child subreaper, signals),
+    prepares pid 1 in fresh namespaces (``PreparedInit``; without it the container starts
+    as from a cold shim), then waits on ``status_fd`` for the one message ``{"cfg",
+    "nice"}`` naming its container, and goes on as ``shim_main``. Until then it has made no
+    mount or cgroup entry and its namespaces have served nothing, so nothing of one
+    container can reach another: each warm shim serves one container. If the socket closes
+    first (the spawner died, with the server), it ends pid 1 and exits."""
     try:
         _detach(status_fd)
         setproctitle.setproctitle(warm_title(spawner))
@@ -472,7 +473,7 @@ WARM_NAME = "gactor-warm"
 
 
 def warm_title(spawner: int) -> str:
-    """The title of a warm shim of spawner ``spawner`` (and of its prepared helper), which
+    """The title of a warm shim of spawner ``spawner`` (and of its prepared pid 1), which
     no depot's reconcile mistakes for a container's shim (``shims.PREFIX``)."""
     return f"gactor-warm-shim (spawner {spawner})"
 
