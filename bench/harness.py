@@ -124,7 +124,13 @@ class MemoryProbe:
         series.samples.append(snap.server.pss / procmem.MIB)
 
     async def sample_alive(self) -> None:
-        snap = await trio.to_thread.run_sync(procmem.snapshot, self.server.pid, self.server.depot)
+        # A shim writes shim.pid (how the sample finds it) just after the server's COMMIT,
+        # so a sample taken right after the last create may miss one: retry, bounded.
+        for _ in range(20):
+            snap = await trio.to_thread.run_sync(procmem.snapshot, self.server.pid, self.server.depot)
+            if len(snap.shims) == self.alive and len(snap.inits) == self.alive:
+                break
+            await trio.sleep(0.1)
         self.server.note_shims()
         if len(snap.shims) != self.alive or len(snap.inits) != self.alive:
             raise RuntimeError(
