@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from ..errors import GardenError, ProcessNotFoundError
+from ..errors import ContainerNotFoundError, GardenError, ProcessNotFoundError
 from ..kernel import depot, disk_limits, images, rootfs, shim_wire, shims
 from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.container_init import MAX_UID
@@ -61,7 +61,7 @@ from ..types import (
 )
 from .cleanup import Cleanup
 from .events import event
-from .mailbox import DEFERRED, Mailbox, Request
+from .mailbox import DEFERRED, ActorGone, Mailbox, Request
 from .network import Networking, check_net_out
 from .process import ProcessActor, Subscription
 from .shim_link import ShimLink, fetch_netns
@@ -335,7 +335,7 @@ class ContainerActor:
         self._oom_seen = 0
         self._stop_lock = trio.Lock()  # a Run waits for a stop in progress, or the stop would kill it
         self._save_lock = trio.Lock()
-        self.mailbox = Mailbox(f"container {self.handle}")
+        self.mailbox = _ContainerMailbox(self)
         self._nursery: trio.Nursery | None = None
         # Exits as the shim link reports them (synchronously) go straight to the mailbox;
         # when it is full, to this overflow, which a task forwards: one entry per process
@@ -1202,6 +1202,24 @@ class ContainerActor:
     def cgroup(self) -> Cgroup:
         assert self._cgroup is not None
         return self._cgroup
+
+
+class _ContainerMailbox(Mailbox):
+    """A destroyed container's actor is gone: a caller that looked the container up just
+    before its destroy finished is told what Garden says of a handle that is not there
+    (ContainerNotFoundError), not that an actor is gone (ServiceUnavailableError)."""
+
+    def __init__(self, actor: ContainerActor) -> None:
+        super().__init__(f"container {actor.handle}")
+        self._actor = actor
+
+    async def ask(self, command: Any) -> Any:
+        try:
+            return await super().ask(command)
+        except ActorGone:
+            if self._actor.state is State.DESTROYED:
+                raise ContainerNotFoundError(self._actor.handle) from None
+            raise
 
 
 class ContainerRef:
