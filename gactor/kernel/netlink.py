@@ -108,18 +108,7 @@ class Netlink:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the netlink thread. Cancelled: the job still runs to its
         end (later jobs, such as a rollback, queue behind it); only the wait stops."""
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        result: list[outcome.Outcome[Any]] = []
-
-        def deliver(got: outcome.Outcome[Any]) -> None:
-            result.append(got)
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(done.set)
-
-        self._jobs.put((fn, args, deliver))
-        await done.wait()
-        value: T = result[0].unwrap()
+        value: T = await _await_job(lambda deliver: self._jobs.put((fn, args, deliver)))
         return value
 
     @property
@@ -208,21 +197,14 @@ class Netlink:
         creates queued behind it would wait as long. Every job queued before this one still
         runs first: the hand-over to that thread is itself a job of the netlink thread.
         Returns once the kernel has removed the link; cancelled, the deletion still runs."""
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        result: list[outcome.Outcome[Any]] = []
 
-        def deliver(got: outcome.Outcome[Any]) -> None:
-            result.append(got)
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(done.set)
+        def submit(deliver: Callable[[outcome.Outcome[Any]], None]) -> None:
+            def hand_over() -> None:
+                self._deletions.put((lambda ipr, n: self._delete_link(n, ipr), (name,), deliver))
 
-        def hand_over() -> None:
-            self._deletions.put((lambda ipr, n: self._delete_link(n, ipr), (name,), deliver))
+            self._jobs.put((hand_over, (), lambda got: None))  # a queue put: it cannot fail
 
-        self._jobs.put((hand_over, (), lambda got: None))  # a queue put: it cannot fail
-        await done.wait()
-        result[0].unwrap()
+        await _await_job(submit)
 
     async def ensure_bridge(self, name: str, gateway: ipaddress.IPv4Address, prefixlen: int, mtu: int) -> None:
         """A static subnet's bridge, carrying its gateway address (kept if it exists)."""
@@ -298,6 +280,23 @@ class Netlink:
     def enable_forwarding() -> None:
         """Containers' traffic is routed through the host (Docker does the same)."""
         _write_sysctl("net/ipv4/ip_forward", "1")
+
+
+async def _await_job(submit: Callable[[Callable[[outcome.Outcome[Any]], None]], None]) -> Any:
+    """Hand a job to a thread (``submit`` queues it with the ``deliver`` callback the
+    thread calls with its outcome) and wait for that outcome here."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    result: list[outcome.Outcome[Any]] = []
+
+    def deliver(got: outcome.Outcome[Any]) -> None:
+        result.append(got)
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(done.set)
+
+    submit(deliver)
+    await done.wait()
+    return result[0].unwrap()
 
 
 def link_stats(name: str) -> tuple[int, int]:
