@@ -59,7 +59,7 @@ from ..types import (
     to_wire,
 )
 from .cleanup import Cleanup
-from .mailbox import DEFERRED, Mailbox, Request
+from .mailbox import DEFERRED, Mailbox, Request, acquire
 from .network import Networking, check_net_out
 from .process import ProcessActor, Subscription
 from .shim_link import ShimLink, fetch_netns
@@ -979,8 +979,11 @@ class ContainerActor:
             if pea.cgroup is not None:
                 wire_spec["cgroup_procs"] = list(pea.cgroup.procs_files)
         try:
-            async with self._stop_lock:
+            await acquire(self._stop_lock)
+            try:
                 reply, fds = await self._link.request("spawn", id=run.process_id, spec=wire_spec, tty=tty)
+            finally:
+                self._stop_lock.release()
         except BaseException as err:
             if pea is not None:
                 with trio.CancelScope(shield=True):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import outcome
@@ -29,18 +28,32 @@ DEFERRED: Any = object()
 MAILBOX_SIZE = 256  # commands queued per actor before askers wait for room
 
 
+async def acquire(lock: trio.Lock) -> None:
+    """``await lock.acquire()``, without a trip through the scheduler when the lock is
+    free (trio's ``acquire`` always yields; for a lock taken on every frame or request
+    that is a task switch each time). A held lock is waited for in turn (trio's Lock is
+    fair: a free lock with waiters is theirs). Cancelled while waiting: not acquired."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+
+
 class ActorGone(ServiceUnavailableError):
     def __init__(self, owner: str) -> None:
         super().__init__(f"{owner} is gone")
 
 
-@dataclass(eq=False)
 class Request(Generic[T]):
-    """One command and the slot its reply goes into."""
+    """One command and the slot its reply goes into (``settled``: an event an asker
+    waits on; a told command has none, nobody waits for its reply)."""
 
-    command: Any
-    _outcome: outcome.Outcome[T] | None = None
-    _settled: trio.Event = field(default_factory=trio.Event)
+    __slots__ = ("command", "_outcome", "_settled")
+
+    def __init__(self, command: Any, settled: trio.Event | None = None) -> None:
+        self.command = command
+        self._outcome: outcome.Outcome[T] | None = None
+        self._settled = settled
 
     @property
     def settled(self) -> bool:
@@ -49,12 +62,14 @@ class Request(Generic[T]):
     def reply(self, value: T) -> None:
         if self._outcome is None:
             self._outcome = outcome.Value(value)
-            self._settled.set()
+            if self._settled is not None:
+                self._settled.set()
 
     def fail(self, error: BaseException) -> None:
         if self._outcome is None:
             self._outcome = outcome.Error(error)
-            self._settled.set()
+            if self._settled is not None:
+                self._settled.set()
 
     async def settle(self, handler: Callable[[Request[T]], Awaitable[T]]) -> None:
         """Run ``handler(self)``; its result or GardenError is the reply (none when it
@@ -79,18 +94,31 @@ class Mailbox:
     async def ask(self, command: Any) -> Any:
         """Send ``command`` and wait for its reply. Raises what the owner replied with,
         or ActorGone. Cancelled: the command may still be carried out."""
-        request: Request[Any] = Request(command)
+        settled = trio.Event()
+        request: Request[Any] = Request(command, settled)
         try:
             await self._send.send(request)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ActorGone(self.owner) from None
-        await request._settled.wait()
+        await settled.wait()
         assert request._outcome is not None
         return request._outcome.unwrap()
 
     async def tell(self, command: Any) -> bool:
         """Send ``command`` without waiting for it to be carried out (the owner's own
-        tasks reporting back to it). False (dropped) once the owner has ended."""
+        tasks reporting back to it). False (dropped) once the owner has ended.
+
+        With room in the mailbox the command is queued at once, without a checkpoint
+        (a tell is a hand-over: it is not lost to a cancellation that arrives with it,
+        and costs no trip through the scheduler); only a full mailbox makes the caller
+        wait, and a cancellation then cancels the send (the command is not queued)."""
+        try:
+            self._send.send_nowait(Request(command))
+            return True
+        except trio.WouldBlock:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
         try:
             await self._send.send(Request(command))
             return True

@@ -3,6 +3,8 @@
 It owns the server's copies of the process's stdio fds. Its task pumps output to
 every attached ``Subscription``; a second task of its own, the stdin writer, owns the
 stdin pipe, so a write blocked on a full pipe (backpressure) never holds up a signal.
+The writer is started by the actor's task when the first stdin command comes (most
+processes never get one: a task less per ``run``).
 Output is never dropped for an attached client: a subscription takes a chunk only when
 its client is ready for it, and until then the pump stops reading, so the pipe fills and
 the process blocks. A subscription ends only after all output, so the exit code goes out last.
@@ -85,6 +87,11 @@ class _Resize:
 
 
 @dataclass(frozen=True)
+class _StartStdinWriter:
+    pass
+
+
+@dataclass(frozen=True)
 class _Exited:
     code: int
 
@@ -133,7 +140,10 @@ class ProcessActor:
         self._pumping = 0  # pumps not at EOF yet
         self._serving = trio.CancelScope()  # the mailbox loop, ended once exited and drained
         self._mailbox = Mailbox(f"process {id}")
-        self._stdin_box = Mailbox(f"the stdin of process {id}", STDIN_QUEUE)
+        # The stdin writer's mailbox: made (by the actor's task only) when the writer is
+        # started; the handle's side reads it to skip asking for that again.
+        self._stdin_box: Mailbox | None = None
+        self._nursery: trio.Nursery | None = None  # the actor's own, for the stdin writer
 
     @property
     def running(self) -> bool:
@@ -146,8 +156,7 @@ class ProcessActor:
         logs.tag_task(process_id=self.id)  # this task is the actor's alone
         try:
             async with trio.open_nursery() as nursery:
-                # The stdin pipe's owner: writes in order, each finished before its reply.
-                nursery.start_soon(self._stdin_box.serve, self._stdin_command)
+                self._nursery = nursery
                 for fd, stream in ((1, self._stdout), (2, self._stderr)):
                     if stream is not None:
                         scope = trio.CancelScope()
@@ -162,8 +171,10 @@ class ProcessActor:
                     await self._mailbox.serve(self._handle)
                 nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             self._mailbox.close()
-            self._stdin_box.close()
+            if self._stdin_box is not None:
+                self._stdin_box.close()
             for sub in self._subs:
                 sub.end()
             self._subs.clear()
@@ -181,6 +192,11 @@ class ProcessActor:
 
     async def _handle(self, request: Request[None]) -> None:
         match request.command:
+            case _StartStdinWriter():
+                if self._stdin_box is None and self._nursery is not None:
+                    # The stdin pipe's owner: writes in order, each finished before its reply.
+                    self._stdin_box = Mailbox(f"the stdin of process {self.id}", STDIN_QUEUE)
+                    self._nursery.start_soon(self._stdin_box.serve, self._stdin_command)
             case _Subscribe(sub):
                 self._subs.add(sub)
             case _Unsubscribe(sub):
@@ -306,10 +322,18 @@ class ProcessActor:
     async def write_stdin(self, data: bytes) -> None:
         """Write to the process's stdin, returning once written (backpressure); dropped
         once stdin is closed or the process is gone. Cancelled: the write may still happen."""
-        await self._ask(self._stdin_box, _Write(data))
+        await self._to_stdin_writer(_Write(data))
 
     async def close_stdin(self) -> None:
-        await self._ask(self._stdin_box, _CloseStdin())
+        await self._to_stdin_writer(_CloseStdin())
+
+    async def _to_stdin_writer(self, command: _Write | _CloseStdin) -> None:
+        """Ask the stdin writer, having the actor start it first if it has not (none
+        once the actor has ended: the command is then dropped, as for a finished process)."""
+        if self._stdin_box is None:
+            await self._ask(self._mailbox, _StartStdinWriter())
+        if self._stdin_box is not None:
+            await self._ask(self._stdin_box, command)
 
     async def signal(self, signum: int) -> None:
         await self._ask(self._mailbox, _Signal(signum))

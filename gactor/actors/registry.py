@@ -1026,8 +1026,9 @@ class RegistryRef:
         try:
             yield container
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
-                await self._mailbox.tell(Release(handle))
+            if not self._mailbox.tell_nowait(Release(handle)):  # a full mailbox: wait for room
+                with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+                    await self._mailbox.tell(Release(handle))
 
     async def list(self, properties: Mapping[str, str] | None) -> list[str]:
         handles: list[str] = await self._mailbox.ask(ListHandles(dict(properties or {})))

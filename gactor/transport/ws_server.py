@@ -19,6 +19,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
+from ..actors.mailbox import acquire
 from ..errors import GardenError
 from . import listeners, schema
 from . import protocol as P
@@ -60,8 +61,11 @@ class Peer:
         """Encode and send one frame atomically. Cancelling a stream (a detach, say) must
         not leave a frame half-written: that would corrupt every other call on the
         connection. A client that reads nothing for SEND_TIMEOUT is disconnected."""
-        with trio.CancelScope(shield=True):
-            async with self._send_lock:
+        # One scope does both: shielded from outer cancellation, and its own deadline
+        # (set once the lock is ours) is the SEND_TIMEOUT of the frame's send.
+        with trio.CancelScope(shield=True) as timeout:
+            await acquire(self._send_lock)  # every frame takes it: no task switch when free
+            try:
                 if self._broken:
                     raise trio.ClosedResourceError("connection dropped")
                 if isinstance(event, P.Output | P.Exit | P.Credit | P.Event) and \
@@ -71,14 +75,16 @@ class Peer:
                     raise _StreamGone(f"stream {event.stream} is no longer open")
                 frame = self.conn.send(event)
                 del event  # an output chunk is not kept alive by a send blocked on the client
-                with trio.move_on_after(SEND_TIMEOUT) as timeout:
-                    await self.ws.send_message(frame)
-                if timeout.cancelled_caught:
-                    self._broken = True
-                    log.warning("dropping a client that read nothing for %s s", SEND_TIMEOUT)
-                    if self._nursery is not None:
-                        self._nursery.cancel_scope.cancel()
-                    raise trio.ClosedResourceError("client stopped reading")
+                timeout.deadline = trio.current_time() + SEND_TIMEOUT
+                await self.ws.send_message(frame)
+            finally:
+                self._send_lock.release()
+        if timeout.cancelled_caught:  # no other task has run since the release
+            self._broken = True
+            log.warning("dropping a client that read nothing for %s s", SEND_TIMEOUT)
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+            raise trio.ClosedResourceError("client stopped reading")
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
