@@ -98,14 +98,10 @@ class Api:
                 return await CONTAINER_METHODS[method](container, args)
         raise GardenError(f"unknown method '{method}'")
 
-    @contextlib.asynccontextmanager
-    async def _observed(self, method: str, front_end: str, args: dict[str, Any],
-                        opening: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
+    def _observed(self, method: str, front_end: str, args: dict[str, Any],
+                  opening: AbstractAsyncContextManager[T]) -> AbstractAsyncContextManager[T]:
         """``opening`` entered under the observer: a stream is timed until it opens."""
-        async with contextlib.AsyncExitStack() as stack:
-            with self.observer.observe(method, front_end, args):
-                opened = await stack.enter_async_context(opening)
-            yield opened
+        return _Observed(self.observer.observe(method, front_end, args), opening)
 
     def process(self, method: str, args: dict[str, Any], front_end: str = WEBSOCKET
                 ) -> AbstractAsyncContextManager[tuple[ProcessActor, Subscription]]:
@@ -220,6 +216,22 @@ class Api:
                     yield _archive(process, sub, first, errors)
         except* GardenError as group:
             raise stream_error(first_error(group), "out") from None
+
+
+class _Observed(AbstractAsyncContextManager[T]):
+    """``opening`` whose entering (only) runs under ``observation`` (a class, not a
+    generator and an exit stack: it wraps every run and attach)."""
+
+    def __init__(self, observation: AbstractContextManager[None], opening: AbstractAsyncContextManager[T]) -> None:
+        self._observation = observation
+        self._opening = opening
+
+    async def __aenter__(self) -> T:
+        with self._observation:
+            return await self._opening.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._opening.__aexit__(*exc_info)
 
 
 _TAR_NODE_REFUSED = b"tar: can't create node "
