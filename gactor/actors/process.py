@@ -183,8 +183,8 @@ class ProcessActor:
             self.done.set()
             for stream in self._streams:
                 stream.close()
-            if not self.lost_reason:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
+            if not self.lost_reason:  # one scope: shielded, with its own 5 s bound
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
                     try:
                         await self._link.request("drained", id=self.id)
                     except GardenError as err:

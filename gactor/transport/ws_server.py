@@ -20,6 +20,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from ..actors.mailbox import acquire
+from ..actors.process import ProcessActor, Subscription
 from ..errors import GardenError
 from . import listeners, schema
 from . import protocol as P
@@ -164,20 +165,13 @@ class Peer:
                 await self.send(P.Reply(call.id, {"process_id": proc.id}))
                 replied = True
                 with stream.scope:
-                    async with trio.open_nursery() as nursery:
-                        if stdin:
+                    if stdin:  # a task feeds it meanwhile; without stdin, no nursery to open
+                        async with trio.open_nursery() as nursery:
                             nursery.start_soon(feed_stdin, proc, self._stdin_chunks(stream, stream_id))
-                        async with sub.receive:
-                            async for fd, data in sub.receive:
-                                parcel = [data]
-                                del data  # handed over whole: see _send_output
-                                await self._send_output(stream, stream_id, fd, parcel)
-                        try:
-                            code: int | None = await proc.wait()
-                            error = None
-                        except GardenError as err:
-                            code, error = None, err  # the shim died: the exit status is lost
-                        nursery.cancel_scope.cancel()
+                            code, error = await self._pump_output(stream, stream_id, proc, sub)
+                            nursery.cancel_scope.cancel()
+                    else:
+                        code, error = await self._pump_output(stream, stream_id, proc, sub)
                     await self.send(P.Exit(stream_id, code, error))
         except* GardenError as group:
             failure = first_error(group)
@@ -189,6 +183,20 @@ class Peer:
             pass
         finally:
             self.streams.pop(stream_id, None)
+
+    async def _pump_output(self, stream: _Stream, stream_id: int, proc: ProcessActor, sub: Subscription
+                           ) -> tuple[int | None, GardenError | None]:
+        """Send the output ``sub`` delivers until it ends; then the exit code, or the
+        error saying why it is lost (the shim died)."""
+        async with sub.receive:
+            async for fd, data in sub.receive:
+                parcel = [data]
+                del data  # handed over whole: see _send_output
+                await self._send_output(stream, stream_id, fd, parcel)
+        try:
+            return await proc.wait(), None
+        except GardenError as err:
+            return None, err
 
     async def _send_output(self, stream: _Stream, stream_id: int, fd: int, parcel: list[bytes]) -> None:
         """Send the chunk in ``parcel`` as output frames, waiting for the client's credit as
