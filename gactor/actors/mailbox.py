@@ -89,7 +89,10 @@ class Request(Generic[T]):
 class Mailbox:
     def __init__(self, owner: str, size: int = MAILBOX_SIZE) -> None:
         self.owner = owner
-        self._send, self._receive = trio.open_memory_channel[Request[Any]](size)
+        # Unsubscripted: ``open_memory_channel[...]`` builds a generic alias on every call.
+        self._send: trio.MemorySendChannel[Request[Any]]
+        self._receive: trio.MemoryReceiveChannel[Request[Any]]
+        self._send, self._receive = trio.open_memory_channel(size)
 
     async def ask(self, command: Any) -> Any:
         """Send ``command`` and wait for its reply. Raises what the owner replied with,

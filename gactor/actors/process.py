@@ -49,7 +49,9 @@ class Subscription:
 
     def __init__(self, stdout: bool, stderr: bool) -> None:
         self.fds = {fd for fd, wanted in ((1, stdout), (2, stderr)) if wanted}
-        self._send, self.receive = trio.open_memory_channel[tuple[int, bytes]](SUBSCRIBER_QUEUE)
+        self._send: trio.MemorySendChannel[tuple[int, bytes]]
+        self.receive: trio.MemoryReceiveChannel[tuple[int, bytes]]
+        self._send, self.receive = trio.open_memory_channel(SUBSCRIBER_QUEUE)
 
     async def deliver(self, fd: int, data: bytes) -> bool:
         """Hand over a chunk, waiting until the subscriber takes it; False once it went away."""

@@ -13,7 +13,7 @@ import logging
 import math
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -40,12 +40,23 @@ SEND_TIMEOUT = 30.0  # seconds a client may read nothing before it is dropped
 _STREAMING = {"events": "_serve_events", "stream_in": "_serve_stream_in", "stream_out": "_serve_stream_out"}
 
 
-@dataclass
 class _Stream:
-    credit: trio.Event = field(default_factory=trio.Event)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    stdin: tuple[trio.MemorySendChannel[bytes | None], trio.MemoryReceiveChannel[bytes | None]] = field(
-        default_factory=lambda: trio.open_memory_channel[bytes | None](math.inf))
+    """One open stream's state in the connection's tasks: the client's credit, the scope a
+    detach cancels, and the stdin frames queued for the task feeding them (the channel
+    made when first needed: most runs get no stdin)."""
+
+    __slots__ = ("credit", "scope", "_stdin")
+
+    def __init__(self) -> None:
+        self.credit = trio.Event()
+        self.scope = trio.CancelScope()
+        self._stdin: tuple[trio.MemorySendChannel[bytes | None], trio.MemoryReceiveChannel[bytes | None]] | None = None
+
+    @property
+    def stdin(self) -> tuple[trio.MemorySendChannel[bytes | None], trio.MemoryReceiveChannel[bytes | None]]:
+        if self._stdin is None:
+            self._stdin = trio.open_memory_channel(math.inf)
+        return self._stdin
 
 
 class Peer:
