@@ -11,6 +11,7 @@ with ``ActorGone``.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -86,13 +87,75 @@ class Request(Generic[T]):
             raise
 
 
+class _Gone(Exception):
+    """Internal: the mailbox closed while a sender waited for room."""
+
+
 class Mailbox:
+    """A bounded FIFO of requests with one owner serving it.
+
+    Not a trio memory channel: on every hop that costs a channel pair per actor, a
+    checkpoint per send and one per queued receive; here a send with room queues without
+    a trip through the scheduler, and the owner, parked when the mailbox is empty, is
+    handed each request as it comes. Senders finding it full wait in order (each one's
+    request joins the queue, in turn, as the owner takes one out).
+    """
+
     def __init__(self, owner: str, size: int = MAILBOX_SIZE) -> None:
         self.owner = owner
-        # Unsubscripted: ``open_memory_channel[...]`` builds a generic alias on every call.
-        self._send: trio.MemorySendChannel[Request[Any]]
-        self._receive: trio.MemoryReceiveChannel[Request[Any]]
-        self._send, self._receive = trio.open_memory_channel(size)
+        self._size = size
+        self._queue: collections.deque[Request[Any]] = collections.deque()
+        # Senders waiting for room, oldest first, each with the request it brings.
+        self._senders: collections.OrderedDict[trio.lowlevel.Task, Request[Any]] = collections.OrderedDict()
+        self._serving: trio.lowlevel.Task | None = None  # the owner, parked on an empty mailbox
+        self._closed = False
+
+    def _put_nowait(self, request: Request[Any]) -> bool:
+        """Queue ``request`` if there is room (and nobody waits for it before us);
+        raises _Gone once closed."""
+        if self._closed:
+            raise _Gone
+        if len(self._queue) >= self._size or self._senders:
+            return False
+        self._queue.append(request)
+        if self._serving is not None:
+            owner, self._serving = self._serving, None
+            trio.lowlevel.reschedule(owner)
+        return True
+
+    async def _put(self, request: Request[Any]) -> None:
+        """Queue ``request``, waiting for room in turn; cancelled while waiting: not
+        queued. Raises _Gone once closed."""
+        if self._put_nowait(request):
+            return
+        task = trio.lowlevel.current_task()
+        self._senders[task] = request
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            del self._senders[task]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)  # Value: queued; Error(_Gone): closed
+
+    async def _take(self) -> Request[Any] | None:
+        """The oldest request (None once closed), parking while there is none."""
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled owner stops before the next
+        while not self._queue:
+            if self._closed:
+                return None
+            self._serving = trio.lowlevel.current_task()
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                self._serving = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        request = self._queue.popleft()
+        if self._senders:  # room now: the longest-waiting sender's request goes in
+            sender, waiting = self._senders.popitem(last=False)
+            self._queue.append(waiting)
+            trio.lowlevel.reschedule(sender)
+        return request
 
     async def ask(self, command: Any) -> Any:
         """Send ``command`` and wait for its reply. Raises what the owner replied with,
@@ -100,8 +163,8 @@ class Mailbox:
         settled = trio.Event()
         request: Request[Any] = Request(command, settled)
         try:
-            await self._send.send(request)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._put(request)
+        except _Gone:
             raise ActorGone(self.owner) from None
         await settled.wait()
         assert request._outcome is not None
@@ -116,28 +179,18 @@ class Mailbox:
         and costs no trip through the scheduler); only a full mailbox makes the caller
         wait, and a cancellation then cancels the send (the command is not queued)."""
         try:
-            self._send.send_nowait(Request(command))
+            await self._put(Request(command))
             return True
-        except trio.WouldBlock:
-            pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        try:
-            await self._send.send(Request(command))
-            return True
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except _Gone:
             return False
 
     def tell_nowait(self, command: Any) -> bool:
         """``tell`` from synchronous code: False when the mailbox is full (the caller must
         keep the command and send it later); once the owner has ended it is dropped (True)."""
         try:
-            self._send.send_nowait(Request(command))
-        except trio.WouldBlock:
-            return False
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        return True
+            return self._put_nowait(Request(command))
+        except _Gone:
+            return True
 
     async def serve(self, handler: Callable[[Request[Any]], Awaitable[Any]],
                     until: Callable[[], bool] = lambda: False) -> None:
@@ -145,7 +198,7 @@ class Mailbox:
         order, until ``close`` or until ``until()`` holds after one. A handler failing
         with anything but a GardenError answers its caller with an internal error and is
         logged; the actor keeps serving (one bad command never takes its state down)."""
-        async for request in self._receive:
+        while (request := await self._take()) is not None:
             try:
                 await request.settle(handler)
             except Exception:  # noqa: BLE001 - the caller got an internal error already
@@ -154,11 +207,14 @@ class Mailbox:
                 return
 
     def close(self) -> None:
-        """End the mailbox (the owner is ending): queued and later requests fail."""
-        while True:
-            try:
-                request = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
+        """End the mailbox (the owner is ending): queued, waiting and later requests fail."""
+        self._closed = True
+        while self._queue:
+            self._queue.popleft().fail(ActorGone(self.owner))
+        for sender, request in self._senders.items():
             request.fail(ActorGone(self.owner))
-        self._receive.close()
+            trio.lowlevel.reschedule(sender, outcome.Error(_Gone()))
+        self._senders.clear()
+        if self._serving is not None:  # closed from elsewhere while the owner waits: it ends
+            owner, self._serving = self._serving, None
+            trio.lowlevel.reschedule(owner)
