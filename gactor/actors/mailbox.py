@@ -109,6 +109,7 @@ class Mailbox:
         self._senders: collections.OrderedDict[trio.lowlevel.Task, Request[Any]] = collections.OrderedDict()
         self._serving: trio.lowlevel.Task | None = None  # the owner, parked on an empty mailbox
         self._closed = False
+        self._stopping = False  # ``stop_serving``: serve returns before the next request
 
     def _put_nowait(self, request: Request[Any]) -> bool:
         """Queue ``request`` if there is room (and nobody waits for it before us);
@@ -140,8 +141,8 @@ class Mailbox:
     async def _take(self) -> Request[Any] | None:
         """The oldest request (None once closed), parking while there is none."""
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled owner stops before the next
-        while not self._queue:
-            if self._closed:
+        while not self._queue or self._stopping:
+            if self._closed or self._stopping:
                 return None
             self._serving = trio.lowlevel.current_task()
 
@@ -205,6 +206,15 @@ class Mailbox:
                 log.exception("%s: %s failed", self.owner, type(request.command).__name__)
             if until():
                 return
+
+    def stop_serving(self) -> None:
+        """Make ``serve`` return once the request in hand (if any) is settled, without a
+        cancellation: the owner's own tasks call it when the actor's work is done. What
+        is queued stays for ``close``."""
+        self._stopping = True
+        if self._serving is not None:
+            owner, self._serving = self._serving, None
+            trio.lowlevel.reschedule(owner)
 
     def close(self) -> None:
         """End the mailbox (the owner is ending): queued, waiting and later requests fail."""

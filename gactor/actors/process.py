@@ -140,7 +140,6 @@ class ProcessActor:
         self._pump_scopes: list[trio.CancelScope] = []
         self._reads: set[trio.CancelScope] = set()  # the pumps' waits for output
         self._pumping = 0  # pumps not at EOF yet
-        self._serving = trio.CancelScope()  # the mailbox loop, ended once exited and drained
         self._mailbox = Mailbox(f"process {id}")
         # The stdin writer's mailbox: made (by the actor's task only) when the writer is
         # started; the handle's side reads it to skip asking for that again.
@@ -168,9 +167,8 @@ class ProcessActor:
                 task_status.started(self)
                 self._end_if_finished()  # no pumps and the exit code known from the start
                 # This task serves the mailbox until the exit has come and every pump has
-                # reached EOF (whichever is last cancels ``_serving``).
-                with self._serving:
-                    await self._mailbox.serve(self._handle)
+                # reached EOF (whichever is last stops the serving: ``_end_if_finished``).
+                await self._mailbox.serve(self._handle)
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
@@ -225,7 +223,7 @@ class ProcessActor:
 
     def _end_if_finished(self) -> None:
         if self._exited.is_set() and not self._pumping:
-            self._serving.cancel()
+            self._mailbox.stop_serving()
 
     def _push_drain_deadline(self) -> None:
         """The exit came: a pump waiting for output now gives up after EXIT_DRAIN_GRACE."""

@@ -66,7 +66,9 @@ class GraceTimer:
 
     def _rearm(self) -> None:
         idle = self.pauses == 0 and self.seconds > 0
-        self.scope.deadline = trio.current_time() + self.seconds if idle else math.inf
+        deadline = trio.current_time() + self.seconds if idle else math.inf
+        if deadline != self.scope.deadline:  # a timer that never reaps (0) stays as it is
+            self.scope.deadline = deadline
 
     def pause(self) -> None:
         self.pauses += 1

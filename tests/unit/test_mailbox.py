@@ -132,3 +132,37 @@ async def test_acquire_takes_a_free_lock_at_once_and_a_held_one_in_turn() -> Non
         await trio.testing.wait_all_tasks_blocked()
         lock.release()
     assert order == ["a", "b"]
+
+
+async def test_stop_serving_ends_serve_after_the_request_in_hand() -> None:
+    box = Mailbox("owner")
+    served: list[str] = []
+
+    async def handler(request: Request[Any]) -> None:
+        served.append(request.command)
+        if request.command == "last":
+            box.stop_serving()  # the owner's own work is done
+            await trio.lowlevel.checkpoint()  # the request in hand still finishes
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.serve, handler)
+        await trio.testing.wait_all_tasks_blocked()
+        assert box.tell_nowait("first")
+        assert box.tell_nowait("last")
+        assert box.tell_nowait("left for close")
+    assert served == ["first", "last"]
+    box.close()
+    with pytest.raises(ActorGone):
+        await box.ask("after")
+
+
+async def test_stop_serving_wakes_a_parked_owner() -> None:
+    box = Mailbox("owner")
+
+    async def handler(request: Request[Any]) -> None:
+        raise AssertionError("nothing was sent")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.serve, handler)
+        await trio.testing.wait_all_tasks_blocked()
+        box.stop_serving()
