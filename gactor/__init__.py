@@ -23,6 +23,7 @@ from .types import (
     BindMountMode,
     BindMountOrigin,
     Capacity,
+    ContainerEvent,
     ContainerInfo,
     ContainerInfoEntry,
     ContainerMetricsEntry,
@@ -34,6 +35,7 @@ from .types import (
     ImageInfo,
     ImageRef,
     IPRange,
+    LayerProgress,
     Limits,
     MemoryLimits,
     Metrics,
@@ -68,10 +70,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BandwidthLimits", "BindMount", "BindMountMode", "BindMountOrigin", "CPULimits", "Capacity",
-    "Client", "ConnectionLostError", "Container", "ContainerInfo", "ContainerInfoEntry",
+    "Client", "ConnectionLostError", "Container", "ContainerEvent", "ContainerInfo", "ContainerInfoEntry",
     "ContainerMetricsEntry", "ContainerNotFoundError", "ContainerSpec", "DiskLimitScope",
     "DiskLimits", "ExecutableNotFoundError", "GardenError", "ICMPControl", "IPRange", "ImageInfo", "ImageRef",
-    "Limits", "MemoryLimits", "Metrics", "NetIn", "NetOutRule", "PidLimits", "PortMapping",
+    "LayerProgress", "Limits", "MemoryLimits", "Metrics", "NetIn", "NetOutRule", "PidLimits", "PortMapping",
     "PortRange", "Process", "ProcessIO", "ProcessNotFoundError", "ProcessSpec", "Protocol",
     "ResourceLimits", "ServiceUnavailableError", "Signal", "StreamInSpec", "StreamOutSpec",
     "TTYSpec", "UnrecoverableError", "WindowSize", "connect",

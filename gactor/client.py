@@ -14,7 +14,7 @@ import itertools
 import math
 import ssl as _ssl  # connect() takes a parameter named ssl
 import urllib.parse
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +35,7 @@ from .transport.listeners import WatchedStream
 from .types import (
     BandwidthLimits,
     Capacity,
+    ContainerEvent,
     ContainerInfo,
     ContainerInfoEntry,
     ContainerMetricsEntry,
@@ -42,6 +43,7 @@ from .types import (
     CPULimits,
     DiskLimits,
     ImageInfo,
+    LayerProgress,
     MemoryLimits,
     Metrics,
     NetOutRule,
@@ -266,26 +268,67 @@ class Connection:
         return result["process_id"], stream, stream_id
 
     @asynccontextmanager
-    async def subscribe(self, handle: str | None) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
-        """An ``events`` stream: ``(handle, event)`` pairs for one container or for all."""
+    async def subscribe(self, handle: str | None, lifecycle: bool = False) -> AsyncIterator[AsyncIterator[Any]]:
+        """An ``events`` stream: the frames' ``data``, for one container or for all (see
+        ``Client.events`` and ``Client.watch``). Leaving the block detaches, which the server
+        takes as unsubscribing."""
         stream = _Stream(ProcessIO())
-        _, stream_id = await self.open_stream("events", stream, handle=handle or "")
+        args: dict[str, Any] = {"lifecycle": True} if lifecycle else {}  # older servers know no lifecycle
+        _, stream_id = await self.open_stream("events", stream, handle=handle or "", **args)
 
-        async def pairs() -> AsyncIterator[tuple[str, str]]:
+        async def frames() -> AsyncIterator[Any]:
             async for item in stream.output_receive:
                 data = item[1] if item is not None else None
                 if isinstance(data, dict):
-                    yield str(data.get("handle", handle or "")), str(data.get("event", ""))
+                    yield data
             if stream.error is not None:
                 raise stream.error
 
         try:
-            yield pairs()
+            yield frames()
         finally:
             if stream_id in self.streams and self.lost is None:
                 self.streams.pop(stream_id, None)
                 with trio.CancelScope(shield=True), contextlib.suppress(GardenError):
                     await self.send(P.Detach(stream_id))
+
+    async def call_with_events(self, method: str, on_event: Callable[[Any], None], **args: Any) -> Any:
+        """A call given a stream on which the server sends ``event`` frames before its
+        reply (``pull``'s progress): each frame's data goes to ``on_event`` as it arrives,
+        all of them before this returns the reply.
+
+        Cancelled, it raises ``trio.Cancelled`` and detaches: the server stops sending
+        events, and the call runs to completion there (its answer is dropped).
+        """
+        stream = _Stream(ProcessIO())
+        stream_id = next(self._stream_ids)
+        self.streams[stream_id] = stream
+        call_id = next(self._ids)
+        call = self.calls[call_id] = _Call()
+
+        async def deliver() -> None:
+            async for item in stream.output_receive:
+                if item is not None:
+                    on_event(item[1])
+
+        try:
+            await self.send(P.Call(call_id, method, {**args, "stream": stream_id}))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(deliver)
+                await call.done.wait()
+                # Frames come in order: after a reply, every event of the call is queued and
+                # its exit has closed the queue; after an error reply, nothing more comes.
+                stream.output_send.close()
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+        finally:
+            self.calls.pop(call_id, None)
+            self.streams.pop(stream_id, None)
+            if not call.done.is_set():
+                await self._abandon(stream_id, P.Detach)
+        if call.error is not None:
+            raise call.error
+        return call.result
 
     async def _deliver(self, stream_id: int, stream: _Stream) -> None:
         """Hand output to the sinks, returning credit only once a sink has taken it."""
@@ -323,6 +366,11 @@ class Connection:
                 await self.send(P.StdinClose(stream_id))
         except (GardenError, P.LocalProtocolError):
             pass  # the process ended or the connection went away; stdin no longer matters
+
+
+async def _container_events(frames: AsyncIterator[Any]) -> AsyncIterator[ContainerEvent]:
+    async for data in frames:
+        yield from_wire(ContainerEvent, data)
 
 
 async def _chunks(stdin: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
@@ -398,13 +446,19 @@ class Container:
         ``async with c.events() as events: async for event in events: ...``; the
         iteration ends when the container is destroyed. Leaving the block unsubscribes.
         """
-        async with self._conn.subscribe(self.handle) as pairs:
+        async with self._conn.subscribe(self.handle) as frames:
 
             async def events() -> AsyncIterator[str]:
-                async for _, event in pairs:
-                    yield event
+                async for data in frames:
+                    yield str(data.get("event", ""))
 
             yield events()
+
+    @asynccontextmanager
+    async def watch(self) -> AsyncIterator[AsyncIterator[ContainerEvent]]:
+        """This container's lifecycle events (``Client.watch(handle)``) until it is destroyed."""
+        async with self._conn.subscribe(self.handle, lifecycle=True) as frames:
+            yield _container_events(frames)
 
     async def metrics(self) -> Metrics:
         return from_wire(Metrics, await self._call("metrics"))
@@ -531,10 +585,21 @@ class Client:
         """The server's image store: one entry per image, with the containers using it."""
         return [from_wire(ImageInfo, i) for i in await self._conn.call("images")]
 
-    async def pull(self, uri: str, username: str = "", password: str = "") -> ImageInfo:
+    async def pull(self, uri: str, username: str = "", password: str = "",
+                   progress: Callable[[LayerProgress], None] | None = None) -> ImageInfo:
         """Fetch an image into the server's store (a registry login for ``docker://``);
-        raises GardenError naming the image. Cancelled: the pull goes on on the server."""
-        return from_wire(ImageInfo, await self._conn.call("pull", uri=uri, username=username, password=password))
+        raises GardenError naming the image. ``progress`` is called, before this returns,
+        with each report the server sends: a ``LayerProgress`` of one layer (every layer
+        once as soon as the manifest is known, then as its bytes arrive; ``done`` grows
+        to ``total``). Cancelled: the pull goes on on the server (no more reports)."""
+        login = {"uri": uri, "username": username, "password": password}
+        if progress is None:
+            return from_wire(ImageInfo, await self._conn.call("pull", **login))
+
+        def report(data: Any) -> None:
+            progress(from_wire(LayerProgress, data))
+
+        return from_wire(ImageInfo, await self._conn.call_with_events("pull", report, **login))
 
     async def prune_images(self) -> list[str]:
         """Remove every image and layer no container uses; returns the removed images'
@@ -572,8 +637,29 @@ class Client:
     async def events(self) -> AsyncIterator[AsyncIterator[tuple[str, str]]]:
         """Every container's events as ``(handle, event)`` pairs, from now on, until the
         block is left: ``async with client.events() as events: async for h, e in events:``."""
-        async with self._conn.subscribe(None) as pairs:
-            yield pairs
+        async with self._conn.subscribe(None) as frames:
+
+            async def pairs() -> AsyncIterator[tuple[str, str]]:
+                async for data in frames:
+                    yield str(data.get("handle", "")), str(data.get("event", ""))
+
+            yield pairs()
+
+    @asynccontextmanager
+    async def watch(self, handle: str | None = None) -> AsyncIterator[AsyncIterator[ContainerEvent]]:
+        """Lifecycle events from now on, of the container ``handle`` or (None) of every
+        container: ``async with client.watch() as events: async for event in events:``.
+
+        Each is a ``ContainerEvent`` (``kind``: ``created``, ``destroyed``, ``stopped``,
+        ``broken``, ``oom``, ``oom_victim``, ``process_started``, ``process_exited``), in
+        the order the server published them. A one-container iteration ends after its
+        ``destroyed``. A subscriber that reads too slowly is not dropped: it gets a
+        ``missed`` event saying how many events it did not get, then the later ones.
+        Raises ContainerNotFoundError for an unknown handle. Leaving the block (or
+        disconnecting) unsubscribes; cancelled while subscribing, nothing stays subscribed.
+        """
+        async with self._conn.subscribe(handle, lifecycle=True) as frames:
+            yield _container_events(frames)
 
     async def bulk_metrics(self, handles: list[str]) -> dict[str, ContainerMetricsEntry]:
         raw = await self._conn.call("bulk_metrics", handles=list(handles))

@@ -271,6 +271,52 @@ class ImageInfo:
 
 
 @dataclass
+class LayerProgress:
+    """How far a pull has got with one layer (``Client.pull(..., progress=)``): ``digest``,
+    the blob's bytes read so far (``done``) and its size (``total``; -1 when the manifest
+    does not say). ``done`` only grows and reaches ``total`` when the layer is in the store;
+    a layer the store had already (``cached``) is reported once, done. Bytes are the
+    blob's (compressed)."""
+
+    digest: str = ""
+    done: int = 0
+    total: int = 0
+    cached: bool = False
+
+
+@dataclass
+class ContainerEvent:
+    """One event of a container's life, as ``Client.watch`` delivers it.
+
+    ``kind`` is one of ``EVENT_KINDS``; ``event`` says it in words (for ``oom``,
+    ``oom_victim`` and a ``broken`` whose shim died, the text ``ContainerInfo.events``
+    records). ``seq`` numbers the server's events from 1 in the order they were
+    published (a one-container subscription skips the others'), ``time`` is when (Unix
+    seconds). The other fields are set where the kind has them: ``reason`` for
+    ``destroyed`` (``client``, ``grace_time``), ``stopped`` (``stop``, ``oom``) and
+    ``broken`` (``shim_died``, ``destroy_failed``); ``process_id`` and ``pid`` for the
+    process kinds and ``oom_victim`` (``task``: the killed command); ``exit_status`` for
+    ``process_exited``; ``missed`` for ``missed`` (no handle: the subscriber fell behind
+    and that many events were not delivered to it)."""
+
+    kind: str = ""
+    handle: str = ""
+    event: str = ""
+    seq: int = 0
+    time: float = 0.0
+    reason: str = ""
+    process_id: str = ""
+    pid: int = 0
+    task: str = ""
+    exit_status: int | None = None
+    missed: int = 0
+
+
+EVENT_KINDS = ("created", "destroyed", "stopped", "broken", "oom", "oom_victim",
+               "process_started", "process_exited", "missed")
+
+
+@dataclass
 class Capacity:
     memory_in_bytes: int = 0
     disk_in_bytes: int = 0

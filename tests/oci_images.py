@@ -17,12 +17,16 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 
+import zstandard
+
 BUSYBOX = "/var/lib/gactor/images/busybox"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def sha256(data: bytes) -> str:
@@ -43,6 +47,30 @@ class Entry:
     pax: dict[str, str] = field(default_factory=dict)
     devmajor: int = 0
     devminor: int = 0
+
+
+def zstd(data: bytes, frames: int = 1) -> bytes:
+    """``data`` zstd-compressed, in ``frames`` frames one after another (a reader must
+    read across frames, as the format allows)."""
+    step = -(-len(data) // frames) or 1
+    compressor = zstandard.ZstdCompressor(level=3)
+    return b"".join(compressor.compress(data[i:i + step]) for i in range(0, len(data), step)) or compressor.compress(b"")
+
+
+def decompressed(layer: bytes) -> bytes:
+    """The layer's tar (what its diff_id hashes); a broken zstd layer (tests make them) as it is."""
+    if layer[:2] == b"\x1f\x8b":
+        return gzip.decompress(layer)
+    if layer[:4] == ZSTD_MAGIC:
+        try:
+            return zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(layer)
+        except zstandard.ZstdError:
+            return layer
+    return layer
+
+
+def media_type(layer: bytes) -> str:
+    return LAYER_GZ if layer[:2] == b"\x1f\x8b" else LAYER_ZSTD if layer[:4] == ZSTD_MAGIC else LAYER_TAR
 
 
 def tar_bytes(entries: list[Entry], compress: bool = False) -> bytes:
@@ -102,7 +130,7 @@ DEFAULT_CONFIG = {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin:/from-image", "FRO
 
 
 def config_blob(layers: list[bytes], config: dict[str, object] | None = None) -> bytes:
-    diff_ids = [sha256(gzip.decompress(b) if b[:2] == b"\x1f\x8b" else b) for b in layers]
+    diff_ids = [sha256(decompressed(b)) for b in layers]
     return json.dumps({"architecture": "amd64", "os": "linux", "config": config or DEFAULT_CONFIG,
                        "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
 
@@ -111,7 +139,7 @@ def manifest_blob(layers: list[bytes], config: bytes) -> bytes:
     return json.dumps({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": OCI_CONFIG, "digest": sha256(config), "size": len(config)},
-        "layers": [{"mediaType": LAYER_GZ if b[:2] == b"\x1f\x8b" else LAYER_TAR, "digest": sha256(b),
+        "layers": [{"mediaType": media_type(b), "digest": sha256(b),
                     "size": len(b)} for b in layers],
     }).encode()
 
@@ -144,8 +172,85 @@ def write_layout(root: str, images: dict[str, tuple[list[bytes], dict[str, objec
     return digests
 
 
+def add_index(root: str, tag: str, platforms: dict[str, str]) -> str:
+    """Tag an image index in the layout at ``root``: ``platforms`` maps "os/arch" to a
+    manifest digest already in it. Returns the index's digest (a multi-platform image,
+    as ``skopeo copy --all`` pushes it)."""
+    blobs = os.path.join(root, "blobs", "sha256")
+    entries = []
+    for platform, digest in platforms.items():
+        os_name, arch = platform.split("/")
+        size = os.path.getsize(os.path.join(blobs, digest.partition(":")[2]))
+        entries.append({"mediaType": OCI_MANIFEST, "digest": digest, "size": size,
+                        "platform": {"os": os_name, "architecture": arch}})
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+    digest = sha256(body)
+    with open(os.path.join(blobs, digest.partition(":")[2]), "wb") as f:
+        f.write(body)
+    with open(os.path.join(root, "index.json")) as f:
+        index = json.load(f)
+    index["manifests"].append({"mediaType": OCI_INDEX, "digest": digest, "size": len(body),
+                               "annotations": {"org.opencontainers.image.ref.name": tag}})
+    with open(os.path.join(root, "index.json"), "w") as f:
+        json.dump(index, f)
+    return digest
+
+
 def tar_directory(root: str, out: str) -> None:
     """``out``: an uncompressed tar of the directory ``root`` (an OCI layout tar)."""
     with tarfile.open(out, "w") as tar:
         for name in sorted(os.listdir(root)):
             tar.add(os.path.join(root, name), arcname=name)
+
+
+def oracle_layers() -> list[bytes]:
+    """``default_layers`` and a third layer of what an unpacker can get wrong, for the
+    umoci comparison: a directory whited out with its contents, a file replaced by a
+    directory and a directory by a file, symlinks (relative, absolute, dangling), a hard
+    link, a FIFO, owners other than root, setgid and sticky directories, an xattr, and
+    a file made over again in a directory the layer names (opaque) again; and a fourth
+    layer of members whose parent directories it does not list."""
+    base, top = default_layers()
+    third = tar_bytes([
+        Entry("etc/.wh.gone-dir"),
+        Entry("etc/was-file", kind=tarfile.DIRTYPE, mode=0o750, uid=1000, gid=1001),
+        Entry("etc/was-file/inside", data=b"in\n", mode=0o640, uid=1000, gid=1001),
+        Entry("etc/was-dir", data=b"now a file\n", mode=0o600),
+        Entry("links", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("links/relative", kind=tarfile.SYMTYPE, linkname="../bin/busybox"),
+        Entry("links/absolute", kind=tarfile.SYMTYPE, linkname="/etc/passwd"),
+        Entry("links/dangling", kind=tarfile.SYMTYPE, linkname="/nowhere/at/all"),
+        Entry("links/data", data=b"linked twice\n", mode=0o644, uid=1000, gid=1000),
+        Entry("links/hard", kind=tarfile.LNKTYPE, linkname="links/data"),
+        Entry("links/fifo", kind=tarfile.FIFOTYPE, mode=0o620),
+        Entry("shared", kind=tarfile.DIRTYPE, mode=0o2775, uid=0, gid=1000),
+        Entry("shared/tmp", kind=tarfile.DIRTYPE, mode=0o1777),
+        Entry("shared/tagged", data=b"t\n", pax={"SCHILY.xattr.user.colour": "blue"}),
+        Entry("opaque", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("opaque/.wh..wh..opq"),
+        Entry("opaque/newer", data=b"third layer\n", uid=1000, gid=1000),
+        Entry("srv", kind=tarfile.DIRTYPE, mode=0o750, uid=1000, gid=1001, pax={"SCHILY.xattr.user.where": "srv"}),
+        Entry("srv/inner", kind=tarfile.DIRTYPE, mode=0o700, uid=1001, gid=1001),
+        Entry("srv2", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("srv2/inner", kind=tarfile.DIRTYPE, mode=0o700, uid=1001, gid=1001),
+    ], compress=True)
+    # Members whose parents the tar does not list: they keep what the layers below say
+    # (srv, srv/inner, home/alice), unless this layer's opaque directory hides those (srv2).
+    fourth = tar_bytes([
+        Entry("srv/inner/deeper/file", data=b"deep\n"),
+        Entry("home/alice/.profile", data=b"export PS1=alice\n", uid=1000, gid=1000),
+        Entry("srv2", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("srv2/.wh..wh..opq"),
+        Entry("srv2/inner/file", data=b"under an opaque parent\n"),
+    ])
+    base = busybox_layer([
+        Entry("etc/motd-gone", data=b"should be whited out\n"),
+        Entry("etc/gone-dir", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("etc/gone-dir/file", data=b"whited out with its directory\n"),
+        Entry("etc/was-file", data=b"becomes a directory\n"),
+        Entry("etc/was-dir", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("etc/was-dir/file", data=b"replaced with its directory\n"),
+        Entry("opaque", kind=tarfile.DIRTYPE, mode=0o755),
+        Entry("opaque/old", data=b"hidden by the opaque marker\n"),
+    ])
+    return [base, top, third, fourth]

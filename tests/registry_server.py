@@ -7,7 +7,9 @@ the images of OCI layouts the tests build.
 "bearer", with ``users``), ``break_blobs`` (digest -> bytes after which the first
 download of it is cut off), ``corrupt_blobs``, ``redirect_blobs`` (blobs answered with a
 307 to another path), ``indexes`` (tags answered with an image index of several
-platforms), ``hold_blobs`` (an Event: blob downloads wait while it is clear). ``requests`` records every request's path and Range.
+platforms), ``hold_blobs`` (an Event: blob downloads wait while it is clear),
+``step_blobs`` (digest -> a Semaphore: that blob is sent STEP bytes at a time, each
+piece once the test releases the semaphore). ``requests`` records every request's path and Range.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+STEP = 1 << 20  # bytes of a stepped blob sent per release (the size the server reads at a time)
 INDEX = "application/vnd.oci.image.index.v1+json"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -36,6 +39,7 @@ class LocalRegistry:
         self.ranges = True  # False: Range headers are ignored (a full 200 every time)
         self.hold_blobs = threading.Event()  # cleared: blob downloads wait until it is set
         self.hold_blobs.set()
+        self.step_blobs: dict[str, threading.Semaphore] = {}
         self.indexes: dict[str, list[tuple[str, str]]] = {}  # tag -> [(os/arch, tag it points to)]
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -173,6 +177,13 @@ class LocalRegistry:
             h.wfile.flush()
             h.close_connection = True
             h.connection.shutdown(2)
+            return
+        steps = self.step_blobs.get(digest)
+        if steps is not None:
+            for offset in range(start, len(data), STEP):
+                assert steps.acquire(timeout=30), f"blob {digest}: piece at {offset} never released"
+                h.wfile.write(data[offset:offset + STEP])
+                h.wfile.flush()
             return
         h.wfile.write(data[start:])
 

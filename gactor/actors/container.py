@@ -45,6 +45,7 @@ from ..kernel.netmodel import ContainerNet, NetworkError
 from ..ops import logs
 from ..types import (
     BandwidthLimits,
+    ContainerEvent,
     ContainerInfo,
     ContainerSpec,
     CPULimits,
@@ -59,6 +60,7 @@ from ..types import (
     to_wire,
 )
 from .cleanup import Cleanup
+from .events import event
 from .mailbox import DEFERRED, Mailbox, Request, acquire
 from .network import Networking, check_net_out
 from .process import ProcessActor, Subscription
@@ -109,6 +111,7 @@ def oom_victim_event(pid: int, task: str, process_id: str | None) -> str:
     named = f", process id {process_id!r}" if process_id is not None else ""
     return f"{OOM_EVENT}: killed process {pid} ({task}){named}"
 SHIM_DIED_EVENT = "container shim exited unexpectedly: its processes are lost"
+TAR_PROCESS_PREFIX = "gactor-tar-"  # the process ids of Api.tar's tar (no lifecycle events)
 OOM_POLL = 2.0  # seconds between reads of the oom_kill counter when nothing else prompts one
 KEEP_EXITED = shim_wire.KEEP_COLLECTED  # exited processes remembered, newest first, as in the shim
 DEVICE_ALLOW = ["c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm",
@@ -133,7 +136,7 @@ class Environment:
     init_binary: str = ""  # the static garden-init; empty means pid 1 stays a forked Python
     tar_binary: str = "/bin/busybox"  # static, so it runs in any image (as Garden ships its tar)
     allow_privileged: bool = True  # False: --disable-privileged-containers
-    publish: Callable[[str, str], Awaitable[None]] = field(default=lambda handle, event: _nothing())
+    publish: Callable[[ContainerEvent], Awaitable[None]] = field(default=lambda event: _nothing())
     # How a container gets its image, ``(handle, source, unprivileged) -> Image``: the
     # registry owns image references (it prepares the image and records the reference).
     acquire_image: Callable[[str, str, bool], Awaitable[images.Image]] = field(
@@ -420,7 +423,9 @@ class ContainerActor:
                 await self._check_oom()
             case OomKilled(pid, task):
                 await self._check_oom()  # Garden's "Out of memory" first, if not recorded yet
-                await self._record_event(oom_victim_event(pid, task, self._process_id_of(pid)))
+                process_id = self._process_id_of(pid)
+                await self._record_event(oom_victim_event(pid, task, process_id), "oom_victim", pid=pid, task=task,
+                                         process_id=process_id or "")
             case SetProperty(name, value):
                 self.properties[name] = value
                 self.ref._publish()
@@ -458,11 +463,15 @@ class ContainerActor:
                 if pea is not None:
                     self._peas[process.id] = pea
                     self.ref._publish()
+                early_exit = self._early_exits.get(process.id)
                 try:
                     reply_to.reply(await self._add_process(process))
                 except BaseException as err:
                     reply_to.fail(err)
                     raise
+                await self._announce_process("process_started", process, pid=process.pid)
+                if early_exit is not None:
+                    await self._announce_process("process_exited", process, exit_status=early_exit)
             case _PeaDone(process_id):
                 if (pea := self._peas.pop(process_id, None)) is not None:
                     self.ref._publish()
@@ -470,8 +479,11 @@ class ContainerActor:
             case FindProcess(process_id):
                 return self._process(process_id)
             case Stop(kill):
+                was = self.state
                 self._transition(Event.STOP)
                 await self._save()
+                if self.state is not was:
+                    await self._announce("stopped", reason="stop")
                 self._spawn(self._stop, kill, request)
                 return DEFERRED
             case Destroy():
@@ -484,14 +496,16 @@ class ContainerActor:
                     reply_to.reply(None)
                 else:
                     self._transition(Event.DESTROY_FAILED)
+                    await self._announce("broken", reason="destroy_failed")
                     reply_to.fail(GardenError(f"destroying {self.handle}: {error}"))
             case _ProcessExited(process_id, code):
                 self._exit_order[process_id] = None
                 proc = self.processes.get(process_id)
                 if proc is None:
-                    self._early_exits[process_id] = code
+                    self._early_exits[process_id] = code  # announced once it is added
                 else:
                     await proc.exited(code)
+                    await self._announce_process("process_exited", proc, exit_status=code)
                 await self._check_oom()  # an OOM kill of this process or of one of its children?
             case _ShimDied():
                 await self._shim_died()
@@ -869,7 +883,7 @@ class ContainerActor:
         for proc in self.processes.values():
             if proc.running:
                 await proc.lost(f"the shim of container {self.handle} died: the exit status is lost")
-        await self._record_event(SHIM_DIED_EVENT)
+        await self._record_event(SHIM_DIED_EVENT, "broken", reason="shim_died")
 
     def _on_exit(self, process_id: str, code: int) -> None:
         if not self.mailbox.tell_nowait(_ProcessExited(process_id, code)):
@@ -920,15 +934,33 @@ class ContainerActor:
         if count <= self._oom_seen:
             return
         self._oom_seen = count
+        was = self.state
         self._transition(Event.STOP)  # now, not when the kill sweep below gets going
-        await self._record_event(OOM_EVENT)
+        await self._record_event(OOM_EVENT, "oom")
+        if self.state is not was:
+            await self._announce("stopped", reason="oom")
         self._spawn(self._stop, True)
 
-    async def _record_event(self, event: str) -> None:
-        """Persist the event, then hand it to the registry, which delivers it to subscribers."""
-        self.events.append(event)
+    async def _record_event(self, text: str, kind: str, **fields: Any) -> None:
+        """Persist the event (``ContainerInfo.events``), then publish it as a ``kind``
+        event, which the registry's event hub delivers to subscribers."""
+        self.events.append(text)
         await self._save()
-        await self.env.publish(self.handle, event)
+        await self.env.publish(event(kind, self.handle, text, **fields))
+
+    async def _announce(self, kind: str, words: str = "", **fields: Any) -> None:
+        """Publish a lifecycle event that is not recorded (a state change, a process)."""
+        await self.env.publish(event(kind, self.handle, words, **fields))
+
+    async def _announce_process(self, kind: str, proc: ProcessActor, **fields: Any) -> None:
+        # The tar behind stream_in/stream_out (``Api.tar``) is the server's, not a client's.
+        if proc.id.startswith(TAR_PROCESS_PREFIX):
+            return
+        if kind == "process_started":
+            words = f"process {proc.id} started (pid {proc.pid})"
+        else:
+            words = f"process {proc.id} exited with status {fields['exit_status']}"
+        await self._announce(kind, words, process_id=proc.id, **fields)
 
     # ---- processes ---------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import trio
 from ..errors import GardenError
 from ..kernel import dnsfiles, netmodel
 from ..kernel.firewall import Firewall
-from ..kernel.netlink import Netlink, link_stats
+from ..kernel.netlink import Netlink, disable_ipv6, link_stats
 from ..kernel.netmodel import Allocation, ContainerNet, NetworkError
 
 log = logging.getLogger("gactor.network")
@@ -150,7 +150,10 @@ class Networking:
         await trio.to_thread.run_sync(self.firewall.setup, nets)
         keep = {n.host_ifname for n in nets} | {b for n in nets if (b := self.bridge_for(n.alloc))}
         for name in await self.netlink.list_links(netmodel.link_prefix(self.config.tag)):
-            if name not in keep:
+            if name in keep:
+                with contextlib.suppress(OSError):  # links made before IPv6 was turned off
+                    disable_ipv6(name)
+            else:
                 log.warning("removing link %s: no container owns it", name)
                 try:
                     await self.netlink.delete_link(name)

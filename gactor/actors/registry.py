@@ -1,5 +1,6 @@
 """The registry actor: the one owner of the handle table, capacity, grace timers and
-event subscriptions.
+image references, and of the event hub (``events.EventHub``, a child actor holding the
+subscriptions), to which it publishes ``created`` and ``destroyed``.
 
 One task (``_serve``) owns that state and answers typed commands from a bounded
 mailbox; front ends hold a ``RegistryRef``. Creates and destroys run in tasks of the
@@ -32,9 +33,11 @@ import trio
 from ..errors import ContainerNotFoundError, GardenError
 from ..kernel import depot, idmap, image_copies, images, kmsg, shims
 from ..kernel.errors import KernelError
+from ..kernel.images import Progress
 from ..kernel.netmodel import ContainerNet
-from ..types import Capacity, ContainerSpec
+from ..types import Capacity, ContainerEvent, ContainerSpec
 from .container import PEA_CGROUP, ContainerActor, ContainerRef, Environment, State, remove_orphan
+from .events import EventHub, EventQueue, event
 from .mailbox import DEFERRED, ActorGone, Mailbox, Request
 from .pools import PoolError, PortPool, SubnetPool
 
@@ -42,7 +45,6 @@ log = logging.getLogger("gactor.registry")
 
 _BAD_HANDLE = re.compile(r"[/\x00]")
 MAX_HANDLE_BYTES = 200
-EVENT_QUEUE = 64  # per subscriber; one that falls this far behind is dropped
 ADOPT_TIMEOUT = 5.0  # seconds a shim gets to answer at startup before its container is removed
 RELEASE_TIMEOUT = 5.0  # seconds an unpause may wait for room in the registry's mailbox
 
@@ -206,12 +208,7 @@ class SetGraceTime:
 @dataclass(frozen=True)
 class Subscribe:
     handle: str | None
-
-
-@dataclass(frozen=True)
-class Publish:
-    handle: str
-    event: str
+    recorded_only: bool
 
 
 @dataclass(frozen=True)
@@ -267,6 +264,7 @@ class PullImage:
     source: str
     username: str
     password: str
+    progress: Progress | None = None  # called from the pulling thread
 
 
 @dataclass(frozen=True)
@@ -357,8 +355,7 @@ class Registry:
         self._destroying: set[str] = set()
         self._timers: dict[str, GraceTimer] = {}
         self._nursery: trio.Nursery | None = None
-        # Event subscribers by handle; the key None subscribes to every container.
-        self._subscribers: dict[str | None, set[trio.MemorySendChannel[tuple[str, str]]]] = {}
+        self.hub = EventHub()  # the subscriptions' owner, started by run in the registry's nursery
         # Image references: the image each container uses. Images are prepared (sharing
         # _image_lock) and collected (alone) by registry tasks, so a collect never runs
         # between a prepare and the reference it leads to.
@@ -378,7 +375,7 @@ class Registry:
         # until the next collect, a release always collects.
         self._collect_due = True
         self.mailbox = Mailbox("the registry")
-        env.publish = self._publish_from_container
+        env.publish = self._publish
         env.acquire_image = self._acquire_image
         env.acquire_port = self._acquire_port
         env.release_port = self._release_port
@@ -390,6 +387,7 @@ class Registry:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(self.hub.run)
                 await self._restore()
                 nursery.start_soon(self.mailbox.serve, self._handle)
                 nursery.start_soon(self._watch_oom_kills)
@@ -513,6 +511,7 @@ class Registry:
                     reply_to.fail(error or GardenError(f"creating {handle} failed"))
                 else:
                     self._add(container)
+                    await self._publish(event("created", handle))
                     reply_to.reply(container)
             case DestroyContainer(handle):
                 self._start_destroy(self._lookup(handle), request)
@@ -520,6 +519,10 @@ class Registry:
             case _Destroyed(reply_to, container, error):
                 self._destroying.discard(container.handle)
                 if error is None:
+                    # No request: the grace timer's reaping (a client's destroy has one).
+                    reason = "client" if reply_to is not None else "grace_time"
+                    await self._publish(event("destroyed", container.handle, reason=reason))
+                    await self.hub.end_of(container.handle)
                     self._forget(container.handle)
                     if container.net is not None:
                         self._spawn(self._release_network, container.net)
@@ -537,14 +540,12 @@ class Registry:
                 container = self._lookup(handle)
                 self._timers[handle].reset(seconds)
                 await container.set_grace_time(seconds)
-            case Subscribe(handle):
+            case Subscribe(handle, recorded_only):
                 if handle is not None:
                     self._lookup(handle)
-                send, receive = trio.open_memory_channel[tuple[str, str]](EVENT_QUEUE)
-                self._subscribers.setdefault(handle, set()).add(send)
-                return receive
-            case Publish(handle, event):
-                self._publish(handle, event)
+                queue = EventQueue(handle, recorded_only)
+                await self.hub.subscribe(queue)  # the hub waits for no one: no cycle
+                return queue
             case Adopted(container):
                 self._add(container)
             case TakeCensus():
@@ -795,7 +796,7 @@ class Registry:
                 try:
                     image = await trio.to_thread.run_sync(lambda: images.prepare(
                         command.source, self.env.image_store, privileged=True, idmap=self._idmap,
-                        username=command.username, password=command.password))
+                        username=command.username, password=command.password, progress=command.progress))
                 except images.ImageError as err:
                     request.fail(GardenError(str(err)))
                     return
@@ -911,8 +912,6 @@ class Registry:
 
     def _forget(self, handle: str) -> None:
         del self.containers[handle]
-        for channel in self._subscribers.pop(handle, set()):
-            channel.close()
         timer = self._timers.pop(handle, None)
         if timer is not None:
             timer.defuse()
@@ -929,21 +928,10 @@ class Registry:
 
     # ---- events ------------------------------------------------------------------------
 
-    async def _publish_from_container(self, handle: str, event: str) -> None:
-        await self.mailbox.tell(Publish(handle, event))
-
-    def _publish(self, handle: str, event: str) -> None:
-        for key in (handle, None):
-            channels = self._subscribers.get(key, set())
-            for channel in list(channels):
-                try:
-                    channel.send_nowait((handle, event))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    channels.discard(channel)  # the subscriber left
-                except trio.WouldBlock:
-                    log.warning("dropping an event subscriber that stopped reading")
-                    channel.close()
-                    channels.discard(channel)
+    async def _publish(self, item: ContainerEvent) -> None:
+        """Hand an event to the hub (containers' actors publish through this too): it
+        waits only for room in the hub's mailbox, never for a subscriber."""
+        await self.hub.publish(item)
 
 
 class RegistryRef:
@@ -960,20 +948,25 @@ class RegistryRef:
         self.default_grace_time = registry.default_grace_time
         self.max_containers = registry.max_containers
         self._subnets = registry.subnets
+        self._hub = registry.hub
 
     async def images(self) -> list[ImageUsage]:
         """Every image in the store, with the handles of the containers using it."""
         found: list[ImageUsage] = await self._mailbox.ask(ListImages())
         return found
 
-    async def pull(self, source: str, username: str = "", password: str = "") -> ImageUsage:
+    async def pull(self, source: str, username: str = "", password: str = "",
+                   progress: Progress | None = None) -> ImageUsage:
         """Fetch ``source`` into the image store (no container uses it until one is
-        created from it). Raises GardenError naming the image. Cancelled: the pull goes on."""
+        created from it). ``progress(digest, done, total)`` hears of each layer, from the
+        thread pulling (``images.prepare``): it must be quick and thread-safe
+        (``PullProgress.report``). Raises GardenError naming the image. Cancelled: the
+        pull goes on (and still reports to ``progress``)."""
         try:
             images.check_source(source)
         except images.ImageError as err:
             raise GardenError(str(err)) from None
-        pulled: ImageUsage = await self._mailbox.ask(PullImage(source, username, password))
+        pulled: ImageUsage = await self._mailbox.ask(PullImage(source, username, password, progress))
         return pulled
 
     async def prune_images(self) -> list[str]:
@@ -1039,13 +1032,22 @@ class RegistryRef:
     async def set_grace_time(self, handle: str, seconds: float) -> None:
         await self._mailbox.ask(SetGraceTime(handle, seconds))
 
-    async def subscribe(self, handle: str | None) -> trio.MemoryReceiveChannel[tuple[str, str]]:
-        """``(handle, event)`` pairs from now on, for one container or (None) for all.
+    @contextlib.asynccontextmanager
+    async def subscribe(self, handle: str | None, recorded_only: bool = False) -> AsyncIterator[EventQueue]:
+        """The events of one container (or, None, of every container) from now on, as an
+        ``EventQueue`` to iterate; ``recorded_only``: just those ``ContainerInfo.events``
+        records (Garden's "Out of memory" and the like). Raises ContainerNotFoundError.
 
-        A one-container subscription ends when the container is destroyed; a subscriber
-        that falls EVENT_QUEUE events behind is dropped (its channel closes)."""
-        events: trio.MemoryReceiveChannel[tuple[str, str]] = await self._mailbox.ask(Subscribe(handle))
-        return events
+        A one-container subscription ends after the container's ``destroyed``. A
+        subscriber that falls ``events.EVENT_QUEUE`` events behind is told how many it missed
+        (``missed``), never dropped, and never slows the server. Leaving the context,
+        however it is left (the subscriber disconnected, or was cancelled), removes the
+        subscription."""
+        queue: EventQueue = await self._mailbox.ask(Subscribe(handle, recorded_only))
+        try:
+            yield queue
+        finally:
+            await self._hub.unsubscribe(queue)
 
     async def adopt(self, container: Container) -> None:
         await self._mailbox.ask(Adopted(container))

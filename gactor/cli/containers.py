@@ -3,6 +3,7 @@ stop, set-grace-time, net-in. Tables for people, JSON with ``--json``."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -86,14 +87,22 @@ def capacity(opts: Options) -> None:
 @pass_options
 def create(opts: Options, handle: str, rootfs: str, properties: list[str], memory: int,
            env: list[str], grace_time: float, privileged: bool) -> None:
-    """Create a container and print its handle."""
+    """Create a container and print its handle. On a terminal, a docker:// image is
+    pulled first with a progress bar per layer (the create then finds its layers)."""
     from gactor.types import ContainerSpec, ImageRef, Limits, MemoryLimits
 
     spec = ContainerSpec(
         handle=handle, image=ImageRef(uri=rootfs), env=env, grace_time=grace_time,
         privileged=privileged, properties=as_dict(properties),
         limits=Limits(memory=MemoryLimits(limit_in_bytes=memory)))
-    container = call(opts, lambda client: client.create(spec))
+    with render.PullProgress(f"pull {rootfs}", sys.stdout, sys.stderr) as progress:
+
+        async def make(client: Any) -> Any:
+            if rootfs.startswith("docker://") and progress.shown:
+                await client.pull(rootfs, progress=progress.update)
+            return await client.create(spec)
+
+        container = call(opts, make)
     if opts.json:
         echo_json({"handle": container.handle})
     else:

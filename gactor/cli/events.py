@@ -1,16 +1,12 @@
 """``gactor events [HANDLE]``: follow containers' events until interrupted.
 
-Two sources, merged in the order they are seen:
+The server publishes them (``Client.watch``): ``created``, ``stopped``, ``broken``,
+``destroyed`` (with why), Garden's ``Out of memory`` and the process it killed, and each
+process started and exited, in the order they happened, as they happen. A follower too
+slow to keep up is told how many events it missed (``missed N events``).
 
-- the server's event stream: what a container records in ``ContainerInfo.events``
-  (Garden's ``Out of memory``), delivered as it happens;
-- lifecycle: ``created``, a new state (``stopped``, ``broken``, ...), ``destroyed``. The
-  server does not publish these, so the command notices them by asking for the
-  containers' states every POLL_INTERVAL (one ``containers`` and one ``bulk_info`` call);
-  they are printed up to that long after they happened.
-
-One container's event stream ends when it is destroyed: that is printed as
-``destroyed`` and the command exits 0. ^C ends it with 130.
+One container's stream ends after its ``destroyed``: the command then exits 0. ^C ends
+it with 130.
 """
 
 from __future__ import annotations
@@ -23,88 +19,58 @@ import click
 
 from ._app import Options, call, cli, examples, handle_argument, json_option, pass_options
 
-CREATED, DESTROYED = "created", "destroyed"
-POLL_INTERVAL = 1.0  # seconds between two looks at the containers' states
+# What a plain line adds to an event's words, by reason.
+_REASONS = {"grace_time": "grace time expired", "oom": "out of memory", "shim_died": "its shim died",
+            "destroy_failed": "a destroy failed"}
+# JSON lines carry these fields of a ContainerEvent when they are set.
+_DETAILS = ("reason", "process_id", "pid", "task", "exit_status", "missed")
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _when(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _emit(opts: Options, handle: str, event: str) -> None:
-    """One line per event; click.echo flushes, so a pipe sees it at once."""
-    when = _now()
-    if opts.json:
-        click.echo(json.dumps({"time": when, "handle": handle, "event": event}))
-    else:
-        click.echo(f"{when}  {handle}  {event}")
+def line(event: Any) -> str:
+    """A ContainerEvent as ``TIME  HANDLE  EVENT`` (``-`` for no handle: a ``missed``)."""
+    words = event.event or event.kind
+    if event.reason in _REASONS:
+        words += f" ({_REASONS[event.reason]})"
+    return f"{_when(event.time)}  {event.handle or '-'}  {words}"
 
 
-@examples("gactor events", "gactor events web", "gactor --json events | jq -r 'select(.event == \"Out of memory\") | .handle'")
+def json_line(event: Any) -> str:
+    """A ContainerEvent as one JSON object: ``time`` (ISO 8601, UTC), ``handle``,
+    ``event`` (its words), ``kind``, ``seq``, and whichever of _DETAILS it has."""
+    record: dict[str, Any] = {"time": _when(event.time), "handle": event.handle, "event": event.event,
+                              "kind": event.kind, "seq": event.seq}
+    for name in _DETAILS:
+        value = getattr(event, name)
+        if value not in ("", 0, None) or (name == "exit_status" and value is not None):
+            record[name] = value
+    return json.dumps(record)
+
+
+@examples("gactor events", "gactor events web",
+          "gactor --json events | jq -r 'select(.kind == \"oom\") | .handle'")
 @cli.command()
 @handle_argument(required=False)
 @json_option
 @pass_options
 def events(opts: Options, handle: str | None) -> None:
-    """Follow OOM and lifecycle events (of HANDLE, or of every container) until ^C.
+    """Follow lifecycle and OOM events (of HANDLE, or of every container) until ^C.
 
-    Prints "TIME  HANDLE  EVENT" lines; with --json, one JSON object a line
-    ({"time", "handle", "event"}). Once the subscription is live it says so on stderr,
+    Prints "TIME  HANDLE  EVENT" lines; with --json, one JSON object a line ({"time",
+    "handle", "event", "kind", "seq"} and, where set, "reason", "process_id", "pid",
+    "task", "exit_status", "missed"). Once the subscription is live it says so on stderr,
     so a script can wait for that line before it does what it wants to watch.
     """
 
     async def follow(client: Any) -> None:
-        import trio
-
-        async with trio.open_nursery() as nursery:
-            if handle:
-                container = await client.lookup(handle)
-                async with container.events() as stream:
-                    nursery.start_soon(_follow_states, client, handle, opts)
-                    click.echo(f"following events of {handle}; ^C to stop", err=True)
-                    async for event in stream:
-                        _emit(opts, handle, event)
-                nursery.cancel_scope.cancel()
-                _emit(opts, handle, DESTROYED)
-                return
-            async with client.events() as stream:
-                nursery.start_soon(_follow_states, client, None, opts)
-                click.echo("following events of every container; ^C to stop", err=True)
-                async for source, event in stream:
-                    _emit(opts, source, event)
+        async with client.watch(handle or None) as stream:
+            click.echo(f"following events of {handle or 'every container'}; ^C to stop", err=True)
+            async for event in stream:
+                # click.echo flushes, so a pipe sees each line at once.
+                click.echo(json_line(event) if opts.json else line(event))
 
     call(opts, follow)
-
-
-async def _states(client: Any, handle: str | None) -> dict[str, str]:
-    """``handle -> state`` of HANDLE, or of every container."""
-    handles = [handle] if handle else [c.handle for c in await client.containers()]
-    if not handles:
-        return {}
-    infos = await client.bulk_info(handles)
-    return {h: e.info.state for h, e in infos.items() if e.info is not None}
-
-
-async def _follow_states(client: Any, handle: str | None, opts: Options) -> None:
-    """Print lifecycle changes seen between two looks, POLL_INTERVAL apart, forever.
-
-    Following one container, its disappearance is left to the event stream's end (which
-    prints ``destroyed`` once, whichever notices first).
-    """
-    import trio
-
-    known = await _states(client, handle)
-    while True:
-        await trio.sleep(POLL_INTERVAL)
-        now = await _states(client, handle)
-        for name in sorted(now.keys() - known.keys()):
-            _emit(opts, name, CREATED)
-            if now[name] != "active":  # it changed already: stopped by an OOM, say
-                _emit(opts, name, now[name])
-        for name, state in sorted(now.items()):
-            if name in known and known[name] != state:
-                _emit(opts, name, state)
-        if handle is None:
-            for name in sorted(known.keys() - now.keys()):
-                _emit(opts, name, DESTROYED)
-        known = now

@@ -7,14 +7,12 @@ images branch's CLI printed (its tests read it): ``images`` one line per image, 
 N layers  users: H,H  SOURCE``; ``pull`` ``SOURCE: SIZE, N layers``; ``prune`` one line
 per removed image or layer, or ``nothing to prune``.
 
-The server does not report a pull's progress (yet); while a pull runs on a terminal, a
-spinner with the time taken shows that it does. A client whose ``pull`` takes
-``progress=`` is given a callback ``(done_bytes, total_bytes or None)`` that moves a bar.
+A pull shows the server's per-layer progress (``Client.pull(progress=)``): bars on a
+terminal, one line per layer on stderr otherwise (``render.PullProgress``).
 """
 
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import Any
 
@@ -87,27 +85,12 @@ def prune(opts: Options) -> None:
 @json_option
 @pass_options
 def pull(opts: Options, uri: str, username: str, password: str) -> None:
-    """Fetch the image URI into the store; a progress display while it runs on a terminal."""
-    from gactor.client import Client
+    """Fetch the image URI into the store. On a terminal, a progress bar for the image
+    and each of its layers; otherwise one line per layer on stderr as it is done."""
 
-    reports = "progress" in inspect.signature(getattr(Client, "pull", lambda uri: None)).parameters
-    with render.Progress(f"pull {uri}", None, sys.stdout, counts_bytes=reports) as progress:
-        seen = [0]
-
-        def advance(done: int, total: int | None = None) -> None:
-            if total:
-                progress.set_total(total)
-            progress.advance(max(0, done - seen[0]))
-            seen[0] = max(seen[0], done)
-
-        async def fetch(client: Any) -> Any:
-            method = _api(client, "pull")
-            login = {"username": username, "password": password} if username or password else {}
-            if "progress" in inspect.signature(method).parameters:
-                return await method(uri, progress=advance, **login)
-            return await method(uri, **login)
-
-        image = call(opts, fetch)
+    with render.PullProgress(f"pull {uri}", sys.stdout, sys.stderr) as progress:
+        login = {"username": username, "password": password} if username or password else {}
+        image = call(opts, lambda client: _api(client, "pull")(uri, progress=progress.update, **login))
     record = msgspec.to_builtins(image)
     if opts.json:
         echo_json(record)

@@ -182,3 +182,72 @@ class Progress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class PullProgress:
+    """A pull's progress, fed ``update(LayerProgress)`` for each report of the server.
+
+    On a terminal ``file``: a bar for the whole image and one per layer (short digest,
+    bytes done of its size, rate), removed when the block ends. Elsewhere: one plain line
+    on ``log`` per layer once it is done, ``LAYER  SIZE  pulled`` (or ``in the store``
+    for a layer the server had already), so a log shows the pull without a terminal's
+    control codes.
+    """
+
+    def __init__(self, description: str, file: IO[str], log: IO[str]) -> None:
+        self._description = description
+        self._file = file
+        self._log = log
+        self._progress: Any = None
+        self._whole: Any = None
+        self._tasks: dict[str, Any] = {}
+        self._layers: dict[str, tuple[int, int]] = {}  # digest -> (done, total)
+        self._finished: set[str] = set()
+
+    @property
+    def shown(self) -> bool:
+        """Whether the bars are on a terminal."""
+        return self._progress is not None
+
+    def __enter__(self) -> PullProgress:
+        if not self._file.isatty():
+            return self
+        from rich import progress as p
+
+        self._progress = p.Progress(p.TextColumn("{task.description}"), p.BarColumn(),
+                                    p.DownloadColumn(binary_units=True), p.TransferSpeedColumn(),
+                                    console=console(self._file), transient=True)
+        self._progress.start()
+        self._whole = self._progress.add_task(self._description, total=None)
+        return self
+
+    def update(self, layer: Any) -> None:
+        """One report: ``layer.digest`` has ``done`` of ``total`` bytes (-1: unknown)."""
+        first = layer.digest not in self._layers
+        total = layer.total if layer.total >= 0 else None
+        self._layers[layer.digest] = (layer.done, layer.total)
+        if self._progress is not None:
+            if first:
+                self._tasks[layer.digest] = self._progress.add_task(f"  {_short(layer.digest)}", total=total)
+            self._progress.update(self._tasks[layer.digest], completed=layer.done, total=total)
+            known = [t for _, t in self._layers.values()]
+            self._progress.update(self._whole, completed=sum(d for d, _ in self._layers.values()),
+                                  total=sum(known) if all(t >= 0 for t in known) else None)
+        done = total is not None and layer.done >= total
+        if done and layer.digest not in self._finished:
+            self._finished.add(layer.digest)
+            if self._progress is None:
+                how = "in the store" if layer.cached else "pulled"
+                self._log.write(f"{_short(layer.digest)}  {size(layer.done)}  {how}\n")
+                self._log.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _short(digest: str) -> str:
+    """``sha256:0123456789ab``: enough of a digest to tell layers apart."""
+    algo, _, hexpart = digest.partition(":")
+    return f"{algo}:{hexpart[:12]}" if hexpart else digest

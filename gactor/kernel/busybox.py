@@ -1,4 +1,15 @@
-"""Default test rootfs from Debian's static busybox: ``python -m gactor.kernel.busybox DEST``.
+"""Default rootfs, laid out as Docker's busybox image: ``python -m gactor.kernel.busybox DEST``.
+
+Docker's ``busybox`` (its default, glibc variant, which Garden's tests were written against)
+is a dynamically linked busybox in /bin, Debian's ``getconf``, and in /lib the glibc
+libraries they load plus glibc's NSS modules and libpthread (/lib64 a symlink to lib), with
+buildroot's /etc/passwd, group and shadow. This builds the same from Debian's dynamic
+``busybox`` package (not installable next to busybox-static: scripts/setup.sh extracts it
+to ``GLIBC_BUSYBOX``'s tree) and this host's glibc. As in Docker's image every applet is in
+/bin (symlinks to /bin/busybox; Docker's are hard links), and /usr/bin/env links to /bin/env;
+so a PATH of /bin alone finds them all, which matters as this build's sh does not run
+applets without a PATH lookup (Debian's static one does). The host's static /bin/busybox
+stays the server's tar for StreamIn/StreamOut.
 
 ``DEST`` is a symlink to the current generation, a sibling ``.<name>.gen-<version>-<id>``
 directory that is never modified once built: a rebuild builds a new generation and
@@ -19,8 +30,16 @@ from pathlib import Path
 from .image_copies import mounted_lower_dirs
 
 VERSION_FILE = ".gactor-rootfs-version"
+# Debian's dynamic busybox, extracted (dpkg-deb -x) from the package of the same version as
+# the installed busybox-static by scripts/setup.sh.
+GLIBC_BUSYBOX = Path("/var/lib/gactor/busybox-glibc/bin/busybox")
+GETCONF = Path("/usr/bin/getconf")
+# What Docker's image adds to the binaries' own libraries: glibc's NSS modules (glibc
+# resolves names through them even in a static binary) and libpthread.
+_EXTRA_LIBS = ("libnss_compat.so.2", "libnss_dns.so.2", "libnss_files.so.2", "libnss_hesiod.so.2",
+               "libpthread.so.0")
 DIRS = {  # mode -> directories
-    0o755: "bin sbin usr/bin usr/sbin usr/local/bin dev home etc run var",
+    0o755: "bin sbin lib usr/bin usr/sbin usr/local/bin dev home etc run var",
     0o555: "proc sys",
     0o1777: "tmp var/tmp",
     0o700: "root",
@@ -47,8 +66,13 @@ ETC = {
     "hosts": "",
     "resolv.conf": "",
     "os-release": 'NAME="gactor busybox"\nID=busybox\nPRETTY_NAME="gactor busybox rootfs"\n',
+    # Debian's default, which Docker's image copies from its Debian build stage.
+    "nsswitch.conf": "".join(f"{db + ':':<15} {src}\n" for db, src in (
+        ("passwd", "files"), ("group", "files"), ("shadow", "files"), ("gshadow", "files"),
+        ("hosts", "files dns"), ("networks", "files"), ("protocols", "db files"),
+        ("services", "db files"), ("ethers", "db files"), ("rpc", "db files"), ("netgroup", "nis"))),
 }
-# Debian's busybox-static lacks adduser/addgroup, yet Garden tests run `adduser -D alice`: this is
+# Debian's busybox builds lack adduser/addgroup, yet Garden tests run `adduser -D alice`: this is
 # a busybox-compatible subset (adduser [-DHS] [-h D] [-g GECOS] [-s SH] [-G GRP] [-u UID] USER [GRP]).
 ADDUSER = r"""#!/bin/sh
 set -e
@@ -86,30 +110,73 @@ echo "$name:!:$(($(date +%s) / 86400)):0:99999:7:::" >>/etc/shadow
 """
 
 
-def _version(busybox: Path) -> str:
-    """Changes with the busybox binary and with this module, so either forces a rebuild."""
-    return hashlib.sha256(busybox.read_bytes() + Path(__file__).read_bytes()).hexdigest()
+def libraries(binaries: list[Path]) -> list[Path]:
+    """The shared libraries ``binaries`` load (their interpreter included), found by
+    ``ldd`` as Docker's image build does, plus ``_EXTRA_LIBS`` and what those load; empty
+    for static binaries. Resolved paths, in the order found."""
+    found: dict[str, Path] = {}
+    todo = list(binaries)
+    extras_added = False
+    while todo:
+        binary = todo.pop(0)
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            if "not a dynamic executable" in out.stdout + out.stderr and binary in binaries:
+                continue  # a static binary loads nothing
+            raise RuntimeError(f"ldd {binary}: {(out.stderr or out.stdout).strip()}")
+        for line in out.stdout.splitlines():
+            fields = line.split()
+            path = fields[2] if len(fields) > 2 and fields[1] == "=>" else fields[0] if fields else ""
+            if path.startswith("/") and os.path.basename(path) not in found:
+                found[os.path.basename(path)] = Path(os.path.realpath(path))
+                todo.append(found[os.path.basename(path)])
+        if not todo and not extras_added and "libc.so.6" in found:
+            extras_added = True
+            libdir = found["libc.so.6"].parent
+            for name in _EXTRA_LIBS:
+                if name not in found and (libdir / name).is_file():
+                    found[name] = libdir / name
+                    todo.append(libdir / name)
+    return list(found.values())
 
 
-def build_rootfs(dest: Path, busybox: Path = Path("/bin/busybox")) -> Path:
+def _inputs(busybox: Path) -> list[tuple[str, Path]]:
+    """(path in the rootfs, host file) of every binary and library the rootfs carries."""
+    binaries = [busybox] + ([GETCONF] if GETCONF.is_file() else [])
+    return ([("bin/busybox", busybox)] + [(f"bin/{b.name}", b) for b in binaries[1:]]
+            + [(f"lib/{lib.name}", lib) for lib in libraries(binaries)])
+
+
+def _version(inputs: list[tuple[str, Path]]) -> str:
+    """Changes with any binary or library copied in and with this module, so any of them
+    forces a rebuild."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for rel, host in inputs:
+        digest.update(rel.encode() + b"\0" + host.read_bytes())
+    return digest.hexdigest()
+
+
+def build_rootfs(dest: Path, busybox: Path = GLIBC_BUSYBOX) -> Path:
     """Make ``dest`` a busybox rootfs (see the module docstring) and return ``dest``; a
     no-op when its version is current. Killed midway, it leaves a ``.<name>.build-*``
     directory that the next rebuild removes, and ``dest`` as it was."""
     if not busybox.is_file():
-        raise FileNotFoundError(f"{busybox} missing: apt-get install busybox-static")
+        raise FileNotFoundError(f"{busybox} missing: scripts/setup.sh extracts Debian's busybox "
+                                f"package there (apt-get download busybox; dpkg-deb -x)")
     applets = subprocess.run(
-        [str(busybox), "--list-full"], check=True, capture_output=True, text=True
+        [str(busybox), "--list"], check=True, capture_output=True, text=True
     ).stdout.split()
-    if "bin/sh" not in applets:
-        raise RuntimeError(f"{busybox} --list-full has no bin/sh: not a usable busybox")
-    version = _version(busybox)
+    if "sh" not in applets:
+        raise RuntimeError(f"{busybox} --list has no sh: not a usable busybox")
+    inputs = _inputs(busybox)
+    version = _version(inputs)
     stamp = dest / VERSION_FILE
     if stamp.is_file() and stamp.read_text().strip() == version:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.build-{os.getpid()}-{os.urandom(3).hex()}")
     try:
-        _fill(tmp, busybox, applets, version)
+        _fill(tmp, inputs, applets, version)
         generation = dest.with_name(f".{dest.name}.gen-{version[:12]}-{os.urandom(3).hex()}")
         tmp.rename(generation)
     except BaseException:
@@ -126,23 +193,26 @@ def build_rootfs(dest: Path, busybox: Path = Path("/bin/busybox")) -> Path:
     return dest
 
 
-def _fill(tmp: Path, busybox: Path, applets: list[str], version: str) -> None:
+def _fill(tmp: Path, inputs: list[tuple[str, Path]], applets: list[str], version: str) -> None:
     tmp.mkdir()
     for mode, names in DIRS.items():
         for rel in names.split():
             (tmp / rel).mkdir(parents=True, exist_ok=True)
             (tmp / rel).chmod(mode)
     tmp.chmod(0o755)
-    shutil.copy(busybox, tmp / "bin/busybox")  # keeps the 0755 mode
-    for rel in applets:
-        if "/" in rel and rel != "bin/busybox":
-            (tmp / rel).symlink_to("/bin/busybox")
+    (tmp / "lib64").symlink_to("lib")  # the interpreter is /lib64/ld-linux-x86-64.so.2
+    for rel, host in inputs:
+        shutil.copy(host, tmp / rel)  # keeps the mode
+    for name in applets:
+        if "/" not in name and not os.path.lexists(tmp / "bin" / name):
+            (tmp / "bin" / name).symlink_to("/bin/busybox")
+    (tmp / "usr/bin/env").symlink_to("../../bin/env")
     for name, text in ETC.items():
         (tmp / "etc" / name).write_text(text)
     (tmp / "etc/shadow").chmod(0o640)
-    (tmp / "usr/sbin/adduser").write_text(ADDUSER)
-    (tmp / "usr/sbin/adduser").chmod(0o755)
-    (tmp / "usr/sbin/addgroup").symlink_to("adduser")
+    (tmp / "bin/adduser").write_text(ADDUSER)
+    (tmp / "bin/adduser").chmod(0o755)
+    (tmp / "bin/addgroup").symlink_to("adduser")
     (tmp / VERSION_FILE).write_text(version + "\n")
 
 

@@ -146,6 +146,8 @@ class Netlink:
                 else:
                     step = f"attaching {name} to bridge {bridge}"
                     fcntl.ioctl(host, _SIOCBRADDIF, struct.pack("16si20x", bridge.encode(), socket.if_nametoindex(name)))
+                step = f"disabling IPv6 on {name}"
+                disable_ipv6(name)
                 step = f"bringing {name} up"
                 _set_up(host, name)
             # NetIn from the host's loopback: DNATed packets keep their 127.0.0.1 source
@@ -185,6 +187,7 @@ class Netlink:
         try:
             ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
             index = ipr.link_lookup(ifname=name)[0]
+            disable_ipv6(name)
             ipr.addr("add", index=index, address=str(gateway), prefixlen=prefixlen)
             ipr.link("set", index=index, state="up")
             _write_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
@@ -291,6 +294,18 @@ def _shape(ipr: IPRoute, ifname: str, rate: int, burst: int) -> None:
     if rate:
         ipr.tc("add", "tbf", index=index, handle="1:", rate=f"{rate * 8}bit", burst=burst,
                latency=f"{TBF_LATENCY_MS}ms")
+
+
+def disable_ipv6(ifname: str) -> None:
+    """No IPv6 on a host end: the firewall is an IPv4 table, and with IPv6 on, a container
+    reaches host services over the link-local address whatever --allow-host-access says.
+    Set before the link is up, so no link-local address is ever configured; the kernel
+    then drops every IPv6 packet arriving on it. A host without IPv6 has nothing to do."""
+    try:
+        _write_sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", "1")
+    except FileNotFoundError:
+        if os.path.isdir("/proc/sys/net/ipv6"):
+            raise
 
 
 def _write_sysctl(name: str, value: str) -> None:

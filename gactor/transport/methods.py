@@ -193,6 +193,13 @@ class Api:
         except* GardenError as group:
             raise stream_error(first_error(group), "in") from None
 
+    async def pull(self, args: dict[str, Any], progress: images.Progress, front_end: str = WEBSOCKET) -> Any:
+        """``pull`` (observed as one), telling ``progress(digest, done, total)`` how each
+        layer goes, from the pulling thread (``RegistryRef.pull``). Cancelled: the pull
+        goes on, still reporting."""
+        with self.observer.observe("pull", front_end, args):
+            return await _pull(self, schema.check("pull", args), progress)
+
     def stream_out(self, args: dict[str, Any], front_end: str = WEBSOCKET
                    ) -> AbstractAsyncContextManager[AsyncIterator[list[bytes]]]:
         """``open_stream_out`` (see there), observed until the archive is known readable."""
@@ -356,8 +363,8 @@ async def _images(api: Api, args: dict[str, Any]) -> Any:
     return [to_wire(ImageInfo(i.path, i.source, i.bytes, i.layers, list(i.users))) for i in await api.registry.images()]
 
 
-async def _pull(api: Api, args: dict[str, Any]) -> Any:
-    i = await api.registry.pull(arg(args, "uri", str), args.get("username", ""), args.get("password", ""))
+async def _pull(api: Api, args: dict[str, Any], progress: images.Progress | None = None) -> Any:
+    i = await api.registry.pull(arg(args, "uri", str), args.get("username", ""), args.get("password", ""), progress)
     return to_wire(ImageInfo(i.path, i.source, i.bytes, i.layers, list(i.users)))
 
 

@@ -168,13 +168,20 @@ class Arg:
 @dataclass(frozen=True)
 class Method:
     """One method: its arguments, its result (as the document writes it), and whether
-    it opens a stream (its ``args`` must then hold ``stream``)."""
+    it opens a stream (its ``args`` must then hold ``stream``), or may (``may_stream``: a
+    call with a ``stream`` opens one, a call without is answered as any other)."""
 
     name: str
     args: tuple[Arg, ...]
     result: str
     streams: bool = False
     result_types: tuple[type, ...] = ()  # the wire types its result is made of
+    may_stream: bool = False
+
+    @property
+    def opens(self) -> str:
+        """The results table's "opens a stream" cell."""
+        return "yes" if self.streams else "if given a `stream`" if self.may_stream else "no"
 
 
 HANDLE = Arg("handle", STR)
@@ -194,8 +201,9 @@ _METHODS = [
     Method("capacity", (), "Capacity", result_types=(T.Capacity,)),
     Method("images", (), "list of ImageInfo", result_types=(T.ImageInfo,)),
     Method("prune_images", (), "list of str (the removed images' paths and layers' digests)"),
-    Method("pull", (Arg("uri", STR), Arg("username", STR, ""), Arg("password", STR, "")), "ImageInfo",
-           result_types=(T.ImageInfo,)),
+    Method("pull", (Arg("uri", STR), Arg("username", STR, ""), Arg("password", STR, ""), Arg("stream", STREAM, None)),
+           "ImageInfo; with a `stream`, after LayerProgress `event` frames and `exit` code 0 on it",
+           result_types=(T.ImageInfo, T.LayerProgress), may_stream=True),
     Method("create", (Arg("spec", _decoded(T.ContainerSpec, "container spec")),), '`{"handle": str}`'),
     Method("destroy", (HANDLE,), NIL),
     Method("containers", (Arg("properties", PROPERTIES, {}),), "list of str (handles)"),
@@ -235,8 +243,9 @@ _METHODS = [
            "`{}` once the archive is extracted, after `exit` code 0 on the stream", streams=True),
     Method("stream_out", _stream_args(HANDLE, Arg("path", STR), Arg("user", STR, "")),
            "`{}`; then the tar as `output` fd 1 and one `exit` on the stream", streams=True),
-    Method("events", _stream_args(Arg("handle", STR, "")),
-           '`{}`; then `event` frames `{"handle": str, "event": str}`', streams=True),
+    Method("events", _stream_args(Arg("handle", STR, ""), Arg("lifecycle", BOOL, False)),
+           '`{}`; then `event` frames: ContainerEvent with `lifecycle`, else `{"handle": str, "event": str}`',
+           streams=True, result_types=(T.ContainerEvent,)),
 ]
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 
@@ -364,7 +373,7 @@ def render_results() -> str:
     out = ["| method | result | opens a stream |", "|---|---|---|"]
     for m in _METHODS:
         result = m.result + (" (not implemented yet: an error)" if m.name in NOT_IMPLEMENTED else "")
-        out.append(f"| `{m.name}` | {result} | {'yes' if m.streams else 'no'} |")
+        out.append(f"| `{m.name}` | {result} | {m.opens} |")
     return "\n".join(out) + "\n"
 
 

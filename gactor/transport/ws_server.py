@@ -21,7 +21,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 
 from ..actors.mailbox import acquire
 from ..actors.process import ProcessActor, Subscription
+from ..actors.pull_progress import PullProgress
 from ..errors import GardenError
+from ..types import to_wire
 from . import listeners, schema
 from . import protocol as P
 from .listeners import ListenAddress
@@ -37,7 +39,9 @@ class _StreamGone(trio.ClosedResourceError):
 _GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
 SEND_TIMEOUT = 30.0  # seconds a client may read nothing before it is dropped
 # Calls that open a stream other than run/attach, and the Peer method serving each.
-_STREAMING = {"events": "_serve_events", "stream_in": "_serve_stream_in", "stream_out": "_serve_stream_out"}
+# ``pull`` opens one only when given a ``stream`` (for its progress); without, it is a plain call.
+_STREAMING = {"events": "_serve_events", "stream_in": "_serve_stream_in", "stream_out": "_serve_stream_out",
+              "pull": "_serve_pull"}
 
 
 class _Stream:
@@ -261,26 +265,65 @@ class Peer:
             self.streams.pop(stream_id, None)
 
     async def _serve_events(self, call: P.Call, stream: _Stream) -> None:
-        """Push events (e.g. "Out of memory") of one container until it is destroyed, or
-        of every container (no ``handle``) until the client detaches."""
+        """Push the events of one container until it is destroyed, or of every container
+        (no ``handle``) until the client detaches. With ``lifecycle`` each frame is a
+        ContainerEvent; without, the stream older clients know: ``{"handle", "event"}``
+        for what ``ContainerInfo.events`` records, ended (exit 0) where the subscriber
+        fell too far behind. A client that detaches or disconnects is unsubscribed."""
         stream_id = call.args["stream"]
+        replied = False
         try:
-            try:
-                schema.check(call.method, call.args)
-                events = await self.api.registry.subscribe(arg(call.args, "handle", str, "") or None)
-            except GardenError as err:
-                await self._reply_error(call.id, err)
-                return
-            await self.send(P.Reply(call.id, {}))
-            with stream.scope:
-                async with events:
-                    async for handle, event in events:
-                        await self.send(P.Event(stream_id, {"handle": handle, "event": event}))
-                await self.send(P.Exit(stream_id, 0))
+            schema.check(call.method, call.args)
+            lifecycle = arg(call.args, "lifecycle", bool, False)
+            handle = arg(call.args, "handle", str, "") or None
+            async with self.api.registry.subscribe(handle, recorded_only=not lifecycle) as events:
+                await self.send(P.Reply(call.id, {}))
+                replied = True
+                with stream.scope:
+                    async for item in events:
+                        if lifecycle:
+                            await self.send(P.Event(stream_id, to_wire(item)))
+                        elif item.kind == "missed":
+                            break  # what older clients were told: the stream ends
+                        else:
+                            await self.send(P.Event(stream_id, {"handle": item.handle, "event": item.event}))
+                    await self.send(P.Exit(stream_id, 0))
+        except* GardenError as group:
+            if not replied:
+                await self._reply_error(call.id, first_error(group))
         except* _GONE:
             pass
         finally:
             self.streams.pop(stream_id, None)
+
+    async def _serve_pull(self, call: P.Call, stream: _Stream) -> None:
+        """Pull with progress: LayerProgress ``event`` frames while it runs (each layer's
+        latest, as fast as the client reads them), then ``exit`` code 0 and the reply. A
+        detach stops the frames, not the pull, whose reply still comes."""
+        stream_id = call.args["stream"]
+        progress = PullProgress()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_progress, stream, stream_id, progress)
+                try:
+                    result = await self.api.pull(call.args, progress.report)
+                finally:
+                    progress.finish()
+            await self._safe_send(P.Exit(stream_id, 0))
+            await self._safe_send(P.Reply(call.id, result))
+        except* GardenError as group:
+            await self._reply_error(call.id, first_error(group))
+        finally:
+            self.streams.pop(stream_id, None)
+
+    async def _send_progress(self, stream: _Stream, stream_id: int, progress: PullProgress) -> None:
+        with stream.scope:
+            try:
+                async for batch in progress.updates():
+                    for layer in batch:
+                        await self.send(P.Event(stream_id, to_wire(layer)))
+            except _GONE:
+                pass  # detached (or gone): the pull goes on without reporting
 
     async def _stdin_chunks(self, stream: _Stream, stream_id: int) -> AsyncIterator[bytes]:
         """The client's stdin frames until it closes stdin, granting credit back for each

@@ -7,12 +7,14 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import signal
 import struct
 import subprocess
 import tarfile
 import termios
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,6 +24,8 @@ from typing import Any
 import pytest
 import trio
 
+from ..oci_images import Entry, busybox_layer, sha256, tar_bytes, write_layout
+from ..registry_server import STEP, LocalRegistry
 from .helpers import E2E_MARKS
 from .servers import ServerProcess, gactor_command
 
@@ -299,37 +303,52 @@ def test_stream_in_shows_progress_on_a_terminal(gactor_server: ServerProcess, ha
     assert ok(gactor(gactor_server, "run", handle, "--", "stat", "-c", "%s", "/tmp/big/big")) == f"{4 << 20}\n"
 
 
-def _next_event(follower: subprocess.Popen[bytes], handle: str) -> str:
+def _next_event(follower: subprocess.Popen[bytes], handle: str) -> dict[str, Any]:
     """The next event of ``handle`` a ``--json events`` follower prints (other tests'
-    containers have events of their own)."""
+    containers have events of their own), parsed back."""
     assert follower.stdout is not None
     while True:
         line = follower.stdout.readline()
         assert line, "the follower ended"
         event = json.loads(line)
         assert event["time"].endswith("Z")
+        assert isinstance(event["seq"], int)
         if event["handle"] == handle:
-            return str(event["event"])
+            return dict(event)
 
 
-def _events_until(follower: subprocess.Popen[bytes], handle: str, last: str) -> list[str]:
-    """The events of ``handle``, up to ``last``."""
-    seen = [_next_event(follower, handle)]
+def _kinds_until(follower: subprocess.Popen[bytes], handle: str, last: str) -> list[str]:
+    """The kinds of the events of ``handle``, up to the first ``last``."""
+    seen = [_next_event(follower, handle)["kind"]]
     while seen[-1] != last:
-        seen.append(_next_event(follower, handle))
+        seen.append(_next_event(follower, handle)["kind"])
     return seen
 
 
 VICTIM = "Out of memory: killed process "
 
 
-def _oom_and_stop(follower: subprocess.Popen[bytes], handle: str) -> list[str]:
-    """The server's OOM events (Garden's, then the one naming the victim, dd) and the
-    polled state change, in whichever order they come; the victim's event as ``victim``."""
-    seen: list[str] = []
-    while not {"Out of memory", "stopped", "victim"} <= set(seen):
-        event = _next_event(follower, handle)
-        seen.append("victim" if event.startswith(VICTIM) and "(dd)" in event else event)
+def _oom_and_stop(follower: subprocess.Popen[bytes], handle: str) -> list[dict[str, Any]]:
+    """The events of an OOM-killed ``dd`` run: it starts; Garden's "Out of memory" comes
+    before the stop it causes and before the event naming the victim; dd exits 137."""
+    seen: list[dict[str, Any]] = []
+    while not {"oom", "stopped", "oom_victim", "process_exited"} <= {e["kind"] for e in seen}:
+        seen.append(_next_event(follower, handle))
+    kinds = [e["kind"] for e in seen]
+    assert sorted(kinds) == ["oom", "oom_victim", "process_exited", "process_started", "stopped"], kinds
+    assert kinds[0] == "process_started"
+    assert kinds.index("oom") < kinds.index("stopped")
+    assert kinds.index("oom") < kinds.index("oom_victim")
+    by_kind = {e["kind"]: e for e in seen}
+    assert by_kind["oom"]["event"] == "Out of memory"
+    assert by_kind["stopped"]["reason"] == "oom"
+    assert by_kind["oom_victim"]["event"].startswith(VICTIM)
+    assert "(dd)" in by_kind["oom_victim"]["event"]
+    assert by_kind["oom_victim"]["task"] == "dd"
+    assert by_kind["process_exited"]["exit_status"] == 137
+    assert by_kind["process_exited"]["process_id"] == by_kind["process_started"]["process_id"]
+    seqs = [e["seq"] for e in seen]
+    assert seqs == sorted(seqs)
     return seen
 
 
@@ -361,10 +380,10 @@ def test_events_follow_one_container_until_destroyed(gactor_server: ServerProces
     try:
         oom = gactor(gactor_server, "run", handle, "--", "dd", "if=/dev/zero", "of=/dev/shm/x", "bs=1M", "count=48")
         assert oom.returncode == 137
-        assert sorted(_oom_and_stop(follower, handle)) == ["Out of memory", "stopped", "victim"]
+        _oom_and_stop(follower, handle)
         ok(gactor(gactor_server, "destroy", handle))
-        # A look at the states during the destroy may see it "destroying" first.
-        assert _events_until(follower, handle, "destroyed") in (["destroyed"], ["destroying", "destroyed"])
+        destroyed = _next_event(follower, handle)
+        assert (destroyed["kind"], destroyed["event"], destroyed["reason"]) == ("destroyed", "destroyed", "client")
         assert follower.wait(timeout=TIMEOUT) == 0
     finally:
         if follower.poll() is None:
@@ -378,11 +397,11 @@ def test_events_follow_every_container_until_interrupted(gactor_server: ServerPr
     handle = ""
     try:
         handle = ok(gactor(gactor_server, "create", "--memory", "32M", "--property", f"owner={owner}")).strip()
-        assert _events_until(follower, handle, "created") == ["created"]
+        assert _kinds_until(follower, handle, "created") == ["created"]
         gactor(gactor_server, "run", handle, "--", "dd", "if=/dev/zero", "of=/dev/shm/x", "bs=1M", "count=48")
-        assert sorted(_oom_and_stop(follower, handle)) == ["Out of memory", "stopped", "victim"]
+        _oom_and_stop(follower, handle)
         ok(gactor(gactor_server, "destroy", handle))
-        assert _events_until(follower, handle, "destroyed")[-1:] == ["destroyed"]
+        assert _kinds_until(follower, handle, "destroyed") == ["destroyed"]
         follower.send_signal(signal.SIGINT)
         assert follower.wait(timeout=TIMEOUT) == 130
         assert follower.stderr is not None
@@ -402,14 +421,17 @@ def test_events_in_plain_text(gactor_server: ServerProcess, handle: str) -> None
         assert follower.stderr is not None
         assert follower.stdout is not None
         assert follower.stderr.readline().startswith(b"following events of ")
+        assert gactor(gactor_server, "run", "--id", "plain-one", handle, "--", "sh", "-c", "exit 3").returncode == 3
         ok(gactor(gactor_server, "destroy", handle))
-        when, source, event = follower.stdout.readline().decode().rstrip("\n").split("  ")
-        if event == "destroying":  # a look at the states during the destroy
-            when, source, event = follower.stdout.readline().decode().rstrip("\n").split("  ")
-        assert (source, event) == (handle, "destroyed")
-        assert when[:4].isdigit()
-        assert when.endswith("Z")
+        lines = [line.decode().rstrip("\n").split("  ") for line in follower.stdout]
         assert follower.wait(timeout=TIMEOUT) == 0
+        assert [source for _, source, _ in lines] == [handle] * 3
+        started, exited, destroyed = (event for _, _, event in lines)
+        assert re.fullmatch(r"process plain-one started \(pid \d+\)", started), started
+        assert (exited, destroyed) == ("process plain-one exited with status 3", "destroyed")
+        for when, _, _ in lines:
+            assert when[:4].isdigit()
+            assert when.endswith("Z")
     finally:
         if follower.poll() is None:
             follower.kill()
@@ -732,3 +754,81 @@ async def test_run_tty_restores_the_terminal_when_the_server_goes(
         assert b"error: connection to gactor server lost" in term.output, term.output
         assert term.mode() == before
     await server.start()  # a fresh server on the depot cleans up after the killed one
+
+
+# ---------------------------------------------------------------- pull's progress
+
+@pytest.fixture
+def pull_registry(tmp_path: Path) -> Iterator[tuple[str, LocalRegistry, list[bytes]]]:
+    """A loopback registry with an image of its own (layers no other test has): its URI,
+    the registry, its layers' blobs."""
+    blobs = [busybox_layer([Entry("which", data=uuid.uuid4().bytes)]),
+             tar_bytes([Entry("big", data=os.urandom(3 << 20))])]
+    root = str(tmp_path / "layout")
+    write_layout(root, {"latest": (blobs, None)})
+    registry = LocalRegistry({"cli-pull": root}).start()
+    try:
+        yield f"docker://{registry.host}/cli-pull#latest", registry, blobs
+    finally:
+        registry.stop()
+
+
+def _short(digest: str) -> str:
+    return digest[:len("sha256:") + 12]
+
+
+def test_pull_shows_a_bar_per_layer_on_a_terminal(gactor_server: ServerProcess,
+                                                  pull_registry: tuple[str, LocalRegistry, list[bytes]]) -> None:
+    uri, registry, blobs = pull_registry
+    digests = [sha256(b) for b in blobs]
+    steps = registry.step_blobs[digests[1]] = threading.Semaphore(0)  # the big layer waits
+    try:
+        with Pty(columns=120) as term:
+            term.start(gactor_command("--target", gactor_server.url, "pull", uri))
+            for digest in digests:
+                term.expect(_short(digest).encode())  # a bar for each layer
+            term.expect(b"0.0/3.0 MiB")  # the big layer's: nothing of it yet
+            steps.release(len(blobs[1]) // STEP + 1)
+            assert term.wait() == 0, term.output
+    finally:
+        steps.release(len(blobs[1]) // STEP + 1)
+    assert f"pull {uri}".encode() in term.output
+    assert term.output.rstrip().endswith(b", 2 layers"), term.output[-300:]
+
+
+def test_pull_prints_a_line_per_layer_without_a_terminal(
+        gactor_server: ServerProcess, pull_registry: tuple[str, LocalRegistry, list[bytes]]) -> None:
+    from gactor.cli import render
+
+    uri, _, blobs = pull_registry
+    digests = [sha256(b) for b in blobs]
+    first = gactor(gactor_server, "pull", uri)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.decode().startswith(f"{uri}: ")
+    lines = [line.split("  ") for line in first.stderr.decode().splitlines()]
+    assert [(name, how) for name, _, how in lines] == [(_short(d), "pulled") for d in digests]
+    assert [size for _, size, _ in lines] == [render.size(len(b)) for b in blobs]
+    again = gactor(gactor_server, "--json", "pull", uri)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["layers"] == 2
+    assert [line.split("  ")[2] for line in again.stderr.decode().splitlines()] == ["in the store"] * 2
+
+
+def test_create_from_a_registry_shows_the_pull_on_a_terminal(
+        gactor_server: ServerProcess, pull_registry: tuple[str, LocalRegistry, list[bytes]]) -> None:
+    uri, registry, blobs = pull_registry
+    digests = [sha256(b) for b in blobs]
+    steps = registry.step_blobs[digests[1]] = threading.Semaphore(0)
+    handle = f"cli-pull-{uuid.uuid4().hex[:8]}"
+    try:
+        with Pty(columns=120) as term:
+            term.start(gactor_command("--target", gactor_server.url, "create", "--handle", handle, "--image", uri))
+            for digest in digests:
+                term.expect(_short(digest).encode())
+            steps.release(len(blobs[1]) // STEP + 1)
+            assert term.wait() == 0, term.output
+        assert term.output.rstrip().endswith(handle.encode()), term.output[-300:]
+        assert ok(gactor(gactor_server, "run", handle, "--", "stat", "-c", "%s", "/big")) == f"{3 << 20}\n"
+    finally:
+        steps.release(len(blobs[1]) // STEP + 1)
+        gactor(gactor_server, "destroy", handle)

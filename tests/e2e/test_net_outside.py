@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -228,6 +229,26 @@ async def test_by_default_containers_reach_no_host_service(own_servers):
         assert ib.host_ip != ia.host_ip
     await server.destroy_all()
     await server.finish()
+
+
+async def test_no_ipv6_between_container_and_host(create_container):
+    """The firewall is an IPv4 table, so the host ends carry no IPv6 at all: before, a
+    container reached host services over the host end's link-local address (the host
+    answered an all-nodes echo and accepted TCP on [::]) whatever --allow-host-access said."""
+    a = await create_container()
+    host_ip = (await a.info()).host_ip
+    [host_end] = [link for link in ip_json("addr")
+                  if any(i.get("local") == host_ip for i in link.get("addr_info", []))]
+    assert not [i for i in host_end["addr_info"] if i["family"] == "inet6"]
+    with open(f"/proc/sys/net/ipv6/conf/{host_end['ifname']}/disable_ipv6") as f:
+        assert f.read().strip() == "1"
+    # eth0's own link-local address is tentative for a moment after create (DAD)
+    out = await sh_ok(a, "for i in 1 2 3 4 5 6; do ping6 -c 2 -W 1 ff02::1%eth0 && break; sleep 0.5; done;"
+                         " ip -6 -o addr show dev eth0", seconds=30)
+    responders = set(re.findall(r"bytes from ([0-9a-f:]+):", out))
+    own = set(re.findall(r"inet6 ([0-9a-f:]+)/", out))
+    assert responders, out  # the echo went out: the container answers itself ...
+    assert responders <= own, out  # ... and nobody else does
 
 
 # ---- NetIn ----------------------------------------------------------------------------------
@@ -626,7 +647,15 @@ async def test_restart_keeps_addresses_mappings_and_rules(own_servers):
         assert await reaches(b, ia.container_ip, 8080)
         infos = {h: await (await client.lookup(h)).info() for h in (a.handle, b.handle)}
     await server.kill()
+    # a host end as an earlier version left it, with IPv6 on: the restart turns it off
+    [a_end] = [link["ifname"] for link in ip_json("addr")
+               if any(i.get("local") == ia.host_ip for i in link.get("addr_info", []))]
+    ipv6_switch = f"/proc/sys/net/ipv6/conf/{a_end}/disable_ipv6"
+    with open(ipv6_switch, "w") as f:
+        f.write("0")
     await server.start()
+    with open(ipv6_switch) as f:
+        assert f.read().strip() == "1"
     async with server.connect() as client:
         a, b = await client.lookup(a.handle), await client.lookup(b.handle)
         for c in (a, b):

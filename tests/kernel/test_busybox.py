@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from gactor.kernel.busybox import VERSION_FILE, build_rootfs, generations
+from gactor.kernel.busybox import GLIBC_BUSYBOX, VERSION_FILE, build_rootfs, generations, libraries
 from gactor.kernel.image_copies import mounted_lower_dirs
 
-BUSYBOX = Path("/bin/busybox")
-
 pytestmark = pytest.mark.skipif(
-    not BUSYBOX.is_file(), reason="/bin/busybox missing (apt-get install busybox-static)"
+    not GLIBC_BUSYBOX.is_file(), reason=f"{GLIBC_BUSYBOX} missing (scripts/setup.sh extracts it)"
 )
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
 
@@ -42,6 +40,11 @@ def test_applets_exist(rootfs: Path) -> None:
         ]
         assert found, f"applet {applet} missing"
     assert os.readlink(rootfs / "bin/sh") == "/bin/busybox"
+    # As in Docker's image: every applet in /bin (a PATH of /bin finds them), /usr/bin/env a link.
+    names = subprocess.run([str(GLIBC_BUSYBOX), "--list"], check=True, capture_output=True,
+                           text=True).stdout.split()
+    assert all(os.path.lexists(rootfs / "bin" / n) for n in names)
+    assert os.readlink(rootfs / "usr/bin/env") == "../../bin/env"
 
 
 def test_passwd_and_group_parse(rootfs: Path) -> None:
@@ -174,3 +177,54 @@ def test_adduser_in_chroot(rootfs: Path) -> None:
     assert home.split()[2:4] == ["alice", "alice"]
     assert not (rootfs / "home/bob").exists()
     assert "alice:!:" in (rootfs / "etc/shadow").read_text()
+
+
+def _elf_interpreter(path: Path) -> str:
+    out = subprocess.run(["readelf", "-l", str(path)], check=True, capture_output=True, text=True).stdout
+    return out.split("[Requesting program interpreter: ", 1)[1].split("]", 1)[0]
+
+
+def test_docker_busybox_glibc_layout(rootfs: Path) -> None:
+    """As Docker's busybox image: a dynamic busybox, its loader and libraries in /lib (with
+    /lib64 -> lib), glibc's NSS modules and libpthread, and getconf."""
+    busybox = rootfs / "bin/busybox"
+    assert busybox.read_bytes() == GLIBC_BUSYBOX.read_bytes()
+    assert _elf_interpreter(busybox) == "/lib64/ld-linux-x86-64.so.2"
+    assert os.readlink(rootfs / "lib64") == "lib"
+    libs = sorted(p.name for p in (rootfs / "lib").iterdir())
+    for name in ("ld-linux-x86-64.so.2", "libc.so.6", "libresolv.so.2", "libnss_files.so.2",
+                 "libnss_dns.so.2", "libnss_compat.so.2", "libnss_hesiod.so.2", "libpthread.so.0"):
+        assert name in libs
+    # Only what the binaries load, plus the NSS modules and libpthread (and what they load).
+    assert libs == sorted(p.name for p in libraries([GLIBC_BUSYBOX, Path("/usr/bin/getconf")]))
+    assert (rootfs / "bin/getconf").is_file()
+    assert "passwd:" in (rootfs / "etc/nsswitch.conf").read_text()
+
+
+def test_a_static_busybox_needs_no_libraries() -> None:
+    assert libraries([Path("/bin/busybox")]) == []  # the host's static one (busybox-static)
+
+
+def test_another_binary_is_another_version(tmp_path: Path) -> None:
+    first = build_rootfs(tmp_path / "a")
+    other = build_rootfs(tmp_path / "b", busybox=Path("/bin/busybox"))
+    assert (first / VERSION_FILE).read_text() != (other / VERSION_FILE).read_text()
+    assert (other / "bin/busybox").read_bytes() == Path("/bin/busybox").read_bytes()
+
+
+@needs_root
+def test_a_path_of_bin_finds_the_applets(rootfs: Path) -> None:
+    out = subprocess.run(["/usr/sbin/chroot", str(rootfs), "/bin/sh", "-c",
+                          "env | grep ^PATH=; command -v adduser; command -v ifconfig"],
+                         check=True, capture_output=True, text=True, timeout=10,
+                         env={"PATH": "/bin"}).stdout
+    assert out.splitlines() == ["PATH=/bin", "/bin/adduser", "/bin/ifconfig"]
+
+
+@needs_root
+def test_chroot_runs_the_dynamic_busybox_and_getconf(rootfs: Path) -> None:
+    out = _chroot(rootfs, "busybox --help | head -1; getconf PAGE_SIZE; id -un")
+    first, page, user = out.splitlines()
+    assert first.startswith("BusyBox v")
+    assert int(page) == os.sysconf("SC_PAGE_SIZE")
+    assert user == "root"  # through libc's NSS: nsswitch.conf and libnss_files

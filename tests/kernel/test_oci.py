@@ -12,7 +12,7 @@ import os
 import stat
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from tests.oci_images import (
     tar_bytes,
     tar_directory,
     write_layout,
+    zstd,
 )
 
 pytestmark = [
@@ -163,6 +164,81 @@ def test_rootfs_tars(tmp_path: Path, store: str, layer_blobs: list[bytes], mount
     assert prepare(str(gz), store) == a  # hashed once per version of the file
 
 
+def test_zstd_layers(tmp_path: Path, store: str, layer_blobs: list[bytes], mounted: list[str]) -> None:
+    """zstd layers (several frames, as the format allows) unpack as their gzip twins do,
+    the digest checked on the compressed bytes; bad zstd data is refused naming the
+    layer; a ``.tar.zst`` rootfs is one layer."""
+    base = zstd(gzip.decompress(layer_blobs[0]), frames=3)
+    top = zstd(layer_blobs[1])
+    root = str(tmp_path / "zst")
+    write_layout(root, {"latest": ([base, top], None)})
+    index = json.loads(Path(root, "index.json").read_bytes())
+    manifest = json.loads(Path(root, "blobs", "sha256", index["manifests"][0]["digest"][7:]).read_bytes())
+    assert {layer["mediaType"] for layer in manifest["layers"]} == {"application/vnd.oci.image.layer.v1.tar+zstd"}
+    image = prepare(f"oci://{root}#latest", store)
+    assert image.digests == (sha256(base), sha256(top))
+    merged = mount(image, tmp_path / "c", True, mounted)
+    assert sorted(os.listdir(merged / "opaque")) == ["new"]
+    assert not (merged / "etc" / "motd-gone").exists()
+    assert os.getxattr(merged / "xattr-file", "user.test") == b"hello"
+    assert os.stat(merged / "bin" / "suid").st_mode & 0o7777 == 0o4755
+    assert (merged / "bin" / "busybox").read_bytes() == Path(BUSYBOX, "bin", "busybox").read_bytes()
+    write_layout(root + "-gz", {"latest": (layer_blobs, None)})  # the same tars, gzip
+    twin = prepare(f"oci://{root}-gz#latest", store)
+    assert [layers.read(store, d).inodes for d in twin.digests] == [  # type: ignore[union-attr]
+        layers.read(store, d).inodes for d in image.digests]  # type: ignore[union-attr]
+
+    bad = bytearray(zstd(tar_bytes([Entry("unique", data=os.urandom(4096))])))
+    bad[8:24] = b"\xff" * 16  # the frame header's block: not zstd any more
+    broken = str(tmp_path / "broken")
+    write_layout(broken, {"latest": ([base, bytes(bad)], None)})
+    with pytest.raises(KernelError, match=f"layer {sha256(bytes(bad))}: bad zstd data"):
+        prepare(f"oci://{broken}#latest", store)
+    assert layers.read(store, sha256(bytes(bad))) is None
+
+    rootfs_zst = tmp_path / "rootfs.tar.zst"
+    rootfs_zst.write_bytes(base)
+    plain = prepare(str(rootfs_zst), store)
+    assert len(plain.layers) == 1
+    assert (Path(plain.layers[0]) / "bin" / "busybox").is_file()
+
+
+def test_unlisted_parents_keep_the_lower_layers_attributes(tmp_path: Path, store: str,
+                                                           layer_blobs: list[bytes]) -> None:
+    """A member whose parents its tar does not list: each such directory of the new layer
+    takes mode, owner, times and xattrs from the layers below (the upper-most that shows
+    it), and root 0755 where they show none: whited out, shadowed by a symlink (not
+    followed), or hidden by an opaque directory."""
+    low = tar_bytes([Entry("dark", kind=tarfile.DIRTYPE, mode=0o755),
+                     Entry("dark/sub", kind=tarfile.DIRTYPE, mode=0o700, uid=1000)])
+    mid = tar_bytes([
+        Entry("srv", kind=tarfile.DIRTYPE, mode=0o750, uid=1000, gid=1001, pax={"SCHILY.xattr.user.where": "srv"}),
+        Entry("gone", kind=tarfile.DIRTYPE, mode=0o700, uid=1000),
+        Entry("link", kind=tarfile.SYMTYPE, linkname="/etc"),
+        Entry("dark", kind=tarfile.DIRTYPE, mode=0o711, uid=1001),
+        Entry("dark/.wh..wh..opq"),  # hides low's dark/sub
+    ])
+    hide = tar_bytes([Entry(".wh.gone")])
+    top = tar_bytes([Entry(f"{d}/file", data=b"x") for d in ("srv", "gone", "link", "etc", "dark/sub")])
+    root = str(tmp_path / "unlisted")
+    write_layout(root, {"latest": ([layer_blobs[0], low, mid, hide, top], None)})
+    image = prepare(f"oci://{root}#latest", store)
+    new = Path(image.layers[0])
+    st = os.lstat(new / "srv")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime) == (0o750, 1000, 1001, 1700000000)
+    assert os.getxattr(new / "srv", "user.where") == b"srv"
+    etc = os.lstat(Path(image.layers[-1]) / "etc")
+    assert (os.lstat(new / "etc").st_mtime_ns, os.lstat(new / "etc").st_mode) == (etc.st_mtime_ns, etc.st_mode)
+    dark = os.lstat(new / "dark")
+    assert (stat.S_IMODE(dark.st_mode), dark.st_uid) == (0o711, 1001)
+    assert "trusted.overlay.opaque" not in os.listxattr(new / "dark")  # only the lower copy was opaque
+    for hidden in ("gone", "link", "dark/sub"):
+        st = os.lstat(new / hidden)
+        assert (stat.S_ISDIR(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid) == (True, 0o755, 0), hidden
+    meta = json.loads((new.parent / "layer.json").read_text())
+    assert (meta["implicit_dirs"], meta["inherited_dirs"]) == (6, 3)  # srv, etc, dark
+
+
 def test_docker_save_archive(tmp_path: Path, store: str, layer_blobs: list[bytes]) -> None:
     raw = [gzip.decompress(layer_blobs[0]), layer_blobs[1]]
     archive = tmp_path / "saved.tar"
@@ -266,9 +342,9 @@ def test_concurrent_prepares_unpack_once(layout: str, store: str, monkeypatch: p
     calls: list[str] = []
     real = layers._unpack
 
-    def counting(blob: layers.Blob, target: str, what: str) -> dict[str, int]:
+    def counting(blob: layers.Blob, target: str, what: str, below: Sequence[str] = ()) -> dict[str, int]:
         calls.append(blob.digest)
-        return real(blob, target, what)
+        return real(blob, target, what, below)
 
     monkeypatch.setattr(layers, "_unpack", counting)
     barrier = threading.Barrier(4)

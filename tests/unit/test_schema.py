@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from gactor import types as T
-from gactor.actors import registry
+from gactor.actors import events
 from gactor.errors import GardenError
 from gactor.transport import protocol as P
 from gactor.transport import schema, ws_server
@@ -86,7 +86,7 @@ def test_result_table_lists_every_method() -> None:
     for name, m in schema.METHODS.items():
         result, streams = documented[name]
         assert result.startswith(m.result), (name, result)
-        assert streams == ("yes" if m.streams else "no"), name
+        assert streams == ("yes" if m.streams else "if given a `stream`" if m.may_stream else "no"), name
         assert ("not implemented yet" in result) == (name in schema.NOT_IMPLEMENTED), name
 
 
@@ -139,13 +139,16 @@ def test_schema_lists_exactly_the_servers_methods() -> None:
     streaming = {"run", "attach", *ws_server._STREAMING}
     served = set(API_METHODS) | set(CONTAINER_METHODS) | streaming
     assert set(schema.METHODS) == served
-    assert {n for n, m in schema.METHODS.items() if m.streams} == streaming
-    assert not (set(API_METHODS) | set(CONTAINER_METHODS)) & streaming
+    assert {n for n, m in schema.METHODS.items() if m.streams or m.may_stream} == streaming
+    # A method that may stream is also a plain call (without a `stream`); one that must is not.
+    plain = set(API_METHODS) | set(CONTAINER_METHODS)
+    assert {n for n in streaming if n in plain} == {n for n, m in schema.METHODS.items() if m.may_stream}
 
 
 def test_streaming_methods_take_a_stream_and_others_do_not() -> None:
     for name, m in schema.METHODS.items():
-        assert ("stream" in {a.name for a in m.args}) == m.streams, name
+        assert ("stream" in {a.name for a in m.args}) == (m.streams or m.may_stream), name
+        assert not (m.streams and m.may_stream), name
 
 
 # ---- the document's numbers against the code --------------------------------------------
@@ -171,7 +174,20 @@ def test_every_named_constant_in_the_document_has_its_value() -> None:
             seen.add(name)
     assert seen == set(CONSTANTS)
     assert f"`SEND_TIMEOUT` = {ws_server.SEND_TIMEOUT:g} s" in text
-    assert f"falls {registry.EVENT_QUEUE} events behind" in text
+    assert f"falls {events.EVENT_QUEUE} events behind" in text
+
+
+def test_every_event_kind_is_documented() -> None:
+    """The events stream's bullet names every ContainerEvent kind, and LayerProgress's
+    fields are the pull stream's."""
+    text = " ".join(doc_text().split())
+    bullet = text.split("With `\"lifecycle\": true`", 1)[1].split("- **pull** with a `stream`", 1)[0]
+    for kind in T.EVENT_KINDS:
+        assert f"`{kind}`" in bullet, kind
+    assert events.RECORDED <= set(T.EVENT_KINDS)
+    pull = text.split("- **pull** with a `stream`", 1)[1][:200]
+    for field in dataclasses.fields(T.LayerProgress):
+        assert f"`{field.name}`" in pull, field.name
 
 
 def test_no_window_or_stall_other_than_the_initial_window() -> None:

@@ -24,16 +24,20 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .. import image_copies
 from ..errors import KernelError
 from . import layers, oci
 from .oci import ImageConfig, ImageError
 
-__all__ = ["Image", "ImageConfig", "ImageError", "ImageSummary", "known", "listed", "prepare", "prune", "read"]
+__all__ = ["Image", "ImageConfig", "ImageError", "ImageSummary", "Progress", "known", "listed", "prepare", "prune",
+           "read"]
 
+# How a pull reports its layers, from the thread pulling: (digest, bytes read, size or -1).
+Progress = Callable[[str, int, int], None]
 MANIFESTS = "manifests"
 RECORD = "image.json"
 TMP = ".tmp-"
@@ -118,10 +122,12 @@ def known(source: str, store: str, *, privileged: bool, idmap: bool) -> Image | 
 
 
 def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username: str = "",
-            password: str = "") -> Image:
+            password: str = "", progress: Progress | None = None) -> Image:
     """The image ``source`` names, unpacked (each layer once, ever) and recorded. Blocking.
     A ``docker://`` image's manifest is fetched each time (its tag may have moved; the
     layers are cached), with ``username``/``password`` for the registry if given.
+    ``progress`` (of a layered image) hears of every layer once its manifest is read,
+    then of its blob's bytes as they are read, and last that it is done (``_ensure_all``).
     Raises ImageError (or KernelError) naming the source for anything wrong with it."""
     if is_directory_rootfs(source):
         return _from_copy(image_copies.prepare(source, store, shift=not privileged and not idmap))
@@ -133,7 +139,7 @@ def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username:
         from . import registry_client  # only pulls need the HTTP client
 
         resolved = registry_client.resolve(source, username, password)
-        unpacked = [layers.ensure(store, blob, f"image {source!r}") for blob in resolved.blobs]
+        unpacked = _ensure_layers(store, resolved, f"image {source!r}", progress)
         return _record(store, resolved, unpacked)
     signature = _signature(source)
     path, tag = oci.parse_uri(source)
@@ -145,18 +151,77 @@ def prepare(source: str, store: str, *, privileged: bool, idmap: bool, username:
         try:
             layers.unpack_archive(path, scratch, f"image {source!r}")
             resolved = oci.resolve(f"oci://{scratch}" + (f"#{tag}" if tag else ""), shown=source)
-            unpacked = [layers.ensure(store, blob, f"image {source!r}") for blob in resolved.blobs]
+            unpacked = _ensure_layers(store, resolved, f"image {source!r}", progress)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     else:
         resolved = oci.resolve(source)
-        unpacked = [layers.ensure(store, blob, f"image {source!r}") for blob in resolved.blobs]
+        unpacked = _ensure_layers(store, resolved, f"image {source!r}", progress)
     image = _record(store, resolved, unpacked)
     with _known_lock:
         if len(_known) > 256:
             _known.clear()
         _known[(os.path.realpath(store), source)] = (signature, image)
     return image
+
+
+def _ensure_layers(store: str, resolved: oci.Resolved, what: str, progress: Progress | None = None
+                   ) -> list[layers.Layer]:
+    """The image's layers, bottom first, each unpacked (if new) with those below it.
+    ``progress`` hears of each layer first (done already if the store has it), then of
+    the bytes read from its blob, then that it is done: ``done`` only grows, and ends at
+    the blob's size."""
+    if progress is not None:
+        for blob in resolved.blobs:
+            try:
+                cached = layers.read(store, blob.digest) is not None
+            except KernelError:
+                cached = False  # ``ensure`` says what is wrong
+            if cached:  # reported done (0 of 0 when its size is unknown)
+                progress(blob.digest, max(blob.size, 0), max(blob.size, 0))
+            else:
+                progress(blob.digest, 0, blob.size)
+    unpacked: list[layers.Layer] = []
+    for blob in resolved.blobs:
+        below = [layer.path for layer in reversed(unpacked)]
+        if progress is None:
+            unpacked.append(layers.ensure(store, blob, what, below))
+            continue
+        reader: list[_CountedBlob] = []
+
+        def open_counted(blob: layers.Blob = blob, reader: list[_CountedBlob] = reader,
+                         progress: Progress = progress) -> Any:
+            reader.append(_CountedBlob(blob.open(), blob, progress))
+            return reader[0]
+
+        unpacked.append(layers.ensure(store, layers.Blob(blob.digest, blob.size, open_counted), what, below))
+        if reader:  # it was unpacked now (else the store had it: reported done above)
+            progress(blob.digest, reader[0].done, blob.size if blob.size >= 0 else reader[0].done)
+    return unpacked
+
+
+class _CountedBlob:
+    """A blob's file object that reports the bytes read from it so far."""
+
+    def __init__(self, raw: Any, blob: layers.Blob, progress: Progress) -> None:
+        self._raw, self._blob, self._progress = raw, blob, progress
+        self.done = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._raw.read(n)
+        if data:
+            self.done += len(data)
+            self._progress(self._blob.digest, self.done, self._blob.size)
+        return data
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self) -> _CountedBlob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _record(store: str, resolved: oci.Resolved, unpacked: list[layers.Layer]) -> Image:

@@ -28,9 +28,11 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
+
+import zstandard
 
 from ..errors import KernelError
 from . import unpack as _unpack_script
@@ -40,6 +42,7 @@ DIFF = "diff"
 META = "layer.json"
 TMP = ".tmp-"
 CHUNK = 1 << 20
+ZSTD_MAGIC = _unpack_script.ZSTD_MAGIC
 UNPACK_TIMEOUT = 600.0  # seconds one layer may take to unpack before it is given up
 
 
@@ -86,13 +89,15 @@ def read(store: str, digest: str) -> Layer | None:
         raise KernelError("layer", getattr(err, "errno", 0) or 0, f"layer {digest}: bad record: {err}") from err
 
 
-def ensure(store: str, blob: Blob, what: str) -> Layer:
+def ensure(store: str, blob: Blob, what: str, below: Sequence[str] = ()) -> Layer:
     """The unpacked layer of ``blob``: read from the store, or unpacked now (blocking).
 
     The blob is streamed into an unpacking process (``unpack.py``, chrooted into the new
     layer) while its sha256 is computed; a mismatch, a bad member or a timeout raises
     KernelError naming ``what`` (the image) and the layer, and leaves nothing in the
-    store. Safe to call from several threads and processes at once.
+    store. ``below``: the image's lower layers' dirs, top first; a directory the tar
+    needs but does not list gets their attributes (``unpack.inherit``). Safe to call
+    from several threads and processes at once.
     """
     found = read(store, blob.digest)
     if found is not None:
@@ -105,7 +110,7 @@ def ensure(store: str, blob: Blob, what: str) -> Layer:
     try:
         diff = os.path.join(tmp, DIFF)
         os.mkdir(diff, 0o755)
-        summary = _unpack(blob, diff, what)
+        summary = _unpack(blob, diff, what, below)
         used, inodes = _usage(diff)
         with open(os.path.join(tmp, META), "w") as f:
             json.dump({"digest": blob.digest, "bytes": used, "inodes": inodes, **summary}, f)
@@ -132,8 +137,11 @@ def unpack_archive(path: str, target: str, what: str) -> None:
     _unpack(Blob("", -1, lambda: open(path, "rb")), target, what)
 
 
-def _unpack(blob: Blob, target: str, what: str) -> dict[str, int]:
-    child = subprocess.Popen([sys.executable, "-I", "-S", _unpack_script.__file__, target],
+def _unpack(blob: Blob, target: str, what: str, below: Sequence[str] = ()) -> dict[str, int]:
+    # zstandard's directory: the unpacker (stdlib only, no site) imports it from there
+    # for a zstd blob, as tarfile's own decompressors, before it chroots.
+    zstd_path = os.path.dirname(os.path.dirname(os.path.abspath(zstandard.__file__)))
+    child = subprocess.Popen([sys.executable, "-I", "-S", _unpack_script.__file__, target, zstd_path, *below],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert child.stdin is not None
     # A watchdog bounds the whole unpack, the writes into a stuck child included.

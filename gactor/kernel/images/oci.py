@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ..errors import KernelError
-from .layers import Blob, check_digest
+from .layers import ZSTD_MAGIC, Blob, check_digest
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json")
-ZSTD_TYPES = ("application/vnd.oci.image.layer.v1.tar+zstd",)
 PLATFORM = ("linux", "amd64")
 MAX_JSON = 4 << 20  # bytes of an index, manifest or config blob; larger is refused
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -111,7 +110,7 @@ def resolve(source: str, shown: str = "") -> Resolved:
     return _rootfs_tar(path, uri)
 
 
-_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: what tarfile's "r|*" reads
+_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", ZSTD_MAGIC)  # gzip, bzip2, xz (tarfile's "r|*"), zstd
 
 
 def compressed_layout(path: str) -> bool:
@@ -296,8 +295,6 @@ def from_manifest(manifest: dict[str, Any], digest: str, uri: str, read_config: 
     config = _config(read_config(config_digest))
     blobs = []
     for layer in manifest.get("layers") or []:
-        if layer.get("mediaType") in ZSTD_TYPES:
-            raise ImageError(f"image {uri!r}: layer {layer.get('digest')} is zstd-compressed, which is not supported")
         blobs.append(blob(check_digest(str(layer.get("digest")))))
     return Resolved(digest.partition(":")[2], uri, config, tuple(blobs))
 
