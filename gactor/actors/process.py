@@ -183,6 +183,13 @@ class ProcessActor:
             self.done.set()
             for stream in self._streams:
                 stream.close()
+            # An exited process stays listed (KEEP_EXITED of them): keep no more of it than
+            # its published state, so the objects each leaves for the garbage collector's
+            # full collections stay few.
+            self._streams = []
+            self._stdin = self._stdout = self._stderr = None
+            self._pump_scopes.clear()
+            self._reads.clear()
             if not self.lost_reason:  # one scope: shielded, with its own 5 s bound
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
                     try:
