@@ -7,7 +7,9 @@ client call is inside the timer.
 
 from __future__ import annotations
 
+import glob
 import itertools
+import tarfile
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import trio
 
 import gactor
-from gactor import ContainerSpec, ProcessIO, ProcessSpec
+from gactor import ContainerSpec, ProcessIO, ProcessSpec, StreamInSpec, StreamOutSpec
 
 from .report import Series
 
@@ -115,6 +117,100 @@ async def stdout_throughput(container: Any, runs: int, mib: int) -> Series:
             raise BenchError(f"dd exited with {code} after {sink.count} of {mib << 20} bytes")
         series.samples.append(sink.count / 1e6 / elapsed)
     return series
+
+
+MiB = 1 << 20
+
+
+async def _one_file_tar(mib: int) -> Any:
+    """An uncompressed tar holding one ``mib`` MiB file ``blob``, in 1 MiB chunks."""
+    header = tarfile.TarInfo("blob")
+    header.size, header.mode = mib * MiB, 0o644
+    yield header.tobuf(format=tarfile.PAX_FORMAT)
+    chunk = b"\xa5" * MiB
+    for _ in range(mib):
+        yield chunk
+    yield bytes(2 * tarfile.BLOCKSIZE)
+
+
+def _container_cpu_ms(handle: str) -> float | None:
+    """CPU the container's cgroup has used so far (every process in it), in ms; None
+    where no cgroup of that name is found (v1 ``cpuacct.usage``, v2 ``cpu.stat``)."""
+    for path in glob.glob(f"/sys/fs/cgroup/cpuacct/gactor-*/{handle}/cpuacct.usage"):
+        with open(path) as f:
+            return int(f.read()) / 1e6
+    for path in glob.glob(f"/sys/fs/cgroup/gactor-*/{handle}/cpu.stat"):
+        with open(path) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("usage_usec")) / 1e3
+    return None
+
+
+class _Timed:
+    """Wall time (into a MB/s series) and the container's CPU (into an ms series) of a block."""
+
+    def __init__(self, container: Any, size: int, rate: Series, cpu: Series) -> None:
+        self.container, self.size, self.rate, self.cpu = container, size, rate, cpu
+
+    def __enter__(self) -> None:
+        self.cpu_start = _container_cpu_ms(self.container.handle)
+        self.start = perf_counter()
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        if kind is not None:
+            return
+        self.rate.samples.append(self.size / 1e6 / (perf_counter() - self.start))
+        end = _container_cpu_ms(self.container.handle)
+        if end is not None and self.cpu_start is not None:
+            self.cpu.samples.append(end - self.cpu_start)
+
+
+async def stream_throughput(container: Any, runs: int, mib: int) -> list[Series]:
+    """StreamIn of a tar holding one ``mib`` MiB file, then StreamOut of that file: decimal
+    MB/s of the file's size, and the CPU the container's cgroup spent (the tar process,
+    and the shim's helper that forked it). Interleaved, the same through ``run`` of the
+    image's busybox ``tar -xf -`` (the tar as stdin) and ``tar -cf - blob`` (stdout into
+    a counting sink): what StreamIn and StreamOut ran before issue 9, fed the same way, so
+    the rows compare within one run."""
+    rows = {
+        "in": (Series("stream_in", f"StreamIn {mib} MiB", "MB/s"),
+               Series("stream_in_cpu", f"StreamIn {mib} MiB: container CPU", "ms")),
+        "in_busybox": (Series("stream_in_busybox", f"busybox tar -x {mib} MiB via run", "MB/s"),
+                       Series("stream_in_busybox_cpu", f"busybox tar -x {mib} MiB: container CPU", "ms")),
+        "out": (Series("stream_out", f"StreamOut {mib} MiB", "MB/s"),
+                Series("stream_out_cpu", f"StreamOut {mib} MiB: container CPU", "ms")),
+        "out_busybox": (Series("stream_out_busybox", f"busybox tar -c {mib} MiB via run", "MB/s"),
+                        Series("stream_out_busybox_cpu", f"busybox tar -c {mib} MiB: container CPU", "ms")),
+    }  # fmt: skip
+    size = mib * MiB
+
+    def timed(kind: str) -> _Timed:
+        return _Timed(container, size, *rows[kind])
+
+    async def run(spec: ProcessSpec, io: ProcessIO, what: str) -> None:
+        code = await (await container.run(spec, io)).wait()
+        if code != 0:
+            raise BenchError(f"{what} exited with {code}")
+
+    for _ in range(runs):
+        with trio.fail_after(OP_TIMEOUT * 5):
+            with timed("in"):
+                await container.stream_in(StreamInSpec(path="/tmp/bench-in", tar_stream=_one_file_tar(mib)))
+            with timed("in_busybox"):
+                await run(ProcessSpec(path="tar", args=["-xf", "-"], dir="/tmp/bench-busybox"),
+                          ProcessIO(stdin=_one_file_tar(mib)), "busybox tar -x")
+            got = 0
+            with timed("out"):
+                async with await container.stream_out(StreamOutSpec(path="/tmp/bench-in/blob")) as chunks:
+                    async for chunk in chunks:
+                        got += len(chunk)
+            sink = CountingSink()
+            with timed("out_busybox"):
+                await run(ProcessSpec(path="tar", args=["-cf", "-", "blob"], dir="/tmp/bench-in"),
+                          ProcessIO(stdout=sink), "busybox tar -c")
+            if min(got, sink.count) < size:
+                raise BenchError(f"an archive had {min(got, sink.count)} bytes, less than the {size}-byte file")
+            await run(ProcessSpec(path="rm", args=["-rf", "/tmp/bench-in", "/tmp/bench-busybox"]), ProcessIO(), "rm")
+    return [series for pair in rows.values() for series in pair if series.samples]
 
 
 async def concurrent(

@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from ..errors import GardenError, ProcessNotFoundError
+from ..errors import ContainerNotFoundError, GardenError, ProcessNotFoundError
 from ..kernel import depot, disk_limits, images, rootfs, shim_wire, shims
 from ..kernel.cgroups import Cgroup, CgroupDriver
 from ..kernel.container_init import MAX_UID
@@ -61,7 +61,7 @@ from ..types import (
 )
 from .cleanup import Cleanup
 from .events import event
-from .mailbox import DEFERRED, Mailbox, Request, acquire
+from .mailbox import DEFERRED, ActorGone, Mailbox, Request, acquire
 from .network import Networking, check_net_out
 from .process import ProcessActor, Subscription
 from .shim_link import ShimLink, fetch_netns
@@ -233,6 +233,7 @@ class Run:
     subscriber: Subscription | None
     host_exe: str
     dir_must_exist: bool
+    builtin: str = ""
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,7 @@ class ContainerActor:
         self._oom_seen = 0
         self._stop_lock = trio.Lock()  # a Run waits for a stop in progress, or the stop would kill it
         self._save_lock = trio.Lock()
-        self.mailbox = Mailbox(f"container {self.handle}")
+        self.mailbox = _ContainerMailbox(self)
         self._nursery: trio.Nursery | None = None
         # Exits as the shim link reports them (synchronously) go straight to the mailbox;
         # when it is full, to this overflow, which a task forwards: one entry per process
@@ -523,35 +524,56 @@ class ContainerActor:
         image = trio.current_time()
         cfg = await trio.to_thread.run_sync(self._prepare, source_image, undo)
         prepared = trio.current_time()
-        if self.net is None:
-            await self._start_shim(cfg, undo)
-        else:
-            assert self.env.network is not None
-            network = self.env.network
-            try:
-                # The host side of the network in parallel with the shim and init.
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(network.prepare, self.net)
-                    await self._start_shim(cfg, undo)
-            except BaseException as exc:
+        net, network = self.net, self.env.network
+        netns = trio.Event()
+
+        def got_netns(fd: int) -> None:
+            self._netns_fd = fd
+            undo.callback(os.close, fd)
+            netns.set()
+
+        async def prepare_and_attach() -> None:
+            # The host side first (it needs no namespace), then the veth as soon as the
+            # container's network namespace exists, while its pid 1 builds its root.
+            assert net is not None
+            assert network is not None
+            await network.prepare(net)
+            await netns.wait()
+            await self._attach_network(undo, release=False)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                # The depot record, durably (an fsync: milliseconds), while the shim starts;
+                # written before the create returns. A crash before that leaves a directory
+                # without a record, which the next start removes (remove_orphan) as it removes
+                # any half-made container.
+                nursery.start_soon(trio.to_thread.run_sync, depot.write_json,
+                                   os.path.join(self.dir, "container.json"), self._record())
+                if net is not None:
+                    nursery.start_soon(prepare_and_attach)
+                await self._start_shim(cfg, undo, got_netns if net is not None else None)
+                if net is not None and not netns.is_set():  # a shim that did not send it: ask it
+                    await self._open_netns(undo)
+                    netns.set()
+        except BaseException as exc:
+            if net is not None and network is not None:
                 with trio.CancelScope(shield=True):
-                    await network.release(self.net)
-                # One failure (the shim's "bind mount source ... does not exist", say) reaches
-                # the caller as itself, not as a group the API would call an internal error.
-                if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1 \
-                        and isinstance(exc.exceptions[0], Exception):
-                    raise exc.exceptions[0] from None
-                raise
+                    await network.release(net)
+            # One failure (the shim's "bind mount source ... does not exist", say) reaches
+            # the caller as itself, not as a group the API would call an internal error.
+            if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1 \
+                    and isinstance(exc.exceptions[0], Exception):
+                raise exc.exceptions[0] from None
+            raise
         networked = trio.current_time()
-        if self.net is not None:
-            await self._attach_network(undo)
-        log.debug("container %s created in %.1f ms (image %.1f, depot+cgroup+mount %.1f, shim+init %.1f, "
-                  "network %.1f)", self.handle,
+        log.debug("container %s created in %.1f ms (image %.1f, depot+cgroup+mount %.1f, shim+init+network %.1f, "
+                  "rest %.1f)", self.handle,
                   *((t * 1000) for t in (trio.current_time() - started, image - started, prepared - image,
                                          networked - prepared, trio.current_time() - networked)))
 
-    async def _start_shim(self, cfg: dict[str, Any], undo: Cleanup) -> None:
-        status = await self.env.spawner.start_shim(cfg)
+    async def _start_shim(self, cfg: dict[str, Any], undo: Cleanup,
+                          on_netns: Callable[[int], None] | None = None) -> None:
+        status = await self.env.spawner.start_shim(cfg, on_netns)
         self._init_pid = int(status["init"])
         self._own_shim(int(status["shim"]), undo)
         self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
@@ -560,15 +582,15 @@ class ContainerActor:
         self._netns_fd = await trio.to_thread.run_sync(fetch_netns, self.handle, self.dir)
         undo.callback(os.close, self._netns_fd)
 
-    async def _attach_network(self, undo: Cleanup) -> None:
-        """The veth (the firewall state is in place), then the spec's bandwidth, NetIn and NetOut.
-        Any failure (or cancellation) removes the network again before it propagates;
-        the registry gives the address and ports back once the create has failed."""
+    async def _attach_network(self, undo: Cleanup, release: bool = True) -> None:
+        """The veth (the firewall state is in place, and ``_netns_fd`` open), then the spec's
+        bandwidth, NetIn and NetOut. Any failure (or cancellation) removes the network
+        again before it propagates (``release``; else the caller does); the registry gives
+        the address and ports back once the create has failed."""
         net, network = self.net, self.env.network
         assert net is not None
         assert network is not None
         try:
-            await self._open_netns(undo)
             await network.attach(net, self._netns_fd)
             bandwidth = self.spec.limits.bandwidth
             if bandwidth.rate_in_bytes_per_second:
@@ -578,8 +600,9 @@ class ContainerActor:
             if self.spec.net_out:
                 await self._net_out(tuple(self.spec.net_out), save=False)
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await network.release(net)
+            if release:
+                with trio.CancelScope(shield=True):
+                    await network.release(net)
             raise
 
     def _own_shim(self, pid: int, undo: Cleanup) -> None:
@@ -632,11 +655,11 @@ class ContainerActor:
         return copy
 
     def _prepare(self, image: images.Image, undo: Cleanup) -> dict[str, Any]:
-        """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread)."""
+        """Depot dir, cgroup with limits, rootfs overlay, hosts file (in a worker thread);
+        the depot record comes in ``_create``, while the shim starts."""
         os.makedirs(os.path.dirname(self.dir), mode=0o711, exist_ok=True)
         os.mkdir(self.dir, 0o711)
         undo.callback(self.env.discard, self.dir)
-        depot.write_json(os.path.join(self.dir, "container.json"), self._record())
         cgroup = self.env.cgroups.create(self.name)
         undo.callback(self._destroy_cgroup, cgroup)
         self._cgroup = cgroup
@@ -991,7 +1014,7 @@ class ContainerActor:
             "path": spec.path, "args": spec.args, "env": spec.env, "dir": spec.dir or self.image_config.working_dir,
             "user": spec.user or self.image_config.user, "rlimits": limits,
             "image_env": list(self.image_config.env), "container_env": self.spec.env,
-            "host_exe": run.host_exe, "dir_must_exist": run.dir_must_exist,
+            "host_exe": run.host_exe, "dir_must_exist": run.dir_must_exist, "builtin": run.builtin,
         }
         pea = None
         if spec.image.uri:
@@ -1184,6 +1207,24 @@ class ContainerActor:
         return self._cgroup
 
 
+class _ContainerMailbox(Mailbox):
+    """A destroyed container's actor is gone: a caller that looked the container up just
+    before its destroy finished is told what Garden says of a handle that is not there
+    (ContainerNotFoundError), not that an actor is gone (ServiceUnavailableError)."""
+
+    def __init__(self, actor: ContainerActor) -> None:
+        super().__init__(f"container {actor.handle}")
+        self._actor = actor
+
+    async def ask(self, command: Any) -> Any:
+        try:
+            return await super().ask(command)
+        except ActorGone:
+            if self._actor.state is State.DESTROYED:
+                raise ContainerNotFoundError(self._actor.handle) from None
+            raise
+
+
 class ContainerRef:
     """What the registry and the front ends hold: each coroutine sends the actor a
     command and waits for its reply (cancelling that wait never cancels the command).
@@ -1291,11 +1332,14 @@ class ContainerRef:
         return BandwidthLimits(rate, burst)
 
     async def run(self, spec: ProcessSpec, process_id: str, subscriber: Subscription | None = None,
-                  host_exe: str = "", dir_must_exist: bool = False) -> ProcessActor:
+                  host_exe: str = "", dir_must_exist: bool = False, builtin: str = "") -> ProcessActor:
         """Start a process; ``host_exe`` runs a binary of the host's (the server's own tar)
-        under the name ``spec.path`` instead of looking ``spec.path`` up in the image.
-        Cancelled: the process may still start, and is then listed and attachable."""
-        proc: ProcessActor = await self._mailbox.ask(Run(spec, process_id, subscriber, host_exe, dir_must_exist))
+        under the name ``spec.path`` instead of looking ``spec.path`` up in the image;
+        ``builtin`` names code of the shim's that runs instead of any binary (a shim too
+        old to know it runs ``host_exe``). Cancelled: the process may still start, and is
+        then listed and attachable."""
+        proc: ProcessActor = await self._mailbox.ask(Run(spec, process_id, subscriber, host_exe, dir_must_exist,
+                                                         builtin))
         return proc
 
     async def process(self, process_id: str) -> ProcessActor:

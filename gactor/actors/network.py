@@ -116,7 +116,7 @@ class Networking:
         except NetworkError as err:
             log.warning("container %s: %s", net.handle, err)
         try:
-            await self.netlink.delete_link(net.host_ifname)
+            await self.netlink.delete_container_link(net.host_ifname)
         except NetworkError as err:
             log.warning("container %s: %s", net.handle, err)
 

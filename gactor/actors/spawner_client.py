@@ -2,7 +2,8 @@
 
 Cancellation safety. Requests carry an id (``rid``) and the spawner answers each with
 the same id, so a reply is never taken by another request. The send and its reply
-form one short exchange (the spawner answers right after two forks) that runs shielded,
+form one short exchange (the spawner answers after handing the cfg to a warm shim, or
+after two forks) that runs shielded,
 under one lock, with a deadline (``SPAWNER_REPLY_TIMEOUT``): whoever holds the lock is
 the only reader, and a reply left over from a request that timed out is recognised by
 its id and discarded, which (closing its status socket) makes its shim give up.
@@ -22,6 +23,7 @@ import itertools
 import os
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -43,10 +45,14 @@ class SpawnerClient:
         self._rids = itertools.count(1)
         self._gone = False
 
-    async def start_shim(self, cfg: dict[str, Any]) -> dict[str, Any]:
+    async def start_shim(self, cfg: dict[str, Any],
+                         on_netns: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Start a shim for ``cfg``; return its report ``{"shim", "init"}`` once the container is up.
 
         The caller owns the shim from the return on (it serves on ``<dir>/shim.sock``).
+        ``on_netns(fd)`` is called (with no checkpoint between the fd's arrival and the
+        call) as soon as the container's network namespace exists, while its pid 1 still
+        builds its root: the caller owns that fd from then on, whatever happens next.
         Raises GardenError if the spawner or the shim fails. If cancelled (or on any
         error), the shim of this request, if one was forked, has exited and killed its
         pid 1 before this returns (bounded by ``ABANDON_TIMEOUT``; past it the shim is
@@ -57,11 +63,21 @@ class SpawnerClient:
         status_sock, pidfd = await self._fork(cfg)
         try:
             try:
-                report = await _receive_report(status_sock)
-                try:
-                    status = msgpack.unpackb(report, raw=False) if report else {"error": "the shim died while starting"}
-                except (ValueError, msgpack.UnpackException):
-                    status = {"error": f"garbled shim report {report[:200]!r}"}
+                while True:
+                    report, fds = await _receive_report(status_sock)
+                    try:
+                        status = msgpack.unpackb(report, raw=False) if report else {"error": "the shim died while starting"}
+                    except (ValueError, msgpack.UnpackException):
+                        status = {"error": f"garbled shim report {report[:200]!r}"}
+                    if isinstance(status, dict) and status.get("netns") and len(fds) == 1:
+                        if on_netns is None:
+                            os.close(fds[0])
+                        else:
+                            on_netns(fds[0])
+                        continue
+                    for fd in fds:
+                        os.close(fd)
+                    break
                 if not isinstance(status, dict) or "error" in status:
                     error = status.get("error") if isinstance(status, dict) else status
                     raise GardenError(f"creating container: {error}")
@@ -124,15 +140,17 @@ class SpawnerClient:
             raise GardenError(f"the spawner process is gone: {err}") from err
 
 
-async def _receive_report(sock: socket.socket) -> bytes:
-    """The shim's one report message, or b"" if it died first."""
+async def _receive_report(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """The shim's next status message and the fds it carries (the caller owns them), or
+    b"" if it died first."""
     while True:
         try:
-            return sock.recv(_REPORT_LIMIT)
+            data, fds, _, _ = socket.recv_fds(sock, _REPORT_LIMIT, 1)
+            return data, fds
         except BlockingIOError:
             await trio.lowlevel.wait_readable(sock)
         except ConnectionResetError:
-            return b""
+            return b"", []
 
 
 async def _wait_gone(pidfd: int) -> None:

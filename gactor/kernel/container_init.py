@@ -19,6 +19,7 @@ import socket
 import stat
 import struct
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,13 +127,89 @@ _LOCKED = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC | L.MS_RDONLY
 _ATIME = ((os.ST_NOATIME, L.MS_NOATIME), (os.ST_NODIRATIME, L.MS_NODIRATIME), (os.ST_RELATIME, L.MS_RELATIME))
 
 
-def start_init(cfg: dict[str, Any], conf: Confinement) -> int:
+class PreparedInit:
+    """Pid 1 forked ahead of time (by a warm shim) for one unprivileged container: in a
+    fresh user namespace (uid map written), UTS, IPC, network and pid namespace of its
+    own, waiting for the container's cfg. The mount and cgroup namespaces come only then
+    (they need the container's rootfs mount and cgroups). Nothing has used these
+    namespaces: they are as fresh as ones made at create. The owner (a child subreaper,
+    which pid 1 is reparented to) calls ``start_init`` with it, or ``discard``; if the
+    owner dies, pid 1 sees its pipe close and exits, and its namespaces with it."""
+
+    def __init__(self, conf: Confinement) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        helper = os.fork()
+        if helper == 0:
+            os.close(to_child_w)
+            os.close(from_child_r)
+            _run_child(_prepared_helper, conf, to_child_r, from_child_w)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.pid = 0
+        self.reports = os.fdopen(from_child_r, "rb", buffering=0)
+        self.go = os.fdopen(to_child_w, "wb", buffering=0)
+        self.unpacker = msgpack.Unpacker(self.reports, raw=False)
+        try:
+            try:
+                if next(self.unpacker, None) != "map":
+                    raise RuntimeError("the prepared helper failed before its uid map")
+                _write_id_maps(helper)
+                self.go.write(b"g")
+                msg = next(self.unpacker, None)
+                if not isinstance(msg, dict) or not isinstance(msg.get("init"), int):
+                    raise RuntimeError(f"preparing namespaces failed: {msg.get('error') if isinstance(msg, dict) else msg}")
+                self.pid = msg["init"]
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.kill(helper, signal.SIGKILL)
+                raise
+            finally:
+                os.waitpid(helper, 0)  # pid 1 is ours from here on
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """End pid 1 (and so its namespaces) and reap it, unless ``start_init`` has taken
+        it (its pid must not be signalled once someone may have reaped it)."""
+        if self.pid:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+        self.close()
+        if self.pid:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+        self.pid = 0
+
+    def close(self) -> None:
+        self.reports.close()
+        self.go.close()
+
+
+def _write_id_maps(pid: int) -> None:
+    for kind in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{kind}", "w") as f:
+            f.write(UID_MAP)
+
+
+def start_init(cfg: dict[str, Any], conf: Confinement, on_netns: Callable[[int], None] | None = None,
+               prepared: PreparedInit | None = None) -> int:
     """Create the container's namespaces and its pid 1; return pid 1's host pid.
 
     ``cfg`` keys: rootfs, hostname, privileged, cgroup_procs, bind_mounts
     ([{src, dst, ro}]), hosts_file, resolv.conf_file. The caller (the shim) must be a child
-    subreaper so pid 1 is reparented to it when the forking helper exits.
+    subreaper so pid 1 is reparented to it when the forking helper exits. ``on_netns(pid)``
+    is called as soon as the container's network namespace exists, as that of ``pid``
+    (alive and unreaped during the call), while pid 1 is still to build its root; an
+    exception from it ends the container and propagates. ``prepared`` (taken over: used
+    or discarded here) saves making the namespaces an unprivileged container starts with.
     """
+    if prepared is not None and cfg["privileged"]:
+        prepared.discard()  # made for an unprivileged container
+        prepared = None
+    if prepared is not None:
+        return _start_prepared(cfg, prepared, on_netns)
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
     helper = os.fork()
@@ -148,21 +225,59 @@ def start_init(cfg: dict[str, Any], conf: Confinement) -> int:
             # The helper and pid 1 share the report pipe, so "init" and "ready" may come in either order.
             for msg in msgpack.Unpacker(reports, raw=False):
                 if msg == "map":
-                    for kind in ("uid_map", "gid_map"):
-                        with open(f"/proc/{helper}/{kind}", "w") as f:
-                            f.write(UID_MAP)
+                    _write_id_maps(helper)
                     go.write(b"g")
                 elif msg == "ready":
                     ready = True
                 elif isinstance(msg, dict) and "init" in msg:
                     init_pid = int(msg["init"])
+                    if on_netns is not None:
+                        try:
+                            on_netns(init_pid)
+                        except BaseException:
+                            _end_init(helper, init_pid)
+                            raise
                 else:
                     raise RuntimeError(f"container init failed: {msg.get('error') if isinstance(msg, dict) else msg}")
                 if init_pid and ready:
                     return init_pid
             raise RuntimeError("container init failed: it exited before it was ready")
     finally:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(helper, 0)
+
+
+def _start_prepared(cfg: dict[str, Any], prepared: PreparedInit, on_netns: Callable[[int], None] | None) -> int:
+    """``start_init`` with a prepared pid 1: into the container's cgroups (written from
+    here, the host's root: it cannot from its user namespace), the cfg, then its report."""
+    init_pid = prepared.pid
+    try:
+        with prepared.reports, prepared.go:
+            if on_netns is not None:
+                on_netns(init_pid)
+            for path in cfg["cgroup_procs"]:
+                with open(path, "w") as f:
+                    f.write(str(init_pid))
+            prepared.go.write(msgpack.packb(cfg))
+            msg = next(prepared.unpacker, None)
+            if msg != "ready":
+                raise RuntimeError("container init failed: "
+                                   f"{msg.get('error') if isinstance(msg, dict) else msg or 'it exited before it was ready'}")
+    except BaseException:
+        prepared.discard()
+        raise
+    prepared.pid = 0  # taken: the container's pid 1 now
+    return init_pid
+
+
+def _end_init(helper: int, init_pid: int) -> None:
+    """SIGKILL pid 1 and reap it: it is ours (a child subreaper's) once the helper is gone."""
+    with contextlib.suppress(OSError):
+        os.kill(init_pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(helper, 0)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(init_pid, 0)
 
 
 def _run_child(fn: Any, *args: Any) -> None:
@@ -200,6 +315,33 @@ def _helper(cfg: dict[str, Any], conf: Confinement, go_fd: int, report_fd: int) 
     if init == 0:
         _run_child(_init, cfg, conf, report_fd)
     os.write(report_fd, msgpack.packb({"init": init}))
+
+
+def _prepared_helper(conf: Confinement, go_fd: int, report_fd: int) -> None:
+    """The namespaces that need no cfg, then pid 1 (``_prepared_init``), and exit."""
+    L.unshare(L.CLONE_NEWUSER)
+    os.write(report_fd, msgpack.packb("map"))
+    if os.read(go_fd, 1) != b"g":
+        raise RuntimeError("shim went away before writing the uid map")
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    L.unshare(L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWNET | L.CLONE_NEWPID)
+    init = os.fork()
+    if init == 0:
+        _run_child(_prepared_init, conf, go_fd, report_fd)
+    os.write(report_fd, msgpack.packb({"init": init}))
+
+
+def _prepared_init(conf: Confinement, go_fd: int, report_fd: int) -> None:
+    """A prepared pid 1: waits for the cfg, which comes once the shim has moved it into
+    the container's cgroups; then the mount and cgroup namespaces and ``_init``."""
+    with os.fdopen(go_fd, "rb", buffering=0) as go:
+        cfg = next(msgpack.Unpacker(go, raw=False), None)
+    if not isinstance(cfg, dict):
+        os._exit(0)  # the shim is gone (or gave up on us): so are these namespaces
+    # In the container's cgroups now, so the new cgroup namespace has them as its root.
+    L.unshare(L.CLONE_NEWNS | L.CLONE_NEWCGROUP)
+    _init(cfg, conf, report_fd)
 
 
 def _init(cfg: dict[str, Any], conf: Confinement, report_fd: int) -> None:

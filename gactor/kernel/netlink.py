@@ -11,6 +11,10 @@ A container's veth is made with its peer directly inside the container's namespa
 grace period (~18 ms here), creating it there costs ~1 ms. The container side is then
 configured through a netlink socket opened while the thread sits in that namespace;
 the thread returns to the host namespace before the job ends, whatever happens.
+
+Deleting a container's veth takes the kernel ~20 ms (it waits for the device's last
+references); it runs in a second thread (``delete_container_link``), handed over in
+queue order, so the next container's veth is not made after it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from . import linux as L
 from .netmodel import CONTAINER_IFNAME, ContainerNet, NetworkError
 
 T = TypeVar("T")
+_Job = tuple[Callable[..., Any], tuple[Any, ...], Callable[[outcome.Outcome[Any]], None]]
 # Addresses, flags and routes through ioctls on an AF_INET socket: microseconds each,
 # where every pyroute2 request costs about a millisecond of Python.
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _SIOCSIFADDR, _SIOCSIFNETMASK = 0x8913, 0x8914, 0x8916, 0x891C
@@ -49,23 +54,32 @@ class Netlink:
     """The netlink thread. ``start()`` before use, ``close()`` at shutdown."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...],
-                                            Callable[[outcome.Outcome[Any]], None]] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._deletions: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._deleter: threading.Thread | None = None
         self._host_ns = -1
         self._ipr: IPRoute | None = None
 
     def start(self) -> None:
-        ready = threading.Event()
+        ready, deleter_ready = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(ready,), name="gactor-netlink", daemon=True)
         self._thread.start()
+        self._deleter = threading.Thread(target=self._delete_loop, args=(deleter_ready,),
+                                         name="gactor-netlink-delete", daemon=True)
+        self._deleter.start()
         ready.wait()
+        deleter_ready.wait()
 
     def close(self) -> None:
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(timeout=10)
             self._thread = None
+        if self._deleter is not None:
+            self._deletions.put(None)  # after the netlink thread: it hands deletions over
+            self._deleter.join(timeout=10)
+            self._deleter = None
 
     def _loop(self, ready: threading.Event) -> None:
         self._host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -78,6 +92,18 @@ class Netlink:
         finally:
             self._ipr.close()
             os.close(self._host_ns)
+
+    def _delete_loop(self, ready: threading.Event) -> None:
+        """The deletion thread: container veths only, each with the thread's own IPRoute
+        (never in another namespace)."""
+        ipr = IPRoute()
+        ready.set()
+        try:
+            while (job := self._deletions.get()) is not None:
+                fn, args, deliver = job
+                deliver(outcome.capture(fn, ipr, *args))
+        finally:
+            ipr.close()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the netlink thread. Cancelled: the job still runs to its
@@ -169,12 +195,34 @@ class Netlink:
         the kernel has removed it."""
         await self.call(self._delete_link, name)
 
-    def _delete_link(self, name: str) -> None:
+    def _delete_link(self, name: str, ipr: IPRoute | None = None) -> None:
         try:
-            self.ipr.link("del", ifname=name)
+            (ipr or self.ipr).link("del", ifname=name)
         except NetlinkError as err:
             if err.code not in (errno.ENODEV, errno.ENOENT):
                 raise NetworkError(f"deleting link {name}: {err}") from None
+
+    async def delete_container_link(self, name: str) -> None:
+        """``delete_link`` for a container's veth, in a thread of its own: the kernel takes
+        ~20 ms to delete a veth (it waits for the device's last references), and the
+        creates queued behind it would wait as long. Every job queued before this one still
+        runs first: the hand-over to that thread is itself a job of the netlink thread.
+        Returns once the kernel has removed the link; cancelled, the deletion still runs."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        result: list[outcome.Outcome[Any]] = []
+
+        def deliver(got: outcome.Outcome[Any]) -> None:
+            result.append(got)
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        def hand_over() -> None:
+            self._deletions.put((lambda ipr, n: self._delete_link(n, ipr), (name,), deliver))
+
+        self._jobs.put((hand_over, (), lambda got: None))  # a queue put: it cannot fail
+        await done.wait()
+        result[0].unwrap()
 
     async def ensure_bridge(self, name: str, gateway: ipaddress.IPv4Address, prefixlen: int, mtu: int) -> None:
         """A static subnet's bridge, carrying its gateway address (kept if it exists)."""

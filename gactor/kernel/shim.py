@@ -55,7 +55,7 @@ import setproctitle
 from . import linux as L
 from . import shim_wire as wire
 from . import shims
-from .container_init import Confinement, open_namespaces, start_init
+from .container_init import Confinement, PreparedInit, open_namespaces, start_init
 from .spawn import SpawnError, Stdio, make_stdio, set_window_size, spawn
 from .spawner import COMMIT
 
@@ -143,8 +143,23 @@ class Shim:
             raise RuntimeError("this shim has no confinement: it cannot start processes")
         return self.conf
 
-    def start(self) -> None:
-        self.init_pid = start_init(self.cfg, self._confinement())
+    def start(self, status_fd: int | None = None, prepared: PreparedInit | None = None) -> None:
+        """Build the container (from ``prepared`` namespaces, if given: taken over). With
+        ``status_fd``, its network namespace goes there as ``{"netns": true}`` + the fd as
+        soon as it exists, before the container is up."""
+
+        def send_netns(pid: int) -> None:
+            if status_fd is None:
+                return
+            netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            status = socket.socket(fileno=status_fd)
+            try:
+                socket.send_fds(status, [msgpack.packb({"netns": True})], [netns])
+            finally:
+                status.detach()
+                os.close(netns)
+
+        self.init_pid = start_init(self.cfg, self._confinement(), send_netns, prepared)
         self.ns_fds = open_namespaces(self.init_pid, self.cfg["privileged"])
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         path = wire.socket_path(self.dir_fd, "shim.sock")
@@ -411,8 +426,79 @@ class Shim:
         self._broadcast({"event": "exit", "id": proc.id, "code": proc.exit})
 
 
-def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement) -> None:
-    """Entry point in the freshly forked shim; never returns.
+def warm_main(status_fd: int, conf: Confinement, spawner: int = 0) -> None:
+    """Entry point of a warm shim, forked ahead of time by the spawner; never returns.
+
+    It does what every shim does before it knows its container (a session of its own,
+    every inherited fd but stdio and ``status_fd`` closed, child subreaper, signals),
+    prepares pid 1 in fresh namespaces (``PreparedInit``; without it the container starts
+    as from a cold shim), then waits on ``status_fd`` for the one message ``{"cfg",
+    "nice"}`` naming its container, and goes on as ``shim_main``. Until then it has made no
+    mount or cgroup entry and its namespaces have served nothing, so nothing of one
+    container can reach another: each warm shim serves one container. If the socket closes
+    first (the spawner died, with the server), it ends pid 1 and exits."""
+    try:
+        _detach(status_fd)
+        setproctitle.setproctitle(warm_title(spawner))
+        L.set_process_name(WARM_NAME)
+        prepared: PreparedInit | None = None
+        try:
+            prepared = PreparedInit(conf)
+        except Exception:  # noqa: BLE001 - the container's start makes its namespaces itself
+            traceback.print_exc()
+        status = socket.socket(fileno=status_fd)
+        try:
+            got = wire.recv(status)
+        finally:
+            status.detach()
+    except BaseException:  # noqa: BLE001 - never unwind into the spawner's code
+        traceback.print_exc()
+        os._exit(1)
+    if got is None or not isinstance(got[0], dict) or not isinstance(got[0].get("cfg"), dict):
+        if prepared is not None:
+            prepared.discard()
+        os._exit(0)  # the spawner is gone (or garbled the hand-over): nobody waits for us
+    for fd in got[1]:
+        os.close(fd)
+    # Made at the spawner's refill priority: the container's shim and pid 1 run at the server's.
+    nice = got[0].get("nice", 0)
+    with contextlib.suppress(OSError, TypeError):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        if prepared is not None:
+            os.setpriority(os.PRIO_PROCESS, prepared.pid, nice)
+    shim_main(got[0]["cfg"], status_fd, conf, detached=True, prepared=prepared)
+
+
+WARM_NAME = "gactor-warm"
+
+
+def warm_title(spawner: int) -> str:
+    """The title of a warm shim of spawner ``spawner`` (and of its prepared pid 1), which
+    no depot's reconcile mistakes for a container's shim (``shims.PREFIX``)."""
+    return f"gactor-warm-shim (spawner {spawner})"
+
+
+def _detach(status_fd: int) -> None:
+    """Leave the spawner's session and fds behind: keep only stdio and ``status_fd``."""
+    os.setsid()
+    devnull = os.open("/dev/null", os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)  # stderr stays the spawner's (the server's log) until the shim has its own
+    keep = {0, 1, 2, status_fd}
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    L.set_child_subreaper()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+
+def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement, detached: bool = False,
+              prepared: PreparedInit | None = None) -> None:
+    """Entry point in the freshly forked shim (or a warm one given its ``cfg``, which has
+    ``detached`` already and may bring ``prepared`` namespaces); never returns.
 
     ``status_fd`` is the shim's end of the spawner's status socket: the report goes
     there, then the shim waits for ``COMMIT``. Without it (the socket closed: the request
@@ -420,31 +506,21 @@ def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement) -> None:
     files in the container directory, which belongs to the caller."""
     shim: Shim | None = None
     try:
-        os.setsid()
+        if not detached:
+            _detach(status_fd)
         dir_fd = os.open(cfg["dir"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         log = os.open("shim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        devnull = os.open("/dev/null", os.O_RDWR)
-        os.dup2(devnull, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
-        keep = {0, 1, 2, status_fd, dir_fd}
-        for fd in map(int, os.listdir("/proc/self/fd")):
-            if fd not in keep:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        L.set_child_subreaper()
+        os.close(log)
         # Forked from the server, we would show its command line; say what we are instead.
         setproctitle.setproctitle(shims.title(cfg["dir"]))
         L.set_process_name("gactor-shim")
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         if not _exists(dir_fd, "processes"):
             os.mkdir("processes", 0o700, dir_fd=dir_fd)
         shim = Shim(cfg, dir_fd, conf)
-        shim.start()
+        shim.start(status_fd, prepared)
+        prepared = None  # taken over
         os.write(status_fd, msgpack.packb({"shim": os.getpid(), "init": shim.init_pid}))
         if os.read(status_fd, 1) != COMMIT:
             _give_up(shim, dir_fd)
@@ -457,6 +533,8 @@ def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement) -> None:
         finally:
             if shim is not None and shim.init_pid:
                 _kill_init(shim.init_pid)
+            if prepared is not None:
+                prepared.discard()
             os._exit(1)
     os.close(status_fd)
     for name, pid in (("shim.pid", os.getpid()), ("init.pid", shim.init_pid)):

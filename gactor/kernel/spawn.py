@@ -12,11 +12,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import gc
+import importlib
 import os
 import resource
 import signal
 import socket
 import struct
+import sys
 import termios
 import traceback
 from dataclasses import dataclass
@@ -42,6 +44,10 @@ _RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, 
 _F_SETPIPE_SZ = 1031
 _TIOCSPTLCK = 0x40045431  # unlock the pty slave
 _TIOCGPTPEER = 0x5441  # open the slave through the master (no path lookup, Linux 4.13+)
+# spec["builtin"]: code of the shim's that the process runs instead of execve (StreamIn's
+# and StreamOut's tar), by the module that has its ``main(args) -> exit status``.
+TAR_EXTRACT, TAR_CREATE = "tar-extract", "tar-create"
+BUILTINS = {TAR_EXTRACT: "tar_in", TAR_CREATE: "tar_out"}
 
 
 class SpawnError(Exception):
@@ -131,6 +137,10 @@ def spawn(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
           spec: dict[str, Any], stdio: Stdio, conf: Confinement) -> int:
     """Start ``spec`` in the container, confined by ``conf``; return its host pid.
     Raises SpawnError."""
+    if spec.get("builtin") in BUILTINS:
+        # Imported here, in the shim: the forked process runs it in the container's mount
+        # namespace, which has none of the server's files.
+        importlib.import_module(f"{__package__}.{BUILTINS[spec['builtin']]}")
     pid_r, pid_w = os.pipe()
     err_r, err_w = os.pipe()
     helper = os.fork()
@@ -322,6 +332,9 @@ def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, conf: Confinemen
     os.setresgid(user.gid, user.gid, user.gid)
     os.setresuid(user.uid, user.uid, user.uid)
     os.chdir(workdir)
+    if spec.get("builtin") in BUILTINS:
+        builtin = sys.modules[f"{__package__}.{BUILTINS[spec['builtin']]}"]  # spawn() imported it
+        os._exit(builtin.main(spec.get("args", [])))
     try:
         os.execve(exe, [path, *spec.get("args", [])], env_map)
     except OSError as err:

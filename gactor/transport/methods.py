@@ -29,6 +29,7 @@ from ..actors.registry import RegistryRef, check_name
 from ..errors import ContainerNotFoundError, GardenError, error_to_wire
 from ..kernel import images
 from ..kernel.errors import KernelError
+from ..kernel.spawn import TAR_CREATE, TAR_EXTRACT
 from ..types import (
     BandwidthLimits,
     ContainerSpec,
@@ -137,11 +138,13 @@ class Api:
 
     @contextlib.asynccontextmanager
     async def tar(self, args: dict[str, Any], extract: bool) -> AsyncIterator[tuple[ProcessActor, Subscription]]:
-        """Run the server's static tar in the container as ``user``: extracting stdin into
-        ``path`` (created, owned by the user, as Garden does) or archiving ``path`` to
-        stdout, with the grace timer paused until the context ends. A relative path is
-        relative to the user's home; ``path/`` streams out its contents. Leaving the
-        context before tar ended kills tar."""
+        """Run tar in the container as ``user``: extracting stdin into ``path`` (created,
+        owned by the user, as Garden does) or archiving ``path`` to stdout, with the grace
+        timer paused until the context ends. The shim's own tar does it
+        (``kernel/tar_in.py``, ``tar_out.py``: xattrs kept both ways); a shim older than
+        them runs the server's static busybox tar. A relative path is relative to the
+        user's home; ``path/`` streams out its contents. Leaving the context before tar
+        ended kills tar."""
         schema.check("stream_in" if extract else "stream_out", args)
         path = arg(args, "path", str)
         if not path:
@@ -158,7 +161,8 @@ class Api:
         spec = ProcessSpec(path="tar", args=tar_args, user=arg(args, "user", str, ""), dir=workdir)
         async with self.registry.using(arg(args, "handle", str)) as container:
             process = await container.run(spec, f"gactor-tar-{uuid.uuid4()}", sub,
-                                          host_exe=container.env.tar_binary, dir_must_exist=not extract)
+                                          host_exe=container.env.tar_binary, dir_must_exist=not extract,
+                                          builtin=TAR_EXTRACT if extract else TAR_CREATE)
             try:
                 yield process, sub
             finally:
@@ -186,8 +190,9 @@ class Api:
                     output = await _collect(sub)
                     code = await process.wait()
                     nursery.cancel_scope.cancel()
-            # busybox tar only warns about a device node it may not make (an unprivileged
-            # container cannot), and exits 0; GNU tar, which Garden runs, fails.
+            # busybox tar (which a shim older than kernel/tar_in.py runs) only warns about a
+            # device node it may not make (an unprivileged container cannot), and exits 0;
+            # GNU tar, which Garden runs, and tar_in fail.
             if code != 0 or _TAR_NODE_REFUSED in output:
                 raise GardenError(f"exit status {code}. Output: {output.decode(errors='replace').strip()}")
         except* GardenError as group:

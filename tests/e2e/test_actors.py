@@ -11,7 +11,14 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from gactor import ContainerSpec, GardenError, ProcessIO, ProcessSpec, StreamInSpec
+from gactor import (
+    ContainerNotFoundError,
+    ContainerSpec,
+    GardenError,
+    ProcessIO,
+    ProcessSpec,
+    StreamInSpec,
+)
 from gactor.transport import protocol as P
 
 from .helpers import (
@@ -131,3 +138,37 @@ async def test_a_detach_racing_output_keeps_the_connection(gactor_server, contai
             while not any(isinstance(e, P.Reply) and e.id == ping for e in await receive()):
                 pass
     assert await sh_ok(container, "echo alive") == "alive\n"
+
+
+async def _read_until_cancelled(client, handles: list[str], seen: list[BaseException]) -> None:
+    """bulk_info, lookup and info of every handle, over and over, noting every error."""
+    while True:
+        for entry in (await client.bulk_info(handles)).values():
+            if entry.err is not None:
+                seen.append(entry.err)
+        for handle in handles:
+            try:
+                await (await client.lookup(handle)).info()
+            except GardenError as err:
+                seen.append(err)
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_container_destroyed_during_a_call_is_not_found(gactor_server, client):
+    """A call that found the container just before its destroy finished answers
+    ContainerNotFoundError (Garden's answer for a handle that is not there), never "container
+    ... is gone" (a ServiceUnavailableError): a reader bulk-infoing, listing and infoing every
+    handle while all of them are destroyed at once, for several rounds."""
+    for round_ in range(4):
+        handles = [f"gone-race-{round_}-{i}" for i in range(12)]
+        for handle in handles:
+            await client.create(ContainerSpec(handle=handle))
+        seen: list[BaseException] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_until_cancelled, client, handles, seen)
+            async with trio.open_nursery() as destroys:
+                for handle in handles:
+                    destroys.start_soon(client.destroy, handle)
+            nursery.cancel_scope.cancel()
+        wrong = [err for err in seen if not isinstance(err, ContainerNotFoundError)]
+        assert not wrong, wrong[:3]

@@ -662,6 +662,23 @@ async def test_stream_in_chunked_and_stream_out_raw_tar(garden: ServerProcess, h
     assert "error streaming in" in denied.json()["Message"]
 
 
+async def test_xattrs_survive_stream_in_and_stream_out(garden: ServerProcess, handle: str) -> None:
+    """Garden's StreamIn and StreamOut keep xattrs (GNU tar --xattrs); so do the routes here."""
+    port = port_of(garden)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        member = tarfile.TarInfo("tagged")
+        member.size, member.pax_headers = 2, {"SCHILY.xattr.user.colour": "blue"}
+        tar.addfile(member, io.BytesIO(b"hi"))
+    response = await http(port, "PUT", f"/containers/{handle}/files?destination=/tmp/x&user=",
+                          buffer.getvalue(), chunked=True)
+    assert (response.status, response.body) == (200, b"{}\n")
+    out = await http(port, "GET", f"/containers/{handle}/files?source=/tmp/x/tagged&user=")
+    with tarfile.open(fileobj=io.BytesIO(out.body)) as tar:
+        (got,) = tar.getmembers()
+    assert got.pax_headers.get("SCHILY.xattr.user.colour") == "blue"
+
+
 async def test_large_files_round_trip(garden: ServerProcess, handle: str) -> None:
     port = port_of(garden)
     payload = os.urandom(24 << 20)
