@@ -59,11 +59,13 @@ class BenchServer:
 
 
 def start(rootfs: str, network_pool: str, log_level: str, tree: str | None = None,
-          extra_args: Sequence[str] = ()) -> BenchServer:
+          extra_args: Sequence[str] = (), launcher: Sequence[str] = ("-m", "gactor"),
+          extra_env: dict[str, str] | None = None) -> BenchServer:
     """Start a server and wait until it answers ``ping``; stop it again if it does not.
     ``tree``: a checkout whose ``gactor`` package the server runs instead of this one
     (to compare two commits in one run; the client is always this checkout's).
-    ``extra_args``: more server flags (``--metrics-listen``, say)."""
+    ``extra_args``: more server flags (``--metrics-listen``, say). ``launcher``: what
+    the interpreter runs (``bench/profiled_server.py``, say), with ``extra_env``."""
     base = tempfile.mkdtemp(prefix="gactor-bench-", dir="/tmp")
     # Unprivileged container roots must be able to traverse every ancestor of the depot.
     os.chmod(base, 0o711)
@@ -71,7 +73,7 @@ def start(rootfs: str, network_pool: str, log_level: str, tree: str | None = Non
     os.makedirs(depot)
     port = _free_port()
     cmd = [
-        sys.executable, "-m", "gactor", "server",
+        sys.executable, *launcher, "server",
         "--listen", f"127.0.0.1:{port}", "--depot", depot, "--default-rootfs", rootfs,
         "--network-pool", network_pool, "--log-level", log_level,
         *(_OPS_DEFAULTS if _knows_ops_flags(tree) else ()), *extra_args,
@@ -83,7 +85,7 @@ def start(rootfs: str, network_pool: str, log_level: str, tree: str | None = Non
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONPATH": tree} if tree else None,
+            env={**os.environ, **({"PYTHONPATH": tree} if tree else {}), **(extra_env or {})},
             cwd=tree,
         )
     server = BenchServer(f"ws://127.0.0.1:{port}", base, depot, proc)

@@ -61,7 +61,7 @@ from ..types import (
 )
 from .cleanup import Cleanup
 from .events import event
-from .mailbox import DEFERRED, ActorGone, Mailbox, Request
+from .mailbox import DEFERRED, ActorGone, Mailbox, Request, acquire
 from .network import Networking, check_net_out
 from .process import ProcessActor, Subscription
 from .shim_link import ShimLink, fetch_netns
@@ -1034,8 +1034,11 @@ class ContainerActor:
             if pea.cgroup is not None:
                 wire_spec["cgroup_procs"] = list(pea.cgroup.procs_files)
         try:
-            async with self._stop_lock:
+            await acquire(self._stop_lock)
+            try:
                 reply, fds = await self._link.request("spawn", id=run.process_id, spec=wire_spec, tty=tty)
+            finally:
+                self._stop_lock.release()
         except BaseException as err:
             if pea is not None:
                 with trio.CancelScope(shield=True):

@@ -3,6 +3,8 @@
 It owns the server's copies of the process's stdio fds. Its task pumps output to
 every attached ``Subscription``; a second task of its own, the stdin writer, owns the
 stdin pipe, so a write blocked on a full pipe (backpressure) never holds up a signal.
+The writer is started by the actor's task when the first stdin command comes (most
+processes never get one: a task less per ``run``).
 Output is never dropped for an attached client: a subscription takes a chunk only when
 its client is ready for it, and until then the pump stops reading, so the pipe fills and
 the process blocks. A subscription ends only after all output, so the exit code goes out last.
@@ -47,7 +49,9 @@ class Subscription:
 
     def __init__(self, stdout: bool, stderr: bool) -> None:
         self.fds = {fd for fd, wanted in ((1, stdout), (2, stderr)) if wanted}
-        self._send, self.receive = trio.open_memory_channel[tuple[int, bytes]](SUBSCRIBER_QUEUE)
+        self._send: trio.MemorySendChannel[tuple[int, bytes]]
+        self.receive: trio.MemoryReceiveChannel[tuple[int, bytes]]
+        self._send, self.receive = trio.open_memory_channel(SUBSCRIBER_QUEUE)
 
     async def deliver(self, fd: int, data: bytes) -> bool:
         """Hand over a chunk, waiting until the subscriber takes it; False once it went away."""
@@ -82,6 +86,11 @@ class _Signal:
 class _Resize:
     columns: int
     rows: int
+
+
+@dataclass(frozen=True)
+class _StartStdinWriter:
+    pass
 
 
 @dataclass(frozen=True)
@@ -131,9 +140,11 @@ class ProcessActor:
         self._pump_scopes: list[trio.CancelScope] = []
         self._reads: set[trio.CancelScope] = set()  # the pumps' waits for output
         self._pumping = 0  # pumps not at EOF yet
-        self._serving = trio.CancelScope()  # the mailbox loop, ended once exited and drained
         self._mailbox = Mailbox(f"process {id}")
-        self._stdin_box = Mailbox(f"the stdin of process {id}", STDIN_QUEUE)
+        # The stdin writer's mailbox: made (by the actor's task only) when the writer is
+        # started; the handle's side reads it to skip asking for that again.
+        self._stdin_box: Mailbox | None = None
+        self._nursery: trio.Nursery | None = None  # the actor's own, for the stdin writer
 
     @property
     def running(self) -> bool:
@@ -146,8 +157,7 @@ class ProcessActor:
         logs.tag_task(process_id=self.id)  # this task is the actor's alone
         try:
             async with trio.open_nursery() as nursery:
-                # The stdin pipe's owner: writes in order, each finished before its reply.
-                nursery.start_soon(self._stdin_box.serve, self._stdin_command)
+                self._nursery = nursery
                 for fd, stream in ((1, self._stdout), (2, self._stderr)):
                     if stream is not None:
                         scope = trio.CancelScope()
@@ -157,13 +167,14 @@ class ProcessActor:
                 task_status.started(self)
                 self._end_if_finished()  # no pumps and the exit code known from the start
                 # This task serves the mailbox until the exit has come and every pump has
-                # reached EOF (whichever is last cancels ``_serving``).
-                with self._serving:
-                    await self._mailbox.serve(self._handle)
+                # reached EOF (whichever is last stops the serving: ``_end_if_finished``).
+                await self._mailbox.serve(self._handle)
                 nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             self._mailbox.close()
-            self._stdin_box.close()
+            if self._stdin_box is not None:
+                self._stdin_box.close()
             for sub in self._subs:
                 sub.end()
             self._subs.clear()
@@ -172,8 +183,15 @@ class ProcessActor:
             self.done.set()
             for stream in self._streams:
                 stream.close()
-            if not self.lost_reason:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
+            # An exited process stays listed (KEEP_EXITED of them): keep no more of it than
+            # its published state, so the objects each leaves for the garbage collector's
+            # full collections stay few.
+            self._streams = []
+            self._stdin = self._stdout = self._stderr = None
+            self._pump_scopes.clear()
+            self._reads.clear()
+            if not self.lost_reason:  # one scope: shielded, with its own 5 s bound
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
                     try:
                         await self._link.request("drained", id=self.id)
                     except GardenError as err:
@@ -181,6 +199,11 @@ class ProcessActor:
 
     async def _handle(self, request: Request[None]) -> None:
         match request.command:
+            case _StartStdinWriter():
+                if self._stdin_box is None and self._nursery is not None:
+                    # The stdin pipe's owner: writes in order, each finished before its reply.
+                    self._stdin_box = Mailbox(f"the stdin of process {self.id}", STDIN_QUEUE)
+                    self._nursery.start_soon(self._stdin_box.serve, self._stdin_command)
             case _Subscribe(sub):
                 self._subs.add(sub)
             case _Unsubscribe(sub):
@@ -207,7 +230,7 @@ class ProcessActor:
 
     def _end_if_finished(self) -> None:
         if self._exited.is_set() and not self._pumping:
-            self._serving.cancel()
+            self._mailbox.stop_serving()
 
     def _push_drain_deadline(self) -> None:
         """The exit came: a pump waiting for output now gives up after EXIT_DRAIN_GRACE."""
@@ -306,10 +329,18 @@ class ProcessActor:
     async def write_stdin(self, data: bytes) -> None:
         """Write to the process's stdin, returning once written (backpressure); dropped
         once stdin is closed or the process is gone. Cancelled: the write may still happen."""
-        await self._ask(self._stdin_box, _Write(data))
+        await self._to_stdin_writer(_Write(data))
 
     async def close_stdin(self) -> None:
-        await self._ask(self._stdin_box, _CloseStdin())
+        await self._to_stdin_writer(_CloseStdin())
+
+    async def _to_stdin_writer(self, command: _Write | _CloseStdin) -> None:
+        """Ask the stdin writer, having the actor start it first if it has not (none
+        once the actor has ended: the command is then dropped, as for a finished process)."""
+        if self._stdin_box is None:
+            await self._ask(self._mailbox, _StartStdinWriter())
+        if self._stdin_box is not None:
+            await self._ask(self._stdin_box, command)
 
     async def signal(self, signum: int) -> None:
         await self._ask(self._mailbox, _Signal(signum))

@@ -68,7 +68,9 @@ class GraceTimer:
 
     def _rearm(self) -> None:
         idle = self.pauses == 0 and self.seconds > 0
-        self.scope.deadline = trio.current_time() + self.seconds if idle else math.inf
+        deadline = trio.current_time() + self.seconds if idle else math.inf
+        if deadline != self.scope.deadline:  # a timer that never reaps (0) stays as it is
+            self.scope.deadline = deadline
 
     def pause(self) -> None:
         self.pauses += 1
@@ -1019,8 +1021,9 @@ class RegistryRef:
         try:
             yield container
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
-                await self._mailbox.tell(Release(handle))
+            if not self._mailbox.tell_nowait(Release(handle)):  # a full mailbox: wait for room
+                with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+                    await self._mailbox.tell(Release(handle))
 
     async def list(self, properties: Mapping[str, str] | None) -> list[str]:
         handles: list[str] = await self._mailbox.ask(ListHandles(dict(properties or {})))

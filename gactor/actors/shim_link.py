@@ -10,7 +10,6 @@ message fails with a GardenError naming its size; nothing is cut or dropped.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -29,6 +28,7 @@ from ..errors import (
     ServiceUnavailableError,
 )
 from ..kernel import shim_wire as wire
+from .mailbox import acquire
 
 log = logging.getLogger("gactor.shim_link")
 
@@ -52,13 +52,32 @@ class Attached:
     fds: list[int]
 
 
+class _ReplySlot:
+    """Where the reader puts one request's reply (a memory channel of one, for less)."""
+
+    __slots__ = ("arrived", "reply", "closed")
+
+    def __init__(self) -> None:
+        self.arrived = trio.Event()
+        self.reply: tuple[dict[str, Any], list[int]] | None = None
+        self.closed = False  # the link ended: no reply will come
+
+    def put(self, reply: tuple[dict[str, Any], list[int]]) -> None:
+        self.reply = reply
+        self.arrived.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.arrived.set()
+
+
 class ShimLink:
     def __init__(self, handle: str, sock: trio.socket.SocketType, on_exit: Callable[[str, int], None]) -> None:
         self.handle = handle
         self._sock = sock
         self._on_exit = on_exit
         self._rids = itertools.count(1)
-        self._waiting: dict[int, trio.MemorySendChannel[tuple[dict[str, Any], list[int]]]] = {}
+        self._waiting: dict[int, _ReplySlot] = {}
         self._send_lock = trio.Lock()
         self.closed = trio.Event()
 
@@ -95,14 +114,12 @@ class ShimLink:
                         self._on_exit(msg["id"], int(msg["code"]))
                     continue
                 waiter = self._waiting.pop(msg.get("rid"), None)
-                try:
-                    if waiter is None:
-                        raise trio.BrokenResourceError
-                    waiter.send_nowait((msg, fds))
-                except (trio.BrokenResourceError, trio.WouldBlock):
+                if waiter is None:
                     # The requester gave up (cancelled) before its reply came: drop it.
                     for fd in fds:
                         os.close(fd)
+                else:
+                    waiter.put((msg, fds))
         except OSError:
             return
         except Exception:
@@ -123,23 +140,27 @@ class ShimLink:
             buffers, anc = wire.encode({"op": op, "rid": rid, **fields}, what=f"the shim request {op!r}")
         except ValueError as err:
             raise GardenError(f"container {self.handle}: {err}") from err
-        send, receive = trio.open_memory_channel[tuple[dict[str, Any], list[int]]](1)
-        self._waiting[rid] = send
+        slot = self._waiting[rid] = _ReplySlot()
         try:
-            async with self._send_lock:
+            await acquire(self._send_lock)
+            try:
                 await self._sock.sendmsg(buffers, anc)
-            reply, fds = await receive.receive()
-        except (OSError, trio.EndOfChannel) as err:
-            raise ShimGone(self.handle) from err
-        finally:
-            # Unregister and close with no checkpoint in between, so the reader never hands a
-            # reply to a closed channel; a reply that arrived as we were cancelled is dropped.
+            finally:
+                self._send_lock.release()
+            await slot.arrived.wait()
+        except BaseException as err:
+            # Unregister with no checkpoint after the wait, so the reader never hands a reply
+            # to a requester that left; a reply that arrived as we were cancelled is dropped.
             self._waiting.pop(rid, None)
-            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
-                _, late_fds = receive.receive_nowait()
-                for fd in late_fds:
+            if slot.reply is not None:
+                for fd in slot.reply[1]:
                     os.close(fd)
-            receive.close()
+            if isinstance(err, OSError):
+                raise ShimGone(self.handle) from err
+            raise
+        if slot.reply is None:  # the link ended first
+            raise ShimGone(self.handle)
+        reply, fds = slot.reply
         if "error" in reply:
             error = reply["error"]
             raise garden_error(error.get("type", ""), error.get("message", "shim error"))

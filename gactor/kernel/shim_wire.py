@@ -67,6 +67,11 @@ def encode(obj: Any, fds: list[int] | tuple[int, ...] = (),
     return [pack(obj, what)], anc
 
 
+# As a plain int: ``socket.MSG_*`` are Flag members, and Flag arithmetic on every message
+# costs more than the decoding.
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+
+
 def decode(data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> tuple[Any, list[int]]:
     """Payload and received descriptors (the caller owns them) from ``recvmsg``'s result."""
     fds: list[int] = []
@@ -75,7 +80,7 @@ def decode(data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> tu
             arr = array.array("i")
             arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
             fds.extend(arr)
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    if flags & _TRUNCATED:
         for fd in fds:
             os.close(fd)
         raise ValueError("shim message truncated")

@@ -12,14 +12,13 @@ tracebacks included, before the line is encoded.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import datetime
 import json
 import logging
 import sys
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMATS = ("auto", "json", "console")  # auto: console when stderr is a terminal, else json
@@ -33,15 +32,29 @@ _context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
 )
 
 
-@contextlib.contextmanager
-def bind(**fields: str | None) -> Iterator[None]:
+def bind(**fields: str | None) -> Binding:
     """Add ``fields`` (those not None or empty) to every line logged in this context
     until the block ends; tasks and threads started meanwhile keep them."""
-    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v}})
-    try:
-        yield
-    finally:
-        _context.reset(token)
+    return Binding({k: v for k, v in fields.items() if v})
+
+
+class Binding:
+    """``bind``'s context manager (a class: the API observer enters one per call). Entered
+    once; its exit restores the context as it was before."""
+
+    __slots__ = ("_fields", "_token")
+
+    def __init__(self, fields: Mapping[str, str]) -> None:
+        self._fields = fields
+        self._token: contextvars.Token[Mapping[str, str]] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _context.set({**_context.get(), **self._fields})
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _context.reset(self._token)
+            self._token = None
 
 
 def tag_task(**fields: str | None) -> None:

@@ -12,10 +12,10 @@ per container between scrapes.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import logging
 import os
+import random
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -56,6 +56,8 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
     _VERSION = "unknown"
 CENSUS_TIMEOUT = 5.0  # seconds a scrape waits for the registry before it renders without it
+# Request ids tell a call's log lines from another's: unique, not secret, so no syscall each.
+_REQUEST_IDS = random.Random(os.urandom(16))
 # A container's series are read only in these states: before, its cgroup may not exist yet.
 _MEASURED = (State.ACTIVE, State.STOPPED, State.BROKEN, State.DESTROYING)
 
@@ -79,39 +81,63 @@ class ApiObserver:
             registry=registry,
         )
 
-    @contextlib.contextmanager
-    def observe(self, method: str, front_end: str, args: dict[str, Any]) -> Iterator[None]:
-        name = method if method in KNOWN_METHODS else "unknown"
+        # The labelled children, looked up once per label set (``labels`` validates and
+        # locks on every call). They are never removed, so a cached one stays current.
+        self._counted: dict[tuple[str, str, str], Any] = {}
+        self._timed: dict[tuple[str, str], Any] = {}
+
+    def observe(self, method: str, front_end: str, args: dict[str, Any]) -> _Observation:
+        return _Observation(self, method if method in KNOWN_METHODS else "unknown", front_end, args)
+
+    def _record(self, name: str, front_end: str, outcome: str, elapsed: float) -> None:
+        counter = self._counted.get((name, front_end, outcome))
+        if counter is None:
+            counter = self._counted[name, front_end, outcome] = self.requests.labels(name, front_end, outcome)
+        counter.inc()
+        histogram = self._timed.get((name, front_end))
+        if histogram is None:
+            histogram = self._timed[name, front_end] = self.latency.labels(name, front_end)
+        histogram.observe(elapsed)
+
+
+class _Observation:
+    """One call under an ``ApiObserver``: its request id (and handle, process id) bound
+    to the log lines logged meanwhile; on exit, counted by outcome and timed. A class
+    rather than a generator-based context manager: it is entered on every call."""
+
+    __slots__ = ("_observer", "_name", "_front_end", "_binding", "_start")
+
+    def __init__(self, observer: ApiObserver, name: str, front_end: str, args: dict[str, Any]) -> None:
+        self._observer = observer
+        self._name = name
+        self._front_end = front_end
         handle = args.get("handle")
         process_id = args.get("process_id")
-        request_id = os.urandom(6).hex()
-        outcome, detail = "error", ""
-        start = time.perf_counter()
-        with logs.bind(
-            request_id=request_id,
+        self._binding = logs.bind(
+            request_id=f"{_REQUEST_IDS.getrandbits(48):012x}",
             handle=handle if isinstance(handle, str) else None,
             process_id=process_id if isinstance(process_id, str) else None,
-        ):
-            try:
-                yield
-                outcome = "ok"
-            except BaseException as err:
+        )
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._binding.__enter__()
+        self._start = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: object) -> None:
+        elapsed = time.perf_counter() - self._start
+        try:
+            if err is None:
+                outcome, detail = "ok", ""
+            else:
                 outcome = "cancelled" if _is_cancelled(err) else "error"
                 detail = f" ({err})" if isinstance(err, GardenError) else ""
-                raise
-            finally:
-                elapsed = time.perf_counter() - start
-                self.requests.labels(name, front_end, outcome).inc()
-                self.latency.labels(name, front_end).observe(elapsed)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug(
-                        "api call %s via %s: %s%s in %.1f ms",
-                        name,
-                        front_end,
-                        outcome,
-                        detail,
-                        elapsed * 1e3,
-                    )
+            self._observer._record(self._name, self._front_end, outcome, elapsed)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("api call %s via %s: %s%s in %.1f ms", self._name, self._front_end, outcome, detail,
+                          elapsed * 1e3)
+        finally:
+            self._binding.__exit__(kind, err, tb)
 
 
 def _is_cancelled(err: BaseException) -> bool:

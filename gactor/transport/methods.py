@@ -99,14 +99,10 @@ class Api:
                 return await CONTAINER_METHODS[method](container, args)
         raise GardenError(f"unknown method '{method}'")
 
-    @contextlib.asynccontextmanager
-    async def _observed(self, method: str, front_end: str, args: dict[str, Any],
-                        opening: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
+    def _observed(self, method: str, front_end: str, args: dict[str, Any],
+                  opening: AbstractAsyncContextManager[T]) -> AbstractAsyncContextManager[T]:
         """``opening`` entered under the observer: a stream is timed until it opens."""
-        async with contextlib.AsyncExitStack() as stack:
-            with self.observer.observe(method, front_end, args):
-                opened = await stack.enter_async_context(opening)
-            yield opened
+        return _Observed(self.observer.observe(method, front_end, args), opening)
 
     def process(self, method: str, args: dict[str, Any], front_end: str = WEBSOCKET
                 ) -> AbstractAsyncContextManager[tuple[ProcessActor, Subscription]]:
@@ -128,7 +124,7 @@ class Api:
             if method == "run":
                 spec = arg(args, "spec", ProcessSpec)
                 check_process_spec(spec)
-                process_id = spec.id or str(uuid.uuid4())
+                process_id = spec.id or new_process_id()
                 check_name("process id", process_id)
                 process = await container.run(spec, process_id, sub)
             else:
@@ -234,6 +230,22 @@ class Api:
             raise stream_error(first_error(group), "out") from None
 
 
+class _Observed(AbstractAsyncContextManager[T]):
+    """``opening`` whose entering (only) runs under ``observation`` (a class, not a
+    generator and an exit stack: it wraps every run and attach)."""
+
+    def __init__(self, observation: AbstractContextManager[None], opening: AbstractAsyncContextManager[T]) -> None:
+        self._observation = observation
+        self._opening = opening
+
+    async def __aenter__(self) -> T:
+        with self._observation:
+            return await self._opening.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._opening.__aexit__(*exc_info)
+
+
 _TAR_NODE_REFUSED = b"tar: can't create node "
 TAR_OUTPUT_LIMIT = 64 << 10  # bytes of tar's stderr kept for an error message
 _TAR_END_MARKER = 1024  # two zero blocks end every tar archive
@@ -303,6 +315,16 @@ def first_error(group: BaseExceptionGroup[GardenError]) -> GardenError:
     first = group.exceptions[0]
     return first if isinstance(first, GardenError) else first_error(first)
 
+
+
+def new_process_id() -> str:
+    """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` gives, without building
+    a ``uuid.UUID`` (this runs on every ``run`` without an id)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def check_process_spec(spec: ProcessSpec) -> None:

@@ -13,12 +13,14 @@ import logging
 import math
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
+from ..actors.mailbox import acquire
+from ..actors.process import ProcessActor, Subscription
 from ..actors.pull_progress import PullProgress
 from ..errors import GardenError
 from ..types import to_wire
@@ -42,12 +44,23 @@ _STREAMING = {"events": "_serve_events", "stream_in": "_serve_stream_in", "strea
               "pull": "_serve_pull"}
 
 
-@dataclass
 class _Stream:
-    credit: trio.Event = field(default_factory=trio.Event)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    stdin: tuple[trio.MemorySendChannel[bytes | None], trio.MemoryReceiveChannel[bytes | None]] = field(
-        default_factory=lambda: trio.open_memory_channel[bytes | None](math.inf))
+    """One open stream's state in the connection's tasks: the client's credit, the scope a
+    detach cancels, and the stdin frames queued for the task feeding them (the channel
+    made when first needed: most runs get no stdin)."""
+
+    __slots__ = ("credit", "scope", "_stdin")
+
+    def __init__(self) -> None:
+        self.credit = trio.Event()
+        self.scope = trio.CancelScope()
+        self._stdin: tuple[trio.MemorySendChannel[bytes | None], trio.MemoryReceiveChannel[bytes | None]] | None = None
+
+    @property
+    def stdin(self) -> tuple[trio.MemorySendChannel[bytes | None], trio.MemoryReceiveChannel[bytes | None]]:
+        if self._stdin is None:
+            self._stdin = trio.open_memory_channel(math.inf)
+        return self._stdin
 
 
 class Peer:
@@ -64,8 +77,11 @@ class Peer:
         """Encode and send one frame atomically. Cancelling a stream (a detach, say) must
         not leave a frame half-written: that would corrupt every other call on the
         connection. A client that reads nothing for SEND_TIMEOUT is disconnected."""
-        with trio.CancelScope(shield=True):
-            async with self._send_lock:
+        # One scope does both: shielded from outer cancellation, and its own deadline
+        # (set once the lock is ours) is the SEND_TIMEOUT of the frame's send.
+        with trio.CancelScope(shield=True) as timeout:
+            await acquire(self._send_lock)  # every frame takes it: no task switch when free
+            try:
                 if self._broken:
                     raise trio.ClosedResourceError("connection dropped")
                 if isinstance(event, P.Output | P.Exit | P.Credit | P.Event) and \
@@ -75,14 +91,16 @@ class Peer:
                     raise _StreamGone(f"stream {event.stream} is no longer open")
                 frame = self.conn.send(event)
                 del event  # an output chunk is not kept alive by a send blocked on the client
-                with trio.move_on_after(SEND_TIMEOUT) as timeout:
-                    await self.ws.send_message(frame)
-                if timeout.cancelled_caught:
-                    self._broken = True
-                    log.warning("dropping a client that read nothing for %s s", SEND_TIMEOUT)
-                    if self._nursery is not None:
-                        self._nursery.cancel_scope.cancel()
-                    raise trio.ClosedResourceError("client stopped reading")
+                timeout.deadline = trio.current_time() + SEND_TIMEOUT
+                await self.ws.send_message(frame)
+            finally:
+                self._send_lock.release()
+        if timeout.cancelled_caught:  # no other task has run since the release
+            self._broken = True
+            log.warning("dropping a client that read nothing for %s s", SEND_TIMEOUT)
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+            raise trio.ClosedResourceError("client stopped reading")
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -162,20 +180,13 @@ class Peer:
                 await self.send(P.Reply(call.id, {"process_id": proc.id}))
                 replied = True
                 with stream.scope:
-                    async with trio.open_nursery() as nursery:
-                        if stdin:
+                    if stdin:  # a task feeds it meanwhile; without stdin, no nursery to open
+                        async with trio.open_nursery() as nursery:
                             nursery.start_soon(feed_stdin, proc, self._stdin_chunks(stream, stream_id))
-                        async with sub.receive:
-                            async for fd, data in sub.receive:
-                                parcel = [data]
-                                del data  # handed over whole: see _send_output
-                                await self._send_output(stream, stream_id, fd, parcel)
-                        try:
-                            code: int | None = await proc.wait()
-                            error = None
-                        except GardenError as err:
-                            code, error = None, err  # the shim died: the exit status is lost
-                        nursery.cancel_scope.cancel()
+                            code, error = await self._pump_output(stream, stream_id, proc, sub)
+                            nursery.cancel_scope.cancel()
+                    else:
+                        code, error = await self._pump_output(stream, stream_id, proc, sub)
                     await self.send(P.Exit(stream_id, code, error))
         except* GardenError as group:
             failure = first_error(group)
@@ -187,6 +198,20 @@ class Peer:
             pass
         finally:
             self.streams.pop(stream_id, None)
+
+    async def _pump_output(self, stream: _Stream, stream_id: int, proc: ProcessActor, sub: Subscription
+                           ) -> tuple[int | None, GardenError | None]:
+        """Send the output ``sub`` delivers until it ends; then the exit code, or the
+        error saying why it is lost (the shim died)."""
+        async with sub.receive:
+            async for fd, data in sub.receive:
+                parcel = [data]
+                del data  # handed over whole: see _send_output
+                await self._send_output(stream, stream_id, fd, parcel)
+        try:
+            return await proc.wait(), None
+        except GardenError as err:
+            return None, err
 
     async def _send_output(self, stream: _Stream, stream_id: int, fd: int, parcel: list[bytes]) -> None:
         """Send the chunk in ``parcel`` as output frames, waiting for the client's credit as
