@@ -134,6 +134,10 @@ class EventHub:
         self.mailbox = Mailbox("the event hub")
         self._subscribers: dict[str | None, set[EventQueue]] = {}  # None: every container's
         self._seq = 0
+        # Published by the owner on every (un)subscribe: with nobody listening (the usual
+        # case) a publisher skips the hop to the hub (two per Run), which is invisible: an
+        # event published while no subscription exists reaches no one, numbered or not.
+        self.listening = False
 
     async def run(self, *, task_status: trio.TaskStatus[EventHub] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -170,12 +174,16 @@ class EventHub:
             case EndOf(handle):
                 for queue in self._subscribers.pop(handle, set()):
                     queue.end()
+        self.listening = any(self._subscribers.values())
 
     async def publish(self, item: ContainerEvent) -> None:
         """Hand ``item`` to every subscriber of its container and of all containers. Waits
         only for room in the hub's mailbox (the hub never blocks: it drains fast);
-        dropped once the hub has ended (the server is stopping)."""
-        await self.mailbox.tell(Publish(item))
+        dropped once the hub has ended (the server is stopping), and when nobody is
+        subscribed (checked and sent with no checkpoint between: a subscription that has
+        returned always sees it)."""
+        if self.listening:
+            await self.mailbox.tell(Publish(item))
 
     async def end_of(self, handle: str) -> None:
         await self.mailbox.tell(EndOf(handle))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from gactor.actors.events import EventHub, EventQueue, event, recorded
 
@@ -82,3 +83,29 @@ def test_recorded_kinds_are_what_container_info_records() -> None:
     assert recorded(event("broken", "h", reason="shim_died"))
     assert not recorded(event("broken", "h", reason="destroy_failed"))
     assert not recorded(event("process_exited", "h", exit_status=0))
+
+
+async def test_with_nobody_subscribed_a_publish_goes_nowhere_and_costs_no_hop(nursery: trio.Nursery) -> None:
+    """The usual case (two events per Run): the publisher sees ``listening`` false and sends
+    nothing; a subscription that has returned sees every later event, numbered from the
+    first one published while someone listened; after the last unsubscribe, nothing again."""
+    hub = await _hub(nursery)
+    for i in range(5):
+        await hub.publish(event("created", f"quiet{i}"))
+    assert not hub.listening
+    queue = EventQueue(None)
+    await hub.subscribe(queue)
+    assert hub.listening
+    await hub.publish(event("created", "heard"))
+    other = EventQueue("other")
+    await hub.subscribe(other)  # a round trip: the hub has handled the publish
+    got = await _drain(queue)
+    assert got == [("created", 1, 0)]  # 1: the quiet five never reached the hub
+    await hub.unsubscribe(queue)
+    more = EventQueue("more")
+    await hub.subscribe(more)  # a round trip: the unsubscribe is handled
+    assert hub.listening  # "other" and "more" still listen (to their own containers only)
+    await hub.unsubscribe(other)
+    await hub.unsubscribe(more)
+    await trio.testing.wait_all_tasks_blocked()  # the hub has handled both
+    assert not hub.listening
