@@ -8,6 +8,7 @@ SIGTERM and SIGINT shut the server down gracefully and leave containers running.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import logging
 import os
@@ -396,6 +397,10 @@ async def _serve(config: ServerConfig, spawner: SpawnerHandle, address: listener
             debug_url = await nursery.start(garden_conn.serve_debug, debug_address)
             log.info("gactor serving /debug/vars on %s", debug_url)
         scraper.ready = True
+        # What startup made (modules, the re-adopted containers) lives as long as the
+        # server: out of the collector's sight, a full collection walks only what serving
+        # allocates (each one cost 20-40 us per Run, averaged, walking the whole heap).
+        gc.freeze()
         service.notify("READY=1", f"STATUS=serving the API on {url}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
