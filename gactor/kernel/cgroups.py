@@ -396,12 +396,23 @@ def discover(mountinfo: str = "/proc/self/mountinfo", parent: str = "gactor") ->
 # ---------------------------------------------------------------------------------------
 # v1 controllers the host enables but does not mount
 
-def unmounted_v1_controllers(proc_cgroups: str = "/proc/cgroups") -> list[str]:
-    """Controllers ``/proc/cgroups`` lists as enabled but in no hierarchy (hierarchy 0)."""
+def unmounted_v1_controllers(proc_cgroups: str = "/proc/cgroups",
+                             mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Controllers ``/proc/cgroups`` lists as enabled that no cgroup v1 mount we can see
+    carries: in no hierarchy (hierarchy 0), or in a hierarchy mounted nowhere here (one a
+    mount namespace that has gone left behind, which the kernel keeps, dormant, while
+    anything still refers to it; mounting it again takes it back)."""
+    mounted: set[str] = set()
+    for line in read_file("cgroup.controllers", mountinfo).splitlines():
+        _, _, tail = line.partition(" - ")
+        fields = tail.split()
+        if len(fields) >= 3 and fields[0] == "cgroup":
+            mounted.update(fields[2].split(","))
     names = []
     for line in read_file("cgroup.controllers", proc_cgroups).splitlines():
         fields = line.split()
-        if len(fields) == 4 and not line.startswith("#") and fields[1] == "0" and fields[3] == "1":
+        if len(fields) == 4 and not line.startswith("#") and fields[3] == "1" \
+                and (fields[1] == "0" or fields[0] not in mounted):
             names.append(fields[0])
     return names
 
