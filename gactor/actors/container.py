@@ -335,7 +335,7 @@ class ContainerActor:
         self._oom_seen = 0
         self._stop_lock = trio.Lock()  # a Run waits for a stop in progress, or the stop would kill it
         self._save_lock = trio.Lock()
-        self.mailbox = _ContainerMailbox(self)
+        self.mailbox = Mailbox(f"container {self.handle}", gone=self._gone)
         self._nursery: trio.Nursery | None = None
         # Exits as the shim link reports them (synchronously) go straight to the mailbox;
         # when it is full, to this overflow, which a task forwards: one entry per process
@@ -946,6 +946,14 @@ class ContainerActor:
                 trio.lowlevel.notify_closing(fd)
                 os.close(fd)
 
+    def _gone(self) -> BaseException:
+        """What a caller is told once this actor has ended: a caller that looked the
+        container up just before its destroy finished gets Garden's answer for a handle
+        that is not there, not that an actor is gone (ServiceUnavailableError)."""
+        if self.state is State.DESTROYED:
+            return ContainerNotFoundError(self.handle)
+        return ActorGone(self.mailbox.owner)
+
     async def _check_oom(self) -> None:
         """Record an OOM kill the counter shows and we have not seen yet; then stop."""
         if self.state not in (State.ACTIVE, State.STOPPED):
@@ -1205,24 +1213,6 @@ class ContainerActor:
     def cgroup(self) -> Cgroup:
         assert self._cgroup is not None
         return self._cgroup
-
-
-class _ContainerMailbox(Mailbox):
-    """A destroyed container's actor is gone: a caller that looked the container up just
-    before its destroy finished is told what Garden says of a handle that is not there
-    (ContainerNotFoundError), not that an actor is gone (ServiceUnavailableError)."""
-
-    def __init__(self, actor: ContainerActor) -> None:
-        super().__init__(f"container {actor.handle}")
-        self._actor = actor
-
-    async def ask(self, command: Any) -> Any:
-        try:
-            return await super().ask(command)
-        except ActorGone:
-            if self._actor.state is State.DESTROYED:
-                raise ContainerNotFoundError(self._actor.handle) from None
-            raise
 
 
 class ContainerRef:

@@ -101,8 +101,12 @@ class Mailbox:
     request joins the queue, in turn, as the owner takes one out).
     """
 
-    def __init__(self, owner: str, size: int = MAILBOX_SIZE) -> None:
+    def __init__(self, owner: str, size: int = MAILBOX_SIZE,
+                 gone: Callable[[], BaseException] | None = None) -> None:
+        """``gone`` makes the error askers get once the owner has ended (ActorGone by
+        default; a container's says its handle is not found once it is destroyed)."""
         self.owner = owner
+        self._gone = gone or (lambda: ActorGone(owner))
         self._size = size
         self._queue: collections.deque[Request[Any]] = collections.deque()
         # Senders waiting for room, oldest first, each with the request it brings.
@@ -166,7 +170,7 @@ class Mailbox:
         try:
             await self._put(request)
         except _Gone:
-            raise ActorGone(self.owner) from None
+            raise self._gone() from None
         await settled.wait()
         assert request._outcome is not None
         return request._outcome.unwrap()
@@ -220,9 +224,9 @@ class Mailbox:
         """End the mailbox (the owner is ending): queued, waiting and later requests fail."""
         self._closed = True
         while self._queue:
-            self._queue.popleft().fail(ActorGone(self.owner))
+            self._queue.popleft().fail(self._gone())
         for sender, request in self._senders.items():
-            request.fail(ActorGone(self.owner))
+            request.fail(self._gone())
             trio.lowlevel.reschedule(sender, outcome.Error(_Gone()))
         self._senders.clear()
         if self._serving is not None:  # closed from elsewhere while the owner waits: it ends
