@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import struct
 
@@ -129,6 +130,27 @@ def set_process_name(name: str) -> None:
 
 def set_child_subreaper() -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+_SPLICE_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EXDEV)
+
+
+def splice_up_to(src: int, dst: int, size: int) -> tuple[int, bool]:
+    """Move up to ``size`` bytes from ``src`` to ``dst`` with splice(2), stopping early at
+    end of input. Returns the bytes moved and whether splice works for this pair (False:
+    the kernel refused it, nothing lost; copy the rest by read/write)."""
+    moved = 0
+    while moved < size:
+        try:
+            n = os.splice(src, dst, size - moved)
+        except OSError as err:
+            if err.errno not in _SPLICE_UNSUPPORTED:
+                raise
+            return moved, False
+        if not n:
+            break
+        moved += n
+    return moved, True
 
 
 def limit_capabilities(keep: frozenset[int]) -> None:

@@ -73,7 +73,6 @@ else:
     CHUNK, LayerError, _xattrs, clean_name = _unpack.CHUNK, _unpack.LayerError, _unpack._xattrs, _unpack.clean_name
 
 EXIT_FAILURE = 2  # GNU tar's status for a fatal error
-_SPLICE_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EXDEV)
 _ATTR_REFUSED = (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
@@ -118,17 +117,11 @@ class _Input:
             _write_all(out, memoryview(self._buf)[:n])
             del self._buf[:n]
             left -= n
-        while left and self._splice:
-            try:
-                moved = os.splice(self._fd, out, left)
-            except OSError as err:
-                if err.errno not in _SPLICE_UNSUPPORTED:
-                    raise
-                self._splice = False
-                break
-            if not moved:
-                raise tarfile.ReadError("unexpected end of data")
+        if left and self._splice:
+            moved, self._splice = L.splice_up_to(self._fd, out, left)
             left -= moved
+            if left and self._splice:
+                raise tarfile.ReadError("unexpected end of data")
         while left:
             data = os.read(self._fd, min(left, CHUNK))
             if not data:

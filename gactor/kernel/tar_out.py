@@ -30,7 +30,6 @@ from . import linux as L
 CHUNK = 1 << 20  # bytes per read where splice is refused
 EXIT_FAILURE = 2
 RECORD = 20 * tarfile.BLOCKSIZE  # archives end on a whole record, as tar writes them
-_SPLICE_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EXDEV)
 _TYPES = {stat.S_IFREG: tarfile.REGTYPE, stat.S_IFDIR: tarfile.DIRTYPE, stat.S_IFLNK: tarfile.SYMTYPE,
           stat.S_IFCHR: tarfile.CHRTYPE, stat.S_IFBLK: tarfile.BLKTYPE, stat.S_IFIFO: tarfile.FIFOTYPE}
 
@@ -138,16 +137,8 @@ class Archive:
         """``size`` bytes of ``fd`` and the padding to a whole block; a file that shrank
         meanwhile is padded with zeros (the header is out already), as GNU tar does."""
         left = size
-        while left and self._splice:
-            try:
-                moved = os.splice(fd, self.out, left)
-            except OSError as err:
-                if err.errno not in _SPLICE_UNSUPPORTED:
-                    raise
-                self._splice = False
-                break
-            if not moved:
-                break
+        if left and self._splice:
+            moved, self._splice = L.splice_up_to(fd, self.out, left)
             left -= moved
             self.written += moved
         while left:
