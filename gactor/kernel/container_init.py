@@ -137,15 +137,7 @@ class PreparedInit:
     owner dies, pid 1 sees its pipe close and exits, and its namespaces with it."""
 
     def __init__(self, conf: Confinement) -> None:
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        helper = os.fork()
-        if helper == 0:
-            os.close(to_child_w)
-            os.close(from_child_r)
-            _run_child(_prepared_helper, conf, to_child_r, from_child_w)
-        os.close(to_child_r)
-        os.close(from_child_w)
+        helper, to_child_w, from_child_r = _fork_child(_prepared_helper, conf)
         self.pid = 0
         self.reports = os.fdopen(from_child_r, "rb", buffering=0)
         self.go = os.fdopen(to_child_w, "wb", buffering=0)
@@ -210,15 +202,7 @@ def start_init(cfg: dict[str, Any], conf: Confinement, on_netns: Callable[[int],
         prepared = None
     if prepared is not None:
         return _start_prepared(cfg, prepared, on_netns)
-    to_child_r, to_child_w = os.pipe()
-    from_child_r, from_child_w = os.pipe()
-    helper = os.fork()
-    if helper == 0:
-        os.close(to_child_w)
-        os.close(from_child_r)
-        _run_child(_helper, cfg, conf, to_child_r, from_child_w)
-    os.close(to_child_r)
-    os.close(from_child_w)
+    helper, to_child_w, from_child_r = _fork_child(_helper, cfg, conf)
     try:
         with os.fdopen(from_child_r, "rb", buffering=0) as reports, os.fdopen(to_child_w, "wb", buffering=0) as go:
             init_pid, ready = 0, False
@@ -278,6 +262,21 @@ def _end_init(helper: int, init_pid: int) -> None:
         os.waitpid(helper, 0)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(init_pid, 0)
+
+
+def _fork_child(fn: Any, *args: Any) -> tuple[int, int, int]:
+    """Fork a child running ``fn(*args, to_child_r, from_child_w)`` (``_run_child``);
+    returns its pid and our ends of the two pipes: the one to it and its report pipe."""
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        os.close(to_child_w)
+        os.close(from_child_r)
+        _run_child(fn, *args, to_child_r, from_child_w)
+    os.close(to_child_r)
+    os.close(from_child_w)
+    return helper, to_child_w, from_child_r
 
 
 def _run_child(fn: Any, *args: Any) -> None:
