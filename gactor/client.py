@@ -14,7 +14,7 @@ import itertools
 import math
 import ssl as _ssl  # connect() takes a parameter named ssl
 import urllib.parse
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -204,27 +204,43 @@ class Connection:
         ``stdin_close``: the server extracts what it received (a truncated archive, so
         usually it fails) and its answer is dropped. The connection stays usable.
         """
+        stream = _Stream(ProcessIO(stdin=tar))
+
+        async def feed(stream_id: int) -> None:
+            await self._feed_stdin(stream_id, stream, tar)
+
+        # Not detach when cancelled: the server answers stream_in after stdin_close either way.
+        await self._call_on_stream("stream_in", args, stream, feed,
+                                   lambda nursery: nursery.cancel_scope.cancel(), P.StdinClose)
+
+    async def _call_on_stream(self, method: str, args: dict[str, Any], stream: _Stream,
+                              alongside: Callable[[int], Awaitable[None]],
+                              on_reply: Callable[[trio.Nursery], None],
+                              abandon: type[P.StdinClose | P.Detach]) -> Any:
+        """A call given a stream of its own: ``alongside(stream_id)`` runs (feeding stdin,
+        delivering events) until the reply comes, when ``on_reply(nursery)`` ends it.
+        Cancelled (or ``alongside`` failed) before the reply: ``abandon`` is sent for the
+        stream, and the server's answer is dropped."""
         stream_id = next(self._stream_ids)
-        stream = self.streams[stream_id] = _Stream(ProcessIO(stdin=tar))
+        self.streams[stream_id] = stream
         call_id = next(self._ids)
         call = self.calls[call_id] = _Call()
         try:
-            await self.send(P.Call(call_id, "stream_in", {**args, "stream": stream_id}))
+            await self.send(P.Call(call_id, method, {**args, "stream": stream_id}))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._feed_stdin, stream_id, stream, tar)
+                nursery.start_soon(alongside, stream_id)
                 await call.done.wait()
-                nursery.cancel_scope.cancel()
+                on_reply(nursery)
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
         finally:
             self.calls.pop(call_id, None)
             self.streams.pop(stream_id, None)
             if not call.done.is_set():
-                # Cancelled (or the feeder failed): tell the server no more input comes.
-                # Not detach: the server answers stream_in after stdin_close either way.
-                await self._abandon(stream_id, P.StdinClose)
+                await self._abandon(stream_id, abandon)
         if call.error is not None:
             raise call.error
+        return call.result
 
     async def _abandon(self, stream_id: int, *frames: type[P.StdinClose | P.Detach]) -> None:
         """Send ``frames`` for a stream this client stopped following (a cancelled call),
@@ -301,34 +317,18 @@ class Connection:
         events, and the call runs to completion there (its answer is dropped).
         """
         stream = _Stream(ProcessIO())
-        stream_id = next(self._stream_ids)
-        self.streams[stream_id] = stream
-        call_id = next(self._ids)
-        call = self.calls[call_id] = _Call()
 
-        async def deliver() -> None:
+        async def deliver(_: int) -> None:
             async for item in stream.output_receive:
                 if item is not None:
                     on_event(item[1])
 
-        try:
-            await self.send(P.Call(call_id, method, {**args, "stream": stream_id}))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(deliver)
-                await call.done.wait()
-                # Frames come in order: after a reply, every event of the call is queued and
-                # its exit has closed the queue; after an error reply, nothing more comes.
-                stream.output_send.close()
-        except BaseExceptionGroup as group:
-            raise _unwrap(group) from None
-        finally:
-            self.calls.pop(call_id, None)
-            self.streams.pop(stream_id, None)
-            if not call.done.is_set():
-                await self._abandon(stream_id, P.Detach)
-        if call.error is not None:
-            raise call.error
-        return call.result
+        def drain(_: trio.Nursery) -> None:
+            # Frames come in order: after a reply, every event of the call is queued and
+            # its exit has closed the queue; after an error reply, nothing more comes.
+            stream.output_send.close()
+
+        return await self._call_on_stream(method, args, stream, deliver, drain, P.Detach)
 
     async def _deliver(self, stream_id: int, stream: _Stream) -> None:
         """Hand output to the sinks, returning credit only once a sink has taken it."""
