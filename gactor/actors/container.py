@@ -393,13 +393,20 @@ class ContainerActor:
             raise
         self._owned = undo.pop_all()
         assert self._link is not None
+        # Opened before the create is answered: a container comes back with every fd of
+        # its own already open (a watcher opening it later raced the caller's view).
+        try:
+            oom_fd = await trio.to_thread.run_sync(self.cgroup.oom_events_fd)
+        except KernelError as err:
+            log.warning("container %s: no OOM notifications: %s", self.handle, err)
+            oom_fd = -1
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._link.run)
                 nursery.start_soon(self._forward_exits, self._exits[1])
                 nursery.start_soon(self._watch_shim)
-                nursery.start_soon(self._watch_oom)
+                nursery.start_soon(self._watch_oom, oom_fd)
                 if adopt:
                     await self._adopt_processes()
                 self._transition(Event.CREATED)
@@ -918,16 +925,12 @@ class ContainerActor:
 
     # ---- events ------------------------------------------------------------------------
 
-    async def _watch_oom(self) -> None:
-        """Prompt an OOM check when the kernel says so (v1 eventfd, v2 inotify) and every
-        OOM_POLL seconds: the notification does not fire for every OOM path (a tmpfs
-        write charged in a syscall, for one). Exits prompt a check too."""
+    async def _watch_oom(self, fd: int) -> None:
+        """Prompt an OOM check when the kernel says so (``fd``: the v1 eventfd or v2
+        inotify, -1 for none; closed here) and every OOM_POLL seconds: the notification
+        does not fire for every OOM path (a tmpfs write charged in a syscall, for one).
+        Exits prompt a check too."""
         cgroup = self.cgroup
-        try:
-            fd = await trio.to_thread.run_sync(cgroup.oom_events_fd)
-        except KernelError as err:
-            log.warning("container %s: no OOM notifications: %s", self.handle, err)
-            fd = -1
         try:
             self._oom_seen = cgroup.oom_kill_count()
             while True:
