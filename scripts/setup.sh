@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything gactor needs on Debian 12, as root. Idempotent; quick when nothing is to do.
 #   env GACTOR_ROOTFS_DIR  where to build the default busybox rootfs (/var/lib/gactor/images/busybox)
+#   env GACTOR_BUSYBOX_GLIBC_DIR  where Debian's dynamic busybox is extracted (/var/lib/gactor/busybox-glibc)
 #   env PYTHON             interpreter for .venv (default: the first of python3, python3.13,
 #                          python3.12, python3.11, ~/.pyenv/shims/python3 that is >= 3.11.4)
 set -euo pipefail
@@ -98,7 +99,8 @@ fi
 # The default rootfs follows Docker's busybox image (glibc; gactor/kernel/busybox.py): Debian's
 # dynamic busybox, of the installed busybox-static's version. The two packages conflict and the
 # static one stays (the server's tar), so the dynamic one is extracted, not installed.
-BUSYBOX_GLIBC=/var/lib/gactor/busybox-glibc
+BUSYBOX_GLIBC=${GACTOR_BUSYBOX_GLIBC_DIR:-/var/lib/gactor/busybox-glibc}
+export GACTOR_BUSYBOX_GLIBC_DIR=$BUSYBOX_GLIBC
 bb_version=$(dpkg-query -W -f='${Version}' busybox-static)
 if [[ $(cat "$BUSYBOX_GLIBC/.deb-version" 2>/dev/null) == "$bb_version" ]]; then
     step "Debian busybox $bb_version present in $BUSYBOX_GLIBC"
@@ -108,6 +110,7 @@ else
     get() { (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "busybox=$bb_version"); }
     get || { apt-get update -qq && get; } || die "apt-get download busybox=$bb_version failed"
     rm -rf "$BUSYBOX_GLIBC.new"
+    mkdir -p "$(dirname "$BUSYBOX_GLIBC")"
     dpkg-deb -x "$tmp"/busybox_*.deb "$BUSYBOX_GLIBC.new"
     echo "$bb_version" >"$BUSYBOX_GLIBC.new/.deb-version"
     rm -rf "$BUSYBOX_GLIBC" "$tmp"

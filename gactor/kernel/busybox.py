@@ -31,8 +31,8 @@ from .image_copies import mounted_lower_dirs
 
 VERSION_FILE = ".gactor-rootfs-version"
 # Debian's dynamic busybox, extracted (dpkg-deb -x) from the package of the same version as
-# the installed busybox-static by scripts/setup.sh.
-GLIBC_BUSYBOX = Path("/var/lib/gactor/busybox-glibc/bin/busybox")
+# the installed busybox-static by scripts/setup.sh (which honours the same variable).
+GLIBC_BUSYBOX = Path(os.environ.get("GACTOR_BUSYBOX_GLIBC_DIR", "/var/lib/gactor/busybox-glibc"), "bin/busybox")
 GETCONF = Path("/usr/bin/getconf")
 # What Docker's image adds to the binaries' own libraries: glibc's NSS modules (glibc
 # resolves names through them even in a static binary) and libpthread.
