@@ -9,6 +9,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import signal
 import struct
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -35,6 +36,7 @@ MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
+PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
@@ -156,6 +158,12 @@ def splice_up_to(src: int, dst: int, size: int) -> tuple[int, bool]:
 def limit_capabilities(keep: frozenset[int]) -> None:
     """Drop every capability outside ``keep`` from the bounding set, then set
     effective, permitted and inheritable to ``keep`` (capset v3)."""
+    drop_bounding(keep)
+    set_capabilities(keep)
+
+
+def drop_bounding(keep: frozenset[int]) -> None:
+    """Drop every capability outside ``keep`` from the bounding set (needs CAP_SETPCAP)."""
     for cap in range(CAP_LAST_CAP + 1):
         if cap not in keep:
             try:
@@ -163,6 +171,10 @@ def limit_capabilities(keep: frozenset[int]) -> None:
             except OSError as err:
                 if err.errno != 22:  # EINVAL: the kernel does not know this cap
                     raise
+
+
+def set_capabilities(keep: frozenset[int]) -> None:
+    """No ambient capabilities; effective, permitted and inheritable = ``keep`` (capset v3)."""
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     mask = 0
     for cap in keep:
@@ -173,3 +185,20 @@ def limit_capabilities(keep: frozenset[int]) -> None:
     hbuf = ctypes.create_string_buffer(header)
     dbuf = ctypes.create_string_buffer(data)
     _check(_libc.syscall(_SYS_CAPSET, hbuf, dbuf), "capset")
+
+
+# The GIL stays held across the call: the child of a raw clone must resume in a Python
+# that no other thread of the parent's could have left mid-way (the caller has none).
+_pylibc = ctypes.PyDLL(None, use_errno=True)
+_SYS_CLONE = 56  # x86_64
+CLONE_PARENT = 0x00008000
+
+
+def clone_sibling() -> int:
+    """fork(2), except that the child's parent is the caller's parent (CLONE_PARENT):
+    it is reaped by, and reports its exit to, the caller's parent. Returns the child's
+    pid in the parent, 0 in the child. The caller must be single-threaded: none of
+    fork()'s bookkeeping (Python's or glibc's atfork handlers) runs."""
+    return _check(_pylibc.syscall(ctypes.c_long(_SYS_CLONE), ctypes.c_ulong(CLONE_PARENT | signal.SIGCHLD),
+                                  ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)),
+                  "clone")

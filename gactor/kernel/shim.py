@@ -56,7 +56,7 @@ from . import linux as L
 from . import shim_wire as wire
 from . import shims
 from .container_init import Confinement, PreparedInit, open_namespaces, start_init
-from .spawn import SpawnError, Stdio, make_stdio, set_window_size, spawn
+from .spawn import Forker, ForkerGone, SpawnError, Stdio, make_stdio, set_window_size, spawn
 from .spawner import COMMIT
 
 KEEP_COLLECTED = wire.KEEP_COLLECTED
@@ -112,6 +112,10 @@ def write_file_atomic(dir_fd: int, name: str, data: bytes) -> None:
         raise
 
 
+def _say(what: str) -> None:
+    print(f"gactor-shim: {what}", file=sys.stderr, flush=True)
+
+
 def _log(what: str) -> None:
     """A traceback of the exception being handled, to shim.log (our stderr)."""
     print(f"gactor-shim: {what}:", file=sys.stderr)
@@ -134,6 +138,8 @@ class Shim:
         self.conns: set[socket.socket] = set()
         self.sel = selectors.DefaultSelector()
         self.exiting = False
+        self.forker: Forker | None = None  # made at the first process it can start
+        self.forker_unusable = ""  # why this container's processes start the cold way, once known
 
     # ---- setup -------------------------------------------------------------------
 
@@ -281,10 +287,19 @@ class Shim:
         tty = msg.get("tty")
         stdio = make_stdio(tty)
         try:
-            # A pea with limits of its own runs in its own cgroup (the server made it).
-            procs = msg["spec"].get("cgroup_procs") or self.cfg["cgroup_procs"]
-            pid = spawn(self.ns_fds, procs, self.cfg["privileged"], msg["spec"], stdio,
-                        self._confinement())
+            pid = 0
+            forker = self._forker(msg["spec"])
+            if forker is not None:
+                try:
+                    pid = forker.spawn(msg["spec"], stdio)
+                except ForkerGone as err:  # nothing was started: the cold way
+                    _log(f"{err}; starting the process without it")
+                    self._drop_forker()
+            if not pid:
+                # A pea with limits of its own runs in its own cgroup (the server made it).
+                procs = msg["spec"].get("cgroup_procs") or self.cfg["cgroup_procs"]
+                pid = spawn(self.ns_fds, procs, self.cfg["privileged"], msg["spec"], stdio,
+                            self._confinement())
         except BaseException:
             for fd in stdio.kept:
                 os.close(fd)
@@ -298,6 +313,28 @@ class Shim:
         # No reaping here: the SIGCHLD wakeup reaps on the next turn, so the exit
         # event always follows this reply on the socket.
         return {"pid": pid}, stdio.kept
+
+    def _forker(self, spec: dict[str, Any]) -> Forker | None:
+        """This container's Forker, if it can start ``spec`` (made on first use)."""
+        if self.forker_unusable or not Forker.eligible(spec, self.cfg["privileged"]):
+            return None
+        if self.forker is None:
+            if limited := _pid_limited(self.cfg["cgroup_procs"]):
+                self.forker_unusable = f"a pid limit ({limited})"
+                return None
+            try:
+                self.forker = Forker(self.ns_fds, self.cfg["cgroup_procs"], self._confinement(),
+                                     shims.forker_title(self.cfg["dir"]))
+            except (ForkerGone, OSError) as err:
+                self.forker_unusable = str(err)
+                _log(f"no forker: {err}")
+                return None
+        return self.forker
+
+    def _drop_forker(self) -> None:
+        if self.forker is not None:
+            self.forker.close()
+            self.forker = None
 
     def op_attach(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         proc = self._proc(msg)
@@ -374,6 +411,7 @@ class Shim:
         return {}, [self.ns_fds["net"]]
 
     def op_destroy(self, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        self._drop_forker()  # a child of ours too: the wait below would never end
         # Killing pid 1 makes the kernel SIGKILL every process in the pid namespace.
         try:
             os.kill(self.init_pid, signal.SIGKILL)
@@ -415,6 +453,10 @@ class Shim:
     def _record(self, pid: int, status: int) -> None:
         proc = self.by_pid.pop(pid, None)
         if proc is None:
+            if self.forker is not None and pid == self.forker.pid:
+                _say(f"the process forker ended (status {status}); the next process starts a new one")
+                self.forker.sock.close()
+                self.forker = None
             return
         proc.exit = exit_code(status)
         try:
@@ -424,6 +466,19 @@ class Shim:
             # copy on disk is missing.
             _log(f"recording the exit code of {proc.id!r}")
         self._broadcast({"event": "exit", "id": proc.id, "code": proc.exit})
+
+
+def _pid_limited(cgroup_procs: list[str]) -> str:
+    """The container's pid limit ("pids.max = N"), or "" when it has none."""
+    for procs in cgroup_procs:
+        try:
+            with open(os.path.join(os.path.dirname(procs), "pids.max")) as f:
+                value = f.read().strip()
+        except FileNotFoundError:
+            continue
+        if value != "max":
+            return f"pids.max = {value}"
+    return ""
 
 
 def warm_main(status_fd: int, conf: Confinement, spawner: int = 0) -> None:

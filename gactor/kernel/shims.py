@@ -18,6 +18,11 @@ def title(container_dir: str) -> str:
     return PREFIX + container_dir
 
 
+def forker_title(container_dir: str) -> str:
+    """The title of a shim's process forker (spawn.Forker): never taken for a shim."""
+    return "gactor-forker " + container_dir
+
+
 def _cmdline(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         # setproctitle pads with NULs; the title is the text before them.

@@ -5,10 +5,19 @@ forks the process itself; the helper exits at once so the process is reparented
 to the shim (a child subreaper), which reaps it and records its exit code. Every
 failure before ``execve`` is reported through a close-on-exec pipe, so the caller
 learns "started" or the exact error before the process runs.
+
+For the common case (an unprivileged container's own processes) the shim keeps a
+``Forker`` instead: one process that has joined the namespaces, cut its capability
+bounding set and loaded the seccomp program once, and clones each new process with
+CLONE_PARENT, so the process is the shim's child from birth, as above. A process
+inherits the seccomp program (no per-process load) and skips the helper's fork, its
+seven setns calls, its exit and the bounding-set drops: `run` costs ~1.5 ms less here
+(docs/architecture.md, "Processes").
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import gc
@@ -25,9 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import setproctitle
 
 from . import linux as L
-from .container_init import Confinement, confine
+from . import shim_wire as wire
+from .container_init import DEFAULT_CAPS, Confinement, confine
 from .users import UserNotFound, find_executable, process_env, resolve_user
 
 RLIMITS = {
@@ -283,8 +294,10 @@ def _report(fd: int, kind: str, message: str) -> None:
     os.write(fd, msgpack.packb({"type": kind, "message": message}))
 
 
-def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, conf: Confinement) -> None:
-    """In the container's namespaces: become the user, wire stdio, exec. Never returns."""
+def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, conf: Confinement | None) -> None:
+    """In the container's namespaces: become the user, wire stdio, exec. Never returns.
+    ``conf`` None: a Forker's child, whose seccomp program and bounding set are the
+    Forker's already; only the capability sets are left to set."""
     # Ignored signals survive exec, and the shim (like every Python process) ignores some.
     for sig in _RESET_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
@@ -327,7 +340,10 @@ def _exec(spec: dict[str, Any], privileged: bool, stdio: Stdio, conf: Confinemen
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
 
-    confine(conf, privileged, user.uid)  # seccomp from here on: only what the program allows
+    if conf is None:
+        L.set_capabilities(DEFAULT_CAPS)
+    else:
+        confine(conf, privileged, user.uid)  # seccomp from here on: only what the program allows
     os.setgroups(list(user.groups))
     os.setresgid(user.gid, user.gid, user.gid)
     os.setresuid(user.uid, user.uid, user.uid)
@@ -352,3 +368,213 @@ def _ensure_dir(path: str, uid: int, gid: int) -> None:
     for directory in reversed(missing):
         os.mkdir(directory, 0o755)
         os.chown(directory, uid, gid)
+
+
+FORKER_NAME = "gactor-forker"  # its /proc/PID/status Name (a fork of the shim's would say gactor-shim)
+
+
+class ForkerGone(Exception):
+    """The Forker died or broke its protocol; the shim starts the process the cold way."""
+
+
+class Forker:
+    """A process of the shim's in one unprivileged container's namespaces (all seven
+    joined: its children are born in the container's pid namespace) with the container's
+    bounding set and seccomp program in force, that starts the container's processes.
+
+    It is a fork of the shim made at the first ``run`` (never for a container that runs
+    nothing), lives in the shim's cgroup (so it is charged nothing of the container's, and
+    counts against no limit of it), and is not in the container's pid namespace (no
+    process of the container can see or signal it). Each process is cloned with
+    CLONE_PARENT, so the shim is its parent: reaping and exit codes are as for the
+    helper's processes. A process writes itself into the container's cgroups (files the
+    Forker opened as host root before joining) and then runs ``_exec``.
+
+    Only for what needs nothing the Forker gave up (``eligible``): no pea (its mount
+    namespace needs mount(2)), no builtin or host executable (host files), no rlimit above
+    the shim's own hard limit (raising one needs host privilege), no pid limit (a process
+    cloned outside the cgroup and moved in afterwards is not counted at its fork).
+    The Forker ends when its socket closes, and with the shim (PDEATHSIG).
+    """
+
+    def __init__(self, ns_fds: dict[str, int], cgroup_procs: list[str], conf: Confinement,
+                 title: str) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        wire.size_socket(ours)
+        wire.size_socket(theirs)
+        shim = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            gc.disable()
+            try:
+                ours.close()
+                _forker_main(theirs, shim, ns_fds, cgroup_procs, conf, title)
+            finally:
+                os._exit(0)
+        theirs.close()
+        self.pid = pid
+        self.sock = ours
+        try:
+            got = wire.recv(ours)
+        except OSError as err:
+            got = None
+            reason = str(err)
+        else:
+            reason = "it exited"
+        if got is not None and got[0].get("error"):
+            reason = got[0]["error"]
+        if got is None or not got[0].get("ready"):
+            self.close()
+            raise ForkerGone(f"the forker did not start: {reason}")
+
+    @staticmethod
+    def eligible(spec: dict[str, Any], privileged: bool) -> bool:
+        if privileged or spec.get("builtin") or spec.get("pea_rootfs") or spec.get("host_exe") \
+                or spec.get("cgroup_procs"):
+            return False
+        for name, value in (spec.get("rlimits") or {}).items():
+            if value is None:
+                continue
+            hard = resource.getrlimit(RLIMITS[name])[1] if name in RLIMITS else 0
+            if hard != resource.RLIM_INFINITY and (value >= 1 << 63 or value > hard):
+                return False
+        return True
+
+    def spawn(self, spec: dict[str, Any], stdio: Stdio) -> int:
+        """As ``spawn``, through this Forker. Raises SpawnError, or ForkerGone (nothing was
+        started: the caller may start the process another way)."""
+        err_r, err_w = os.pipe()
+        try:
+            try:
+                window = stdio.window if stdio.console is not None else None
+                wire.send(self.sock, {"spec": spec, "tty": window}, [*stdio.child, err_w], "spawn request")
+            except wire.MessageTooLarge as err:
+                raise SpawnError("", str(err)) from None
+            except OSError as err:
+                raise ForkerGone(f"sending to the forker: {err}") from None
+            finally:
+                os.close(err_w)
+            for fd in set(stdio.child):  # the forker has them now
+                os.close(fd)
+            try:
+                got = wire.recv(self.sock)
+            except OSError as err:
+                got = None
+                reason = str(err)
+            else:
+                reason = "it exited"
+            if got is None:
+                # It may have died after its clone: that process, if any, has its error
+                # pipe and the shim as parent; it is reaped and, unlisted, ignored.
+                raise SpawnError("", f"the container's process forker died while starting the process ({reason})")
+            reply, _ = got
+            if "error" in reply:
+                raise SpawnError("", reply["error"])
+            with os.fdopen(err_r, "rb") as f:
+                err_r = -1
+                report = f.read()  # EOF: the process exec'd (close-on-exec) or died
+        finally:
+            if err_r >= 0:
+                os.close(err_r)
+        if report:
+            if stdio.console is not None:
+                stdio.console.close()
+            failure = msgpack.unpackb(report, raw=False)
+            raise SpawnError(failure.get("type", ""), failure.get("message", "spawn failed"))
+        if stdio.console is not None:
+            stdio.receive_console()
+        return int(reply["pid"])
+
+    def close(self) -> None:
+        """End the Forker (the shim reaps it)."""
+        self.sock.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def _forker_main(sock: socket.socket, shim: int, ns_fds: dict[str, int], cgroup_procs: list[str],
+                 conf: Confinement, title: str) -> None:
+    """The Forker's body (a fork of the shim); returns when the shim closes the socket."""
+    signal.set_wakeup_fd(-1)
+    for sig in _RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    L.prctl(L.PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != shim:
+        return
+    setproctitle.setproctitle(title)
+    L.set_process_name(FORKER_NAME)
+    try:
+        # Opened as host root before joining: the kernel checks a cgroup.procs write
+        # against the opener's credentials and cgroup namespace.
+        cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup_procs]
+        keep = {0, 1, 2, sock.fileno(), *cgroup_fds, *ns_fds.values()}
+        for entry in os.listdir("/proc/self/fd"):  # the shim's fds: its sockets, every process's stdio
+            fd = int(entry)
+            if fd not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        for fd in ns_fds.values():
+            L.setns(fd)
+            os.close(fd)
+        L.drop_bounding(DEFAULT_CAPS)
+        if conf.no_new_privs:
+            L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+        if conf.seccomp is not None:
+            conf.seccomp.load()
+    except Exception as err:  # noqa: BLE001 - reported; the shim starts processes the cold way
+        with contextlib.suppress(OSError):
+            wire.send(sock, {"error": f"{type(err).__name__}: {err}"})
+        return
+    wire.send(sock, {"ready": True})
+    while True:
+        try:
+            got = wire.recv(sock)
+        except OSError:
+            return
+        if got is None:
+            return
+        msg, fds = got
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        *child_fds, err_w = fds
+        try:
+            pid = L.clone_sibling()
+        except OSError as err:
+            hint = " (the container's pid namespace has ended?)" if err.errno == errno.ENOMEM else ""
+            reply: dict[str, Any] = {"error": f"cannot start the process: clone: {os.strerror(err.errno or 0)}{hint}"}
+        else:
+            if pid == 0:
+                _forked_child(msg["spec"], msg["tty"], child_fds, err_w, cgroup_fds)
+            reply = {"pid": pid}
+        for fd in fds:
+            os.close(fd)
+        try:
+            wire.send(sock, reply)
+        except OSError:
+            return
+
+
+def _forked_child(spec: dict[str, Any], tty: list[int] | None, child_fds: list[int], err_w: int,
+                  cgroup_fds: list[int]) -> None:
+    """A Forker's new process: into the container's cgroups, then ``_exec``. Never returns."""
+    try:
+        stdio = Stdio(-1, -1, None, tuple(child_fds))
+        if tty is not None:  # child_fds is the console socket (make_stdio); _exec sends the pty there
+            stdio.console = socket.socket(fileno=os.dup(child_fds[0]))
+            stdio.window = (tty[0], tty[1])
+        for fd in cgroup_fds:
+            os.write(fd, b"0")  # 0: the writer itself
+        for name, value in (spec.get("rlimits") or {}).items():
+            if value is not None:
+                limit = resource.RLIM_INFINITY if value >= 1 << 63 else value
+                try:
+                    resource.setrlimit(RLIMITS[name], (limit, limit))
+                except (ValueError, OSError) as err:
+                    raise ValueError(f"rlimit limits.{name} = {value}: {err}") from None
+        _exec(spec, False, stdio, None)
+    except SpawnError as err:
+        _report(err_w, err.kind, str(err))
+    except Exception:  # noqa: BLE001
+        _report(err_w, "", traceback.format_exc(limit=3))
+    finally:
+        os._exit(127)

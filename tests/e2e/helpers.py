@@ -347,6 +347,11 @@ def server_shims(depot: str) -> set[int]:
     return processes_named("gactor-shim", depot)
 
 
+def server_forkers(depot: str) -> set[int]:
+    """The shims' process forkers (gactor.kernel.spawn.Forker), titled like their shim."""
+    return processes_named("gactor-forker", depot)
+
+
 def server_inits(depot: str) -> set[int]:
     """garden-init processes of this server's containers: children of its shims, or
     members of its cgroups (an init whose shim died is still found)."""

@@ -38,6 +38,7 @@ from .helpers import (
     cgroup_hierarchies,
     mounts_containing,
     server_cgroup_dirs,
+    server_forkers,
     server_inits,
     server_shims,
     wait_until_equal,
@@ -47,7 +48,7 @@ from .tls import TlsFiles
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 TEARDOWN_TIMEOUT = 60.0
-LEFTOVER_KINDS = ("cgroups", "mounts", "container dirs", "half-built images", "shims", "inits", "links",
+LEFTOVER_KINDS = ("cgroups", "mounts", "container dirs", "half-built images", "shims", "forkers", "inits", "links",
                   "nft tables")
 
 # What a failed start or cleanup may raise: pytest.fail's exception is a BaseException.
@@ -265,6 +266,7 @@ class ServerProcess:
                 if ".tmp-" in n or ".old-" in n
             ),
             "shims": sorted(server_shims(self.depot)),
+            "forkers": sorted(server_forkers(self.depot)),
             "inits": sorted(server_inits(self.depot)),
             "links": sorted(n for n in os.listdir("/sys/class/net") if n.startswith(link_prefix(self.tag))),
             # A running server owns its table; a stopped one with no containers leaves none.
@@ -354,7 +356,7 @@ class ServerProcess:
     def _kill_leftover_helpers(self) -> None:
         """Last resort: SIGKILL (by pid) the shims and inits of this depot that even a
         --destroy-containers-on-startup server left running."""
-        for pid in sorted(server_shims(self.depot) | server_inits(self.depot)):
+        for pid in sorted(server_shims(self.depot) | server_forkers(self.depot) | server_inits(self.depot)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)  # a test may have stopped it
                 os.kill(pid, signal.SIGKILL)
