@@ -333,6 +333,7 @@ class ContainerActor:
         self.image_bytes = self.image_inodes = 0
         self.image_config = images.ImageConfig()  # Env, User, WorkingDir defaults for processes
         self._oom_seen = 0
+        self._oom_fd = -1  # opened during a create, until the OOM watcher takes it
         self._stop_lock = trio.Lock()  # a Run waits for a stop in progress, or the stop would kill it
         self._save_lock = trio.Lock()
         self.mailbox = Mailbox(f"container {self.handle}", gone=self._gone)
@@ -393,13 +394,12 @@ class ContainerActor:
             raise
         self._owned = undo.pop_all()
         assert self._link is not None
-        # Opened before the create is answered: a container comes back with every fd of
-        # its own already open (a watcher opening it later raced the caller's view).
-        try:
-            oom_fd = await trio.to_thread.run_sync(self.cgroup.oom_events_fd)
-        except KernelError as err:
-            log.warning("container %s: no OOM notifications: %s", self.handle, err)
-            oom_fd = -1
+        # Opened before the create is answered (a create opens it while the shim starts):
+        # a container comes back with every fd of its own already open (a watcher opening
+        # it later raced the caller's view).
+        if adopt:
+            self._oom_fd = await trio.to_thread.run_sync(self._open_oom_fd)
+        oom_fd, self._oom_fd = self._oom_fd, -1  # the watcher's from here on: it closes it
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -556,6 +556,8 @@ class ContainerActor:
                 # any half-made container.
                 nursery.start_soon(trio.to_thread.run_sync, depot.write_json,
                                    os.path.join(self.dir, "container.json"), self._record())
+                # The OOM notification fd too (its cgroup exists): off the create's path.
+                nursery.start_soon(self._open_oom_fd_during_create, undo)
                 if net is not None:
                     nursery.start_soon(prepare_and_attach)
                 await self._start_shim(cfg, undo, got_netns if net is not None else None)
@@ -577,6 +579,27 @@ class ContainerActor:
                   "rest %.1f)", self.handle,
                   *((t * 1000) for t in (trio.current_time() - started, image - started, prepared - image,
                                          networked - prepared, trio.current_time() - networked)))
+
+    def _open_oom_fd(self) -> int:
+        """The cgroup's OOM notification fd (``Cgroup.oom_events_fd``), or -1 without one
+        (logged): the watcher then polls. In a worker thread."""
+        try:
+            return self.cgroup.oom_events_fd()
+        except KernelError as err:
+            log.warning("container %s: no OOM notifications: %s", self.handle, err)
+            return -1
+
+    async def _open_oom_fd_during_create(self, undo: Cleanup) -> None:
+        # Not abandoned on cancellation: the fd is stored (and so closed by ``undo`` if the
+        # create fails) before the cancellation is delivered.
+        self._oom_fd = await trio.to_thread.run_sync(self._open_oom_fd)
+        undo.callback(self._close_unwatched_oom_fd)
+
+    def _close_unwatched_oom_fd(self) -> None:
+        """A failed create's rollback closes the fd; once the watcher took it, nothing."""
+        if self._oom_fd >= 0:
+            os.close(self._oom_fd)
+            self._oom_fd = -1
 
     async def _start_shim(self, cfg: dict[str, Any], undo: Cleanup,
                           on_netns: Callable[[int], None] | None = None) -> None:

@@ -17,6 +17,7 @@ last pause ends, and an expired timer destroys the container.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -351,6 +352,7 @@ class Registry:
         self.default_grace_time = default_grace_time
         self.max_containers = max_containers
         self.containers: dict[str, Container] = {}
+        self._named: dict[str, Container] = {}  # the same by depot (and cgroup) name: no scans
         self._creating: set[str] = set()
         self._destroying: set[str] = set()
         self._timers: dict[str, GraceTimer] = {}
@@ -360,6 +362,7 @@ class Registry:
         # _image_lock) and collected (alone) by registry tasks, so a collect never runs
         # between a prepare and the reference it leads to.
         self._image_users: dict[str, images.Image] = {}
+        self._image_paths: collections.Counter[str] = collections.Counter()  # references per copy
         self._image_lock = ImageStoreLock()
         self._idmap = False  # whether unprivileged containers see unshifted layers idmapped
         self._credentials: dict[str, tuple[str, str]] = {}  # registry logins of creates under way
@@ -414,7 +417,7 @@ class Registry:
                     kill = kmsg.parse(record)
                     if kill is None or os.path.basename(os.path.dirname(kill.memcg)) != parent:
                         continue
-                    container = next((c for c in self.containers.values() if c.name == kill.cgroup_name), None)
+                    container = self._named.get(kill.cgroup_name)
                     if container is not None:
                         await container.oom_killed(kill.pid, kill.task)
         finally:
@@ -473,14 +476,14 @@ class Registry:
                 if copy is None:
                     self._spawn(self._prepare_image, request)
                     return DEFERRED
-                self._image_users[handle] = copy
+                self._take_image(handle, copy)
                 return copy
             case ReleasePeaImage(key):
                 self._spawn(self._release_image, key)
             case _ImageTaken(handle, copy):
-                self._image_users[handle] = copy
+                self._take_image(handle, copy)
             case _ImagesInUse():
-                return {c.path for c in self._image_users.values()}
+                return set(self._image_paths)
             case ListImages():
                 self._spawn(self._list_images, request)
                 return DEFERRED
@@ -498,8 +501,8 @@ class Registry:
             case _ReleaseImage(handle):
                 # The copy when that was its last user, else None: only then can a collect
                 # free it, so 50 destroys of containers sharing one image run no 50 collects.
-                released = self._image_users.pop(handle, None)
-                if released is None or any(c.path == released.path for c in self._image_users.values()):
+                released = self._drop_image(handle)
+                if released is None or self._image_paths[released.path]:
                     return None
                 if released.layered:
                     return None  # layers are a cache: they go at a prune, not with their last user
@@ -585,12 +588,12 @@ class Registry:
         for container in adopted:
             self._add(container)
             if container.image_copy:
-                self._image_users[container.handle] = _adopted_copy(container.image_copy)
+                self._take_image(container.handle, _adopted_copy(container.image_copy))
             self._restore_network(container)
         if self.ports is not None:
             in_use = [host for c in adopted if c.net is not None for host, _ in c.net.net_in]
             await trio.to_thread.run_sync(self.ports.restore, in_use)
-        owned = {c.name for c in self.containers.values()}
+        owned = set(self._named)
         for name, pid in live_shims.items():
             if name not in owned:
                 log.warning("killing the shim of %s: no container owns it", name)
@@ -603,7 +606,7 @@ class Registry:
         async with self._image_lock.alone():
             self._collect_due = False
             self._idmap = await trio.to_thread.run_sync(self._probe_idmap)
-            await self._collect_images({c.path for c in self._image_users.values()})
+            await self._collect_images(set(self._image_paths))
         if self.env.network is not None:
             nets = [c.net for c in self.containers.values() if c.net is not None]
             await self.env.network.reconcile(nets)
@@ -646,8 +649,7 @@ class Registry:
             raise GardenError("max containers reached")
         if spec.privileged and not self.env.allow_privileged:
             raise GardenError("privileged container creation is disabled")
-        name = depot.dir_name(spec.handle)
-        if any(c.name == name for c in self.containers.values()):
+        if depot.dir_name(spec.handle) in self._named:
             raise GardenError(f"Handle '{spec.handle}' already in use")  # cannot happen: names are injective
 
     async def _create(self, spec: ContainerSpec, source: str, net: ContainerNet | None,
@@ -904,14 +906,29 @@ class Registry:
         for path in removed:
             log.info("removed image copy %s: no container uses it", path)
 
+    def _take_image(self, key: str, copy: images.Image) -> None:
+        self._drop_image(key)
+        self._image_users[key] = copy
+        self._image_paths[copy.path] += 1
+
+    def _drop_image(self, key: str) -> images.Image | None:
+        """Forget ``key``'s reference (None: it had none); the copy's count goes down."""
+        copy = self._image_users.pop(key, None)
+        if copy is not None:
+            self._image_paths[copy.path] -= 1
+            if not self._image_paths[copy.path]:
+                del self._image_paths[copy.path]
+        return copy
+
     def _add(self, container: Container) -> None:
         assert self._nursery is not None
         self.containers[container.handle] = container
+        self._named[container.name] = container
         timer = self._timers[container.handle] = GraceTimer(container.grace_time)
         self._nursery.start_soon(self._reap_when_idle, container.handle, timer)
 
     def _forget(self, handle: str) -> None:
-        del self.containers[handle]
+        self._named.pop(self.containers.pop(handle).name, None)
         timer = self._timers.pop(handle, None)
         if timer is not None:
             timer.defuse()

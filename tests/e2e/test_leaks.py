@@ -40,6 +40,22 @@ async def test_create_run_destroy_loop_leaves_nothing(gactor_server, client):
     await wait_until_nothing_left(gactor_server, before)
 
 
+async def test_failed_creates_leave_nothing(gactor_server, client):
+    """A create that fails once its cgroup, OOM notification fd, veth and shim exist (pid 1
+    finds no bind mount source in the container) rolls all of them back: the server holds
+    no more fds."""
+    from gactor import BindMount, BindMountOrigin, GardenError
+
+    prefix = f"leak-{uuid.uuid4().hex[:8]}"
+    await client.destroy((await client.create(ContainerSpec(handle=f"{prefix}-warm"))).handle)
+    before = host_snapshot(gactor_server)
+    missing = BindMount(src_path=f"/nonexistent-{prefix}", dst_path="/mnt/x", origin=BindMountOrigin.CONTAINER)
+    for i in range(ROUNDS):
+        with trio.fail_after(60), pytest.raises(GardenError, match="does not exist in the container"):
+            await client.create(ContainerSpec(handle=f"{prefix}-{i}", bind_mounts=[missing]))
+    await wait_until_nothing_left(gactor_server, before)
+
+
 async def test_failed_runs_leave_nothing(gactor_server, client):
     """Errors on the run path (unknown user, missing binary) release what they took."""
     from gactor import GardenError, ProcessIO, ProcessSpec

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import random
 import tempfile
 from ipaddress import IPv4Address, IPv4Network
 
@@ -42,6 +43,65 @@ def test_dynamic_allocations_scan_upwards_and_reuse_the_lowest_free() -> None:
     pool.release(allocs[0])
     assert pool.allocate("").container_ip == ip("10.254.0.2")
     assert pool.allocate("").container_ip == ip("10.254.0.14")
+
+
+def test_dynamic_allocation_is_always_the_lowest_free_slash30() -> None:
+    """Against a scan of the pool (the reference): allocations, releases, holds and
+    restores in a random order, the pool exhausted and refilled."""
+    rng = random.Random(7)
+    small = net("10.9.0.0/26")  # 16 /30s
+    pool = SubnetPool(small)
+    live: list[Allocation] = []
+    held: list[Allocation] = []
+
+    def lowest_free() -> IPv4Network | None:
+        taken = {a.subnet for a in live + held}
+        return next((s for s in small.subnets(new_prefix=30) if s not in taken), None)
+
+    for _ in range(2000):
+        action = rng.random()
+        if action < 0.5:
+            expected = lowest_free()
+            if expected is None:
+                with pytest.raises(PoolError, match="insufficient subnets"):
+                    pool.allocate("")
+            else:
+                live.append(pool.allocate(""))
+                assert live[-1].subnet == expected
+        elif action < 0.75 and live:
+            alloc = live.pop(rng.randrange(len(live)))
+            if rng.random() < 0.3:
+                pool.hold(alloc)
+                held.append(alloc)
+            pool.release(alloc)
+        elif action < 0.9 and held:
+            pool.free_held(held.pop(rng.randrange(len(held))))
+        elif (free := [s for s in small.subnets(new_prefix=30) if s not in {a.subnet for a in live + held}]):
+            subnet = rng.choice(free)  # a container record at startup, anywhere in the pool
+            alloc = Allocation(subnet, subnet.network_address + 2, False)
+            pool.restore(alloc)
+            live.append(alloc)
+
+
+class _CountingSet(set[int]):
+    lookups = 0
+
+    def __contains__(self, item: object) -> bool:
+        _CountingSet.lookups += 1
+        return super().__contains__(item)
+
+
+def test_dynamic_allocation_does_not_scan_the_taken_slash30s() -> None:
+    """A create must not get slower with every container alive (issue 8): the next free
+    /30 is found without looking at each taken one."""
+    pool = SubnetPool(net("10.0.0.0/16"))
+    pool._dynamic = _CountingSet()
+    allocs = [pool.allocate("") for _ in range(5000)]
+    pool.release(allocs[10])
+    _CountingSet.lookups = 0
+    assert pool.allocate("").subnet == allocs[10].subnet
+    assert pool.allocate("").subnet == net("10.0.78.32/30")  # the 5001st
+    assert _CountingSet.lookups <= 4
 
 
 def test_pool_exhaustion() -> None:
