@@ -293,8 +293,10 @@ class Shim:
                 try:
                     pid = forker.spawn(msg["spec"], stdio)
                 except ForkerGone as err:  # nothing was started: the cold way
-                    _log(f"{err}; starting the process without it")
+                    _say(f"{err}; starting the process without the forker")
                     self._drop_forker()
+                    if err.for_good:
+                        self.forker_unusable = str(err)
             if not pid:
                 # A pea with limits of its own runs in its own cgroup (the server made it).
                 procs = msg["spec"].get("cgroup_procs") or self.cfg["cgroup_procs"]

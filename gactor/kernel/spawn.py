@@ -374,7 +374,20 @@ FORKER_NAME = "gactor-forker"  # its /proc/PID/status Name (a fork of the shim's
 
 
 class ForkerGone(Exception):
-    """The Forker died or broke its protocol; the shim starts the process the cold way."""
+    """The Forker died or cannot start processes here (``for_good``); nothing was
+    started, and the shim starts the process the cold way."""
+
+    def __init__(self, message: str, for_good: bool = False) -> None:
+        super().__init__(message)
+        self.for_good = for_good
+
+
+_CGROUP_REFUSED = "gactor:forker-cgroup"  # a report type of the Forker's child, never a Garden one
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in set(fds):
+        os.close(fd)
 
 
 class Forker:
@@ -441,8 +454,19 @@ class Forker:
         return True
 
     def spawn(self, spec: dict[str, Any], stdio: Stdio) -> int:
-        """As ``spawn``, through this Forker. Raises SpawnError, or ForkerGone (nothing was
-        started: the caller may start the process another way)."""
+        """As ``spawn``, through this Forker. Raises SpawnError, or ForkerGone (nothing
+        runs, ``stdio`` is untouched: the caller may start the process another way)."""
+        try:
+            pid = self._spawn(spec, stdio)
+        except ForkerGone:
+            raise
+        except BaseException:
+            _close_all(stdio.child)
+            raise
+        _close_all(stdio.child)
+        return pid
+
+    def _spawn(self, spec: dict[str, Any], stdio: Stdio) -> int:
         err_r, err_w = os.pipe()
         try:
             try:
@@ -454,8 +478,6 @@ class Forker:
                 raise ForkerGone(f"sending to the forker: {err}") from None
             finally:
                 os.close(err_w)
-            for fd in set(stdio.child):  # the forker has them now
-                os.close(fd)
             try:
                 got = wire.recv(self.sock)
             except OSError as err:
@@ -477,9 +499,15 @@ class Forker:
             if err_r >= 0:
                 os.close(err_r)
         if report:
+            failure = msgpack.unpackb(report, raw=False)
+            if failure.get("type") == _CGROUP_REFUSED:
+                # A kernel that checks a cgroup.procs write against the writer's cgroup
+                # namespace, not the opener's (before Linux 5.16 and its backports): the
+                # process exited before anything ran; this Forker can never work here.
+                raise ForkerGone(f"the kernel refused a forked process its cgroup: {failure.get('message')}",
+                                 for_good=True)
             if stdio.console is not None:
                 stdio.console.close()
-            failure = msgpack.unpackb(report, raw=False)
             raise SpawnError(failure.get("type", ""), failure.get("message", "spawn failed"))
         if stdio.console is not None:
             stdio.receive_console()
@@ -562,8 +590,12 @@ def _forked_child(spec: dict[str, Any], tty: list[int] | None, child_fds: list[i
         if tty is not None:  # child_fds is the console socket (make_stdio); _exec sends the pty there
             stdio.console = socket.socket(fileno=os.dup(child_fds[0]))
             stdio.window = (tty[0], tty[1])
-        for fd in cgroup_fds:
-            os.write(fd, b"0")  # 0: the writer itself
+        try:
+            for fd in cgroup_fds:
+                os.write(fd, b"0")  # 0: the writer itself
+        except OSError as err:
+            _report(err_w, _CGROUP_REFUSED, str(err))
+            return
         for name, value in (spec.get("rlimits") or {}).items():
             if value is not None:
                 limit = resource.RLIM_INFINITY if value >= 1 << 63 else value
