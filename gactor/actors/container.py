@@ -330,6 +330,7 @@ class ContainerActor:
         self._shim_fd = -1
         self._owned = Cleanup()
         self._init_pid = 0
+        self._rootfs_tree = -1  # the detached overlay, from _prepare until pid 1 has it
         self.image_bytes = self.image_inodes = 0
         self.image_config = images.ImageConfig()  # Env, User, WorkingDir defaults for processes
         self._oom_seen = 0
@@ -603,10 +604,18 @@ class ContainerActor:
 
     async def _start_shim(self, cfg: dict[str, Any], undo: Cleanup,
                           on_netns: Callable[[int], None] | None = None) -> None:
-        status = await self.env.spawner.start_shim(cfg, on_netns)
+        try:
+            status = await self.env.spawner.start_shim(cfg, on_netns, self._rootfs_tree)
+        finally:
+            self._close_rootfs_tree()  # pid 1 holds the overlay now (or the create failed)
         self._init_pid = int(status["init"])
         self._own_shim(int(status["shim"]), undo)
         self._link = await ShimLink.connect(self.handle, self.dir, self._on_exit)
+
+    def _close_rootfs_tree(self) -> None:
+        if self._rootfs_tree >= 0:
+            os.close(self._rootfs_tree)
+            self._rootfs_tree = -1
 
     async def _open_netns(self, undo: Cleanup) -> None:
         self._netns_fd = await trio.to_thread.run_sync(fetch_netns, self.handle, self.dir)
@@ -698,10 +707,10 @@ class ContainerActor:
         limited = self._disk_limit(image) if self.spec.limits.disk.byte_hard else None
         if limited:
             undo.callback(disk_limits.detach, limited)
-        merged = rootfs.mount_overlay(image.layers, self.dir, self.spec.privileged, idmapped=not image.shifted,
-                                      scratch=os.path.join(self.env.image_store, rootfs.MOUNT_POINTS),
-                                      upper_root=limited or "")
-        undo.callback(rootfs.unmount, merged)
+        self._rootfs_tree = rootfs.overlay_tree(
+            image.layers, self.dir, self.spec.privileged, idmapped=not image.shifted,
+            scratch=os.path.join(self.env.image_store, rootfs.MOUNT_POINTS), upper_root=limited or "")
+        undo.callback(self._close_rootfs_tree)
         undo.callback(_unmount_peas, self.dir)
         if limited:
             disk_limits.detach(limited)  # the overlay holds it: it lives as long as the rootfs
@@ -715,7 +724,7 @@ class ContainerActor:
                 f.write(f"127.0.0.1 localhost\n::1 localhost ip6-localhost\n127.0.1.1 {self.hostname}\n")
         return {
             "dir": self.dir,
-            "rootfs": merged,
+            "rootfs": os.path.join(self.dir, "rootfs"),  # where pid 1 attaches the tree
             "hostname": self.hostname,
             "privileged": self.spec.privileged,
             "cgroup_procs": list(cgroup.procs_files),
@@ -1291,6 +1300,14 @@ class ContainerRef:
     @property
     def image_copy(self) -> str:
         return self._actor.image_copy
+
+    @property
+    def root(self) -> str:
+        """The container's root file system as the host reaches it: through pid 1, whose
+        mount namespace alone holds the overlay (containers of older servers had it
+        mounted at ``<dir>/rootfs``, which is then what this names)."""
+        pid = self._actor._init_pid
+        return f"/proc/{pid}/root" if pid else os.path.join(self.dir, "rootfs")
 
     async def info(self) -> ContainerInfo:
         info: ContainerInfo = await self._mailbox.ask(GetInfo())

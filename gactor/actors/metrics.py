@@ -32,7 +32,7 @@ def read(container: ContainerRef) -> Metrics:
     stat = cgroup.memory_stat()
     usage, user, system = cgroup.cpu_stat()
     # A disk-limited container's upper file system keeps counters; others are walked.
-    upper_bytes, upper_inodes = (disk_limits.usage(container.dir)
+    upper_bytes, upper_inodes = (disk_limits.usage(container.dir, container.root)
                                  or depot.disk_usage(os.path.join(container.dir, "upper")))
     age = time.time() - container.created_at
     image_bytes, image_inodes = container.image_usage

@@ -45,9 +45,12 @@ class SpawnerClient:
         self._rids = itertools.count(1)
         self._gone = False
 
-    async def start_shim(self, cfg: dict[str, Any],
-                         on_netns: Callable[[int], None] | None = None) -> dict[str, Any]:
+    async def start_shim(self, cfg: dict[str, Any], on_netns: Callable[[int], None] | None = None,
+                         rootfs_tree: int | None = None) -> dict[str, Any]:
         """Start a shim for ``cfg``; return its report ``{"shim", "init"}`` once the container is up.
+
+        ``rootfs_tree``, a detached mount (``rootfs.overlay_tree``; the caller keeps and
+        closes its fd), goes with the request: pid 1 attaches it at ``cfg["rootfs"]``.
 
         The caller owns the shim from the return on (it serves on ``<dir>/shim.sock``).
         ``on_netns(fd)`` is called (with no checkpoint between the fd's arrival and the
@@ -60,7 +63,7 @@ class SpawnerClient:
         only files it wrote in ``cfg["dir"]`` stay. Cancellation is honoured after the
         spawner's reply, at most ``SPAWNER_REPLY_TIMEOUT`` later.
         """
-        status_sock, pidfd = await self._fork(cfg)
+        status_sock, pidfd = await self._fork(cfg, rootfs_tree)
         try:
             try:
                 while True:
@@ -97,14 +100,15 @@ class SpawnerClient:
             os.close(pidfd)
         return status
 
-    async def _fork(self, cfg: dict[str, Any]) -> tuple[socket.socket, int]:
+    async def _fork(self, cfg: dict[str, Any], rootfs_tree: int | None) -> tuple[socket.socket, int]:
         """Ask the spawner for a shim: its status socket and pidfd (the caller owns both)."""
         async with self._lock:
             if self._gone:
                 raise GardenError("the spawner process is gone")
             rid = next(self._rids)
             try:
-                buffers, anc = wire.encode({"rid": rid, "cfg": cfg}, what="the container's shim config")
+                buffers, anc = wire.encode({"rid": rid, "cfg": cfg}, [] if rootfs_tree is None else [rootfs_tree],
+                                           what="the container's shim config")
             except ValueError as err:
                 raise GardenError(f"creating container: {err}") from err
             with trio.CancelScope(shield=True) as scope:

@@ -190,7 +190,8 @@ def start_init(cfg: dict[str, Any], conf: Confinement, on_netns: Callable[[int],
     """Create the container's namespaces and its pid 1; return pid 1's host pid.
 
     ``cfg`` keys: rootfs, hostname, privileged, cgroup_procs, bind_mounts
-    ([{src, dst, ro}]), hosts_file, resolv.conf_file. The caller (the shim) must be a child
+    ([{src, dst, ro}]), hosts_file, resolv.conf_file; optional rootfs_fd, a detached
+    mount pid 1 attaches at rootfs (else rootfs must be mounted there already). The caller (the shim) must be a child
     subreaper so pid 1 is reparented to it when the forking helper exits. ``on_netns(pid)``
     is called as soon as the container's network namespace exists, as that of ``pid``
     (alive and unreaped during the call), while pid 1 is still to build its root; an
@@ -242,7 +243,12 @@ def _start_prepared(cfg: dict[str, Any], prepared: PreparedInit, on_netns: Calla
             for path in cfg["cgroup_procs"]:
                 with open(path, "w") as f:
                     f.write(str(init_pid))
-            prepared.go.write(msgpack.packb(cfg))
+            tree = cfg.get("rootfs_fd")
+            go = socket.socket(fileno=prepared.go.fileno())
+            try:
+                socket.send_fds(go, [msgpack.packb(cfg)], [tree] if tree is not None else [])
+            finally:
+                go.detach()
             msg = next(prepared.unpacker, None)
             if msg != "ready":
                 raise RuntimeError("container init failed: "
@@ -266,8 +272,9 @@ def _end_init(helper: int, init_pid: int) -> None:
 
 def _fork_child(fn: Any, *args: Any) -> tuple[int, int, int]:
     """Fork a child running ``fn(*args, to_child_r, from_child_w)`` (``_run_child``);
-    returns its pid and our ends of the two pipes: the one to it and its report pipe."""
-    to_child_r, to_child_w = os.pipe()
+    returns its pid and our ends of the two channels: the one to it (a stream socket, so
+    the rootfs tree can go to a prepared pid 1 with its cfg) and its report pipe."""
+    to_child_r, to_child_w = (s.detach() for s in socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM))
     from_child_r, from_child_w = os.pipe()
     helper = os.fork()
     if helper == 0:
@@ -334,13 +341,34 @@ def _prepared_helper(conf: Confinement, go_fd: int, report_fd: int) -> None:
 def _prepared_init(conf: Confinement, go_fd: int, report_fd: int) -> None:
     """A prepared pid 1: waits for the cfg, which comes once the shim has moved it into
     the container's cgroups; then the mount and cgroup namespaces and ``_init``."""
-    with os.fdopen(go_fd, "rb", buffering=0) as go:
-        cfg = next(msgpack.Unpacker(go, raw=False), None)
+    cfg, tree = _receive_cfg(go_fd)
     if not isinstance(cfg, dict):
         os._exit(0)  # the shim is gone (or gave up on us): so are these namespaces
+    if tree is not None:
+        cfg["rootfs_fd"] = tree
     # In the container's cgroups now, so the new cgroup namespace has them as its root.
     L.unshare(L.CLONE_NEWNS | L.CLONE_NEWCGROUP)
     _init(cfg, conf, report_fd)
+
+
+def _receive_cfg(go_fd: int) -> tuple[Any, int | None]:
+    """The cfg a prepared pid 1 waits for, and the rootfs tree fd riding on it if any;
+    (None, None) if the shim closed the socket first."""
+    sock = socket.socket(fileno=go_fd)
+    unpacker = msgpack.Unpacker(raw=False)
+    tree: int | None = None
+    try:
+        while True:
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
+            if fds:
+                tree = fds[0]
+            if not data:
+                return None, tree
+            unpacker.feed(data)
+            for cfg in unpacker:
+                return cfg, tree
+    finally:
+        sock.detach()
 
 
 def _init(cfg: dict[str, Any], conf: Confinement, report_fd: int) -> None:
@@ -507,7 +535,14 @@ def _mount_cgroups(root: str, cfg: dict[str, Any], conf: Confinement) -> None:
 def _setup_rootfs(cfg: dict[str, Any], conf: Confinement) -> None:
     root = cfg["rootfs"]
     L.mount("", "/", None, L.MS_REC | L.MS_PRIVATE)
-    L.mount(root, root, None, L.MS_BIND | L.MS_REC)
+    tree = cfg.get("rootfs_fd")
+    if tree is not None:
+        # The overlay, made detached by the server (``rootfs.overlay_tree``): it joins
+        # this mount namespace only, never the host's.
+        L.move_mount(tree, root)
+        os.close(tree)
+    else:
+        L.mount(root, root, None, L.MS_BIND | L.MS_REC)
     nse = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
     _mount_at(root, "/proc", "proc", "proc", nse)
     _mount_at(root, "/sys", "sysfs", "sysfs", nse | L.MS_RDONLY)

@@ -93,13 +93,14 @@ def detach(mount: str, lazy: bool = True) -> None:
             raise KernelError.from_os_error("umount", err, mount) from err
 
 
-def usage(container_dir: str) -> tuple[int, int] | None:
-    """Bytes and inodes the container wrote on its limited file system (counters of the
-    overlay, which reports its upper file system), or None if it has none."""
+def usage(container_dir: str, root: str) -> tuple[int, int] | None:
+    """Bytes and inodes the container wrote on its limited file system (counters of its
+    overlay, mounted at ``root``, which reports its upper file system), or None if it
+    has none."""
     try:
         with open(os.path.join(container_dir, RECORD)) as f:
             record = json.load(f)
-        st = os.statvfs(os.path.join(container_dir, "rootfs"))
+        st = os.statvfs(root)
     except (OSError, ValueError):
         return None
     used = (st.f_blocks - st.f_bfree - int(record["baseline_blocks"])) * st.f_frsize

@@ -114,6 +114,43 @@ def move_mount(tree_fd: int, target: str) -> None:
                          target.encode(), ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH)), f"move_mount to {target}")
 
 
+_SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 430, 431, 432  # x86_64, Linux 5.2+
+_FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE = 1, 6
+_FS_CLOEXEC = 1  # FSOPEN_CLOEXEC, FSMOUNT_CLOEXEC
+
+
+def fsmount(fstype: str, options: list[tuple[str, str]], attr_flags: int = 0) -> int:
+    """A new ``fstype`` file system, mounted nowhere: a detached mount as an fd (attach
+    it with ``move_mount``, in any mount namespace). No mount table sees it until then,
+    nor any of the host's mount propagation. An error carries the file system's own
+    message (what ``dmesg`` would say after a failed ``mount``)."""
+    fs = _check(_libc.syscall(ctypes.c_long(_SYS_FSOPEN), fstype.encode(), ctypes.c_uint(_FS_CLOEXEC)),
+                f"fsopen {fstype}")
+    try:
+        for key, value in options:
+            _fsconfig(fs, _FSCONFIG_SET_STRING, key, value)
+        _fsconfig(fs, _FSCONFIG_CMD_CREATE, None, None)
+        return _check(_libc.syscall(ctypes.c_long(_SYS_FSMOUNT), ctypes.c_long(fs), ctypes.c_uint(_FS_CLOEXEC),
+                                    ctypes.c_uint(attr_flags)), f"fsmount {fstype}")
+    finally:
+        os.close(fs)
+
+
+def _fsconfig(fs: int, cmd: int, key: str | None, value: str | None) -> None:
+    if _libc.syscall(ctypes.c_long(_SYS_FSCONFIG), ctypes.c_long(fs), ctypes.c_uint(cmd),
+                     key.encode() if key else None, value.encode() if value is not None else None,
+                     ctypes.c_int(0)) == 0:
+        return
+    err = ctypes.get_errno()
+    detail = ""
+    try:  # the file system's messages: "e overlayfs: ..." lines
+        detail = os.read(fs, 4096).decode(errors="replace").strip()
+    except OSError:
+        pass
+    what = f"fsconfig {key}" if key else "fsconfig create"
+    raise OSError(err, f"{what}: {os.strerror(err)}" + (f" ({detail})" if detail else ""))
+
+
 def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(_SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
 

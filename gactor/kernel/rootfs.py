@@ -15,12 +15,15 @@ import contextlib
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from . import idmap, image_copies
 from . import linux as L
 from .container_init import MAX_UID
 from .errors import KernelError
+
+T = TypeVar("T")
 
 
 def shifted_image(source: str, store: str) -> str:
@@ -56,6 +59,33 @@ def mount_overlay(lowers: str | Sequence[str], container_dir: str, privileged: b
     mount points are kept for the next call: an rmdir right after the umount waits
     milliseconds for the mount to be released. The upper and work dirs are made in
     ``upper_root`` (default ``container_dir``; a disk-limited file system)."""
+    merged = os.path.join(container_dir, "rootfs")
+
+    def mount(options: str) -> str:
+        L.mount("overlay", merged, "overlay", 0, options)
+        return merged
+
+    return _overlay(lowers, container_dir, privileged, idmapped, scratch, upper_root,
+                    lambda lower, upper, work: mount(f"lowerdir={lower},upperdir={upper},workdir={work}"))
+
+
+def overlay_tree(lowers: str | Sequence[str], container_dir: str, privileged: bool, idmapped: bool = False,
+                 scratch: str = "", upper_root: str = "") -> int:
+    """``mount_overlay``'s overlay as a detached mount (an fd the caller closes), mounted
+    nowhere: the container's pid 1 attaches it at ``<container_dir>/rootfs`` in its own
+    mount namespace (``container_init``), so the host's mount table never holds it. A
+    host mount per container made every later container's ``unshare(CLONE_NEWNS)`` copy
+    it (docs/architecture.md, "With many containers alive"); the overlay now lives
+    exactly as long as the container's mount namespace."""
+    return _overlay(lowers, container_dir, privileged, idmapped, scratch, upper_root,
+                    lambda lower, upper, work: L.fsmount(
+                        "overlay", [("lowerdir", lower), ("upperdir", upper), ("workdir", work)]))
+
+
+def _overlay(lowers: str | Sequence[str], container_dir: str, privileged: bool, idmapped: bool, scratch: str,
+             upper_root: str, make: Callable[[str, str, str], T]) -> T:
+    """The upper, work and rootfs dirs, the idmapped lower dirs if asked, and then
+    ``make(lowerdir, upperdir, workdir)``."""
     layers = [lowers] if isinstance(lowers, str) else list(lowers)
     upper, work = (os.path.join(upper_root or container_dir, n) for n in ("upper", "work"))
     merged = os.path.join(container_dir, "rootfs")
@@ -78,7 +108,7 @@ def mount_overlay(lowers: str | Sequence[str], container_dir: str, privileged: b
                     raise
                 attached.append(point)
             layers = attached
-        L.mount("overlay", merged, "overlay", 0, f"lowerdir={':'.join(layers)},upperdir={upper},workdir={work}")
+        return make(":".join(layers), upper, work)
     except OSError as err:
         raise KernelError("mount overlay", err.errno or 0, f"{merged}: {err}") from err
     finally:
@@ -88,7 +118,6 @@ def mount_overlay(lowers: str | Sequence[str], container_dir: str, privileged: b
             except OSError:
                 unmount(point)
             _give_back(point)
-    return merged
 
 
 _free_points: set[str] = set()

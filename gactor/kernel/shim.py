@@ -166,6 +166,9 @@ class Shim:
                 os.close(netns)
 
         self.init_pid = start_init(self.cfg, self._confinement(), send_netns, prepared)
+        tree = self.cfg.pop("rootfs_fd", None)
+        if tree is not None:
+            os.close(tree)  # pid 1 has attached it: the mount is its namespace's now
         self.ns_fds = open_namespaces(self.init_pid, self.cfg["privileged"])
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         path = wire.socket_path(self.dir_fd, "shim.sock")
@@ -515,7 +518,11 @@ def warm_main(status_fd: int, conf: Confinement, spawner: int = 0) -> None:
         if prepared is not None:
             prepared.discard()
         os._exit(0)  # the spawner is gone (or garbled the hand-over): nobody waits for us
-    for fd in got[1]:
+    cfg = got[0]["cfg"]
+    fds = list(got[1])
+    if cfg.get("rootfs_fd") is not None:
+        cfg["rootfs_fd"] = fds.pop(0) if fds else None  # the spawner's number is not ours
+    for fd in fds:
         os.close(fd)
     # Made at the spawner's refill priority: the container's shim and pid 1 run at the server's.
     nice = got[0].get("nice", 0)
@@ -523,7 +530,7 @@ def warm_main(status_fd: int, conf: Confinement, spawner: int = 0) -> None:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
         if prepared is not None:
             os.setpriority(os.PRIO_PROCESS, prepared.pid, nice)
-    shim_main(got[0]["cfg"], status_fd, conf, detached=True, prepared=prepared)
+    shim_main(cfg, status_fd, conf, detached=True, prepared=prepared)
 
 
 WARM_NAME = "gactor-warm"
@@ -535,13 +542,13 @@ def warm_title(spawner: int) -> str:
     return f"gactor-warm-shim (spawner {spawner})"
 
 
-def _detach(status_fd: int) -> None:
-    """Leave the spawner's session and fds behind: keep only stdio and ``status_fd``."""
+def _detach(status_fd: int, *more: int) -> None:
+    """Leave the spawner's session and fds behind: keep only stdio, ``status_fd`` and ``more``."""
     os.setsid()
     devnull = os.open("/dev/null", os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)  # stderr stays the spawner's (the server's log) until the shim has its own
-    keep = {0, 1, 2, status_fd}
+    keep = {0, 1, 2, status_fd, *more}
     for fd in map(int, os.listdir("/proc/self/fd")):
         if fd not in keep:
             with contextlib.suppress(OSError):
@@ -564,7 +571,7 @@ def shim_main(cfg: dict[str, Any], status_fd: int, conf: Confinement, detached: 
     shim: Shim | None = None
     try:
         if not detached:
-            _detach(status_fd)
+            _detach(status_fd, *([cfg["rootfs_fd"]] if cfg.get("rootfs_fd") is not None else []))
         dir_fd = os.open(cfg["dir"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         log = os.open("shim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         os.dup2(log, 1)

@@ -123,17 +123,24 @@ def _serve(sock: socket.socket, conf: Confinement, warm: int) -> None:
         if got is None:
             return  # our ends of the warm shims' sockets close with us: they exit
         msg, fds = got
-        for fd in fds:
-            os.close(fd)
         rid = msg.get("rid") if isinstance(msg, dict) else None
         out_fds: list[int] = []
         try:
             if not isinstance(msg, dict) or not isinstance(msg.get("cfg"), dict):
                 raise ValueError(f"bad spawner request {msg!r:.200}")
-            shim_pid, out_fds = _hand_over(pool, msg["cfg"]) or _fork_shim(sock, functools.partial(cold, msg["cfg"]))
+            cfg = msg["cfg"]
+            # The rootfs tree (a detached mount) rides on the request: the shim gets it
+            # by inheritance (a cold fork) or with the hand-over, and gives it to pid 1.
+            cfg.pop("rootfs_fd", None)
+            if fds:
+                cfg["rootfs_fd"] = fds[0]
+            shim_pid, out_fds = _hand_over(pool, cfg) or _fork_shim(sock, functools.partial(cold, cfg))
             reply: dict[str, Any] = {"rid": rid, "ok": True, "shim": shim_pid}
         except Exception:  # noqa: BLE001 - keep serving; the server sees the error text
             reply = {"rid": rid, "ok": False, "error": traceback.format_exc(limit=2)}
+        finally:
+            for fd in fds:
+                os.close(fd)
         try:
             wire.send(sock, reply, out_fds, "spawner reply")
         except (BrokenPipeError, ConnectionResetError):
@@ -176,8 +183,9 @@ def _hand_over(pool: list[_Warm], cfg: dict[str, Any]) -> tuple[int, list[int]] 
     while pool:
         shim = pool.pop(0)
         try:
+            tree = cfg.get("rootfs_fd")
             wire.send(shim.sock, {"cfg": cfg, "nice": os.getpriority(os.PRIO_PROCESS, 0)},
-                      what="the container's shim config")
+                      [tree] if tree is not None else [], what="the container's shim config")
         except OSError:
             shim.close()  # it died waiting (killed by someone): try the next
             continue

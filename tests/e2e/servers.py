@@ -37,6 +37,7 @@ from .helpers import (
     ROOTFS,
     cgroup_hierarchies,
     mounts_containing,
+    proc_name,
     server_cgroup_dirs,
     server_forkers,
     server_inits,
@@ -130,6 +131,16 @@ class ServerProcess:
         name = depot.dir_name(handle)
         assert name in found, f"no shim for {handle!r} among {sorted(found)}"
         return found[name]
+
+    def container_root(self, handle: str) -> str:
+        """``handle``'s root file system from the host: its pid 1's root (the overlay is
+        mounted in the container's mount namespace only)."""
+        shim = self.shim_pid(handle)
+        with open(f"/proc/{shim}/task/{shim}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        inits = [p for p in children if proc_name(p) == "garden-init"]
+        assert len(inits) == 1, f"{handle!r}: shim {shim} has children {children}, garden-init among them {inits}"
+        return f"/proc/{inits[0]}/root"
 
     def log_text(self) -> str:
         try:

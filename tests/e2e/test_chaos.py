@@ -470,7 +470,7 @@ def host_differences(server: ServerProcess, c: ContainerModel) -> list[str]:
         if shares not in c.shares and not (shares == 1024 and 0 in c.shares):
             found.append(f"cpu.shares {shares}, expected one of {c.shares}")
     for name, possible in c.files.items():
-        path = os.path.join(server.container_dir(c.handle), "rootfs", STREAM_DIR.lstrip("/"), name)
+        path = os.path.join(server.container_root(c.handle), STREAM_DIR.lstrip("/"), name)
         try:
             with open(path, "rb") as f:
                 content: bytes | None = f.read()

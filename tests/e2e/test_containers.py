@@ -361,6 +361,32 @@ async def test_stop_kill_is_immediate(container):
 # ---- destroy ------------------------------------------------------------------------
 
 
+async def test_the_host_mount_table_holds_no_container_overlay(gactor_server, client):
+    """Each container's overlay is mounted in its own mount namespace only, so the host's
+    mount table (which every new mount namespace copies) does not grow with containers:
+    containers started from a warm shim, a cold one (a burst drains the warm pool) and a
+    privileged one (cold, host user namespace)."""
+    depot_mounts = mounts_containing(gactor_server.depot)
+    handles = [unique_handle() for _ in range(4)]
+    async with trio.open_nursery() as nursery:
+        for handle in handles[:3]:
+            nursery.start_soon(client.create, ContainerSpec(handle=handle))
+    await client.create(ContainerSpec(handle=handles[3], privileged=True))
+    try:
+        assert mounts_containing(gactor_server.depot) == depot_mounts
+        assert mounts_containing(gactor_server.depot, gactor_server.proc.pid) == depot_mounts
+        for handle in handles:
+            root = gactor_server.container_root(handle)
+            with open(os.path.join(os.path.dirname(root), "mountinfo")) as f:
+                top = [line for line in f if line.split()[4] == "/"]
+            assert len(top) == 1, top
+            assert " - overlay " in top[0], top
+            assert os.path.exists(os.path.join(root, "bin", "sh"))  # what the host reads through
+    finally:
+        for handle in handles:
+            await client.destroy(handle)
+
+
 async def test_destroy_kills_processes_and_releases_everything(gactor_server, client):
     handle = unique_handle()
     container = await client.create(ContainerSpec(handle=handle))

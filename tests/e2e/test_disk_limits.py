@@ -135,7 +135,9 @@ async def test_destroy_releases_the_loop_device_and_mounts(client, gactor_server
     directory = gactor_server.container_dir(container.handle)
     assert (await sh(container, "echo hi > /root/x"))[0] == 0
     assert loop_devices_for(directory + "/disk.img")
-    assert mounted_under(directory)
+    # The overlay (over the loop file system) is in the container's mount namespace only.
+    assert not mounted_under(directory)
+    assert " - overlay " in await sh_ok(container, "grep ' / / ' /proc/self/mountinfo")
     await client.destroy(container.handle)
     await wait_for(lambda: not loop_devices_for(directory + "/disk.img"), within=15, what="the loop device to detach")
     assert not mounted_under(directory)

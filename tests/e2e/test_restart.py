@@ -114,7 +114,7 @@ async def test_sigkill_while_idle_readopts_everything(own_servers):
     assert server_shims(server.depot) == shims_before
     assert server_inits(server.depot) == inits_before
     assert all(map(alive, waiter_pid + quitter_pid))
-    rootfs_tmp = os.path.join(server.container_dir("keep"), "rootfs", "tmp")
+    rootfs_tmp = os.path.join(server.container_root("keep"), "tmp")
     with open(os.path.join(rootfs_tmp, "go-quitter"), "w"):
         pass  # through the overlay, from the host
     exit_file = os.path.join(server.container_dir("keep"), "processes", "quitter")

@@ -109,7 +109,7 @@ async def test_shim_survives_a_failing_exit_record_and_bad_requests(own_servers)
         # The shim writes the exit code to processes/.p1.tmp, then renames it: a directory
         # in the way makes that write fail (EISDIR), as ENOSPC or EROFS would.
         os.mkdir(os.path.join(cdir, "processes", ".p1.tmp"))
-        with open(os.path.join(cdir, "rootfs", "tmp", "go"), "w"):
+        with open(os.path.join(server.container_root("failing"), "tmp", "go"), "w"):
             pass
         with trio.fail_after(15):
             assert await proc.wait() == 3  # the exit still reaches the server
