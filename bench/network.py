@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rootfs", default=DEFAULT_ROOTFS, help=f"server --default-rootfs [{DEFAULT_ROOTFS}]")
     p.add_argument("--network-pool", default=POOL, help=f"server --network-pool [{POOL}]")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    p.add_argument("--server-tree", help="run the server from this checkout (a git worktree of another commit)")
     return p.parse_args(argv)
 
 

@@ -269,7 +269,7 @@ class Pea:
     """A process with its own image (Garden's "pea"): its overlay root and image reference."""
 
     key: str  # the registry's image reference
-    dir: str  # <container>/peas/<n>: rootfs (mounted), upper, work
+    dir: str  # <container>/peas/<n>: upper, work (the overlay is in the pea's mount namespace only)
     cgroup: Cgroup | None = None  # with override_container_limits: its own, else the container's
     config: images.ImageConfig = field(default_factory=lambda: images.ImageConfig())  # its image's Env, User, WorkingDir
 
@@ -1059,15 +1059,15 @@ class ContainerActor:
             "image_env": list(self.image_config.env), "container_env": self.spec.env,
             "host_exe": run.host_exe, "dir_must_exist": run.dir_must_exist, "builtin": run.builtin,
         }
-        pea = None
+        pea, pea_tree = None, -1
         if spec.image.uri:
             try:
-                pea = await self._prepare_pea(run.process_id, spec.image.uri.removeprefix("raw://"),
+                pea, pea_tree = await self._prepare_pea(run.process_id, spec.image.uri.removeprefix("raw://"),
                                               spec.override_container_limits)
             except GardenError as err:
                 request.fail(err)
                 return
-            wire_spec["pea_rootfs"] = os.path.join(pea.dir, "rootfs")
+            wire_spec["pea_rootfs"] = os.path.join(pea.dir, "rootfs")  # the tree rides on the request
             wire_spec["pea_binds"] = [{"src": bm.src_path, "dst": bm.dst_path, "ro": bm.mode == 0,
                                        "from_container": bm.origin == 1} for bm in spec.bind_mounts]
             # Its own image's config, not the container's; Garden's peas start in "/".
@@ -1079,7 +1079,8 @@ class ContainerActor:
         try:
             await acquire(self._stop_lock)
             try:
-                reply, fds = await self._link.request("spawn", id=run.process_id, spec=wire_spec, tty=tty)
+                reply, fds = await self._link.request("spawn", id=run.process_id, spec=wire_spec, tty=tty,
+                                                      send_fds=[pea_tree] if pea_tree >= 0 else ())
             finally:
                 self._stop_lock.release()
         except BaseException as err:
@@ -1090,14 +1091,18 @@ class ContainerActor:
                 raise
             request.fail(err)
             return
+        finally:
+            if pea_tree >= 0:
+                os.close(pea_tree)  # the pea's mount namespace holds it (or the spawn failed)
         proc = self._process_actor(run.process_id, int(reply["pid"]), tty is not None, fds,
                                    subscriber=run.subscriber)
         if not await self.mailbox.tell(_Spawned(request, proc, pea)):  # the owner ended meanwhile
             request.fail(GardenError(f"container {self.handle} was destroyed while the process started"))
 
-    async def _prepare_pea(self, process_id: str, source: str, limits: ProcessLimits | None) -> Pea:
+    async def _prepare_pea(self, process_id: str, source: str, limits: ProcessLimits | None) -> tuple[Pea, int]:
         """The pea's image (a registry reference, as for a container) and an overlay over
-        it in ``<container>/peas/<n>``; with ``limits`` (Garden's OverrideContainerLimits,
+        it with its upper dir in ``<container>/peas/<n>``, as a detached mount (the fd, the
+        caller's to close), which the pea attaches in its own mount namespace; with ``limits`` (Garden's OverrideContainerLimits,
         even empty) a cgroup of its own, a sibling of the container's, with just those
         limits. On failure nothing is left."""
         self._pea_seq += 1
@@ -1109,7 +1114,7 @@ class ContainerActor:
             if limits is not None:
                 pea = dataclasses.replace(pea, cgroup=await trio.to_thread.run_sync(self._pea_cgroup, n, limits))
             image = await self.env.acquire_image(pea.key, source, not self.spec.privileged)
-            await trio.to_thread.run_sync(self._mount_pea, pea, image)
+            tree = await trio.to_thread.run_sync(self._mount_pea, pea, image)
             pea = dataclasses.replace(pea, config=image.config)
         except BaseException as err:
             with trio.CancelScope(shield=True):
@@ -1117,7 +1122,7 @@ class ContainerActor:
             if isinstance(err, (OSError, KernelError)):
                 raise GardenError(f"process {process_id}: preparing its image {source!r}: {err}") from err
             raise
-        return pea
+        return pea, tree
 
     def _pea_cgroup(self, n: int, limits: ProcessLimits) -> Cgroup:
         cgroup = self.env.cgroups.create(f"{self.name}{PEA_CGROUP}{n}")
@@ -1132,9 +1137,9 @@ class ContainerActor:
             raise
         return cgroup
 
-    def _mount_pea(self, pea: Pea, image: images.Image) -> None:
+    def _mount_pea(self, pea: Pea, image: images.Image) -> int:
         os.makedirs(pea.dir, mode=0o711)
-        rootfs.mount_overlay(image.layers, pea.dir, self.spec.privileged, idmapped=not image.shifted,
+        return rootfs.overlay_tree(image.layers, pea.dir, self.spec.privileged, idmapped=not image.shifted,
                              scratch=os.path.join(self.env.image_store, rootfs.MOUNT_POINTS))
 
     async def _drop_pea(self, pea: Pea) -> None:

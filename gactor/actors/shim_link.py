@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,13 +131,14 @@ class ShimLink:
                 waiter.close()
             self._waiting.clear()
 
-    async def request(self, op: str, **fields: Any) -> tuple[dict[str, Any], list[int]]:
-        """Send ``op``; return the reply and its fds. Raises the shim's error as GardenError."""
+    async def request(self, op: str, *, send_fds: Sequence[int] = (), **fields: Any) -> tuple[dict[str, Any], list[int]]:
+        """Send ``op`` (with ``send_fds``, which stay the caller's); return the reply and its
+        fds. Raises the shim's error as GardenError."""
         if self.closed.is_set():
             raise ShimGone(self.handle)
         rid = next(self._rids)
         try:
-            buffers, anc = wire.encode({"op": op, "rid": rid, **fields}, what=f"the shim request {op!r}")
+            buffers, anc = wire.encode({"op": op, "rid": rid, **fields}, list(send_fds), what=f"the shim request {op!r}")
         except ValueError as err:
             raise GardenError(f"container {self.handle}: {err}") from err
         slot = self._waiting[rid] = _ReplySlot()
@@ -173,7 +174,8 @@ class ShimLink:
         entries: list[dict[str, Any]] = []
         after: int | None = None
         while True:
-            page, _ = await self.request("list", **({} if after is None else {"after": after}))
+            paging: dict[str, Any] = {} if after is None else {"after": after}
+            page, _ = await self.request("list", **paging)
             entries.extend(page["processes"])
             after = page.get("next")
             if after is None:

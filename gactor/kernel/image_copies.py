@@ -193,7 +193,9 @@ def collect(store: str, in_use: Iterable[str], *, keep_current: bool = True) -> 
     is still the lower dir of a mounted overlay in this mount namespace, and (with
     ``keep_current``) an unused copy that is what ``prepare`` of the path it was built
     for would return now, so create/destroy cycles on an unchanged image copy it once;
-    it goes at the first collect after its source changes or disappears.
+    it goes at the first collect after its source changes or disappears. A container's
+    overlay is mounted in its own mount namespace only (``rootfs.overlay_tree``), so its
+    copy is kept by ``in_use`` alone; this namespace holds the overlays of peas.
 
     Each copy is first renamed to a ``.tmp-`` name, so one interrupted mid-removal is
     never found again under its key, only removed by the next collect.

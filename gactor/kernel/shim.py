@@ -61,6 +61,7 @@ from .spawner import COMMIT
 
 KEEP_COLLECTED = wire.KEEP_COLLECTED
 LIST_PAGE = 500  # entries per ``list`` reply at most
+RECEIVED_FDS = "_fds"  # the key under which a handler finds its request's fds (no wire field starts with _)
 _LIST_PAGE_BYTES = wire.MAX_MESSAGE // 4  # and at most this many encoded bytes of entries
 _CONNECTION_ERRORS = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
 
@@ -221,8 +222,6 @@ class Shim:
             self._drop(conn)
             return
         msg, fds = got
-        for fd in fds:
-            os.close(fd)
         rid = msg.get("rid") if isinstance(msg, dict) else None
         try:
             if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
@@ -230,12 +229,16 @@ class Shim:
             handler = getattr(self, f"op_{msg['op']}", None)
             if handler is None:
                 raise SpawnError("", f"unknown shim op {msg['op']!r:.100}")
+            msg[RECEIVED_FDS] = fds  # lent to the handler: closed below, whatever it did
             reply, out_fds = handler(msg)
         except SpawnError as err:
             reply, out_fds = {"error": {"type": err.kind, "message": str(err)}}, []
         except Exception as err:  # noqa: BLE001 - one bad request must not take the shim down
             _log(f"op {msg.get('op') if isinstance(msg, dict) else msg!r:.100} failed")
             reply, out_fds = {"error": {"type": "", "message": f"shim: {type(err).__name__}: {err}"}}, []
+        finally:
+            for fd in fds:
+                os.close(fd)
         reply["rid"] = rid
         self._reply(conn, reply, out_fds)
         if self.exiting:
@@ -288,6 +291,11 @@ class Shim:
         if pid_id in self.procs:
             raise SpawnError("", f"process ID '{pid_id}' already in use")
         tty = msg.get("tty")
+        if msg["spec"].get("pea_rootfs"):
+            trees = msg.get(RECEIVED_FDS) or []
+            if len(trees) != 1:
+                raise SpawnError("", f"a pea's spawn brings its root as one fd, not {len(trees)}")
+            msg["spec"]["pea_tree_fd"] = trees[0]  # inherited by the forked helper
         stdio = make_stdio(tty)
         try:
             pid = 0

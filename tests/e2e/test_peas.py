@@ -13,7 +13,17 @@ import trio
 from gactor import ContainerSpec, GardenError, ProcessIO, ProcessSpec, Signal
 from gactor.types import BindMount, ImageRef
 
-from .helpers import E2E_MARKS, ROOTFS, mounts_containing, run, sh_ok, unique_handle, wait_for
+from .helpers import (
+    E2E_MARKS,
+    ROOTFS,
+    container_pids,
+    mounts_containing,
+    proc_name,
+    run,
+    sh_ok,
+    unique_handle,
+    wait_for,
+)
 
 pytestmark = E2E_MARKS
 
@@ -107,7 +117,12 @@ async def test_a_finished_pea_leaves_nothing_and_destroy_ends_running_ones(clien
     assert mounts_containing(peas) == []
 
     sleeper = await container.run(pea(pea_image, "sleep 1000"), ProcessIO())
-    assert mounts_containing(peas)
+    # Its overlay is in its own mount namespace only, never in the host's.
+    assert mounts_containing(peas) == []
+    pid = await wait_for(lambda: [p for p in container_pids(container.handle) if proc_name(p) == "sleep"],
+                         what="the pea's sleep")
+    with open(f"/proc/{pid[0]}/mountinfo") as f:
+        assert [line for line in f if line.split()[4] == "/" and " - overlay " in line]
     await client.destroy(container.handle)
     with trio.fail_after(10):
         assert await sleeper.wait() == 137
