@@ -12,6 +12,7 @@ gets an overlay with its own upper and work dirs in the depot.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import threading
@@ -66,7 +67,7 @@ def mount_overlay(lowers: str | Sequence[str], container_dir: str, privileged: b
         return merged
 
     return _overlay(lowers, container_dir, privileged, idmapped, scratch, upper_root,
-                    lambda lower, upper, work: mount(f"lowerdir={lower},upperdir={upper},workdir={work}"))
+                    lambda layers, upper, work: mount(_options(layers, upper, work)))
 
 
 def overlay_tree(lowers: str | Sequence[str], container_dir: str, privileged: bool, idmapped: bool = False,
@@ -76,16 +77,43 @@ def overlay_tree(lowers: str | Sequence[str], container_dir: str, privileged: bo
     mount namespace (``container_init``), so the host's mount table never holds it. A
     host mount per container made every later container's ``unshare(CLONE_NEWNS)`` copy
     it (docs/architecture.md, "With many containers alive"); the overlay now lives
-    exactly as long as the container's mount namespace."""
-    return _overlay(lowers, container_dir, privileged, idmapped, scratch, upper_root,
-                    lambda lower, upper, work: L.fsmount(
-                        "overlay", [("lowerdir", lower), ("upperdir", upper), ("workdir", work)]))
+    exactly as long as the container's mount namespace.
+
+    ``fsconfig`` takes strings of at most 255 bytes, so each lower dir goes on its own
+    (``lowerdir+``, Linux 6.7+). Where that cannot be (an older kernel, a longer path)
+    the overlay is mounted at ``<container_dir>/rootfs`` for a moment and cloned from
+    there (``open_tree``), then unmounted: the same detached mount, by way of the host's
+    mount table."""
+    merged = os.path.join(container_dir, "rootfs")
+
+    def make(layers: list[str], upper: str, work: str) -> int:
+        if all(len(path.encode()) <= _FSCONFIG_MAX for path in (upper, work, *layers)):
+            try:
+                return L.fsmount("overlay", [*(("lowerdir+", layer) for layer in layers),
+                                             ("upperdir", upper), ("workdir", work)])
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+        L.mount("overlay", merged, "overlay", 0, _options(layers, upper, work))
+        try:
+            return L.open_tree_clone(merged)
+        finally:
+            L.umount(merged, L.MNT_DETACH)
+
+    return _overlay(lowers, container_dir, privileged, idmapped, scratch, upper_root, make)
+
+
+_FSCONFIG_MAX = 255  # bytes of an fsconfig string value (the kernel copies at most 256 with its NUL)
+
+
+def _options(layers: list[str], upper: str, work: str) -> str:
+    return f"lowerdir={':'.join(layers)},upperdir={upper},workdir={work}"
 
 
 def _overlay(lowers: str | Sequence[str], container_dir: str, privileged: bool, idmapped: bool, scratch: str,
-             upper_root: str, make: Callable[[str, str, str], T]) -> T:
+             upper_root: str, make: Callable[[list[str], str, str], T]) -> T:
     """The upper, work and rootfs dirs, the idmapped lower dirs if asked, and then
-    ``make(lowerdir, upperdir, workdir)``."""
+    ``make(lower dirs, upper dir, work dir)``."""
     layers = [lowers] if isinstance(lowers, str) else list(lowers)
     upper, work = (os.path.join(upper_root or container_dir, n) for n in ("upper", "work"))
     merged = os.path.join(container_dir, "rootfs")
@@ -108,7 +136,7 @@ def _overlay(lowers: str | Sequence[str], container_dir: str, privileged: bool, 
                     raise
                 attached.append(point)
             layers = attached
-        return make(":".join(layers), upper, work)
+        return make(layers, upper, work)
     except OSError as err:
         raise KernelError("mount overlay", err.errno or 0, f"{merged}: {err}") from err
     finally:
