@@ -19,7 +19,7 @@ import socket
 import stat
 import struct
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,9 +130,10 @@ _ATIME = ((os.ST_NOATIME, L.MS_NOATIME), (os.ST_NODIRATIME, L.MS_NODIRATIME), (o
 class PreparedInit:
     """Pid 1 forked ahead of time (by a warm shim) for one unprivileged container: in a
     fresh user namespace (uid map written), UTS, IPC, network and pid namespace of its
-    own, waiting for the container's cfg. The mount and cgroup namespaces come only then
-    (they need the container's rootfs mount and cgroups). Nothing has used these
-    namespaces: they are as fresh as ones made at create. The owner (a child subreaper,
+    own, with the container's /proc, /sys and /dev made ahead as detached mounts
+    (``_staged``), waiting for the container's cfg. The mount and cgroup namespaces come
+    only then (they need the container's rootfs and cgroups).
+    Nothing has used these namespaces: they are as fresh as ones made at create. The owner (a child subreaper,
     which pid 1 is reparented to) calls ``start_init`` with it, or ``discard``; if the
     owner dies, pid 1 sees its pipe close and exits, and its namespaces with it."""
 
@@ -339,16 +340,57 @@ def _prepared_helper(conf: Confinement, go_fd: int, report_fd: int) -> None:
 
 
 def _prepared_init(conf: Confinement, go_fd: int, report_fd: int) -> None:
-    """A prepared pid 1: waits for the cfg, which comes once the shim has moved it into
-    the container's cgroups; then the mount and cgroup namespaces and ``_init``."""
+    """A prepared pid 1: the container's /proc, /sys and /dev made ahead (``_staged``),
+    then it waits for the cfg, which comes once the shim has moved it into the
+    container's cgroups; then the mount and cgroup namespaces and ``_init``."""
+    staged = _staged()
     cfg, tree = _receive_cfg(go_fd)
     if not isinstance(cfg, dict):
         os._exit(0)  # the shim is gone (or gave up on us): so are these namespaces
     if tree is not None:
         cfg["rootfs_fd"] = tree
+    # The mount namespace only now: a copy of the host's as it is at the create (bind
+    # mount sources mounted since the warm-up included, on hosts without propagation too).
     # In the container's cgroups now, so the new cgroup namespace has them as its root.
     L.unshare(L.CLONE_NEWNS | L.CLONE_NEWCGROUP)
-    _init(cfg, conf, report_fd)
+    _init(cfg, conf, report_fd, staged)
+
+
+_STAGED = ("/proc", "/sys", "/dev")
+_STAGE = "/tmp"  # in a throwaway mount namespace
+
+
+def _staged() -> list[int]:
+    """/proc, /sys and /dev as the container gets them (``_stage``), made by a child of a
+    prepared pid 1 in a throwaway mount namespace and handed back as detached mount
+    trees, which pid 1 attaches once its root is built: none needs anything of the
+    container but its pid and network namespaces, which exist. Empty if that failed:
+    ``_setup_rootfs`` then makes them itself."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child = os.fork()
+    if child == 0:
+        try:
+            ours.close()
+            L.unshare(L.CLONE_NEWNS)
+            L.mount("", "/", None, L.MS_REC | L.MS_PRIVATE)
+            L.mount("tmpfs", _STAGE, "tmpfs", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC, "mode=700,size=64k")
+            _stage(_STAGE, privileged=False)
+            socket.send_fds(theirs, [b"s"], [L.open_tree_clone(_STAGE + path) for path in _STAGED])
+        finally:
+            os._exit(0)
+    theirs.close()
+    try:
+        _, fds, _, _ = socket.recv_fds(ours, 1, len(_STAGED))
+    except OSError:
+        fds = []
+    finally:
+        ours.close()
+        os.waitpid(child, 0)
+    if len(fds) == len(_STAGED):
+        return fds
+    for fd in fds:
+        os.close(fd)
+    return []
 
 
 def _receive_cfg(go_fd: int) -> tuple[Any, int | None]:
@@ -371,12 +413,13 @@ def _receive_cfg(go_fd: int) -> tuple[Any, int | None]:
         sock.detach()
 
 
-def _init(cfg: dict[str, Any], conf: Confinement, report_fd: int) -> None:
-    """Pid 1: build the rootfs, report ready, then become garden-init (or reap in Python)."""
+def _init(cfg: dict[str, Any], conf: Confinement, report_fd: int, staged: Sequence[int] = ()) -> None:
+    """Pid 1: build the rootfs (with ``staged`` trees, ``_staged``), report ready, then
+    become garden-init (or reap in Python)."""
     init_fd = -1
     if cfg.get("init_binary"):
         init_fd = os.open(cfg["init_binary"], os.O_RDONLY)  # reachable after pivot_root only this way
-    _setup_rootfs(cfg, conf)
+    _setup_rootfs(cfg, conf, staged)
     socket.sethostname(cfg["hostname"])
     _loopback_up()
     confine(conf, cfg["privileged"], 0)
@@ -532,7 +575,7 @@ def _mount_cgroups(root: str, cfg: dict[str, Any], conf: Confinement) -> None:
     L.mount("", top, None, L.MS_REMOUNT | L.MS_RDONLY | nse, "mode=755")
 
 
-def _setup_rootfs(cfg: dict[str, Any], conf: Confinement) -> None:
+def _setup_rootfs(cfg: dict[str, Any], conf: Confinement, staged: Sequence[int] = ()) -> None:
     root = cfg["rootfs"]
     L.mount("", "/", None, L.MS_REC | L.MS_PRIVATE)
     tree = cfg.get("rootfs_fd")
@@ -543,11 +586,39 @@ def _setup_rootfs(cfg: dict[str, Any], conf: Confinement) -> None:
         os.close(tree)
     else:
         L.mount(root, root, None, L.MS_BIND | L.MS_REC)
+    if staged:
+        for path, staged_tree in zip(_STAGED, staged, strict=True):  # each with its submounts
+            target = in_root(root, path)
+            os.makedirs(target, exist_ok=True)
+            L.move_mount(staged_tree, target)
+            os.close(staged_tree)
+    else:
+        _stage(root, cfg["privileged"])
+    if not cfg["privileged"]:
+        _mount_cgroups(root, cfg, conf)  # none in privileged ones, as in Garden
+    for name in ("hosts", "resolv.conf"):
+        if cfg.get(f"{name}_file"):
+            _mount_at(root, f"/etc/{name}", cfg[f"{name}_file"], None, L.MS_BIND, is_file=True)
+    binds = cfg.get("bind_mounts", ())
+    for bm in binds:
+        src = _bind_source(root, bm)
+        target = _mount_at(root, bm["dst"], src, None, L.MS_BIND | L.MS_REC, is_file=not os.path.isdir(src))
+        if bm.get("ro"):
+            _remount_ro(target)
+    if any(bm["dst"].startswith(("/proc", "/sys")) for bm in binds):
+        _mask(root)  # what a bind mount there may have uncovered is masked again
+    os.chdir(root)
+    L.pivot_root(".", ".")
+    L.umount(".", L.MNT_DETACH)
+    os.chdir("/")
+
+
+def _stage(root: str, privileged: bool) -> None:
+    """/proc, /sys and /dev under ``root``: the container's rootfs, or a prepared pid 1's
+    stage (``_staged``)."""
     nse = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
     _mount_at(root, "/proc", "proc", "proc", nse)
     _mount_at(root, "/sys", "sysfs", "sysfs", nse | L.MS_RDONLY)
-    if not cfg["privileged"]:
-        _mount_cgroups(root, cfg, conf)  # none in privileged ones, as in Garden
     _mount_at(root, "/dev", "tmpfs", "tmpfs", L.MS_NOSUID | L.MS_STRICTATIME, "mode=755,size=65536k")
     for dev in DEVICES:
         _mount_at(root, f"/dev/{dev}", f"/dev/{dev}", None, L.MS_BIND, is_file=True)
@@ -555,7 +626,7 @@ def _setup_rootfs(cfg: dict[str, Any], conf: Confinement) -> None:
         os.symlink(target, f"{root}/dev/{name}")
     if os.path.exists("/proc/kcore"):
         os.symlink("/proc/kcore", f"{root}/dev/core")
-    if cfg["privileged"]:
+    if privileged:
         # Garden gives privileged containers FUSE; host root may make the node itself.
         os.mknod(f"{root}/dev/fuse", 0o666 | stat.S_IFCHR, os.makedev(10, 229))
         os.chmod(f"{root}/dev/fuse", 0o666)
@@ -563,14 +634,12 @@ def _setup_rootfs(cfg: dict[str, Any], conf: Confinement) -> None:
               "newinstance,ptmxmode=0666,mode=0620,gid=5")
     _mount_at(root, "/dev/shm", "tmpfs", "tmpfs", nse, "mode=1777")
     _mount_at(root, "/dev/mqueue", "mqueue", "mqueue", nse)
-    for name in ("hosts", "resolv.conf"):
-        if cfg.get(f"{name}_file"):
-            _mount_at(root, f"/etc/{name}", cfg[f"{name}_file"], None, L.MS_BIND, is_file=True)
-    for bm in cfg.get("bind_mounts", ()):
-        src = _bind_source(root, bm)
-        target = _mount_at(root, bm["dst"], src, None, L.MS_BIND | L.MS_REC, is_file=not os.path.isdir(src))
-        if bm.get("ro"):
-            _remount_ro(target)
+    _mask(root)
+
+
+def _mask(root: str) -> None:
+    """Docker's masked paths (files under /dev/null, directories under an empty read-only
+    tmpfs) and read-only paths, in /proc and /sys under ``root``."""
     # Docker masks each CPU's thermal_throttle too (GHSA-6fw5-f8r9-fgfm).
     throttles = sorted(glob.glob(f"{root}/sys/devices/system/cpu/cpu*/thermal_throttle"))
     for target in [root + path for path in MASKED_FILES] + throttles:
@@ -583,10 +652,6 @@ def _setup_rootfs(cfg: dict[str, Any], conf: Confinement) -> None:
         if os.path.exists(target):
             L.mount(target, target, None, L.MS_BIND | L.MS_REC)
             _remount_ro(target)
-    os.chdir(root)
-    L.pivot_root(".", ".")
-    L.umount(".", L.MNT_DETACH)
-    os.chdir("/")
 
 
 def _loopback_up() -> None:
