@@ -413,7 +413,10 @@ def host_snapshot(server: Any) -> dict[str, object]:
         "mounts (server)": mounts_containing(depot, pid),
         # images/mnt/ is the image store's pool of empty, reusable mount points for idmapped
         # layers (it grows to the most concurrent creates seen): not a leak.
-        "depot": sorted(p for p in paths_under(depot, max_depth=3) if not p.startswith("images/mnt/")),
+        # A shim writes shim.pid and init.pid after its create has returned (for people
+        # looking at the depot), so a snapshot right after a create may or may not see them.
+        "depot": sorted(p for p in paths_under(depot, max_depth=3)
+                        if not p.startswith("images/mnt/") and not p.endswith(("/shim.pid", "/init.pid"))),
         "server fds": server_fds(pid),
         "gactor-shim": sorted(server_shims(depot)),
         "garden-init": sorted(server_inits(depot)),
