@@ -314,12 +314,12 @@ async def _start_networking(config: ServerConfig, env: Any) -> tuple[Any, Any]:
                           f"{config.port_pool_size}: the ports must lie within 1-65535")
     if config.mtu and not 68 <= config.mtu <= 65535:
         raise ConfigError(f"--mtu {config.mtu}: must be within 68-65535")
-    netlink = Netlink()
+    tag = netmodel.server_tag(os.path.realpath(config.depot))
+    netlink = Netlink(netmodel.deletion_group(tag))
     netlink.start()
     mtu = config.mtu or await netlink.call(netlink.default_route_mtu)
     external_ip = config.external_ip or await netlink.call(netlink.primary_address) or "127.0.0.1"
     await trio.to_thread.run_sync(netlink.enable_forwarding)
-    tag = netmodel.server_tag(os.path.realpath(config.depot))
     firewall = Firewall(Nft(), tag, pool, deny, external_ip, config.allow_host_access)
     env.network = Networking(NetworkConfig(tag, pool, deny, mtu, external_ip), netlink, firewall)
     log.info("networking: pool %s, mtu %d, external ip %s%s", pool, mtu, external_ip,

@@ -199,9 +199,15 @@ class Firewall:
             return [f"add rule {self.table} {chain_name(net)} {body}" for body in reversed(bodies)]
         return [f"insert rule {self.table} {chain_name(net)} {body}" for body in bodies]
 
-    def _apply(self, commands: Iterable[str], what: str) -> None:
+    def _apply(self, commands: Iterable[str], what: str, coalesce: bool = False) -> None:
+        """One transaction; ``coalesce``: possibly together with other threads' (``Nft.apply``),
+        for one container's own state, which no other container's commands touch."""
+        script = "\n".join(c for c in commands if c) + "\n"
         try:
-            self.nft.run("\n".join(c for c in commands if c) + "\n")
+            if coalesce:
+                self.nft.apply(script)
+            else:
+                self.nft.run(script)
         except NftError as err:
             raise NetworkError(f"{what}: {err}") from None
 
@@ -214,7 +220,7 @@ class Firewall:
         self._apply(commands, "setting up the firewall")
 
     def add_container(self, net: ContainerNet) -> None:
-        self._apply(self._container(net), f"firewall for {net.handle}")
+        self._apply(self._container(net), f"firewall for {net.handle}", coalesce=True)
 
     def remove_container(self, net: ContainerNet) -> None:
         """Remove every element and the chain of ``net``; what is gone already is skipped."""
@@ -227,7 +233,7 @@ class Firewall:
             f"delete chain {t} {chain}",  # the kernel deletes the chain's rules with it
         ]
         try:
-            self._apply(commands, f"removing the firewall of {net.handle}")
+            self._apply(commands, f"removing the firewall of {net.handle}", coalesce=True)
         except NetworkError:
             # Some of it is gone already (a retried removal): delete the rest one by one.
             for command in commands:

@@ -67,6 +67,13 @@ def link_prefix(tag: str) -> str:
     return f"g{tag}"
 
 
+def deletion_group(tag: str) -> int:
+    """The link group (``IFLA_GROUP``) this server's destroyed veths are put in to be
+    deleted together: ``0x6761`` ("ga") then the tag's 16 bits, so no two servers' overlap
+    and no link of the host's (group 0, the default) is ever in it."""
+    return 0x6761_0000 | int(tag, 16)
+
+
 @dataclass
 class ContainerNet:
     """One container's network, as the firewall and netlink need it; persisted in its record."""

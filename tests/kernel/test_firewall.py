@@ -92,6 +92,56 @@ def test_three_thousand_rules_apply_in_one_call():
     assert got["count"] == 3000
 
 
+def test_concurrent_changes_go_in_shared_transactions_each_with_its_own_outcome():
+    got = run_in_netns("""
+        import threading
+        transactions = []
+        real = Nft._run_locked
+
+        def counted(self, script, json_output=False):
+            transactions.append(script.count("add chain"))
+            return real(self, script, json_output)
+
+        Nft._run_locked = counted
+        fw.setup([])
+        transactions.clear()
+        nets = [net(i) for i in range(40)]
+        gate = threading.Barrier(len(nets) + 1)
+        errors = []
+
+        def add(n):
+            gate.wait()
+            fw.add_container(n)
+
+        def refused():
+            gate.wait()
+            try:
+                fw.nft.apply("add element ip gactor_abcd nosuchset { 10.1.1.1 }")
+            except Exception as err:
+                errors.append(str(err))
+
+        threads = [threading.Thread(target=add, args=(n,)) for n in nets] + [threading.Thread(target=refused)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        chains = {i["chain"]["name"] for i in fw.list()["nftables"] if "chain" in i}
+        added = sorted(c for c in chains if c.startswith("c_"))
+        for n in nets:
+            threading.Thread(target=fw.remove_container, args=(n,)).start()
+        for t in threading.enumerate():
+            if t is not threading.current_thread():
+                t.join()
+        left = sorted(i["chain"]["name"] for i in fw.list()["nftables"] if "chain" in i)
+        print(json.dumps({"added": added, "errors": errors, "largest": max(transactions), "left": left}))
+    """)
+    assert len(got["added"]) == 40  # every container's state, whichever transaction it went in
+    assert len(got["errors"]) == 1
+    assert "nosuchset" in got["errors"][0]
+    assert got["largest"] > 1  # some went together
+    assert not [c for c in got["left"] if c.startswith("c_")]
+
+
 def test_teardown_removes_the_table():
     got = run_in_netns("""
         fw.setup([net(0)])

@@ -21,6 +21,7 @@ from gactor.kernel.netmodel import (
     ContainerNet,
     NetworkError,
     bridge_name,
+    deletion_group,
     host_ifname,
     server_tag,
 )
@@ -57,7 +58,7 @@ def namespaces() -> Iterator[list[Namespace]]:
 
 @pytest.fixture
 def netlink() -> Iterator[Netlink]:
-    nl = Netlink()
+    nl = Netlink(deletion_group(TAG))
     nl.start()
     yield nl
     nl.close()
@@ -188,3 +189,46 @@ def test_a_cancelled_call_still_completes_in_order(netlink, namespaces):
 
     trio.run(main)
     assert net.host_ifname not in host_links()
+
+
+def test_deletions_queued_together_go_in_one_request_and_spare_other_links(netlink, monkeypatch):
+    from gactor.kernel import rtnl
+
+    group_deletions: list[int] = []
+    real = rtnl.Rtnl.delete_group
+
+    def counted(self: rtnl.Rtnl, group: int) -> None:
+        group_deletions.append(group)
+        real(self, group)
+
+    monkeypatch.setattr(rtnl.Rtnl, "delete_group", counted)
+    spaces = [Namespace() for _ in range(7)]
+    nets = [container_net(f"10.199.1.{4 * n + 2}") for n in range(7)]
+
+    def ours() -> set[str]:  # other servers on the host make and delete links meanwhile
+        return {name for name in host_links() if name.startswith(f"g{TAG}")}
+
+    before = ours()
+
+    async def main() -> None:
+        for net, ns in zip(nets, spaces, strict=True):
+            await netlink.create_container_link(net, ns.fd, None)
+        async with trio.open_nursery() as nursery:
+            for net in nets[:6]:
+                nursery.start_soon(netlink.delete_container_link, net.host_ifname)
+            nursery.start_soon(netlink.delete_container_link, "g" + TAG + "ffffffff")  # none: fine
+
+    try:
+        trio.run(main)
+        # The first deletion runs alone; the others queued behind it and went together.
+        assert group_deletions == [deletion_group(TAG)]
+        assert ours() == before | {nets[6].host_ifname}
+        for ns in spaces[:6]:
+            assert "eth0" not in ns.run("ip", "-br", "link")
+        assert "eth0" in spaces[6].run("ip", "-br", "link")
+        assert ping(None, str(nets[6].alloc.container_ip))  # the one left still works
+    finally:
+        trio.run(netlink.delete_link, nets[6].host_ifname)
+        for ns in spaces:
+            ns.close()
+    assert ours() == before
