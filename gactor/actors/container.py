@@ -111,6 +111,7 @@ def oom_victim_event(pid: int, task: str, process_id: str | None) -> str:
     named = f", process id {process_id!r}" if process_id is not None else ""
     return f"{OOM_EVENT}: killed process {pid} ({task}){named}"
 SHIM_DIED_EVENT = "container shim exited unexpectedly: its processes are lost"
+_LOST_WITH_SHIM = "the shim of container {} died: the exit status is lost"
 TAR_PROCESS_PREFIX = "gactor-tar-"  # the process ids of Api.tar's tar (no lifecycle events)
 OOM_POLL = 2.0  # seconds between reads of the oom_kill counter when nothing else prompts one
 KEEP_EXITED = shim_wire.KEEP_COLLECTED  # exited processes remembered, newest first, as in the shim
@@ -331,6 +332,7 @@ class ContainerActor:
         self._owned = Cleanup()
         self._init_pid = 0
         self._rootfs_tree = -1  # the detached overlay, from _prepare until pid 1 has it
+        self._shim_gone = False  # its death taken in (_shim_died): processes started since are lost too
         self.image_bytes = self.image_inodes = 0
         self.image_config = images.ImageConfig()  # Env, User, WorkingDir defaults for processes
         self._oom_seen = 0
@@ -481,6 +483,10 @@ class ContainerActor:
                 await self._announce_process("process_started", process, pid=process.pid)
                 if early_exit is not None:
                     await self._announce_process("process_exited", process, exit_status=early_exit)
+                elif self._shim_gone:
+                    # Started just before the shim died, whose death this actor took in
+                    # first: lost like every other process of the container.
+                    await process.lost(_LOST_WITH_SHIM.format(self.handle))
             case _PeaDone(process_id):
                 if (pea := self._peas.pop(process_id, None)) is not None:
                     self.ref._publish()
@@ -941,10 +947,11 @@ class ContainerActor:
         if self.state is State.DESTROYING:
             return  # we killed it
         log.error("container %s: its shim died; its processes are lost (destroy it)", self.handle)
+        self._shim_gone = True
         self._transition(Event.SHIM_DIED)
         for proc in self.processes.values():
             if proc.running:
-                await proc.lost(f"the shim of container {self.handle} died: the exit status is lost")
+                await proc.lost(_LOST_WITH_SHIM.format(self.handle))
         await self._record_event(SHIM_DIED_EVENT, "broken", reason="shim_died")
 
     def _on_exit(self, process_id: str, code: int) -> None:
@@ -1239,7 +1246,9 @@ class ContainerActor:
             state=self.state.value,
             events=list(self.events),
             container_path=self.dir,
-            process_ids=[pid for pid, p in self.processes.items() if p.running],
+            # Once the shim's death is taken in, nothing runs, whether or not each process
+            # actor has handled its "lost" yet.
+            process_ids=[] if self._shim_gone else [pid for pid, p in self.processes.items() if p.running],
             properties=dict(self.properties),
         )
         if self.net is not None:

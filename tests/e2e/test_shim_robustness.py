@@ -281,3 +281,38 @@ async def test_shim_messages_are_bounded_and_an_oversized_one_fails_clearly(own_
             await c.run(ProcessSpec(id="huge", path="sh", args=huge), ProcessIO())
         assert await sh_ok(c, "echo still serving") == "still serving\n"
     await server.finish()
+
+
+async def test_processes_started_as_the_shim_dies_are_lost_with_it(own_servers):
+    """Found by chaos seed 5: a process whose spawn reply came just before its shim died
+    was registered after the container had taken in the death, and stayed listed as
+    running in a broken container. Runs in flight at a shim's kill -9, several times:
+    the container ends broken with no process listed (also while the process actors have
+    still to take in that they are lost). A race: seen under load in chaos, rarely here."""
+    server = own_servers("spawn-vs-death", "10.247.72.0/24")
+    await server.start()
+    rng = random.Random(5)
+    async with server.connect() as client:
+        for attempt in range(8):
+            c = await client.create(ContainerSpec(handle=f"dying-{attempt}"))
+            shim = server.shim_pid(c.handle)
+
+            async def start(n: int, c: Any = c) -> None:
+                try:
+                    await c.run(ProcessSpec(id=f"p{n}", path="sleep", args=["100"]), ProcessIO())
+                except GardenError:
+                    pass  # the shim was gone first
+
+            async with trio.open_nursery() as nursery:
+                for n in range(6):
+                    nursery.start_soon(start, n)
+                await trio.sleep(rng.uniform(0, 0.03))
+                os.kill(shim, signal.SIGKILL)
+            info = await wait_for(lambda c=c: _broken_info(c), within=15, what="the container to be broken")
+            assert info.process_ids == [], f"attempt {attempt}: broken but lists {info.process_ids}"
+            await client.destroy(c.handle)
+
+
+async def _broken_info(container: Any) -> Any:
+    info = await container.info()
+    return info if info.state == "broken" else None
