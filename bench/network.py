@@ -31,6 +31,9 @@ DEFAULT_ROOTFS = os.environ.get("GACTOR_ROOTFS_DIR", "/var/lib/gactor/images/bus
 POOL = "10.248.240.0/21"  # 512 /30s, inside the e2e range 10.248/16, clear of the tests' /24s
 POPULATIONS = (1, 50, 250)
 FILL_CONCURRENCY = 10
+# After a fill, before timing: the burst's background work (warm-pool refills, veth and
+# nft work queued behind it) settles, so the rows compare populations, not a fill's wake.
+SETTLE = 5.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,10 +61,14 @@ async def _scenario(server: srv.BenchServer, args: argparse.Namespace, prefix: s
             await client.create(ContainerSpec(handle=handle))
 
         for n in POPULATIONS:
+            filled = False
             while len(live) < n:
+                filled = True
                 async with trio.open_nursery() as nursery:
                     for _ in range(min(FILL_CONCURRENCY, n - len(live))):
                         nursery.start_soon(one_more)
+            if filled:
+                await trio.sleep(SETTLE)
             created = Series(f"net_create_{n}", f"create with networking, {n} alive", "ms")
             destroyed = Series(f"net_destroy_{n}", f"destroy with networking, {n} alive", "ms")
             for _ in range(args.runs):
