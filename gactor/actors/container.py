@@ -589,12 +589,17 @@ class ContainerActor:
 
     def _open_oom_fd(self) -> int:
         """The cgroup's OOM notification fd (``Cgroup.oom_events_fd``), or -1 without one
-        (logged): the watcher then polls. In a worker thread."""
+        (logged): the watcher then polls; then the OOM kill count as of now, which the
+        watcher's checks compare with (read after the fd exists, so no kill falls between).
+        In a worker thread: a cgroup file read, off the event loop."""
         try:
-            return self.cgroup.oom_events_fd()
+            fd = self.cgroup.oom_events_fd()
         except KernelError as err:
             log.warning("container %s: no OOM notifications: %s", self.handle, err)
-            return -1
+            fd = -1
+        with contextlib.suppress(KernelError):  # the cgroup is going: so is the container
+            self._oom_seen = self.cgroup.oom_kill_count()
+        return fd
 
     async def _open_oom_fd_during_create(self, undo: Cleanup) -> None:
         # Not abandoned on cancellation: the fd is stored (and so closed by ``undo`` if the
@@ -969,9 +974,7 @@ class ContainerActor:
         inotify, -1 for none; closed here) and every OOM_POLL seconds: the notification
         does not fire for every OOM path (a tmpfs write charged in a syscall, for one).
         Exits prompt a check too."""
-        cgroup = self.cgroup
         try:
-            self._oom_seen = cgroup.oom_kill_count()
             while True:
                 with trio.move_on_after(OOM_POLL):
                     if fd >= 0:
@@ -981,8 +984,6 @@ class ContainerActor:
                     else:
                         await trio.sleep_forever()
                 await self.mailbox.tell(CheckOom())
-        except KernelError:
-            pass  # the cgroup is being removed: the container is going away
         finally:
             if fd >= 0:
                 trio.lowlevel.notify_closing(fd)
