@@ -376,6 +376,8 @@ def _staged() -> list[int]:
             L.mount("tmpfs", _STAGE, "tmpfs", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC, "mode=700,size=64k")
             _stage(_STAGE, privileged=False)
             socket.send_fds(theirs, [b"s"], [L.open_tree_clone(_STAGE + path) for path in _STAGED])
+        except BaseException:  # noqa: BLE001 - said (the server's log), then pid 1 makes them itself
+            traceback.print_exc()
         finally:
             os._exit(0)
     theirs.close()

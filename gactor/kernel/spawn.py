@@ -201,11 +201,9 @@ def _helper(ns_fds: dict[str, int], cgroup_procs: list[str], privileged: bool,
                 except (ValueError, OSError) as err:
                     raise ValueError(f"rlimit limits.{name} = {value}: {err}") from None
         if spec.get("pea_rootfs"):
-            # A pea's own root is a detached mount (the server's ``rootfs.overlay_tree``, in
-            # ``pea_tree_fd``), or, from a caller that mounted it on the host, cloned from
-            # there: attached in the pea's own mount namespace once inside the container.
-            if spec.get("pea_tree_fd") is None:
-                spec["pea_tree_fd"] = L.open_tree_clone(spec["pea_rootfs"])
+            # A pea's own root is a detached mount (the server's ``rootfs.overlay_tree``,
+            # ``pea_tree_fd``, brought by the spawn request): attached in the pea's own
+            # mount namespace once inside the container.
             for bind in spec.get("pea_binds") or []:  # host sources, taken along the same way
                 if not bind["from_container"]:
                     bind["tree_fd"] = L.open_tree_clone(bind["src"])
